@@ -1,0 +1,108 @@
+"""`lmforge prepare CONFIG` and `lmforge inspect CONFIG`: what the training data becomes before training."""
+
+from __future__ import annotations
+
+import sys
+
+from lmforge.config import load_config
+
+
+def add_parser(sub, formatter):
+    p = sub.add_parser("prepare", help="validate, tokenise, mask, pack and cache the data; print counts",
+                       formatter_class=formatter)
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.set_defaults(_inspect=False)
+    q = sub.add_parser("inspect", help="print processed samples with the loss-carrying tokens marked",
+                       formatter_class=formatter)
+    q.add_argument("config", help="YAML config file")
+    q.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    q.add_argument("--n", type=int, default=3, help="how many samples to show")
+    q.add_argument("--split", choices=["train", "eval"], default="train", help="which data to show")
+    q.add_argument("--debug", action="store_true", help="show full tracebacks")
+    q.set_defaults(_run=run_inspect)
+    return p
+
+
+def _tokenizer_and_packing(cfg):
+    from lmforge.data.tokenize import Encoder  # noqa: F401  (fail early on a slow tokenizer)
+    from lmforge.models import finalize_tokenizer, load_tokenizer, resolve_model_path, train_bpe_tokenizer
+
+    if cfg.model.train_tokenizer is not None:
+        from pathlib import Path
+
+        from lmforge.data.prepare import training_texts
+
+        tt = cfg.model.train_tokenizer
+        tok = finalize_tokenizer(train_bpe_tokenizer(training_texts(cfg), tt.vocab_size, tt.min_frequency,
+                                                     Path(cfg.train.output_dir) / ".tokenizer"))
+    else:
+        from lmforge.models import adapter_base, is_adapter_dir
+
+        model_dir = resolve_model_path(cfg.model.name_or_path) if cfg.model.name_or_path else None
+        if model_dir is not None and is_adapter_dir(model_dir) and not (model_dir / "tokenizer_config.json").exists():
+            model_dir = resolve_model_path(adapter_base(model_dir))
+        tok = load_tokenizer(cfg.model, model_dir)
+    packed = cfg.data.packing is not False and cfg.method in ("pretrain", "sft") and cfg.peft.kind != "prompt_tuning"
+    return tok, packed
+
+
+def run(args) -> int:
+    from lmforge.data.prepare import prepare_split
+
+    cfg = load_config(args.config, args.overrides)
+    tok, packed = _tokenizer_and_packing(cfg)
+    for role in ("train", "eval"):
+        ds, stats, path = prepare_split(cfg, tok, role, packed)
+        if ds is None:
+            continue
+        print(f"{role}: cached at {path}")
+        for line in stats.lines():
+            print(f"  {line}")
+    return 0
+
+
+def _marked(tok, ids, labels, color: bool) -> str:
+    """Decode ids, wrapping runs of loss-carrying tokens in markers (green on a terminal, [[...]] otherwise)."""
+    from lmforge.data.tokenize import IGNORE
+
+    out, run, in_loss = [], [], None
+    open_, close = ("\x1b[32m", "\x1b[0m") if color else ("[[", "]]")
+
+    def flush():
+        if run:
+            text = tok.decode(run, skip_special_tokens=False)
+            out.append(f"{open_}{text}{close}" if in_loss else text)
+
+    for i, l in zip(ids, labels):
+        carries = l != IGNORE
+        if carries != in_loss:
+            flush()
+            run, in_loss = [], carries
+        run.append(i)
+    flush()
+    return "".join(out)
+
+
+def run_inspect(args) -> int:
+    from lmforge.data.prepare import prepare_split
+
+    cfg = load_config(args.config, args.overrides)
+    tok, packed = _tokenizer_and_packing(cfg)
+    ds, stats, _ = prepare_split(cfg, tok, args.split, packed)
+    if ds is None:
+        print(f"no {args.split} data configured")
+        return 0
+    color = sys.stdout.isatty()
+    legend = "green" if color else "[[ ]]"
+    print(f"{len(ds)} {'packed rows' if packed else 'samples'}; tokens that carry loss are marked {legend}")
+    for k in range(min(args.n, len(ds))):
+        row = ds[k]
+        start = 0
+        for j, n in enumerate(row["seq_lens"]):
+            ids, labels = row["input_ids"][start:start + n], row["labels"][start:start + n]
+            n_loss = sum(1 for x in labels if x != -100)
+            print(f"\n--- row {k} sample {j}: {n} tokens, {n_loss} with loss ---")
+            print(_marked(tok, ids, labels, color))
+            start += n
+    return 0

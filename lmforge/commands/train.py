@@ -1,0 +1,28 @@
+"""`lmforge train CONFIG [key=value ...]`"""
+
+from __future__ import annotations
+
+from lmforge.config import iter_fields, load_config
+
+
+def config_reference() -> str:
+    lines = ["config keys (YAML sections; override any with dotted.key=value):"]
+    for key, tp, default, help in iter_fields():
+        lines.append(f"  {key:<38} {help} [default: {default!r}]")
+    return "\n".join(lines)
+
+
+def add_parser(sub, formatter):
+    p = sub.add_parser("train", help="train with the method named in the config", formatter_class=formatter,
+                       epilog=config_reference())
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.learning_rate=1e-5")
+    return p
+
+
+def run(args) -> int:
+    from lmforge.methods import get_method
+
+    cfg = load_config(args.config, args.overrides)
+    get_method(cfg.method)(cfg)
+    return 0

@@ -1,0 +1,415 @@
+"""The typed config tree: the single source of truth for YAML loading, overrides, validation and help.
+
+Every section is a dataclass whose fields carry a type, a default and one line of help
+(``field(metadata={"help": ...})``). ``load_config`` turns YAML + ``key=value`` overrides into a
+``Config``; unknown keys and wrong types raise ``ConfigError`` naming the dotted key and, for typos,
+the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from lmforge.errors import ConfigError
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with one line of help; mutable defaults are copied per instance."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+# --------------------------------------------------------------------------------------------- sections
+@dataclass
+class TokenizerTrainConfig:
+    vocab_size: int = _f(8000, "vocabulary size of the byte-level BPE tokenizer trained on the training data")
+    min_frequency: int = _f(2, "minimum pair frequency for a BPE merge")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str | None = _f(
+        None, "HF model directory, a .gguf file, or the alias smollm2-135m-instruct; omit to build from model.config"
+    )
+    dtype: Literal["auto", "bfloat16", "float32", "float16"] = _f(
+        "auto", "weights/compute precision; auto = bfloat16 where the hardware runs it fast, else float32"
+    )
+    config: dict | None = _f(None, "from scratch: a HF config as keys (model_type, hidden_size, ...); random init")
+    tokenizer: str | None = _f(None, "tokenizer directory (defaults to the model's own)")
+    train_tokenizer: TokenizerTrainConfig | None = _f(None, "from scratch: train a byte-level BPE tokenizer first")
+    trust_remote_code: bool = _f(False, "allow custom modelling code shipped with the model (off by default)")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = _f(
+        "sdpa", "attention kernel; flash_attention_2 needs a GPU and the flash-attn package"
+    )
+
+
+@dataclass
+class PeftConfig:
+    kind: Literal["none", "lora", "qlora", "dora", "prompt_tuning"] = _f("none", "adapter kind; none = full fine-tune")
+    r: int = _f(16, "LoRA rank")
+    alpha: int = _f(32, "LoRA alpha (scaling = alpha / r)")
+    dropout: float = _f(0.05, "LoRA dropout")
+    target_modules: Union[str, list[str]] = _f("all-linear", "modules that get adapters: all-linear or a list of names")
+    modules_to_save: list[str] | None = _f(None, "modules trained in full and saved beside the adapter")
+    bits: Literal[4, 8] = _f(4, "qlora: quantisation of the frozen base (4 = nf4, 8 = int8) via bitsandbytes")
+    num_virtual_tokens: int = _f(20, "prompt_tuning: number of virtual tokens")
+    prompt_tuning_init: Literal["random", "text"] = _f("random", "prompt_tuning: initialise randomly or from text")
+    prompt_tuning_init_text: str | None = _f(None, "prompt_tuning: the text used when prompt_tuning_init is text")
+
+
+@dataclass
+class DataSource:
+    path: str | None = _f(None, "a .jsonl/.json/.parquet/.csv file, a directory of them, a glob, or a save_to_disk dir")
+    loader: str | None = _f(None, "custom loader 'package.module:function' returning rows or a datasets.Dataset")
+    weight: float = _f(1.0, "sampling proportion when several sources are mixed")
+    format: Literal["auto", "text", "prompt_completion", "chat", "preference", "kto"] = _f(
+        "auto", "row format; auto detects it from the keys"
+    )
+    split: str | None = _f(None, "for a directory with train/val/test files: which split (default by role)")
+    input_format: str | None = _f(None, "prompt template with an __input__ placeholder")
+    output_format: str | None = _f(None, "completion template with an __output__ placeholder")
+
+
+@dataclass
+class DataConfig:
+    train: list[DataSource] = _f([], "training sources")
+    eval: list[DataSource] = _f([], "evaluation sources (default: the source directory's val split, if any)")
+    max_length: int = _f(1024, "maximum tokens per sample (and per packed row)")
+    packing: bool | None = _f(None, "pack samples into rows with no cross-sample attention; default on for pretrain/sft")
+    apply_chat_template: bool = _f(False, "render prompt/completion rows through the chat template as user/assistant")
+    on_bad_rows: Literal["error", "skip"] = _f("error", "bad rows stop the run (error) or are dropped and counted (skip)")
+    cache_dir: str | None = _f(None, "where prepared data is cached (default ~/.cache/lmforge/data or $LMFORGE_CACHE)")
+    num_samples: int | None = _f(None, "samples drawn when mixing sources (default: the sum of source sizes)")
+    max_prompt_length: int | None = _f(None, "preference methods: truncate prompts to this many tokens")
+    mlm_probability: float = _f(0.15, "masked-LM pretraining: fraction of tokens masked")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = _f("runs/lmforge", "where checkpoints, metrics, plots and the final model go")
+    max_steps: int = _f(-1, "optimizer steps to run (-1: use num_train_epochs)")
+    num_train_epochs: float = _f(1.0, "epochs over the training data when max_steps is -1")
+    learning_rate: float | None = _f(None, "peak learning rate; default 2e-4 with adapters, 2e-5 for full fine-tune")
+    lr_scheduler_type: str = _f("linear", "linear, cosine, constant, constant_with_warmup, polynomial, warmup_stable_decay, ...")
+    lr_scheduler_kwargs: dict = _f({}, "extra scheduler arguments (e.g. num_decay_steps for warmup_stable_decay)")
+    warmup_steps: float = _f(0, "linear warmup steps (an int), or a ratio of all steps if in [0, 1)")
+    warmup_ratio: float | None = _f(None, "warmup as a fraction of all steps (HF name; overrides warmup_steps)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm")
+    optim: str = _f("adamw_torch", "optimizer: adamw_torch, adamw_torch_fused, adafactor, adamw_bnb_8bit, lamb, ...")
+    adam_beta1: float = _f(0.9, "Adam beta1")
+    adam_beta2: float = _f(0.999, "Adam beta2")
+    adam_epsilon: float = _f(1e-8, "Adam epsilon")
+    per_device_train_batch_size: int = _f(8, "rows per device per micro-batch")
+    per_device_eval_batch_size: int = _f(8, "rows per device per eval batch")
+    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step (loss normalised by real token count)")
+    seed: int = _f(42, "seed for init, data order, mixing and dropout")
+    logging_steps: int = _f(10, "log every N steps")
+    save_steps: int = _f(500, "checkpoint every N steps")
+    save_total_limit: int | None = _f(None, "keep at most N checkpoints")
+    eval_steps: int | None = _f(None, "evaluate every N steps (default: save_steps) when eval data exists")
+    gradient_checkpointing: bool = _f(False, "trade compute for memory")
+    torch_compile: bool = _f(False, "compile the model (pays off only for long runs on CPU)")
+    report_to: list[str] = _f(["tensorboard"], "trackers: tensorboard, wandb, mlflow, or none")
+    run_name: str | None = _f(None, "run name shown by trackers")
+    resume: str = _f("auto", "auto = newest complete checkpoint in output_dir, never, or a checkpoint path")
+    dataloader_num_workers: int = _f(0, "data loader worker processes")
+    predict_with_generate: bool = _f(False, "encoder-decoder: evaluate by generating (for eval.metrics)")
+    trainable: list[str] | None = _f(None, "full fine-tune: only parameters whose name matches one of these globs train")
+    distributed: Literal["none", "ddp", "fsdp", "deepspeed"] = _f("none", "multi-process strategy")
+    deepspeed: str | None = _f(None, "DeepSpeed JSON path or preset zero1, zero2, zero3, zero3_offload")
+    fsdp_sharding: Literal["full", "hybrid"] = _f("full", "FSDP: full sharding, or hybrid (shard in node, replicate across)")
+
+
+@dataclass
+class DpoConfig:
+    beta: float = _f(0.1, "DPO temperature")
+    loss_type: str = _f("sigmoid", "TRL DPO loss: sigmoid, ipo, hinge, robust, ...")
+    precompute_ref_log_probs: bool = _f(False, "compute reference log-probs once before training")
+
+
+@dataclass
+class OrpoConfig:
+    beta: float = _f(0.1, "ORPO odds-ratio weight (lambda)")
+
+
+@dataclass
+class KtoConfig:
+    beta: float = _f(0.1, "KTO temperature")
+    desirable_weight: float = _f(1.0, "weight of desirable examples")
+    undesirable_weight: float = _f(1.0, "weight of undesirable examples")
+
+
+@dataclass
+class EvalConfig:
+    metrics: list[str] = _f([], "generation metrics during training evals: rouge, bleu, exact_match")
+    max_new_tokens: int = _f(64, "tokens generated per eval sample for generation metrics")
+    max_samples: int = _f(64, "eval rows used for generation metrics")
+
+
+METHODS = ("pretrain", "sft", "dpo", "orpo", "kto", "mlm")
+
+
+@dataclass
+class Config:
+    method: Literal["pretrain", "sft", "dpo", "orpo", "kto", "mlm"] = _f("sft", "training method")
+    model: ModelConfig = _f(None, "model section", section=True)
+    peft: PeftConfig = _f(None, "adapter section", section=True)
+    data: DataConfig = _f(None, "data section", section=True)
+    train: TrainConfig = _f(None, "training section", section=True)
+    dpo: DpoConfig = _f(None, "DPO section", section=True)
+    orpo: OrpoConfig = _f(None, "ORPO section", section=True)
+    kto: KtoConfig = _f(None, "KTO section", section=True)
+    eval: EvalConfig = _f(None, "evaluation-during-training section", section=True)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Names users type from HF launch scripts that transformers 5 renamed or lmforge spells differently.
+# Each maps to (new dotted key, converter); applied before validation.
+_ALIASES: dict[str, str] = {
+    "train.evaluation_strategy": "train.eval_strategy",
+    "train.per_gpu_train_batch_size": "train.per_device_train_batch_size",
+    "train.per_gpu_eval_batch_size": "train.per_device_eval_batch_size",
+    "train.resume_from_checkpoint": "train.resume",
+    "model.torch_dtype": "model.dtype",
+    "model.model_name_or_path": "model.name_or_path",
+    "peft.lora_r": "peft.r",
+    "peft.lora_alpha": "peft.alpha",
+    "peft.lora_dropout": "peft.dropout",
+}
+# Accepted for compatibility and ignored, because lmforge decides them itself (with the reason shown in help).
+_IGNORED = {"train.eval_strategy", "train.save_strategy", "train.bf16", "train.fp16", "train.do_train", "train.do_eval"}
+
+
+# --------------------------------------------------------------------------------------------- loading
+def _section_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false", dict: "a mapping",
+            type(None): "null"}.get(tp, str(tp))
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, where)
+            except (_Mismatch, ConfigError):
+                continue
+        raise _Mismatch
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value in allowed and type(value) is type(allowed[0]):
+            return value
+        raise ConfigError(
+            f"{where}: {key}: {value!r} is not one of {', '.join(repr(a) for a in allowed)}" + _suggest(value, allowed)
+        )
+    if origin is list:
+        if not isinstance(value, list):
+            raise _Mismatch
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _Mismatch
+        return _build(tp, value, key, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise _Mismatch
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise _Mismatch from None
+        raise _Mismatch
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch
+    if tp is dict:
+        if isinstance(value, dict):
+            return value
+        raise _Mismatch
+    raise _Mismatch
+
+
+def _suggest(word: Any, options: Any) -> str:
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _build(cls: type, data: dict, prefix: str, where: str) -> Any:
+    hints = _section_types(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            full = f"{prefix}.{key}" if prefix else key
+            if full in _IGNORED:
+                continue
+            raise ConfigError(f"{where}: unknown key {full!r}{_suggest(key, names)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        full = f"{prefix}.{f.name}" if prefix else f.name
+        if f.name in data:
+            try:
+                kwargs[f.name] = _coerce(data[f.name], hints[f.name], full, where)
+            except _Mismatch:
+                raise ConfigError(
+                    f"{where}: {full}: expected {_type_name(hints[f.name])}, got {data[f.name]!r}"
+                ) from None
+        elif f.metadata.get("section"):
+            kwargs[f.name] = hints[f.name]()
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {dotted}: {p!r} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _apply_aliases(tree: dict) -> None:
+    for old, new in _ALIASES.items():
+        sec, key = old.split(".")
+        section = tree.get(sec)
+        if isinstance(section, dict) and key in section:
+            new_sec, new_key = new.split(".")
+            tree.setdefault(new_sec, {}).setdefault(new_key, section.pop(key))
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected dotted.key=value, e.g. train.learning_rate=1e-5")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        out.append((key.strip(), value))
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, tree: dict | None = None) -> Config:
+    """Load YAML (or a ready dict), apply ``key=value`` overrides, validate everything. Raises ConfigError."""
+    where = str(path) if path else "config"
+    if tree is None:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"{where}: cannot read config ({e.strerror})") from None
+        try:
+            tree = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            raise ConfigError(f"{where}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{where}: the config must be a mapping of sections (method, model, data, train, ...)")
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    _apply_aliases(tree)
+    cfg = _build(Config, tree, "", where)
+    _check(cfg, where)
+    return cfg
+
+
+def _check(cfg: Config, where: str) -> None:
+    """Cross-field rules that a single field's type cannot express."""
+    if cfg.model.name_or_path is None and cfg.model.config is None:
+        raise ConfigError(f"{where}: model.name_or_path: required (or model.config to build a model from scratch)")
+    if cfg.model.config is not None and "model_type" not in cfg.model.config:
+        raise ConfigError(f"{where}: model.config.model_type: required when building from scratch (e.g. llama)")
+    if cfg.model.name_or_path is None and cfg.model.tokenizer is None and cfg.model.train_tokenizer is None:
+        raise ConfigError(f"{where}: model.tokenizer or model.train_tokenizer: required when building from scratch")
+    if not cfg.data.train:
+        raise ConfigError(f"{where}: data.train: at least one source is required")
+    for role in ("train", "eval"):
+        for i, src in enumerate(getattr(cfg.data, role)):
+            if (src.path is None) == (src.loader is None):
+                raise ConfigError(f"{where}: data.{role}[{i}]: give exactly one of path or loader")
+            if src.weight <= 0:
+                raise ConfigError(f"{where}: data.{role}[{i}].weight: must be > 0")
+    if cfg.data.max_length < 8:
+        raise ConfigError(f"{where}: data.max_length: must be at least 8")
+    t = cfg.train
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                 "logging_steps", "save_steps"):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"{where}: train.{name}: must be >= 1")
+    if t.max_steps == 0 or t.max_steps < -1:
+        raise ConfigError(f"{where}: train.max_steps: must be a positive number of steps, or -1 to use epochs")
+    if t.warmup_ratio is not None and not 0 <= t.warmup_ratio < 1:
+        raise ConfigError(f"{where}: train.warmup_ratio: must be in [0, 1)")
+    if cfg.peft.kind == "prompt_tuning" and cfg.peft.prompt_tuning_init == "text" and not cfg.peft.prompt_tuning_init_text:
+        raise ConfigError(f"{where}: peft.prompt_tuning_init_text: required when prompt_tuning_init is text")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def iter_fields(cls: type = Config, prefix: str = ""):
+    """Yield (dotted key, type name, default, help) for every leaf field: drives --help and the README table."""
+    hints = _section_types(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        tp = hints[f.name]
+        if f.metadata.get("section"):
+            yield from iter_fields(tp, key)
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        else:
+            default = f.default_factory()  # type: ignore[misc]
+        yield key, _type_name(tp), default, f.metadata.get("help", "")

@@ -1,0 +1,247 @@
+"""From config to training-ready data: read, validate, mix, tokenise, mask, truncate, pack, cache.
+
+``prepare_split`` is what ``lmforge prepare`` runs and what ``train`` reuses: the result is cached under a
+fingerprint of the data files, the tokenizer and the settings, so a second call is a directory read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lmforge.config import Config, DataSource
+from lmforge.data.formats import normalize_rows
+from lmforge.data.packing import pack
+from lmforge.data.sources import BadRow, Row, has_split, is_saved_dataset, read_source, resolve_files
+from lmforge.data.tokenize import IGNORE, Encoder, chunk
+from lmforge.errors import DataError
+from lmforge.models import cache_root
+
+CACHE_VERSION = "1"
+# which row formats each method trains on
+METHOD_FORMATS = {
+    "pretrain": ("text",),
+    "mlm": ("text",),
+    "sft": ("prompt_completion", "chat", "text"),
+    "dpo": ("preference",),
+    "orpo": ("preference",),
+    "kto": ("kto", "preference"),
+}
+
+
+@dataclass
+class Stats:
+    rows: int = 0
+    bad_rows: int = 0
+    samples: int = 0
+    tokens: int = 0
+    loss_tokens: int = 0
+    truncated: int = 0
+    split: int = 0
+    dropped: dict = field(default_factory=dict)
+    packed_rows: int = 0
+    formats: dict = field(default_factory=dict)
+
+    def drop(self, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+    def lines(self) -> list[str]:
+        out = [f"rows read: {self.rows} ({', '.join(f'{k}: {v}' for k, v in self.formats.items())})"]
+        if self.bad_rows:
+            out.append(f"bad rows skipped: {self.bad_rows}")
+        out.append(f"samples: {self.samples}  tokens: {self.tokens}  loss tokens: {self.loss_tokens}")
+        out.append(f"truncated to max_length: {self.truncated}")
+        if self.split:
+            out.append(f"long documents split into max_length pieces: {self.split}")
+        for reason, n in self.dropped.items():
+            out.append(f"dropped ({reason}): {n}")
+        if self.packed_rows:
+            out.append(f"packed rows: {self.packed_rows}")
+        return out
+
+
+# ----------------------------------------------------------------------------------------------- rows
+def sources_for(cfg: Config, role: str) -> list[DataSource]:
+    """Sources of a role; with no eval sources, a train directory's val split is used if it has one."""
+    if role == "train" or cfg.data.eval:
+        return getattr(cfg.data, role)
+    return [DataSource(path=s.path, format=s.format, input_format=s.input_format, output_format=s.output_format)
+            for s in cfg.data.train if s.path and has_split(s.path, "eval") and has_split(s.path, "train")]
+
+
+def load_rows(cfg: Config, role: str) -> tuple[list[tuple[str, list[Row]]], list[BadRow], Stats]:
+    """Read and validate every source of a role. Bad rows stop here (exit 2) unless on_bad_rows is skip."""
+    allowed = METHOD_FORMATS[cfg.method]
+    per_source: list[tuple[str, list[Row]]] = []
+    bad_all: list[BadRow] = []
+    stats = Stats()
+    for src in sources_for(cfg, role):
+        rows, bad = read_source(src, role)
+        fmt, good, bad_fmt = normalize_rows(rows, src)
+        if fmt not in allowed:
+            raise DataError(
+                f"{src.path or src.loader}: {fmt} rows cannot train method {cfg.method!r} (expected {' or '.join(allowed)})"
+            )
+        bad_all += bad + bad_fmt
+        stats.rows += len(rows) + len(bad)
+        stats.formats[fmt] = stats.formats.get(fmt, 0) + len(good)
+        if not good and not bad_all:
+            raise DataError(f"{src.path or src.loader}: the source is empty")
+        per_source.append((fmt, good))
+    if bad_all and cfg.data.on_bad_rows == "error":
+        shown = "\n".join(f"  {b}" for b in bad_all[:20])
+        more = f"\n  ... and {len(bad_all) - 20} more" if len(bad_all) > 20 else ""
+        raise DataError(
+            f"{len(bad_all)} bad row(s) in the {role} data:\n{shown}{more}\n"
+            "Fix them, or set data.on_bad_rows: skip to drop them."
+        )
+    stats.bad_rows = len(bad_all)
+    return per_source, bad_all, stats
+
+
+def mix(per_source: list[tuple[str, list[Row]]], weights: list[float], seed: int, n: int | None) -> list[tuple[str, Row]]:
+    """Draw rows from several sources in proportion to their weights, deterministically under the seed.
+
+    Each draw picks a source with probability weight/sum(weights); within a source rows come in a seeded
+    permutation, cycling (oversampling) when a source is drawn more often than it has rows.
+    """
+    if len(per_source) == 1:
+        fmt, rows = per_source[0]
+        return [(fmt, r) for r in rows]
+    rng = random.Random(seed)
+    total = n if n is not None else sum(len(rows) for _, rows in per_source)
+    picks = rng.choices(range(len(per_source)), weights=weights, k=total)
+    orders = []
+    for _, rows in per_source:
+        order = list(range(len(rows)))
+        rng.shuffle(order)
+        orders.append(order)
+    cursor = [0] * len(per_source)
+    out = []
+    for s in picks:
+        fmt, rows = per_source[s]
+        if not rows:
+            continue
+        out.append((fmt, rows[orders[s][cursor[s] % len(rows)]]))
+        cursor[s] += 1
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- tokens
+def encode_rows(cfg: Config, tokenizer, rows: list[tuple[str, Row]], stats: Stats) -> list[tuple[list[int], list[int]]]:
+    enc = Encoder(tokenizer, apply_chat_template=cfg.data.apply_chat_template)
+    max_len = cfg.data.max_length
+    samples = []
+    for fmt, row in rows:
+        e = enc.encode(row.data, fmt)
+        if cfg.method in ("pretrain", "mlm") or fmt == "text":
+            pieces = chunk(e, max_len)
+            stats.split += len(pieces) > 1
+        else:
+            if len(e.input_ids) > max_len:
+                stats.truncated += 1
+                e.input_ids, e.labels = e.input_ids[:max_len], e.labels[:max_len]
+            pieces = [e]
+        for p in pieces:
+            n_loss = sum(1 for x in p.labels if x != IGNORE)
+            if n_loss == 0:
+                stats.drop("no loss-carrying tokens within max_length")
+                continue
+            samples.append((p.input_ids, p.labels))
+            stats.tokens += len(p.input_ids)
+            stats.loss_tokens += n_loss
+    stats.samples = len(samples)
+    return samples
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update((backend.to_str() if backend is not None else repr(tokenizer.get_vocab())).encode())
+    h.update(str(tokenizer.chat_template).encode())
+    h.update(str(tokenizer.special_tokens_map).encode())
+    return h.hexdigest()
+
+
+def _source_files(src: DataSource, role: str) -> list[Path]:
+    if src.loader:
+        return []  # a custom loader's output cannot be fingerprinted by files; its spec and settings are
+    p = Path(src.path).expanduser()
+    if is_saved_dataset(p):
+        return sorted(f for f in p.rglob("*") if f.is_file())
+    return resolve_files(src, role)
+
+
+def fingerprint(cfg: Config, tokenizer, role: str, packed: bool) -> str:
+    files = []
+    for src in sources_for(cfg, role):
+        for f in _source_files(src, role):
+            st = f.stat()
+            files.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+        files.append(asdict(src))
+    d = cfg.data
+    key = {
+        "v": CACHE_VERSION, "role": role, "method": cfg.method, "files": files, "tok": tokenizer_fingerprint(tokenizer),
+        "max_length": d.max_length, "packed": packed, "chat": d.apply_chat_template, "bad": d.on_bad_rows,
+        "n": d.num_samples, "seed": cfg.train.seed,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def cache_dir(cfg: Config) -> Path:
+    return Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else cache_root() / "data"
+
+
+def prepare_split(cfg: Config, tokenizer, role: str, packed: bool):
+    """Return (datasets.Dataset or None, Stats, cache path). Builds and caches on a miss."""
+    from datasets import Dataset, load_from_disk
+
+    if not sources_for(cfg, role):
+        return None, None, None
+    target = cache_dir(cfg) / fingerprint(cfg, tokenizer, role, packed)
+    if (target / "stats.json").exists():
+        stats = Stats(**json.loads((target / "stats.json").read_text()))
+        return load_from_disk(str(target / "data")), stats, target
+    per_source, _, stats = load_rows(cfg, role)
+    weights = [s.weight for s in sources_for(cfg, role)]
+    rows = mix(per_source, weights, cfg.train.seed, cfg.data.num_samples if role == "train" else None)
+    samples = encode_rows(cfg, tokenizer, rows, stats)
+    if not samples:
+        raise DataError(f"no {role} samples left after tokenisation ({stats.dropped or 'all rows were bad'})")
+    if packed:
+        records = pack(samples, cfg.data.max_length, cfg.train.seed)
+        stats.packed_rows = len(records)
+    else:
+        records = [{"input_ids": i, "labels": l, "seq_lens": [len(i)]} for i, l in samples]
+    ds = Dataset.from_list(records)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        ds.save_to_disk(str(tmp / "data"))
+        (tmp / "stats.json").write_text(json.dumps(asdict(stats)))
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process built it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return load_from_disk(str(target / "data")), stats, target
+
+
+def training_texts(cfg: Config):
+    """Texts for training a tokenizer from scratch: every string in the validated training rows."""
+    per_source, _, _ = load_rows(cfg, "train")
+    for _, rows in per_source:
+        for r in rows:
+            for v in r.data.values():
+                if isinstance(v, str):
+                    yield v
+                elif isinstance(v, list):
+                    yield from (m["content"] for m in v if isinstance(m, dict))

@@ -1,0 +1,176 @@
+"""Reading raw rows from a source (file, directory, glob, save_to_disk dataset, custom loader).
+
+Every row keeps its origin (``file:line`` for JSONL, ``file:row N`` for tables) so that any later
+problem with it can be reported precisely. Rows that are not even parseable are returned as bad rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmforge.config import DataSource
+from lmforge.errors import DataError
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+SPLIT_NAMES = {"train": ("train",), "eval": ("val", "validation", "eval", "dev"), "test": ("test",)}
+
+
+@dataclass
+class Row:
+    data: Any
+    origin: str  # "path:line" or "path:row N" or "loader:row N"
+
+
+@dataclass
+class BadRow:
+    origin: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.origin}: {self.reason}"
+
+
+def is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
+                              or (path / "state.json").exists())
+
+
+def _split_files(directory: Path, role: str, split: str | None) -> list[Path] | None:
+    """For a train/val/test layout return the files of the wanted split; None if not such a layout."""
+    names = (split,) if split else SPLIT_NAMES[role]
+    entries = {p.stem if p.is_file() else p.name: p for p in directory.iterdir()
+               if (p.is_file() and p.suffix in DATA_SUFFIXES) or p.is_dir()}
+    if not any(n in entries for group in SPLIT_NAMES.values() for n in group):
+        return None
+    for name in names:
+        if name in entries:
+            p = entries[name]
+            return [p] if p.is_file() else _data_files_in(p)
+    return []
+
+
+def _data_files_in(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in DATA_SUFFIXES)
+
+
+def resolve_files(src: DataSource, role: str) -> list[Path]:
+    """The data files a source path names, in a deterministic (sorted) order."""
+    assert src.path is not None
+    path = Path(src.path).expanduser()
+    if any(ch in src.path for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).suffix in DATA_SUFFIXES)
+        if not files:
+            raise DataError(f"{src.path}: the glob matches no .jsonl/.json/.parquet/.csv file")
+        return files
+    if path.is_file():
+        if path.suffix not in DATA_SUFFIXES:
+            raise DataError(f"{src.path}: unsupported file type {path.suffix!r} (use .jsonl, .json, .parquet or .csv)")
+        return [path]
+    if path.is_dir():
+        files = _split_files(path, role, src.split)
+        if files is None:
+            files = _data_files_in(path)
+        if not files:
+            raise DataError(f"{src.path}: no data files for the {src.split or role} split in this directory")
+        return files
+    raise DataError(f"{src.path}: no such file or directory")
+
+
+def has_split(path: str, role: str) -> bool:
+    p = Path(path).expanduser()
+    return p.is_dir() and not is_saved_dataset(p) and bool(_split_files(p, role, None))
+
+
+def _read_jsonl(path: Path, rows: list[Row], bad: list[BadRow]) -> None:
+    with path.open("r", encoding="utf-8", errors="replace") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                bad.append(BadRow(f"{path}:{lineno}", f"invalid JSON ({e.msg} at column {e.colno})"))
+                continue
+            rows.append(Row(obj, f"{path}:{lineno}"))
+
+
+def _read_json(path: Path, rows: list[Row], bad: list[BadRow]) -> None:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        # A .json file may also be JSON Lines: fall back before reporting.
+        if e.msg == "Extra data":
+            return _read_jsonl(path, rows, bad)
+        bad.append(BadRow(f"{path}:{e.lineno}", f"invalid JSON ({e.msg} at column {e.colno})"))
+        return
+    if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), list):
+        obj = next(iter(obj.values()))  # {"data": [...]}
+    if not isinstance(obj, list):
+        bad.append(BadRow(f"{path}:1", "a .json file must hold a list of row objects"))
+        return
+    rows.extend(Row(item, f"{path}:row {i + 1}") for i, item in enumerate(obj))
+
+
+def _read_csv(path: Path, rows: list[Row], bad: list[BadRow]) -> None:
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        for rec in reader:
+            rows.append(Row(dict(rec), f"{path}:{reader.line_num}"))
+
+
+def _read_parquet(path: Path, rows: list[Row], bad: list[BadRow]) -> None:
+    import pyarrow.parquet as pq
+
+    for i, rec in enumerate(pq.read_table(path).to_pylist()):
+        rows.append(Row(rec, f"{path}:row {i + 1}"))
+
+
+_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+
+
+def _read_saved_dataset(src: DataSource, role: str) -> list[Row]:
+    from datasets import DatasetDict, load_from_disk
+
+    ds = load_from_disk(src.path)
+    if isinstance(ds, DatasetDict):
+        names = (src.split,) if src.split else SPLIT_NAMES[role]
+        name = next((n for n in names if n in ds), None)
+        if name is None:
+            raise DataError(f"{src.path}: the saved dataset has splits {list(ds)}, none of them {list(names)}")
+        ds = ds[name]
+    return [Row(rec, f"{src.path}:row {i + 1}") for i, rec in enumerate(ds)]
+
+
+def _read_loader(src: DataSource) -> list[Row]:
+    spec = src.loader or ""
+    module_name, _, func_name = spec.partition(":")
+    if not module_name or not func_name:
+        raise DataError(f"loader {spec!r}: expected 'package.module:function'")
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+    except (ImportError, AttributeError) as e:
+        raise DataError(f"loader {spec!r}: cannot import ({e})") from None
+    result = func()
+    return [Row(rec, f"{spec}:row {i + 1}") for i, rec in enumerate(result)]
+
+
+def read_source(src: DataSource, role: str) -> tuple[list[Row], list[BadRow]]:
+    """All rows of one source, plus the rows that could not even be parsed."""
+    rows: list[Row] = []
+    bad: list[BadRow] = []
+    if src.loader:
+        rows = _read_loader(src)
+    elif is_saved_dataset(Path(src.path).expanduser()):
+        rows = _read_saved_dataset(src, role)
+    else:
+        for path in resolve_files(src, role):
+            _READERS[path.suffix](path, rows, bad)
+    if not rows and not bad:
+        raise DataError(f"{src.path or src.loader}: the source is empty")
+    return rows, bad

@@ -1,0 +1,131 @@
+"""Supervised fine-tuning (and, through ``pretrain.py``, causal-LM pretraining) on the HF Trainer.
+
+What lmforge adds to the stock Trainer, and why:
+  * the loss runs the LM head only on positions that carry loss: on a 49k vocabulary the output layer is a
+    large share of the compute, and SFT masks most prompt tokens anyway;
+  * the loss is a sum over loss tokens divided by the real number of loss tokens in the whole accumulated
+    (and, with DDP, global) batch, so 1 x 8 equals 8 x 1 with accumulation;
+  * packed rows carry a block-diagonal mask (see ``data/packing.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+
+from lmforge.config import Config
+from lmforge.data.packing import CausalCollator
+from lmforge.data.prepare import prepare_split
+from lmforge.data.tokenize import IGNORE
+from lmforge.training.checkpoint import LmforgeTrainerMixin
+from lmforge.training.run import (
+    load_model_and_tokenizer, log, outputs_callback, prepare_output_dir, run_trainer, training_args,
+)
+
+
+def _decoder_and_head(model):
+    """The decoder stack and LM head of a causal LM (through a PEFT wrapper), or None if unsafe to split.
+
+    Prompt tuning prepends virtual tokens inside PEFT's forward, and logit soft-capping lives in the
+    model's forward: both need the full forward.
+    """
+    base = model
+    if hasattr(model, "peft_config"):
+        if getattr(model, "active_peft_config", None) is not None and model.active_peft_config.is_prompt_learning:
+            return None
+        base = model.get_base_model()
+    cfg = getattr(base, "config", None)
+    if cfg is None or getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
+        return None
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    decoder = getattr(base, getattr(base, "base_model_prefix", "model"), None)
+    if head is None or decoder is None or decoder is base:
+        return None
+    return decoder, head
+
+
+def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over positions whose label is not IGNORE; and how many there were."""
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    targets = labels[:, 1:]  # (B, T-1)
+    sel = targets != IGNORE
+    parts = _decoder_and_head(model)
+    if parts is not None:
+        decoder, head = parts
+        hidden = decoder(**inputs).last_hidden_state  # (B, T, C)
+        logits = head(hidden[:, :-1][sel])  # (N, V): the head runs only where there is loss
+    else:
+        logits = model(**inputs).logits
+        logits = logits[:, -labels.shape[1]:][:, :-1][sel]  # prompt tuning prepends virtual positions
+    loss = F.cross_entropy(logits.float(), targets[sel], reduction="sum")
+    return loss, int(sel.sum())
+
+
+class CausalLMTrainer(LmforgeTrainerMixin, Trainer):
+    loss_is_scaled_for_ga = True  # compute_loss divides by the loss tokens of the whole accumulated batch
+
+    def __init__(self, *args, token_counter=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.token_counter = token_counter
+        self.model_accepts_loss_kwargs = True  # makes the Trainer count num_items_in_batch for us
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        n_tokens = inputs.pop("num_tokens", None)
+        loss_sum, n_loss = token_loss_sum(model, inputs)
+        if num_items_in_batch is None:  # evaluation: mean over this batch
+            loss = loss_sum / max(n_loss, 1)
+        else:
+            loss = loss_sum / num_items_in_batch
+            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                loss = loss * self.accelerator.num_processes  # DDP averages gradients; undo it (global token mean)
+        if model.training and self.token_counter is not None and n_tokens is not None:
+            self.token_counter.add(n_tokens)
+        return (loss, None) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, dict(inputs))
+        return loss.detach(), None, None
+
+
+class CountingCollator(CausalCollator):
+    """Adds the number of non-padding tokens, for tokens/s."""
+
+    def __call__(self, rows):
+        batch = super().__call__(rows)
+        batch["num_tokens"] = sum(len(r["input_ids"]) for r in rows)
+        return batch
+
+
+def packing_enabled(cfg: Config, model) -> bool:
+    if cfg.data.packing is False:
+        return False
+    if cfg.peft.kind == "prompt_tuning":
+        if cfg.data.packing:
+            log("packing is off for prompt tuning: PEFT prepends virtual tokens, which a packed 4D mask cannot cover")
+        return False
+    return True
+
+
+def train(cfg: Config):
+    resume = prepare_output_dir(cfg)
+    model, tokenizer, prec = load_model_and_tokenizer(cfg)
+    packed = packing_enabled(cfg, model)
+    train_ds, train_stats, _ = prepare_split(cfg, tokenizer, "train", packed)
+    eval_ds, eval_stats, _ = prepare_split(cfg, tokenizer, "eval", packed)
+    for line in train_stats.lines():
+        log(f"train data: {line}")
+    attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    collator = CountingCollator(tokenizer.pad_token_id, packed=packed, attn_implementation=attn)
+    trainer_ref: list = []
+    callback, counter = outputs_callback(cfg, trainer_ref)
+    args = training_args(cfg, prec, has_eval=eval_ds is not None)
+    trainer = CausalLMTrainer(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
+        processing_class=tokenizer, callbacks=[callback], token_counter=counter,
+    )
+    trainer_ref.append(trainer)
+    return run_trainer(trainer, cfg, tokenizer, resume, train_stats.lines())

@@ -1,0 +1,185 @@
+"""Run outputs shared by every method: metrics.jsonl, plots/loss.png, the progress bar, tokens/s.
+
+Only the main process writes (``state.is_world_process_zero``); the numbers it writes are already reduced
+across ranks by the Trainer (loss) or by ``TokenCounter`` (tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+PLOT_EVERY_SECONDS = 20.0
+
+
+class TokenCounter:
+    """Counts non-padding tokens a trainer has trained on, summed over all ranks when read."""
+
+    def __init__(self):
+        self.local = 0
+
+    def add(self, n: int) -> None:
+        self.local += int(n)
+
+    def total(self, accelerator=None) -> int:
+        if accelerator is None or accelerator.num_processes == 1:
+            return self.local
+        t = torch.tensor([self.local], device=accelerator.device)
+        return int(accelerator.reduce(t, reduction="sum").item())
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_metrics(rows: list[dict], out: Path) -> None:
+    """plots/loss.png: train and eval loss against step, plus other logged curves (e.g. rewards/margins)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(key):
+        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    extra = sorted({k for r in rows for k in r if k.startswith(("rewards/", "eval_rewards/")) or k in (
+        "nll_loss", "log_odds_ratio", "eval_rouge", "eval_bleu", "eval_exact_match")})
+    fig, axes = plt.subplots(1, 2 if extra else 1, figsize=(11 if extra else 6, 4), squeeze=False)
+    ax = axes[0][0]
+    for key, style in (("loss", "-"), ("eval_loss", "o-")):
+        xs, ys = series(key)
+        if xs:
+            ax.plot(xs, ys, style, label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    if extra:
+        ax2 = axes[0][1]
+        for key in extra:
+            xs, ys = series(key)
+            if xs:
+                ax2.plot(xs, ys, "-" if not key.startswith("eval_") else "o-", label=key)
+        ax2.set_xlabel("step")
+        ax2.legend(fontsize=7)
+        ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(out)
+
+
+class OutputsCallback(TrainerCallback):
+    """Writes metrics.jsonl (one object per log), refreshes plots/loss.png, shows a progress bar."""
+
+    def __init__(self, output_dir: str, counter: TokenCounter, accelerator_getter, show_progress: bool = True):
+        self.dir = Path(output_dir)
+        self.counter = counter
+        self.get_acc = accelerator_getter
+        self.show_progress = show_progress
+        self.bar = None
+        self.train_seconds = 0.0
+        self._step_t0 = None
+        self._last = (0, 0.0)  # (tokens, train seconds) at the previous log
+        self._last_plot = 0.0
+
+    # timing covers training steps only, not evaluation or checkpointing
+    def on_step_begin(self, args, state, control, **kw):
+        self._step_t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        if self._step_t0 is not None:
+            self.train_seconds += time.perf_counter() - self._step_t0
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_train_begin(self, args, state, control, **kw):
+        if state.is_world_process_zero and self.show_progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", dynamic_ncols=True)
+        tokens = self.counter.total(self.get_acc())
+        self._last = (tokens, self.train_seconds)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        logs = dict(logs or {})
+        tokens = self.counter.total(self.get_acc())  # collective: every rank takes part
+        if not state.is_world_process_zero:
+            return
+        row = {"step": state.global_step}
+        if "loss" in logs:
+            d_tok, d_sec = tokens - self._last[0], self.train_seconds - self._last[1]
+            if d_sec > 0 and d_tok > 0:
+                logs["tokens_per_second"] = round(d_tok / d_sec, 2)
+            self._last = (tokens, self.train_seconds)
+        if "eval_loss" in logs and "eval_perplexity" not in logs:
+            logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
+        for k, v in logs.items():
+            if k in ("total_flos",):
+                continue
+            row[k] = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+        row["tokens_seen"] = tokens
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if self.bar is not None and "loss" in logs:
+            post = {"loss": f"{logs['loss']:.4f}"}
+            if "tokens_per_second" in logs:
+                post["tok/s"] = f"{logs['tokens_per_second']:.0f}"
+            self.bar.set_postfix(post, refresh=False)
+        if time.monotonic() - self._last_plot > PLOT_EVERY_SECONDS or "eval_loss" in logs:
+            self.refresh_plot()
+
+    def refresh_plot(self):
+        self._last_plot = time.monotonic()
+        try:
+            plot_metrics(read_metrics(self.dir / "metrics.jsonl"), self.dir / "plots" / "loss.png")
+        except Exception as e:  # a plot must never kill a training run
+            print(f"[lmforge] could not refresh the plot: {e}")
+
+    def on_train_end(self, args, state, control, **kw):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if state.is_world_process_zero:
+            self.refresh_plot()
+
+
+def truncate_metrics_after(output_dir: str | Path, step: int) -> None:
+    """On resume, drop metric rows logged after the checkpoint so curves continue without duplicates."""
+    path = Path(output_dir) / "metrics.jsonl"
+    rows = read_metrics(path)
+    kept = [r for r in rows if r.get("step", 0) <= step]
+    if len(kept) != len(rows):
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def write_report(output_dir: str | Path, cfg_summary: dict, data_lines: list[str]) -> None:
+    out = Path(output_dir)
+    rows = read_metrics(out / "metrics.jsonl")
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval_loss" in r]
+    speeds = [r["tokens_per_second"] for r in train if "tokens_per_second" in r]
+    lines = ["# lmforge run report", ""]
+    lines += [f"- {k}: {v}" for k, v in cfg_summary.items()]
+    lines += ["", "## Data", ""] + [f"- {x}" for x in data_lines]
+    lines += ["", "## Training", ""]
+    if train:
+        lines.append(f"- steps: {train[-1]['step']}; first loss {train[0]['loss']:.4f}, last loss {train[-1]['loss']:.4f}")
+    if speeds:
+        lines.append(f"- tokens/s (non-padding, all ranks): median {sorted(speeds)[len(speeds) // 2]:.1f}")
+    if evals:
+        e = evals[-1]
+        lines.append(f"- last eval (step {e['step']}): eval_loss {e['eval_loss']:.4f}, perplexity {math.exp(min(e['eval_loss'], 50)):.2f}")
+    lines += ["", "![loss](plots/loss.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))

@@ -1,0 +1,110 @@
+"""Checkpoints: atomic writes, resume resolution, and the seeded sampler that makes resume exact.
+
+``LmforgeTrainerMixin`` goes in front of any HF ``Trainer`` subclass (ours or TRL's) and changes three
+things the stock Trainer gets wrong for us:
+  * checkpoints are written into ``output_dir/.staging`` and renamed into place, so a crash mid-write
+    never replaces (or masquerades as) the last good checkpoint;
+  * the training order comes from a seeded per-epoch permutation (``EpochSampler``), so a resumed run
+    replays exactly the batches an uninterrupted run would have seen;
+  * the resolved config is written beside every checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from lmforge.errors import ConfigError
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+STAGING = ".staging"
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A seeded permutation per epoch (seed + epoch); independent of the global RNG, so resume is exact."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True):
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        if not self.shuffle:
+            return iter(range(self.n))
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Checkpoints in step order. Only fully written ones exist under this name (see the mixin)."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()
+             and (p / "trainer_state.json").exists()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(resume: str, output_dir: str) -> str | None:
+    if resume == "never":
+        return None
+    if resume == "auto":
+        ckpts = complete_checkpoints(output_dir)
+        return str(ckpts[-1]) if ckpts else None
+    path = Path(resume)
+    if not (path / "trainer_state.json").exists():
+        raise ConfigError(f"train.resume: {resume} is not a complete checkpoint directory (no trainer_state.json)")
+    return str(path)
+
+
+class LmforgeTrainerMixin:
+    """Atomic checkpoints + exact-resume sampler for any transformers.Trainer subclass."""
+
+    lmforge_config_yaml: str | None = None  # the resolved config, written into each checkpoint
+    _staging = False
+
+    def _get_output_dir(self, trial):
+        out = super()._get_output_dir(trial)
+        return os.path.join(out, STAGING) if self._staging else out
+
+    def _save_checkpoint(self, model, trial):
+        root = super()._get_output_dir(trial)
+        name = f"checkpoint-{self.state.global_step}"
+        staged, final = os.path.join(root, STAGING, name), os.path.join(root, name)
+        if self.args.should_save and os.path.exists(staged):
+            shutil.rmtree(staged)  # left over from a crash
+        self.accelerator.wait_for_everyone()
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = False
+        self.accelerator.wait_for_everyone()  # every rank has written its shards
+        if self.args.should_save:
+            if self.lmforge_config_yaml:
+                Path(staged, "config.yaml").write_text(self.lmforge_config_yaml)
+            if os.path.exists(final):  # re-saving a step: move the old one aside only once the new one is whole
+                old = os.path.join(root, STAGING, name + ".old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                os.replace(staged, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(staged, final)
+            from transformers.trainer_utils import rotate_checkpoints
+
+            rotate_checkpoints(output_dir=root, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+        self.accelerator.wait_for_everyone()
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return EpochSampler(len(dataset), self.args.seed)

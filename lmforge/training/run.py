@@ -1,0 +1,181 @@
+"""The plumbing every method shares: model + tokenizer, data, TrainingArguments, callbacks, the final save.
+
+A method module (``methods/sft.py``, ``methods/dpo.py``, ...) reads top to bottom as: build the pieces
+with these helpers, construct its trainer, call ``run_trainer``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from lmforge.adapters import apply_peft, count_parameters, freeze_except, quantization_kwargs
+from lmforge.config import Config
+from lmforge.errors import ConfigError
+from lmforge.models import (
+    adapter_base, finalize_tokenizer, is_adapter_dir, load_model, load_tokenizer, pick_dtype, resolve_model_path,
+    train_bpe_tokenizer,
+)
+from lmforge.training.callbacks import OutputsCallback, TokenCounter, truncate_metrics_after, write_report
+from lmforge.training.checkpoint import STAGING, resolve_resume
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def log(msg: str) -> None:
+    if is_main_process():
+        print(f"[lmforge] {msg}", flush=True)
+
+
+@dataclass
+class Precision:
+    """Compute dtype, and the dtype weights are loaded in.
+
+    Full fine-tuning keeps fp32 master weights under bf16 autocast (pure bf16 AdamW loses small updates);
+    adapters leave the frozen base in the compute dtype, which halves memory and skips a cast per step.
+    """
+
+    compute: torch.dtype
+    weights: torch.dtype
+
+    @property
+    def bf16(self) -> bool:
+        return self.compute == torch.bfloat16
+
+    @property
+    def fp16(self) -> bool:
+        return self.compute == torch.float16
+
+
+def precision_for(cfg: Config) -> Precision:
+    compute = pick_dtype(cfg.model.dtype)
+    if compute == torch.float16 and not torch.cuda.is_available():
+        raise ConfigError("model.dtype: float16 training needs a GPU; use bfloat16 or float32 on CPU")
+    weights = compute if cfg.peft.kind != "none" else torch.float32
+    return Precision(compute, weights)
+
+
+# ------------------------------------------------------------------------------------ model + tokenizer
+def load_model_and_tokenizer(cfg: Config, auto_class=None, task_type: str = "CAUSAL_LM"):
+    """Returns (model with adapters applied, tokenizer, precision). Starting from an adapter dir continues it."""
+    prec = precision_for(cfg)
+    model_dir = resolve_model_path(cfg.model.name_or_path) if cfg.model.name_or_path else None
+    adapter_dir = None
+    if model_dir is not None and is_adapter_dir(model_dir):
+        adapter_dir, model_dir = model_dir, resolve_model_path(adapter_base(model_dir))
+    if cfg.model.train_tokenizer is not None:
+        from lmforge.data.prepare import training_texts
+
+        tt = cfg.model.train_tokenizer
+        tokenizer = finalize_tokenizer(train_bpe_tokenizer(
+            training_texts(cfg), tt.vocab_size, tt.min_frequency, Path(cfg.train.output_dir) / ".tokenizer"))
+    else:
+        tokenizer = load_tokenizer(cfg.model, adapter_dir if adapter_dir and not cfg.model.tokenizer and
+                                   (adapter_dir / "tokenizer_config.json").exists() else model_dir)
+    extra = quantization_kwargs(cfg.peft, prec.compute) if model_dir is not None else {}
+    model = load_model(cfg.model, model_dir, tokenizer, auto_class=auto_class, seed=cfg.train.seed,
+                       dtype=prec.weights, **extra)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        log(f"continuing the adapter in {adapter_dir}")
+        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+    else:
+        model = apply_peft(model, cfg.peft, task_type=task_type, tokenizer_path=str(model_dir) if model_dir else None)
+    if cfg.train.trainable:
+        freeze_except(model, cfg.train.trainable)
+    trainable, total = count_parameters(model)
+    log(f"model: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable, compute {prec.compute}")
+    return model, tokenizer, prec
+
+
+# ------------------------------------------------------------------------------------ arguments
+def default_learning_rate(cfg: Config) -> float:
+    return cfg.train.learning_rate or (2e-4 if cfg.peft.kind != "none" else 2e-5)
+
+
+def training_args(cfg: Config, prec: Precision, has_eval: bool, args_cls=None, **method_kwargs):
+    """Map lmforge's train section onto TrainingArguments (or a TRL config class) with lmforge's defaults."""
+    from transformers import TrainingArguments
+
+    args_cls = args_cls or TrainingArguments
+    t = cfg.train
+    warmup = t.warmup_ratio if t.warmup_ratio is not None else t.warmup_steps
+    report = [r for r in t.report_to if r != "none"]
+    kwargs = dict(
+        output_dir=t.output_dir, max_steps=t.max_steps, num_train_epochs=t.num_train_epochs,
+        learning_rate=default_learning_rate(cfg), lr_scheduler_type=t.lr_scheduler_type,
+        lr_scheduler_kwargs=t.lr_scheduler_kwargs, warmup_steps=warmup, weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm, optim=t.optim, adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2,
+        adam_epsilon=t.adam_epsilon, per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps, seed=t.seed, data_seed=t.seed,
+        logging_steps=t.logging_steps, logging_first_step=True, save_strategy="steps", save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit, eval_strategy="steps" if has_eval else "no",
+        eval_steps=t.eval_steps or t.save_steps, gradient_checkpointing=t.gradient_checkpointing,
+        torch_compile=t.torch_compile, report_to=report or "none", run_name=t.run_name,
+        dataloader_num_workers=t.dataloader_num_workers, bf16=prec.bf16, fp16=prec.fp16,
+        use_cpu=not torch.cuda.is_available(), remove_unused_columns=False, disable_tqdm=True,
+        logging_dir=str(Path(t.output_dir) / "runs"),
+    )
+    kwargs.update(method_kwargs)
+    names = {f.name for f in dataclasses.fields(args_cls)}
+    kwargs = {k: v for k, v in kwargs.items() if k in names}
+    try:
+        return args_cls(**kwargs)
+    except (ValueError, ImportError) as e:
+        raise ConfigError(f"train: {e}") from None
+
+
+def outputs_callback(cfg: Config, trainer_ref: list) -> tuple[OutputsCallback, TokenCounter]:
+    counter = TokenCounter()
+    cb = OutputsCallback(cfg.train.output_dir, counter, lambda: trainer_ref[0].accelerator if trainer_ref else None)
+    return cb, counter
+
+
+# ------------------------------------------------------------------------------------ run
+def config_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def prepare_output_dir(cfg: Config) -> str | None:
+    """Create output_dir, save config.yaml, and return the checkpoint to resume from (if any)."""
+    out = Path(cfg.train.output_dir)
+    resume = resolve_resume(cfg.train.resume, str(out))
+    if is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(config_yaml(cfg))
+        if resume:
+            step = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"]
+            truncate_metrics_after(out, step)
+            log(f"resuming from {resume} (step {step})")
+        else:
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+    return resume
+
+
+def run_trainer(trainer, cfg: Config, tokenizer, resume: str | None, data_lines: list[str]) -> Path:
+    """Train (resuming if asked), then save the final model/adapter + tokenizer and the report."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # OutputsCallback shows progress and writes metrics instead
+    trainer.lmforge_config_yaml = config_yaml(cfg)
+    trainer.train(resume_from_checkpoint=resume)
+    shutil.rmtree(Path(cfg.train.output_dir) / STAGING, ignore_errors=True) if trainer.args.should_save else None
+    out = Path(cfg.train.output_dir)
+    trainer.save_model(str(out))
+    if trainer.args.should_save:
+        tokenizer.save_pretrained(out)
+        write_report(out, {"method": cfg.method, "model": cfg.model.name_or_path or "from scratch",
+                           "adapter": cfg.peft.kind, "max_steps": trainer.state.global_step}, data_lines)
+        log(f"final {'adapter' if cfg.peft.kind != 'none' else 'model'} saved to {out}")
+    return out

@@ -1,0 +1,98 @@
+"""Fixtures: a tiny Llama and a tokenizer trained on the fly (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+from lmforge.models import CHATML_TEMPLATE, finalize_tokenizer, train_bpe_tokenizer  # noqa: E402
+from lmforge.synthetic import extraction_rows  # noqa: E402
+
+WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches "
+         "alpha beta gamma delta name age city job json extract text record lives works").split()
+
+
+def corpus(n: int = 400, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 30))) for _ in range(n)]
+    texts += [m["content"] for r in extraction_rows(200, seed) for m in r["messages"]]
+    return texts
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tok")
+    train_bpe_tokenizer(corpus(), vocab_size=400, min_frequency=2, out_dir=out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """A 2-layer Llama with hidden size 32, saved with its tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = finalize_tokenizer(AutoTokenizer.from_pretrained(tiny_tokenizer_dir))
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture()
+def lmforge_cache(tmp_path, monkeypatch) -> Path:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LMFORGE_CACHE", str(cache))
+    return cache
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        for r in rows:
+            fh.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return path
+
+
+def chat_rows(n: int, seed: int = 0) -> list[dict]:
+    return extraction_rows(n, seed)
+
+
+def base_config(model_dir: Path, data: Path, out: Path, **sections) -> dict:
+    """A small, fast config tree for the tiny model; sections override keys."""
+    tree = {
+        "method": "sft",
+        "model": {"name_or_path": str(model_dir), "dtype": "float32"},
+        "data": {"train": [{"path": str(data)}], "max_length": 128},
+        "train": {"output_dir": str(out), "max_steps": 4, "per_device_train_batch_size": 4, "logging_steps": 1,
+                  "save_steps": 2, "learning_rate": 1e-3, "report_to": ["none"], "seed": 0},
+    }
+    for name, values in sections.items():
+        if isinstance(values, dict) and isinstance(tree.get(name), dict):
+            tree[name].update(values)
+        else:
+            tree[name] = values
+    return tree
+
+
+def write_config(path: Path, tree: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+__all__ = ["CHATML_TEMPLATE", "base_config", "chat_rows", "corpus", "write_config", "write_jsonl"]
