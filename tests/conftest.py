@@ -71,12 +71,12 @@ def chat_rows(n: int, seed: int = 0) -> list[dict]:
     return extraction_rows(n, seed)
 
 
-def base_config(model_dir: Path, data: Path, out: Path, **sections) -> dict:
+def base_config(model_dir: Path, data_path: Path, out: Path, **sections) -> dict:
     """A small, fast config tree for the tiny model; sections override keys."""
     tree = {
         "method": "sft",
         "model": {"name_or_path": str(model_dir), "dtype": "float32"},
-        "data": {"train": [{"path": str(data)}], "max_length": 128},
+        "data": {"train": [{"path": str(data_path)}], "max_length": 128},
         "train": {"output_dir": str(out), "max_steps": 4, "per_device_train_batch_size": 4, "logging_steps": 1,
                   "save_steps": 2, "learning_rate": 1e-3, "report_to": ["none"], "seed": 0},
     }

@@ -1,0 +1,156 @@
+"""Data: every bad-row kind is reported as file:line with exit 2; skip mode; formats; sources; mixing."""
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from conftest import base_config, chat_rows, write_config, write_jsonl
+from lmforge.cli import main
+from lmforge.config import DataSource, load_config
+from lmforge.data.formats import detect_format
+from lmforge.data.prepare import load_rows, mix, prepare_split
+from lmforge.data.sources import Row
+from lmforge.models import finalize_tokenizer
+
+GOOD = {"prompt": "a", "completion": "b"}
+BAD_ROWS = [
+    ("{not json", "invalid JSON"),
+    ('["a", "list"]', "must be a JSON object"),
+    ({"prompt": "only a prompt"}, "missing key 'completion'"),
+    ({"prompt": "p", "completion": 5}, "'completion' must be a string"),
+    ({"prompt": "p", "completion": "   "}, "'completion' is empty"),
+]
+
+
+@pytest.mark.parametrize("bad,reason", BAD_ROWS, ids=[r for _, r in BAD_ROWS])
+def test_bad_prompt_completion_row(tmp_path, tiny_model_dir, lmforge_cache, capsys, bad, reason):
+    data = write_jsonl(tmp_path / "d.jsonl", [GOOD, GOOD, bad, GOOD])
+    cfg = write_config(tmp_path / "c.yaml", base_config(tiny_model_dir, data, tmp_path / "out"))
+    assert main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert f"{data}:3" in err and reason in err
+    assert not (tmp_path / "out" / "checkpoint-2").exists()  # stopped before training
+
+
+@pytest.mark.parametrize("bad,reason", [
+    ({"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "x"}]}, "unknown role 'wizard'"),
+    ({"messages": "hello"}, "must be a non-empty list"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
+], ids=["unknown-role", "not-a-list", "no-assistant"])
+def test_bad_chat_row(tmp_path, tiny_model_dir, lmforge_cache, capsys, bad, reason):
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(2) + [bad])
+    cfg = write_config(tmp_path / "c.yaml", base_config(tiny_model_dir, data, tmp_path / "out"))
+    assert main(["prepare", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert f"{data}:3" in err and reason in err
+
+
+def test_preference_row_missing_side(tmp_path, tiny_model_dir, lmforge_cache, capsys):
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": "a"}])
+    tree = base_config(tiny_model_dir, data, tmp_path / "out", method="dpo")
+    cfg = load_config(None, tree=tree)
+    with pytest.raises(Exception) as e:
+        load_rows(cfg, "train")
+    assert f"{data}:2" in str(e.value) and "rejected" in str(e.value)
+
+
+def test_empty_source(tmp_path, tiny_model_dir, lmforge_cache, capsys):
+    data = tmp_path / "empty.jsonl"
+    data.write_text("\n")
+    cfg = write_config(tmp_path / "c.yaml", base_config(tiny_model_dir, data, tmp_path / "out"))
+    assert main(["prepare", str(cfg)]) == 2
+    assert "empty" in capsys.readouterr().err
+
+
+def test_skip_bad_rows_counts_them(tmp_path, tiny_model_dir, lmforge_cache, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", [GOOD, "{oops", GOOD, {"prompt": 1, "completion": "x"}])
+    tree = base_config(tiny_model_dir, data, tmp_path / "out", data={"on_bad_rows": "skip"})
+    assert main(["prepare", str(write_config(tmp_path / "c.yaml", tree))]) == 0
+    out = capsys.readouterr().out
+    assert "bad rows skipped: 2" in out
+
+
+def test_formats_and_aliases_detected():
+    assert detect_format({"text"}) == "text"
+    assert detect_format({"title", "content"}) == "text"
+    assert detect_format({"input", "output"}) == "prompt_completion"
+    assert detect_format({"prompt", "generation"}) == "prompt_completion"
+    assert detect_format({"instruction", "input", "output"}) == "prompt_completion"
+    assert detect_format({"conversations"}) == "chat"
+    assert detect_format({"prompt", "chosen", "rejected"}) == "preference"
+
+
+def test_templates_alpaca_sharegpt_and_sources(tmp_path, tiny_model_dir, lmforge_cache):
+    d = tmp_path / "dir"
+    write_jsonl(d / "a.jsonl", [{"instruction": "say hi", "input": "to bob", "output": "hi bob"}])
+    write_jsonl(d / "b.jsonl", [{"input": "x", "target": "y"}])
+    (d / "c.json").write_text(json.dumps([{"input": "u", "output": "v"}]))
+    tree = base_config(tiny_model_dir, d, tmp_path / "out")
+    tree["data"]["train"] = [
+        {"path": str(d / "a.jsonl")},
+        {"path": str(d / "*.json"), "input_format": "Q: __input__\nA:", "output_format": " __output__"},
+        {"path": str(d / "b.jsonl")},
+    ]
+    cfg = load_config(None, tree=tree)
+    per_source, _, _ = load_rows(cfg, "train")
+    assert per_source[0][1][0].data == {"prompt": "say hi\n\nto bob", "completion": "hi bob"}
+    assert per_source[1][1][0].data == {"prompt": "Q: u\nA:", "completion": " v"}
+    assert per_source[2][1][0].data == {"prompt": "x", "completion": "y"}
+    sg = write_jsonl(tmp_path / "sg.jsonl", [{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}])
+    cfg = load_config(None, tree=base_config(tiny_model_dir, sg, tmp_path / "o2"))
+    rows = load_rows(cfg, "train")[0][0][1]
+    assert rows[0].data["messages"] == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+
+
+def test_train_val_layout_and_cache_reuse(tmp_path, tiny_model_dir, lmforge_cache):
+    d = tmp_path / "ds"
+    write_jsonl(d / "train.jsonl", chat_rows(6))
+    write_jsonl(d / "val.jsonl", chat_rows(2, seed=9))
+    cfg = load_config(None, tree=base_config(tiny_model_dir, d, tmp_path / "out"))
+    tok = finalize_tokenizer(AutoTokenizer.from_pretrained(tiny_model_dir))
+    train, stats, path = prepare_split(cfg, tok, "train", packed=True)
+    evals, estats, _ = prepare_split(cfg, tok, "eval", packed=True)
+    assert stats.rows == 6 and estats.rows == 2
+    again, _, path2 = prepare_split(cfg, tok, "train", packed=True)
+    assert path2 == path and again["input_ids"] == train["input_ids"]
+    (path / "marker").write_text("x")  # a cache hit does not rebuild the directory
+    prepare_split(cfg, tok, "train", packed=True)
+    assert (path / "marker").exists()
+
+
+def test_custom_loader(tmp_path, tiny_model_dir, lmforge_cache, monkeypatch):
+    mod = tmp_path / "my_rows.py"
+    mod.write_text("def rows():\n    return [{'text': 'alpha beta gamma'}, {'text': 'delta'}]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    tree = base_config(tiny_model_dir, tmp_path, tmp_path / "out", method="pretrain")
+    tree["data"]["train"] = [{"loader": "my_rows:rows"}]
+    per_source, _, _ = load_rows(load_config(None, tree=tree), "train")
+    assert [r.data["text"] for r in per_source[0][1]] == ["alpha beta gamma", "delta"]
+
+
+def test_mixing_follows_weights_within_sampling_error():
+    a = [Row({"text": f"a{i}"}, f"a:{i}") for i in range(100)]
+    b = [Row({"text": f"b{i}"}, f"b:{i}") for i in range(100)]
+    n = 4000
+    out = mix([("text", a), ("text", b)], [3.0, 1.0], seed=1, n=n)
+    share = sum(r.data["text"].startswith("a") for _, r in out) / n
+    sigma = (0.75 * 0.25 / n) ** 0.5
+    assert abs(share - 0.75) < 4 * sigma
+    assert out == mix([("text", a), ("text", b)], [3.0, 1.0], seed=1, n=n)  # deterministic under the seed
+    assert out != mix([("text", a), ("text", b)], [3.0, 1.0], seed=2, n=n)
+
+
+def test_inspect_marks_loss_tokens(tmp_path, tiny_model_dir, lmforge_cache, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "name the fox:", "completion": " the quick fox"}])
+    cfg = write_config(tmp_path / "c.yaml", base_config(tiny_model_dir, data, tmp_path / "out"))
+    assert main(["inspect", str(cfg), "--n", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "[[ the quick fox<|endoftext|>]]" in out and "name the fox:" in out
+
+
+def test_source_options_are_validated():
+    with pytest.raises(Exception) as e:
+        load_config(None, tree={"model": {"name_or_path": "x"}, "data": {"train": [{"path": "a", "wieght": 2}]}})
+    assert "data.train[0].wieght" in str(e.value) or "wieght" in str(e.value)
+    assert DataSource().weight == 1.0

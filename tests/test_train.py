@@ -1,0 +1,149 @@
+"""End-to-end training through the CLI on the tiny model: artifacts, parameter changes, reload,
+gradient accumulation equivalence, exact resume, atomic checkpoints."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from conftest import base_config, chat_rows, corpus, write_config, write_jsonl
+from lmforge.cli import main
+
+
+def _train(tmp_path, tree, name="c.yaml"):
+    cfg = write_config(tmp_path / name, tree)
+    assert main(["train", str(cfg)]) == 0
+    return tree["train"]["output_dir"]
+
+
+def _metrics(out):
+    return [json.loads(x) for x in open(f"{out}/metrics.jsonl")]
+
+
+def _weights(path):
+    return load_file(f"{path}/model.safetensors")
+
+
+def test_sft_full_finetune(tmp_path, tiny_model_dir, lmforge_cache):
+    data = write_jsonl(tmp_path / "d" / "train.jsonl", chat_rows(32))
+    write_jsonl(tmp_path / "d" / "val.jsonl", chat_rows(4, seed=5))
+    out = _train(tmp_path, base_config(tiny_model_dir, data.parent, tmp_path / "out"))
+    for name in ("config.yaml", "metrics.jsonl", "plots/loss.png", "report.md", "checkpoint-2/optimizer.pt",
+                 "checkpoint-4/trainer_state.json", "checkpoint-4/config.yaml", "model.safetensors",
+                 "tokenizer.json", "chat_template.jinja"):
+        assert (tmp_path / "out" / name).exists(), name
+    rows = _metrics(out)
+    assert {"step", "loss", "learning_rate", "tokens_per_second"} <= set(rows[0])
+    assert any("eval_loss" in r and "eval_perplexity" in r for r in rows)
+    before, after = _weights(tiny_model_dir), _weights(out)
+    assert all(not torch.equal(before[k], after[k]) for k in before if k.endswith("q_proj.weight"))
+    model = AutoModelForCausalLM.from_pretrained(out)  # plain transformers reloads it
+    assert model.config.num_hidden_layers == 2
+
+
+def test_sft_lora_changes_only_adapter(tmp_path, tiny_model_dir, lmforge_cache):
+    from peft import AutoPeftModelForCausalLM
+
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(32))
+    out = _train(tmp_path, base_config(tiny_model_dir, data, tmp_path / "out", peft={"kind": "lora", "r": 4, "alpha": 8}))
+    model = AutoPeftModelForCausalLM.from_pretrained(out)
+    base = _weights(tiny_model_dir)
+    lora_b_changed = 0
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            lora_b_changed += bool(p.abs().sum() > 0)  # LoRA B starts at zero
+        elif "lora_" not in name:
+            key = name.replace("base_model.model.", "").replace(".base_layer", "")
+            assert torch.equal(p.detach(), base[key]), f"frozen {key} changed"
+    assert lora_b_changed > 0
+    adapter = load_file(f"{out}/adapter_model.safetensors")
+    assert any("q_proj" in k for k in adapter) and any("mlp.down_proj" in k for k in adapter)  # all-linear
+
+
+def test_pretrain_from_scratch_with_trained_tokenizer(tmp_path, lmforge_cache):
+    data = write_jsonl(tmp_path / "t.jsonl", [{"text": t} for t in corpus(200)])
+    tree = base_config(None, data, tmp_path / "out", method="pretrain")
+    tree["model"] = {"config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+                                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
+                     "train_tokenizer": {"vocab_size": 300}, "dtype": "float32"}
+    tree["train"].update(max_steps=6, learning_rate=3e-3)
+    out = _train(tmp_path, tree)
+    rows = [r for r in _metrics(out) if "loss" in r]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    assert model.config.vocab_size == len(tok) <= 300
+
+
+def _one_step_weights(tmp_path, tiny_model_dir, data, name, bs, ga):
+    tree = base_config(tiny_model_dir, data, tmp_path / name,
+                       train={"max_steps": 1, "per_device_train_batch_size": bs, "gradient_accumulation_steps": ga,
+                              "optim": "sgd", "learning_rate": 1.0, "max_grad_norm": 1e9, "save_steps": 100},
+                       data={"packing": False})
+    out = _train(tmp_path, tree, f"{name}.yaml")
+    return _weights(out), _metrics(out)[0]["loss"]
+
+
+def test_accumulation_equals_large_batch(tmp_path, tiny_model_dir, lmforge_cache):
+    """1 x 8 rows == 8 x 1 with accumulation: loss and gradients (SGD lr 1 makes the update the gradient)."""
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(8, seed=3))  # rows of different lengths
+    w0 = _weights(tiny_model_dir)
+    w_big, loss_big = _one_step_weights(tmp_path, tiny_model_dir, data, "big", 8, 1)
+    w_acc, loss_acc = _one_step_weights(tmp_path, tiny_model_dir, data, "acc", 1, 8)
+    assert loss_big == pytest.approx(loss_acc, rel=1e-5)
+    for k in w0:
+        g_big, g_acc = w0[k] - w_big[k], w0[k] - w_acc[k]
+        assert torch.allclose(g_big, g_acc, rtol=1e-5, atol=1e-7), k
+    assert any(not torch.equal(w0[k], w_big[k]) for k in w0)
+
+
+@pytest.mark.parametrize("peft", ["none", "lora"])
+def test_resume_is_bitwise_identical(tmp_path, tiny_model_dir, lmforge_cache, peft):
+    """Uninterrupted 6 steps == killed after checkpoint-3 and resumed (weights, optimizer, RNG, data order)."""
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(40))
+    sections = dict(train={"max_steps": 6, "save_steps": 3, "per_device_train_batch_size": 2},
+                    peft={"kind": peft, "r": 4, "dropout": 0.1})  # dropout: the RNG state matters
+    full = _train(tmp_path, base_config(tiny_model_dir, data, tmp_path / "full", **sections), "full.yaml")
+    # the crash: only what existed on disk at step 3 survives
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-3", crashed / "checkpoint-3")
+    resumed = _train(tmp_path, base_config(tiny_model_dir, data, crashed, **sections), "resumed.yaml")
+    fname = "model.safetensors" if peft == "none" else "adapter_model.safetensors"
+    a, b = load_file(f"{full}/{fname}"), load_file(f"{resumed}/{fname}")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    la = [r["loss"] for r in _metrics(full) if "loss" in r and r["step"] > 3]
+    lb = [r["loss"] for r in _metrics(resumed) if "loss" in r and r["step"] > 3]
+    assert la == lb and len(la) == 3
+    oa = torch.load(f"{full}/checkpoint-6/optimizer.pt", weights_only=True)["state"]
+    ob = torch.load(f"{resumed}/checkpoint-6/optimizer.pt", weights_only=True)["state"]
+    assert all(torch.equal(oa[i]["exp_avg"], ob[i]["exp_avg"]) for i in oa)
+
+
+def test_crash_during_checkpoint_write_keeps_last_good(tmp_path, tiny_model_dir, lmforge_cache, monkeypatch):
+    from transformers import Trainer
+
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(32))
+    tree = base_config(tiny_model_dir, data, tmp_path / "out", train={"max_steps": 4, "save_steps": 2})
+    real = Trainer._save_optimizer_and_scheduler
+
+    def dies_at_step_4(self, output_dir):
+        if self.state.global_step == 4:
+            raise RuntimeError("power cut")
+        return real(self, output_dir)
+
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", dies_at_step_4)
+    with pytest.raises(RuntimeError, match="power cut"):
+        main(["train", str(write_config(tmp_path / "c.yaml", tree))])
+    out = tmp_path / "out"
+    assert (out / "checkpoint-2" / "optimizer.pt").exists()
+    assert not (out / "checkpoint-4").exists()  # the half-written one never took the name
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", real)
+    assert main(["train", str(tmp_path / "c.yaml")]) == 0  # resume: auto picks checkpoint-2
+    steps = [r["step"] for r in _metrics(out) if "loss" in r]
+    assert steps == [1, 2, 3, 4]
