@@ -133,8 +133,11 @@ class TrainConfig:
 @dataclass
 class DpoConfig:
     beta: float = _f(0.1, "DPO temperature")
-    loss_type: str = _f("sigmoid", "TRL DPO loss: sigmoid, ipo, hinge, robust, ...")
-    precompute_ref_log_probs: bool = _f(False, "compute reference log-probs once before training")
+    loss_type: Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                       "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"] = _f(
+        "sigmoid", "TRL DPO loss variant")
+    precompute_ref_log_probs: bool = _f(False, "score the data with the reference once before training (no ref copy kept)")
+    label_smoothing: float = _f(0.0, "robust/exo_pair/aot losses: assumed fraction of flipped preference labels")
 
 
 @dataclass
@@ -147,6 +150,8 @@ class KtoConfig:
     beta: float = _f(0.1, "KTO temperature")
     desirable_weight: float = _f(1.0, "weight of desirable examples")
     undesirable_weight: float = _f(1.0, "weight of undesirable examples")
+    loss_type: Literal["kto", "apo_zero_unpaired"] = _f("kto", "TRL KTO loss variant")
+    precompute_ref_log_probs: bool = _f(False, "score the data with the reference once before training (no ref copy kept)")
 
 
 @dataclass

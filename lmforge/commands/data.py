@@ -95,6 +95,13 @@ def run_inspect(args) -> int:
         return 0
     color = sys.stdout.isatty()
     legend = "green" if color else "[[ ]]"
+    from lmforge.data.preference import PREFERENCE_METHODS, show_records
+
+    if cfg.method in PREFERENCE_METHODS:
+        print(f"{len(ds)} {'records' if cfg.method == 'kto' else 'pairs'}; answer tokens (they carry the loss) "
+              f"are marked {legend}")
+        show_records(tok, ds, args.n, lambda ids, labels: _marked(tok, ids, labels, color))
+        return 0
     print(f"{len(ds)} {'packed rows' if packed else 'samples'}; tokens that carry loss are marked {legend}")
     for k in range(min(args.n, len(ds))):
         row = ds[k]

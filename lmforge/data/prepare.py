@@ -18,6 +18,8 @@ from pathlib import Path
 from lmforge.config import Config, DataSource
 from lmforge.data.formats import normalize_rows
 from lmforge.data.packing import pack
+from lmforge.data.preference import PREFERENCE_METHODS, encode_preference_rows
+from lmforge.data.preference import VERSION as PREFERENCE_VERSION
 from lmforge.data.sources import BadRow, Row, has_split, is_saved_dataset, read_source, resolve_files
 from lmforge.data.tokenize import IGNORE, Encoder, chunk
 from lmforge.errors import DataError
@@ -43,6 +45,7 @@ class Stats:
     tokens: int = 0
     loss_tokens: int = 0
     truncated: int = 0
+    prompt_truncated: int = 0  # preference methods: prompts cut to data.max_prompt_length
     split: int = 0
     dropped: dict = field(default_factory=dict)
     packed_rows: int = 0
@@ -57,6 +60,8 @@ class Stats:
             out.append(f"bad rows skipped: {self.bad_rows}")
         out.append(f"samples: {self.samples}  tokens: {self.tokens}  loss tokens: {self.loss_tokens}")
         out.append(f"truncated to max_length: {self.truncated}")
+        if self.prompt_truncated:
+            out.append(f"prompts truncated to max_prompt_length: {self.prompt_truncated}")
         if self.split:
             out.append(f"long documents split into max_length pieces: {self.split}")
         for reason, n in self.dropped.items():
@@ -191,6 +196,8 @@ def fingerprint(cfg: Config, tokenizer, role: str, packed: bool) -> str:
         "max_length": d.max_length, "packed": packed, "chat": d.apply_chat_template, "bad": d.on_bad_rows,
         "n": d.num_samples, "seed": cfg.train.seed,
     }
+    if cfg.method in PREFERENCE_METHODS:
+        key.update(max_prompt_length=d.max_prompt_length, preference=PREFERENCE_VERSION)
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -211,12 +218,17 @@ def prepare_split(cfg: Config, tokenizer, role: str, packed: bool):
     per_source, _, stats = load_rows(cfg, role)
     weights = [s.weight for s in sources_for(cfg, role)]
     rows = mix(per_source, weights, cfg.train.seed, cfg.data.num_samples if role == "train" else None)
-    samples = encode_rows(cfg, tokenizer, rows, stats)
+    if cfg.method in PREFERENCE_METHODS:  # prompt/chosen/rejected ids, never packed (data/preference.py)
+        samples = encode_preference_rows(cfg, tokenizer, rows, stats)
+    else:
+        samples = encode_rows(cfg, tokenizer, rows, stats)
     if not samples:
         raise DataError(f"no {role} samples left after tokenisation ({stats.dropped or 'all rows were bad'})")
     if packed:
         records = pack(samples, cfg.data.max_length, cfg.train.seed)
         stats.packed_rows = len(records)
+    elif cfg.method in PREFERENCE_METHODS:
+        records = samples
     else:
         records = [{"input_ids": i, "labels": l, "seq_lens": [len(i)]} for i, l in samples]
     ds = Dataset.from_list(records)
