@@ -19,6 +19,7 @@ from lmforge.data.packing import CausalCollator
 from lmforge.data.prepare import prepare_split
 from lmforge.data.tokenize import IGNORE
 from lmforge.training.checkpoint import LmforgeTrainerMixin
+from lmforge.training.eval_metrics import add_generation_metrics
 from lmforge.training.run import (
     load_model_and_tokenizer, log, outputs_callback, prepare_output_dir, run_trainer, training_args,
 )
@@ -128,4 +129,5 @@ def train(cfg: Config):
         processing_class=tokenizer, callbacks=[callback], token_counter=counter,
     )
     trainer_ref.append(trainer)
+    add_generation_metrics(trainer, cfg, tokenizer, log)  # eval.metrics: rouge/bleu/exact_match at each eval
     return run_trainer(trainer, cfg, tokenizer, resume, train_stats.lines())
