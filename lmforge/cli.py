@@ -14,6 +14,10 @@ from lmforge.errors import LmforgeError
 COMMAND_MODULES = [
     "lmforge.commands.train",
     "lmforge.commands.data",
+    "lmforge.commands.generate",
+    "lmforge.commands.serve",
+    "lmforge.commands.eval",
+    "lmforge.commands.merge",
 ]
 
 

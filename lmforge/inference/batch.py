@@ -1,0 +1,126 @@
+"""`lmforge generate` on files: JSONL prompts in, JSONL completions out, resumable.
+
+Rows are processed in windows of a few batches: inside a window prompts are sorted by length so a batch
+wastes little on padding, and the window's results are written back in input order. So the output file
+is always a prefix of the input, and a re-run skips the rows already written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+from lmforge.config import DataSource
+from lmforge.data.formats import RowError, _messages
+from lmforge.data.sources import BadRow, Row, read_source
+from lmforge.errors import DataError
+from lmforge.inference.generate import Completion, GenerationOptions
+
+WINDOW_BATCHES = 16  # batches per sorted window: larger = less padding, smaller = more often flushed
+
+
+def validate_prompt_row(data) -> dict:
+    """A prompt row needs a non-empty string ``prompt`` or a ``messages`` list; other keys pass through."""
+    if not isinstance(data, dict):
+        raise RowError(f"a row must be a JSON object, got {type(data).__name__}")
+    if "messages" in data:
+        data = dict(data, messages=_messages(data["messages"], "messages"))
+        return data
+    if "prompt" not in data:
+        raise RowError("missing key 'prompt' (or 'messages')")
+    if not isinstance(data["prompt"], str) or not data["prompt"]:
+        raise RowError("'prompt' must be a non-empty string")
+    return data
+
+
+def read_prompt_rows(path: str) -> list[Row]:
+    """All prompt rows of ``path`` with their file:line origins; any bad row stops here (DataError, exit 2)."""
+    rows, bad = read_source(DataSource(path=path), "test")
+    good = []
+    for r in rows:
+        try:
+            good.append(Row(validate_prompt_row(r.data), r.origin))
+        except RowError as e:
+            bad.append(BadRow(r.origin, str(e)))
+    if bad:
+        bad.sort(key=lambda b: _origin_key(b.origin))
+        shown = "\n  ".join(str(b) for b in bad[:10])
+        more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise DataError(f"{len(bad)} bad input row(s):\n  {shown}{more}")
+    return good
+
+
+def _origin_key(origin: str) -> tuple[str, int]:
+    """Sort "file:12" and "file:row 12" origins by file, then number."""
+    where, _, num = origin.rpartition(":")
+    digits = num.removeprefix("row ").strip()
+    return where, int(digits) if digits.isdigit() else 0
+
+
+def completed_rows(output: Path) -> int:
+    """How many complete rows ``output`` holds; a torn last line (killed mid-write) is cut off."""
+    if not output.exists():
+        return 0
+    data = output.read_bytes()
+    keep = data.rfind(b"\n") + 1  # everything after the last newline is a partial write
+    count = 0
+    for lineno, line in enumerate(data[:keep].splitlines(), start=1):
+        try:
+            json.loads(line)
+        except json.JSONDecodeError:
+            raise DataError(f"{output}:{lineno}: not a JSON row; is this the output of an earlier run?") from None
+        count += 1
+    if keep < len(data):
+        with output.open("r+b") as fh:
+            fh.truncate(keep)
+    return count
+
+
+def output_row(row: dict, c: Completion) -> dict:
+    return {**row, "completion": c.text, "finish_reason": c.finish_reason, "completion_tokens": c.completion_tokens}
+
+
+def generate_file(input_path: str, output_path: str, opts: GenerationOptions, batch_size: int,
+                  encode: Callable[[dict], list[int]],
+                  generate: Callable[[list[list[int]], GenerationOptions], list[Completion]],
+                  progress: bool = True) -> tuple[int, int]:
+    """Generate for every input row not yet in the output; returns (rows skipped, rows generated)."""
+    from tqdm import tqdm
+
+    rows = read_prompt_rows(input_path)
+    out = Path(output_path)
+    done = completed_rows(out)
+    if done > len(rows):
+        raise DataError(f"{output_path}: holds {done} rows but {input_path} has only {len(rows)}; "
+                        "use a new output file")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(rows), initial=done, unit="row", desc="generate", disable=not progress, file=sys.stderr)
+    window = batch_size * WINDOW_BATCHES
+    with out.open("a", encoding="utf-8") as fh:
+        for start in range(done, len(rows), window):
+            chunk = rows[start:start + window]
+            results = _generate_window([encode(r.data) for r in chunk], opts, batch_size, start, generate, bar)
+            for r, c in zip(chunk, results):
+                fh.write(json.dumps(output_row(r.data, c), ensure_ascii=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    bar.close()
+    return done, len(rows) - done
+
+
+def _generate_window(prompts: list[list[int]], opts: GenerationOptions, batch_size: int, offset: int,
+                     generate, bar) -> list[Completion]:
+    """Longest prompts first (a memory problem shows at once), batched; results back in input order."""
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    results: list[Completion | None] = [None] * len(prompts)
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        # a per-batch seed derived from the rows' positions keeps seeded sampling reproducible run to run
+        batch_opts = GenerationOptions(**{**opts.__dict__, "seed": opts.seed + offset + b})
+        for i, c in zip(idx, generate([prompts[i] for i in idx], batch_opts)):
+            results[i] = c
+        bar.update(len(idx))
+    return results  # type: ignore[return-value]

@@ -1,0 +1,130 @@
+"""Batched generation with transformers `generate`: shared by `lmforge generate`, `serve` and `eval`.
+
+A prompt row is ``{"prompt": str}`` (raw text) or ``{"messages": [...]}`` (the chat template is applied with
+the generation prompt). Each result has the text, why it stopped (``stop``: an EOS id or a stop string;
+``length``: max_new_tokens reached) and how many tokens were generated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from lmforge.errors import ConfigError
+from lmforge.inference.loading import LoadedModel
+
+
+@dataclass
+class GenerationOptions:
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k filtering
+    num_beams: int = 1
+    stop: list[str] = field(default_factory=list)  # the completion is cut before the first stop string
+    eos_token_ids: list[int] = field(default_factory=list)  # extra ids that end a completion, beside the model's EOS
+    seed: int = 0
+
+    def check(self, prefix: str = "--") -> None:
+        """Raise ConfigError for values generate would reject or silently misuse."""
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"{prefix}max-new-tokens: must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ConfigError(f"{prefix}temperature: must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"{prefix}top-p: must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError(f"{prefix}top-k: must be >= 0, got {self.top_k}")
+        if self.num_beams < 1:
+            raise ConfigError(f"{prefix}num-beams: must be >= 1, got {self.num_beams}")
+        if self.num_beams > 1 and self.do_sample:
+            raise ConfigError(f"{prefix}num-beams: beam search is deterministic; drop --do-sample or use 1 beam")
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str  # "stop" | "length"
+    completion_tokens: int
+    prompt_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)  # generated ids, up to and including a final EOS
+
+
+def render_prompt(row: dict, tokenizer) -> tuple[str, bool]:
+    """The prompt text, and whether the tokenizer should add its special tokens (not after a chat template,
+    which writes them itself)."""
+    if "messages" in row:
+        if not tokenizer.chat_template:
+            raise ConfigError("--model: the tokenizer has no chat template, so 'messages' rows cannot be rendered")
+        return tokenizer.apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True), False
+    return row["prompt"], True
+
+
+def encode_prompt(row: dict, tokenizer) -> list[int]:
+    text, special = render_prompt(row, tokenizer)
+    return tokenizer(text, add_special_tokens=special).input_ids
+
+
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """Cut ``text`` before the earliest stop string (OpenAI semantics: the stop string is not returned)."""
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    if not hits:
+        return text, False
+    return text[: min(hits)], True
+
+
+class Generator:
+    """Runs batches of token-id prompts through ``model.generate`` and decodes the results."""
+
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tok = loaded.tokenizer
+        self.device = next(self.model.parameters()).device
+
+    def eos_ids(self, opts: GenerationOptions) -> list[int]:
+        ids = self.model.generation_config.eos_token_id
+        ids = [ids] if isinstance(ids, int) else list(ids or [])
+        if self.tok.eos_token_id is not None and self.tok.eos_token_id not in ids:
+            ids.append(self.tok.eos_token_id)
+        return ids + [i for i in opts.eos_token_ids if i not in ids]
+
+    def generation_config(self, opts: GenerationOptions):
+        from transformers import GenerationConfig
+
+        base = self.model.generation_config
+        kwargs = dict(max_new_tokens=opts.max_new_tokens, num_beams=opts.num_beams, eos_token_id=self.eos_ids(opts),
+                      pad_token_id=self.tok.pad_token_id, bos_token_id=base.bos_token_id,
+                      decoder_start_token_id=base.decoder_start_token_id)
+        # temperature 0 means greedy, as in the OpenAI API
+        if opts.do_sample and opts.temperature > 0:
+            kwargs.update(do_sample=True, temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k or None)
+        else:
+            kwargs.update(do_sample=False)
+        if opts.stop:
+            kwargs["stop_strings"] = list(opts.stop)
+        return GenerationConfig(**kwargs)
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], opts: GenerationOptions) -> list[Completion]:
+        """One batched ``generate`` call over ``prompts`` (token ids), left-padded; results in input order."""
+        batch = self.tok.pad({"input_ids": prompts}, return_tensors="pt", padding=True)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        torch.manual_seed(opts.seed)
+        out = self.model.generate(**batch, generation_config=self.generation_config(opts),
+                                  tokenizer=self.tok if opts.stop else None)
+        # (B, prompt_len + new) for decoder-only; (B, 1 + new) for encoder-decoder (starts with the start token)
+        new = out[:, 1:] if self.loaded.is_encoder_decoder else out[:, batch["input_ids"].shape[1]:]
+        eos = set(self.eos_ids(opts))
+        return [self._decode(row.tolist(), eos, opts.stop, len(p)) for row, p in zip(new, prompts)]
+
+    def _decode(self, ids: list[int], eos: set[int], stops: list[str], prompt_tokens: int) -> Completion:
+        end = next((i for i, t in enumerate(ids) if t in eos), None)
+        finish = "stop" if end is not None else "length"
+        if end is not None:
+            ids = ids[: end + 1]
+        text = self.tok.decode(ids[:end] if end is not None else ids, skip_special_tokens=True)
+        text, stopped = cut_at_stop(text, stops)
+        return Completion(text, "stop" if stopped else finish, len(ids), prompt_tokens, ids)
