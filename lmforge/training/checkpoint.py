@@ -69,6 +69,7 @@ class LmforgeTrainerMixin:
     """Atomic checkpoints + exact-resume sampler for any transformers.Trainer subclass."""
 
     lmforge_config_yaml: str | None = None  # the resolved config, written into each checkpoint
+    lmforge_optim: str | None = None  # train.optim; lmforge's own optimizers (lamb) are built here, see optim.py
     _staging = False
 
     def _get_output_dir(self, trial):
@@ -104,6 +105,21 @@ class LmforgeTrainerMixin:
             rotate_checkpoints(output_dir=root, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
         self.accelerator.wait_for_everyone()
+
+    def create_optimizer(self, model=None):
+        from lmforge.training.optim import optimizer_cls_and_kwargs
+
+        if self.optimizer is None and getattr(self, "optimizer_cls_and_kwargs", None) is None:
+            self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs(self.lmforge_optim, self.args)
+        return super().create_optimizer(model)
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """The HF schedules by name, with the defaults they lack (see optim.scheduler_kwargs)."""
+        from lmforge.training.optim import build_scheduler
+
+        if self.lr_scheduler is None:
+            self.lr_scheduler = build_scheduler(self.args, optimizer or self.optimizer, num_training_steps)
+        return self.lr_scheduler
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset

@@ -25,6 +25,7 @@ from lmforge.models import (
 )
 from lmforge.training.callbacks import OutputsCallback, TokenCounter, truncate_metrics_after, write_report
 from lmforge.training.checkpoint import STAGING, resolve_resume
+from lmforge.training.optim import hf_optim_name
 
 
 def is_main_process() -> bool:
@@ -115,7 +116,7 @@ def training_args(cfg: Config, prec: Precision, has_eval: bool, args_cls=None, *
         output_dir=t.output_dir, max_steps=t.max_steps, num_train_epochs=t.num_train_epochs,
         learning_rate=default_learning_rate(cfg), lr_scheduler_type=t.lr_scheduler_type,
         lr_scheduler_kwargs=t.lr_scheduler_kwargs, warmup_steps=warmup, weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm, optim=t.optim, adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2,
+        max_grad_norm=t.max_grad_norm, optim=hf_optim_name(t.optim), adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2,
         adam_epsilon=t.adam_epsilon, per_device_train_batch_size=t.per_device_train_batch_size,
         per_device_eval_batch_size=t.per_device_eval_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps, seed=t.seed, data_seed=t.seed,
@@ -169,6 +170,7 @@ def run_trainer(trainer, cfg: Config, tokenizer, resume: str | None, data_lines:
 
     trainer.remove_callback(PrinterCallback)  # OutputsCallback shows progress and writes metrics instead
     trainer.lmforge_config_yaml = config_yaml(cfg)
+    trainer.lmforge_optim = cfg.train.optim
     trainer.train(resume_from_checkpoint=resume)
     shutil.rmtree(Path(cfg.train.output_dir) / STAGING, ignore_errors=True) if trainer.args.should_save else None
     out = Path(cfg.train.output_dir)
