@@ -162,6 +162,8 @@ def load_tokenizer(cfg: ModelConfig, model_dir: Path | None):
 
 def finalize_tokenizer(tok):
     """Ensure EOS and PAD exist; right padding for training."""
+    if tok.eos_token is None and tok.sep_token is not None:
+        tok.eos_token = tok.sep_token  # encoder tokenizers (BERT-style) end a sequence with [SEP] and name no EOS
     if tok.eos_token is None:
         raise ConfigError("model.tokenizer: the tokenizer has no EOS token; lmforge needs one to end completions")
     if tok.pad_token is None:

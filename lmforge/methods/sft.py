@@ -112,6 +112,15 @@ def packing_enabled(cfg: Config, model) -> bool:
 
 
 def train(cfg: Config):
+    from lmforge.methods import seq2seq
+
+    arch = seq2seq.architecture(cfg)  # T5/BART train through Seq2SeqTrainer; BERT-style models by masked LM
+    if arch == "encoder-decoder":
+        return seq2seq.train(cfg)
+    if arch == "encoder-only":
+        from lmforge.methods import mlm
+
+        return mlm.train(cfg)
     resume = prepare_output_dir(cfg)
     model, tokenizer, prec = load_model_and_tokenizer(cfg)
     packed = packing_enabled(cfg, model)

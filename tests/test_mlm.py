@@ -1,0 +1,87 @@
+"""Masked-LM pretraining: a tiny BERT lowers its loss through `lmforge train` (method mlm, and method pretrain
+dispatching on an encoder-only model); masking follows data.mlm_probability; misuse is a clear error."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import base_config, corpus, write_config, write_jsonl
+
+from lmforge.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory):
+    """A 2-layer BERT (hidden 32) with a WordPiece tokenizer trained on the fly."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertForMaskedLM, PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tk = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tk.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tk.train_from_iterator(corpus(), trainers.WordPieceTrainer(vocab_size=300, special_tokens=specials,
+                                                               show_progress=False))
+    tk.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", tk.token_to_id("[CLS]")), ("[SEP]", tk.token_to_id("[SEP]"))])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                  sep_token="[SEP]", mask_token="[MASK]")
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=128, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny-bert")
+    BertForMaskedLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _texts(tmp_path, n=64):
+    return write_jsonl(tmp_path / "text.jsonl", [{"text": t} for t in corpus(n, seed=3)[:n]])
+
+
+@pytest.mark.parametrize("method", ["mlm", "pretrain"])
+def test_tiny_bert_mlm_lowers_its_loss(method, tmp_path, tiny_bert_dir, lmforge_cache):
+    from transformers import AutoModelForMaskedLM
+
+    data = _texts(tmp_path)
+    out = tmp_path / "run"
+    tree = base_config(tiny_bert_dir, data, out, method=method, data={"mlm_probability": 0.3})
+    tree["data"]["eval"] = [{"path": str(data)}]
+    tree["train"].update(max_steps=30, logging_steps=5, save_steps=30, eval_steps=30, learning_rate=3e-3,
+                         per_device_train_batch_size=8)
+    assert main(["train", str(write_config(tmp_path / "cfg.yaml", tree))]) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert losses[-1] < 0.8 * losses[0], losses  # from ~ln(300) = 5.7 at init
+    assert any("eval_loss" in r for r in rows)
+    assert AutoModelForMaskedLM.from_pretrained(out).config.model_type == "bert"
+
+
+def test_masking_follows_mlm_probability(tiny_bert_dir):
+    """The collator lmforge uses masks about data.mlm_probability of the non-special tokens."""
+    from transformers import AutoTokenizer, DataCollatorForLanguageModeling
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    torch.manual_seed(0)
+    rows = [{"input_ids": tok(t).input_ids} for t in corpus(200, seed=1)[:200]]
+    for p in (0.15, 0.4):
+        batch = DataCollatorForLanguageModeling(tok, mlm=True, mlm_probability=p)(rows)
+        masked = batch["labels"] != -100
+        real = (batch["attention_mask"] == 1).sum() - 2 * len(rows)  # minus [CLS] and [SEP]
+        assert abs(float(masked.sum()) / float(real) - p) < 0.03
+        specials = torch.tensor([tok.cls_token_id, tok.sep_token_id, tok.pad_token_id])
+        assert not torch.isin(batch["labels"][masked], specials).any()  # special tokens are never masked
+
+
+def test_sft_on_an_encoder_only_model_is_unsupported(tmp_path, tiny_bert_dir, lmforge_cache, capsys):
+    tree = base_config(tiny_bert_dir, _texts(tmp_path, 8), tmp_path / "run")
+    assert main(["train", str(write_config(tmp_path / "cfg.yaml", tree))]) == 2
+    assert "encoder-only" in capsys.readouterr().err
+
+
+def test_mlm_on_a_causal_model_is_unsupported(tmp_path, tiny_model_dir, lmforge_cache, capsys):
+    tree = base_config(tiny_model_dir, _texts(tmp_path, 8), tmp_path / "run", method="mlm")
+    assert main(["train", str(write_config(tmp_path / "cfg.yaml", tree))]) == 2
+    assert "encoder-only" in capsys.readouterr().err
