@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from transformers import StoppingCriteria
 
 from lmforge.errors import ConfigError
 from lmforge.inference.loading import LoadedModel
@@ -108,17 +109,30 @@ class Generator:
         return GenerationConfig(**kwargs)
 
     @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], opts: GenerationOptions) -> list[Completion]:
-        """One batched ``generate`` call over ``prompts`` (token ids), left-padded; results in input order."""
+    def generate(self, prompts: list[list[int]], opts: GenerationOptions, row_limits: list[int] | None = None,
+                 streamer=None) -> list[Completion]:
+        """One batched ``generate`` call over ``prompts`` (token ids), left-padded; results in input order.
+
+        ``row_limits`` gives each row its own max_new_tokens (the server batches requests that differ in
+        max_tokens); ``streamer`` is a transformers streamer that receives each step's (B,) new tokens.
+        """
         batch = self.tok.pad({"input_ids": prompts}, return_tensors="pt", padding=True)
         batch = {k: v.to(self.device) for k, v in batch.items()}
+        width = batch["input_ids"].shape[1]
+        limits = row_limits or [opts.max_new_tokens] * len(prompts)
+        criteria = None
+        if row_limits and len(set(row_limits)) > 1 and not self.loaded.is_encoder_decoder:
+            from transformers import StoppingCriteriaList
+
+            criteria = StoppingCriteriaList([RowMaxNewTokens(limits, width, self.device)])
+        config = self.generation_config(GenerationOptions(**{**opts.__dict__, "max_new_tokens": max(limits)}))
         torch.manual_seed(opts.seed)
-        out = self.model.generate(**batch, generation_config=self.generation_config(opts),
+        out = self.model.generate(**batch, generation_config=config, stopping_criteria=criteria, streamer=streamer,
                                   tokenizer=self.tok if opts.stop else None)
         # (B, prompt_len + new) for decoder-only; (B, 1 + new) for encoder-decoder (starts with the start token)
-        new = out[:, 1:] if self.loaded.is_encoder_decoder else out[:, batch["input_ids"].shape[1]:]
+        new = out[:, 1:] if self.loaded.is_encoder_decoder else out[:, width:]
         eos = set(self.eos_ids(opts))
-        return [self._decode(row.tolist(), eos, opts.stop, len(p)) for row, p in zip(new, prompts)]
+        return [self._decode(row.tolist()[:n], eos, opts.stop, len(p)) for row, p, n in zip(new, prompts, limits)]
 
     def _decode(self, ids: list[int], eos: set[int], stops: list[str], prompt_tokens: int) -> Completion:
         end = next((i for i, t in enumerate(ids) if t in eos), None)
@@ -128,3 +142,17 @@ class Generator:
         text = self.tok.decode(ids[:end] if end is not None else ids, skip_special_tokens=True)
         text, stopped = cut_at_stop(text, stops)
         return Completion(text, "stop" if stopped else finish, len(ids), prompt_tokens, ids)
+
+
+class RowMaxNewTokens(StoppingCriteria):
+    """Stopping criterion giving each batch row its own token budget; transformers pads rows once they stop.
+
+    Written here because GenerationConfig.max_new_tokens is one number for the whole batch.
+    """
+
+    def __init__(self, limits: list[int], prompt_width: int, device):
+        self.limits = torch.tensor(limits, device=device)
+        self.prompt_width = prompt_width
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return (input_ids.shape[1] - self.prompt_width) >= self.limits  # (B,)
