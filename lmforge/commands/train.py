@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from lmforge.config import iter_fields, load_config
+from lmforge.distributed import launch
 
 
 def config_reference() -> str:
@@ -17,6 +18,7 @@ def add_parser(sub, formatter):
                        epilog=config_reference())
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.learning_rate=1e-5")
+    launch.add_arguments(p)
     return p
 
 
@@ -24,5 +26,7 @@ def run(args) -> int:
     from lmforge.methods import get_method
 
     cfg = load_config(args.config, args.overrides)
+    if launch.wants_launch(args):  # --nproc-per-node: run this command again under torchrun
+        return launch.relaunch(args, cfg)
     get_method(cfg.method)(cfg)
     return 0

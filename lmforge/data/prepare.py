@@ -22,6 +22,7 @@ from lmforge.data.preference import PREFERENCE_METHODS, encode_preference_rows
 from lmforge.data.preference import VERSION as PREFERENCE_VERSION
 from lmforge.data.sources import BadRow, Row, has_split, is_saved_dataset, read_source, resolve_files
 from lmforge.data.tokenize import IGNORE, Encoder, chunk
+from lmforge.distributed.ranks import main_process_first
 from lmforge.errors import DataError
 from lmforge.models import cache_root
 
@@ -205,6 +206,7 @@ def cache_dir(cfg: Config) -> Path:
     return Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else cache_root() / "data"
 
 
+@main_process_first  # with several processes: built once per node, then read by the other ranks
 def prepare_split(cfg: Config, tokenizer, role: str, packed: bool):
     """Return (datasets.Dataset or None, Stats, cache path). Builds and caches on a miss."""
     from datasets import Dataset, load_from_disk

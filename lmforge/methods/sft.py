@@ -31,6 +31,10 @@ def _decoder_and_head(model):
     Prompt tuning prepends virtual tokens inside PEFT's forward, and logit soft-capping lives in the
     model's forward: both need the full forward.
     """
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):  # FSDP2 gathers the root's weights (embeddings, norm, head) in its forward only
+        return None
     base = model
     if hasattr(model, "peft_config"):
         if getattr(model, "active_peft_config", None) is not None and model.active_peft_config.is_prompt_learning:

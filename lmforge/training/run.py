@@ -18,6 +18,7 @@ import yaml
 
 from lmforge.adapters import apply_peft, count_parameters, freeze_except, quantization_kwargs
 from lmforge.config import Config
+from lmforge.distributed import strategy
 from lmforge.errors import ConfigError
 from lmforge.models import (
     adapter_base, finalize_tokenizer, is_adapter_dir, load_model, load_tokenizer, pick_dtype, resolve_model_path,
@@ -128,6 +129,7 @@ def training_args(cfg: Config, prec: Precision, has_eval: bool, args_cls=None, *
         use_cpu=not torch.cuda.is_available(), remove_unused_columns=False, disable_tqdm=True,
         logging_dir=str(Path(t.output_dir) / "runs"),
     )
+    kwargs.update(strategy.trainer_kwargs(cfg, prec))  # ddp / fsdp / deepspeed (lmforge/distributed)
     kwargs.update(method_kwargs)
     names = {f.name for f in dataclasses.fields(args_cls)}
     kwargs = {k: v for k, v in kwargs.items() if k in names}
@@ -149,7 +151,8 @@ def config_yaml(cfg: Config) -> str:
 
 
 def prepare_output_dir(cfg: Config) -> str | None:
-    """Create output_dir, save config.yaml, and return the checkpoint to resume from (if any)."""
+    """Set up train.distributed, create output_dir, save config.yaml, and return the checkpoint to resume from."""
+    strategy.setup(cfg)  # first: the process group must exist before data preparation (rank 0 first)
     out = Path(cfg.train.output_dir)
     resume = resolve_resume(cfg.train.resume, str(out))
     if is_main_process():
@@ -170,10 +173,12 @@ def run_trainer(trainer, cfg: Config, tokenizer, resume: str | None, data_lines:
 
     trainer.remove_callback(PrinterCallback)  # OutputsCallback shows progress and writes metrics instead
     trainer.lmforge_config_yaml = config_yaml(cfg)
+    trainer.add_callback(strategy.StrategyCheck(cfg, trainer))  # fails the run if another strategy is running
     trainer.lmforge_optim = cfg.train.optim
     trainer.train(resume_from_checkpoint=resume)
     shutil.rmtree(Path(cfg.train.output_dir) / STAGING, ignore_errors=True) if trainer.args.should_save else None
     out = Path(cfg.train.output_dir)
+    strategy.before_final_save(trainer)  # sharded FSDP state is gathered into a plain model
     trainer.save_model(str(out))
     if trainer.args.should_save:
         tokenizer.save_pretrained(out)
