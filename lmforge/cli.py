@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "lmforge.commands.serve",
     "lmforge.commands.eval",
     "lmforge.commands.merge",
+    "lmforge.commands.consolidate",
 ]
 
 

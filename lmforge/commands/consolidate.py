@@ -1,0 +1,22 @@
+"""`lmforge consolidate CHECKPOINT --output DIR`"""
+
+from __future__ import annotations
+
+
+def add_parser(sub, formatter):
+    p = sub.add_parser("consolidate", formatter_class=formatter,
+                       help="turn a sharded (FSDP / DeepSpeed ZeRO) checkpoint into a plain HF model or adapter")
+    p.add_argument("checkpoint", help="a checkpoint-STEP directory written by lmforge train")
+    p.add_argument("--output", required=True, help="directory for the model (or adapter) and its tokenizer")
+    return p
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from lmforge.distributed.consolidate import checkpoint_kind, consolidate
+
+    kind = checkpoint_kind(Path(args.checkpoint))
+    out = consolidate(args.checkpoint, args.output)
+    print(f"[lmforge] {kind} checkpoint {args.checkpoint} -> {out}")
+    return 0
