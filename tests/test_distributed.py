@@ -1,0 +1,243 @@
+"""Distributed training on CPU: 2 processes over gloo with the tiny model.
+
+Fast tests cover the config rules, the torchrun command line, the DeepSpeed presets and the post-set-up
+check. Slow tests (marked) start real processes: DDP 2 x 4 == 1 x 8, FSDP2 / ZeRO-2 / ZeRO-3-offload train,
+resume and consolidate with DDP's loss trajectory, both launch styles, and DPO with LoRA under DDP.
+The DeepSpeed presets use the torch optimizer (zero_force_ds_cpu_optimizer: false), so nothing compiles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import base_config, chat_rows, write_config, write_jsonl
+
+from lmforge.cli import main
+from lmforge.config import load_config
+from lmforge.distributed import launch, strategy, zero
+from lmforge.errors import ConfigError, UnsupportedError
+
+STEPS = 4
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def _tree(model_dir: Path, data: Path, out: Path, **train) -> dict:
+    tree = base_config(model_dir, data, out, train={"max_steps": STEPS, "save_steps": 2, **train})
+    return tree
+
+
+def _env(cache: Path) -> dict:
+    return {**os.environ, "LMFORGE_CACHE": str(cache), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _run(cmd: list[str], cache: Path) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, env=_env(cache), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def _lmforge(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lmforge", *args]
+
+
+def _torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            "-m", "lmforge", *args]
+
+
+def _losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).state_dict()
+
+
+def _assert_close_losses(a: dict, b: dict, rel: float) -> None:
+    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1)), (a, b)
+    for step in a:
+        assert abs(a[step] - b[step]) <= rel * abs(b[step]), (step, a[step], b[step])
+
+
+def _assert_close_weights(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
+
+
+# ------------------------------------------------------------------------------------------- fast
+@pytest.fixture()
+def data(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "data" / "train.jsonl", chat_rows(64))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.distributed=deepspeed", "train.deepspeed=zero3", "peft.kind=qlora"], "ZeRO-3 cannot partition"),
+    (["train.distributed=fsdp", "peft.kind=qlora"], "qlora cannot be sharded"),
+    (["train.distributed=deepspeed"], "train.deepspeed: required"),
+    (["train.distributed=deepspeed", "train.deepspeed=zero4"], "neither a preset"),
+    (["train.deepspeed=zero2"], "set train.distributed: deepspeed"),
+    (["train.fsdp_sharding=hybrid"], "applies only to train.distributed: fsdp"),
+])
+def test_impossible_combinations_exit_2(tmp_path, tiny_model_dir, data, capsys, overrides, message):
+    cfg = write_config(tmp_path / "cfg.yaml", _tree(tiny_model_dir, data, tmp_path / "out"))
+    assert main(["train", str(cfg), *overrides]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_strategy_that_cannot_run_is_an_error_not_a_switch(tmp_path, tiny_model_dir, data, capsys, monkeypatch):
+    cfg = write_config(tmp_path / "cfg.yaml", _tree(tiny_model_dir, data, tmp_path / "out"))
+    # ddp in a single process would silently train alone
+    assert main(["train", str(cfg), "train.distributed=ddp"]) == 2
+    assert "needs several processes" in capsys.readouterr().err
+    # several processes without a strategy
+    assert main(["train", str(cfg), "--nproc-per-node", "2"]) == 2
+    assert "train.distributed: set ddp, fsdp or deepspeed" in capsys.readouterr().err
+    # the launcher asked for 2 processes, but only one came up
+    monkeypatch.setenv(strategy.EXPECTED_WORLD_ENV, "2")
+    with pytest.raises(UnsupportedError, match="asked for 2 processes but WORLD_SIZE is 1"):
+        strategy.setup(load_config(cfg))
+
+
+def test_verify_names_every_difference():
+    cfg = SimpleNamespace(train=SimpleNamespace(distributed="fsdp", deepspeed=None))
+    ddp_like = {"world_size": 1, "backend": "gloo", "distributed_type": "MULTI_CPU", "wrapper": "DistributedDataParallel",
+                "model": torch.nn.Linear(2, 2)}
+    problems = strategy.mismatches(cfg, ddp_like)
+    assert any("distributed type MULTI_CPU (expected FSDP)" in p for p in problems)
+    assert any("model wrapper DistributedDataParallel" in p for p in problems)
+    fake = SimpleNamespace(model_wrapped=torch.nn.Linear(2, 2),
+                           accelerator=SimpleNamespace(distributed_type=SimpleNamespace(value="MULTI_CPU")))
+    with pytest.raises(UnsupportedError, match="fsdp was asked for.*Stopping rather than training"):
+        strategy.verify(cfg, fake)
+    zero3 = SimpleNamespace(train=SimpleNamespace(distributed="deepspeed", deepspeed="zero3"))
+    engine = {"world_size": 1, "backend": "gloo", "distributed_type": "DEEPSPEED", "wrapper": "DeepSpeedEngine",
+              "zero_stage": 2, "model": type("DeepSpeedEngine", (), {})()}
+    assert strategy.mismatches(zero3, engine) == ["ZeRO stage 2 (expected 3)"]
+
+
+def test_torchrun_command_line():
+    args = SimpleNamespace(nproc_per_node=2, nnodes=1, node_rank=0, master_addr="127.0.0.1", master_port=None)
+    cmd = launch.torchrun_command(args, ["cfg.yaml", "train.seed=1"])
+    assert cmd[1:] == ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+                       "-m", "lmforge", "train", "cfg.yaml", "train.seed=1"]
+    args = SimpleNamespace(nproc_per_node=8, nnodes=2, node_rank=1, master_addr="10.0.0.1", master_port=29501)
+    cmd = launch.torchrun_command(args, ["cfg.yaml"])
+    assert cmd[3:13] == ["--nproc-per-node", "8", "--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1",
+                         "--master-port", "29501"]
+
+
+def test_launch_flags_under_torchrun_must_match(monkeypatch):
+    args = SimpleNamespace(nproc_per_node=2, nnodes=1, node_rank=0)
+    assert launch.wants_launch(args)  # not under torchrun yet: launch
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert not launch.wants_launch(args)  # a torchrun worker: train
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match="does not match the 4 processes"):
+        launch.wants_launch(args)
+
+
+def test_deepspeed_presets_and_json(tmp_path):
+    assert [zero.stage(zero.preset(p)) for p in zero.PRESETS] == [1, 2, 3, 3]
+    assert zero.offloads(zero.preset("zero3_offload")) and not zero.offloads(zero.preset("zero3"))
+    assert zero.preset("zero3")["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    assert zero.load(str(path))["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    path.write_text('{"zero_optimization":\n {"stage": 3,}}')
+    with pytest.raises(ConfigError, match=r"ds.json:2: invalid JSON"):
+        zero.load(str(path))
+
+
+# ------------------------------------------------------------------------------------------- slow
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, tiny_model_dir):
+    """The reference: DDP, 2 processes x batch 4, started as `lmforge train --nproc-per-node 2`."""
+    root = tmp_path_factory.mktemp("dist")
+    data = write_jsonl(root / "data" / "train.jsonl", chat_rows(64))
+    cfg = write_config(root / "cfg.yaml", _tree(tiny_model_dir, data, root / "ddp", distributed="ddp",
+                                                 per_device_train_batch_size=4))
+    proc = _run(_lmforge("train", "--nproc-per-node", "2", str(cfg)), root / "cache")
+    return SimpleNamespace(root=root, data=data, out=root / "ddp", log=proc.stdout)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one_process_with_double_batch(ddp_run, tiny_model_dir):
+    assert "distributed: ddp on 2 processes, backend gloo, model in DistributedDataParallel" in ddp_run.log
+    root = ddp_run.root
+    cfg = write_config(root / "one.yaml", _tree(tiny_model_dir, ddp_run.data, root / "one",
+                                                per_device_train_batch_size=8))
+    _run(_lmforge("train", str(cfg)), root / "cache")
+    _assert_close_losses(_losses(ddp_run.out), _losses(root / "one"), rel=1e-5)
+    _assert_close_weights(_weights(ddp_run.out), _weights(root / "one"), atol=1e-5)
+    rows = [json.loads(x) for x in (ddp_run.out / "metrics.jsonl").read_text().splitlines()]
+    one = [json.loads(x) for x in (root / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-2]["tokens_seen"] == one[-2]["tokens_seen"]  # tokens counted over both ranks, logged once
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, overrides, marker", [
+    ("fsdp", ["train.distributed=fsdp"], "pytorch_model_fsdp_0"),
+    ("zero2", ["train.distributed=deepspeed", "train.deepspeed=zero2"], "global_step4"),
+    ("zero3_offload", ["train.distributed=deepspeed", "train.deepspeed=zero3_offload"], "global_step4"),
+])
+def test_sharded_strategy_trains_resumes_and_consolidates(ddp_run, tiny_model_dir, name, overrides, marker):
+    root, out = ddp_run.root, ddp_run.root / name
+    cfg = write_config(root / f"{name}.yaml", _tree(tiny_model_dir, ddp_run.data, out, per_device_train_batch_size=4))
+    # FSDP under the user's own torchrun; DeepSpeed through lmforge's launcher
+    cmd = _torchrun("train", str(cfg), *overrides) if name == "fsdp" else \
+        _lmforge("train", str(cfg), *overrides, "--nproc-per-node", "2")
+    proc = _run(cmd, root / "cache")
+    kind = overrides[0].split("=")[1]
+    assert f"distributed: {kind} on 2 processes, backend gloo" in proc.stdout
+    assert (out / "checkpoint-4" / marker).exists()  # checkpoints are sharded ...
+    final = _weights(out)  # ... the final model is a plain HF model
+    _assert_close_losses(_losses(out), _losses(ddp_run.out), rel=1e-4)
+    _assert_close_weights(final, _weights(ddp_run.out), atol=1e-4)
+
+    # interrupted after step 2: resume from the sharded checkpoint and land on the same numbers
+    uninterrupted = _losses(out)
+    shutil.rmtree(out / "checkpoint-4")
+    (out / "model.safetensors").unlink()
+    proc = _run(cmd, root / "cache")
+    assert "resuming from" in proc.stdout and "checkpoint-2" in proc.stdout
+    _assert_close_losses(_losses(out), uninterrupted, rel=1e-6)
+    _assert_close_weights(_weights(out), final, atol=1e-6)
+
+    # a checkpoint from an interrupted run becomes a plain model
+    assert main(["consolidate", str(out / "checkpoint-4"), "--output", str(root / f"{name}-plain")]) == 0
+    _assert_close_weights(_weights(root / f"{name}-plain"), final, atol=1e-6)
+    assert (root / f"{name}-plain" / "tokenizer_config.json").exists()
+
+
+@pytest.mark.slow
+def test_dpo_with_lora_under_ddp(ddp_run, tiny_model_dir):
+    from lmforge.synthetic import preference_rows
+
+    root = ddp_run.root
+    data = write_jsonl(root / "pref" / "train.jsonl", preference_rows(32, 0))
+    tree = _tree(tiny_model_dir, data, root / "dpo", distributed="ddp", per_device_train_batch_size=2)
+    tree.update(method="dpo", peft={"kind": "lora", "r": 4, "alpha": 8})
+    cfg = write_config(root / "dpo.yaml", tree)
+    proc = _run(_lmforge("train", str(cfg), "--nproc-per-node", "2"), root / "cache")
+    assert "distributed: ddp on 2 processes" in proc.stdout
+    losses = _losses(root / "dpo")
+    assert len(losses) == STEPS and all(v == v for v in losses.values())
+    from peft import AutoPeftModelForCausalLM
+
+    model = AutoPeftModelForCausalLM.from_pretrained(root / "dpo")
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # B starts at zero: the adapter trained
