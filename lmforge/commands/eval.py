@@ -1,0 +1,65 @@
+"""`lmforge eval --model M --data FILE [--metrics perplexity,rouge,bleu,exact_match] [--tasks T1,T2]`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lmforge.commands.generate import add_generation_options, options_from_args
+
+
+def add_parser(sub, formatter):
+    p = sub.add_parser("eval", help="score a model on a dataset (perplexity, ROUGE, BLEU, exact match, lm-eval tasks)",
+                       formatter_class=formatter,
+                       description="Perplexity counts the tokens training would put loss on (completion/assistant "
+                                   "tokens for prompt/completion and chat rows). Generation metrics generate from the "
+                                   "prompt and compare with the completion (or the last assistant turn). Prints a "
+                                   "table and writes a JSON report.")
+    p.add_argument("--model", required=True, help="model dir, adapter dir (merged on load), .gguf file or alias")
+    p.add_argument("--data", help="a .jsonl/.json/.csv/.parquet file or directory of text, prompt/completion or chat rows")
+    p.add_argument("--metrics", default="perplexity",
+                   help="comma-separated: perplexity, rouge, bleu, exact_match")
+    p.add_argument("--tasks", default=None, help="comma-separated lm-eval-harness tasks (needs lm-eval and local data)")
+    p.add_argument("--limit", type=int, default=None, help="use at most N rows of --data (and N examples per task)")
+    p.add_argument("--max-length", type=int, default=1024, help="perplexity: tokens per row at most (truncated)")
+    p.add_argument("--output", default="eval_report.json", help="where the JSON report is written")
+    add_generation_options(p)
+    p.set_defaults(max_new_tokens=64, batch_size=8)
+    return p
+
+
+def _table(results: dict) -> str:
+    width = max((len(k) for k in results), default=6)
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ----------"]
+    for key, value in results.items():
+        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+        lines.append(f"{key:<{width}}  {shown}")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    from lmforge.errors import ConfigError
+    from lmforge.evaluation.evaluate import evaluate, lm_eval_tasks, read_eval_data
+    from lmforge.evaluation.metrics import check_metric_names
+    from lmforge.inference.loading import load_for_inference
+
+    metrics = check_metric_names([m.strip() for m in args.metrics.split(",") if m.strip()], "--metrics")
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    if not args.data and not tasks:
+        raise ConfigError("--data or --tasks: give a dataset to score, lm-eval tasks, or both")
+    if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
+        raise ConfigError("--batch-size and --limit: must be >= 1")
+    opts = options_from_args(args)
+    data = read_eval_data(args.data, args.limit) if args.data else None  # bad rows fail before loading the model
+    loaded = load_for_inference(args.model, args.dtype)
+    results, samples = evaluate(loaded, data, metrics if data else [], opts, args.batch_size, args.max_length)
+    if tasks:
+        results.update(lm_eval_tasks(loaded, tasks, args.batch_size, args.limit))
+    report = {"model": args.model, "data": args.data, "format": data.fmt if data else None,
+              "rows": len(data.rows) if data else 0, "metrics": results, "samples": samples}
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    print(_table(results))
+    print(f"report written to {out}")
+    return 0

@@ -1,0 +1,150 @@
+"""`lmforge eval`: perplexity and generation metrics of a model on a dataset, plus lm-eval-harness tasks.
+
+Perplexity counts exactly the tokens training puts loss on (the shared Encoder's labels): every token of
+text rows, the completion of prompt/completion rows, the assistant turns of chat rows. Generation metrics
+generate from the prompt (or the conversation before the last assistant turn) and score against the
+completion (or that last assistant turn).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass
+
+import torch
+
+from lmforge.config import DataSource
+from lmforge.data.formats import normalize_rows
+from lmforge.data.sources import read_source
+from lmforge.data.tokenize import IGNORE, Encoder
+from lmforge.errors import DataError, UnsupportedError
+from lmforge.evaluation.metrics import GENERATION_METRICS, check_metric_names, compute_metrics
+from lmforge.inference.generate import GenerationOptions, Generator, encode_prompt
+from lmforge.inference.loading import LoadedModel
+
+
+@dataclass
+class EvalData:
+    fmt: str
+    rows: list[dict]  # canonical rows (see data.formats)
+    path: str
+
+
+def read_eval_data(path: str, max_samples: int | None = None) -> EvalData:
+    """Rows of ``path`` in their canonical form; bad rows stop with file:line (DataError)."""
+    src = DataSource(path=path)
+    rows, bad = read_source(src, "eval")
+    fmt, good, more_bad = normalize_rows(rows, src)
+    bad += more_bad
+    if bad:
+        shown = "\n  ".join(str(b) for b in bad[:10])
+        raise DataError(f"{len(bad)} bad row(s) in {path}:\n  {shown}")
+    if fmt not in ("text", "prompt_completion", "chat"):
+        raise DataError(f"{path}: lmforge eval reads text, prompt/completion or chat rows, not {fmt}")
+    data = [r.data for r in good]
+    return EvalData(fmt, data[:max_samples] if max_samples else data, path)
+
+
+# ------------------------------------------------------------------------------------------ perplexity
+@torch.inference_mode()
+def perplexity(loaded: LoadedModel, data: EvalData, batch_size: int = 8, max_length: int = 1024) -> dict:
+    """exp(mean negative log-likelihood) over the loss-carrying tokens of every row (truncated to max_length)."""
+    if loaded.is_encoder_decoder:
+        raise UnsupportedError("perplexity: only for decoder-only models; use rouge/bleu/exact_match for seq2seq")
+    encoder = Encoder(loaded.tokenizer)
+    samples = [encoder.encode(r, data.fmt) for r in data.rows]
+    samples = [(s.input_ids[:max_length], s.labels[:max_length]) for s in samples]
+    model, pad = loaded.model, loaded.tokenizer.pad_token_id
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        # right padding: positions 0..n-1 as in training; padded labels are IGNORE
+        ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in chunk], device=device)
+        labels = torch.tensor([lab + [IGNORE] * (width - len(lab)) for _, lab in chunk], device=device)
+        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in chunk], device=device)
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()  # (B, T, V)
+        targets = labels[:, 1:]  # token t is predicted at position t-1
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE,
+                                                reduction="sum")
+        total_nll += nll.item()
+        total_tokens += int((targets != IGNORE).sum())
+    if total_tokens == 0:
+        raise DataError(f"{data.path}: no tokens to score (every row empty after masking?)")
+    loss = total_nll / total_tokens
+    return {"perplexity": math.exp(loss), "eval_loss": loss, "tokens": total_tokens}
+
+
+# ------------------------------------------------------------------------------------------ generation
+def prompt_and_reference(row: dict, fmt: str) -> tuple[dict, str]:
+    """Split a row into a generate prompt row and the reference answer."""
+    if fmt == "prompt_completion":
+        return {"prompt": row["prompt"]}, row["completion"]
+    if fmt == "chat":
+        msgs = row["messages"]
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        return {"messages": msgs[:last]}, msgs[last]["content"]
+    raise DataError("generation metrics need prompt/completion or chat rows (text rows have no reference)")
+
+
+def generation_metrics(loaded: LoadedModel, data: EvalData, names: list[str], opts: GenerationOptions,
+                       batch_size: int = 8) -> tuple[dict, list[dict]]:
+    """Generate for every row, score with ``names``; also return the per-row predictions for the report."""
+    pairs = [prompt_and_reference(r, data.fmt) for r in data.rows]
+    prompts = [encode_prompt(p, loaded.tokenizer) for p, _ in pairs]
+    gen = Generator(loaded)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # less padding per batch
+    preds = [""] * len(prompts)
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        for i, c in zip(idx, gen.generate([prompts[i] for i in idx], opts)):
+            preds[i] = c.text
+    refs = [ref for _, ref in pairs]
+    samples = [{"prediction": p, "reference": r} for p, r in zip(preds, refs)]
+    return compute_metrics(names, preds, refs), samples
+
+
+# ------------------------------------------------------------------------------------------ lm-eval-harness
+def lm_eval_tasks(loaded: LoadedModel, tasks: list[str], batch_size: int, limit: int | None) -> dict:
+    """Run lm-eval-harness tasks on the loaded model; only with lm_eval installed and the task data local."""
+    if importlib.util.find_spec("lm_eval") is None:
+        raise UnsupportedError("--tasks: lm-eval-harness is not installed (pip install lm-eval); "
+                               "its task data must also be available locally (no downloads at run time)")
+    import os
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # lmforge never downloads: missing data is an error
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size)
+    try:
+        out = simple_evaluate(model=lm, tasks=tasks, limit=limit)
+    except Exception as e:  # lm_eval raises many types for missing tasks/data; report which and why
+        raise UnsupportedError(f"--tasks {','.join(tasks)}: lm-eval could not run ({type(e).__name__}: {e}); "
+                               "task data must be in the local Hugging Face datasets cache") from None
+    results = {}
+    for task, values in out["results"].items():
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and not key.endswith("_stderr,none"):
+                results[f"{task}/{key.removesuffix(',none')}"] = float(value)
+    return results
+
+
+def evaluate(loaded: LoadedModel, data: EvalData | None, metrics: list[str], opts: GenerationOptions,
+             batch_size: int = 8, max_length: int = 1024) -> tuple[dict, list[dict]]:
+    """All requested dataset metrics: returns (metric -> value, per-row generation samples)."""
+    check_metric_names(metrics, "--metrics")
+    results: dict = {}
+    samples: list[dict] = []
+    if data is None:
+        return results, samples
+    if "perplexity" in metrics:
+        results.update(perplexity(loaded, data, batch_size, max_length))
+    wanted = [m for m in metrics if m in GENERATION_METRICS]
+    if wanted:
+        scores, samples = generation_metrics(loaded, data, wanted, opts, batch_size)
+        results.update(scores)
+    return results, samples
