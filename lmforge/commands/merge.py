@@ -1,0 +1,23 @@
+"""`lmforge merge --model ADAPTER_DIR --output DIR`: fold a LoRA/DoRA adapter into its base model."""
+
+from __future__ import annotations
+
+
+def add_parser(sub, formatter):
+    p = sub.add_parser("merge", help="merge a LoRA/DoRA adapter into its base and save a plain model",
+                       formatter_class=formatter,
+                       description="The result loads with transformers.AutoModelForCausalLM.from_pretrained(DIR) and "
+                                   "holds the tokenizer too. A QLoRA adapter is merged onto the dequantised base.")
+    p.add_argument("--model", required=True, help="adapter directory (with adapter_config.json)")
+    p.add_argument("--output", required=True, help="directory for the merged model (replaced if it exists)")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16"],
+                   help="dtype of the saved weights (default: the base model's)")
+    return p
+
+
+def run(args) -> int:
+    from lmforge.inference.merge import merge_adapter_to_dir
+
+    out = merge_adapter_to_dir(args.model, args.output, args.dtype)
+    print(f"merged {args.model} into a plain model at {out}")
+    return 0

@@ -1,0 +1,77 @@
+"""`lmforge merge` and adapter loading for inference: merged logits equal the adapter's, within 1e-3."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import write_jsonl
+
+from lmforge.cli import main
+
+
+@pytest.fixture(scope="module", params=["lora", "dora"])
+def adapter_dir(request, tiny_model_dir, tmp_path_factory):
+    """An adapter with non-zero deltas (random B), saved as lmforge saves one: adapter + tokenizer."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False,
+                     use_dora=request.param == "dora", task_type="CAUSAL_LM")
+    torch.manual_seed(1)
+    model = get_peft_model(base, cfg)
+    out = tmp_path_factory.mktemp(f"adapter-{request.param}")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model_dir)
+    return out
+
+
+def _adapter_logits(tiny_model_dir, adapter_dir, ids):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    with torch.no_grad():
+        return model(ids).logits, base
+
+
+def test_merge_gives_a_plain_model_with_equal_logits(adapter_dir, tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "merged"
+    assert main(["merge", "--model", str(adapter_dir), "--output", str(out)]) == 0
+    assert (out / "config.json").exists() and not (out / "adapter_config.json").exists()
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok("the quick brown fox jumps over a lazy dog", return_tensors="pt").input_ids
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert merged.dtype == torch.float32  # the base model's dtype
+    with torch.no_grad():
+        got = merged(ids).logits
+    want, _ = _adapter_logits(tiny_model_dir, adapter_dir, ids)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        base_logits = plain(ids).logits
+    assert (want - base_logits).abs().max() > 1e-2  # the adapter really changes the model
+    assert (got - want).abs().max() < 1e-3
+
+
+def test_generate_with_adapter_dir_equals_merged_model(adapter_dir, tmp_path):
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "the quick brown"}, {"prompt": "alpha beta gamma"}])
+    merged = tmp_path / "merged"
+    assert main(["merge", "--model", str(adapter_dir), "--output", str(merged)]) == 0
+    outs = []
+    for model in (adapter_dir, merged):
+        out = tmp_path / f"out-{model.name}.jsonl"
+        assert main(["generate", "--model", str(model), "--input", str(inp), "--output", str(out),
+                     "--max-new-tokens", "8", "--dtype", "float32", "--no-progress"]) == 0
+        outs.append([json.loads(line)["completion"] for line in out.read_text().splitlines()])
+    assert outs[0] == outs[1]
+
+
+def test_merge_refuses_a_full_model(tiny_model_dir, tmp_path, capsys):
+    assert main(["merge", "--model", str(tiny_model_dir), "--output", str(tmp_path / "m")]) == 2
+    assert "not a PEFT adapter directory" in capsys.readouterr().err
