@@ -136,3 +136,15 @@ def test_cli_rejects_bad_options_and_missing_vllm(tmp_path, tiny_model_dir, caps
     if importlib.util.find_spec("vllm") is None:
         assert main(base + ["--backend", "vllm"]) == 2
         assert "vllm package is not installed" in capsys.readouterr().err
+
+
+def test_cli_continuous_batching_equals_static(tmp_path, tiny_model_dir):
+    inp = write_jsonl(tmp_path / "in.jsonl", PROMPTS)
+    outs = []
+    for mode in ("static", "continuous"):
+        out = tmp_path / f"{mode}.jsonl"
+        assert main(["generate", "--model", str(tiny_model_dir), "--input", str(inp), "--output", str(out),
+                     "--max-new-tokens", "10", "--batch-size", "2", "--dtype", "float32", "--batching", mode,
+                     "--no-progress"]) == 0
+        outs.append(_read(out))
+    assert outs[0] == outs[1]

@@ -42,6 +42,9 @@ def add_parser(sub, formatter):
     p.add_argument("--output", required=True, help="JSONL file to write (appended to when resuming)")
     p.add_argument("--backend", choices=["hf", "vllm"], default="hf",
                    help="hf = transformers generate; vllm = vLLM where it is installed")
+    p.add_argument("--batching", choices=["static", "continuous"], default="static",
+                   help="hf backend: static = length-sorted padded batches of --batch-size; continuous = "
+                        "transformers continuous batching (finished rows leave, waiting rows join; no beam search)")
     add_generation_options(p)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
@@ -61,9 +64,9 @@ def run(args) -> int:
     if completed_rows(Path(args.output)) == len(rows):
         print(f"nothing to do: {args.output} already holds all {len(rows)} rows")
         return 0
-    backend = load_backend(args.backend, args.model, args.dtype)
-    # vLLM batches continuously by itself: hand it whole windows rather than fixed batches
-    batch_size = args.batch_size * WINDOW_BATCHES if getattr(backend, "schedules_itself", False) else args.batch_size
+    backend = load_backend(args.backend, args.model, args.dtype, args.batching)
+    # a continuous-batching scheduler fills its batch itself: hand it whole windows rather than fixed batches
+    batch_size = args.batch_size * WINDOW_BATCHES if backend.schedules_itself(opts) else args.batch_size
     skipped, generated = generate_file(args.input, args.output, opts, batch_size, backend.encode,
                                        backend.generate, progress=not args.no_progress)
     resumed = f" (resumed: {skipped} rows were already done)" if skipped else ""

@@ -16,22 +16,29 @@ from lmforge.inference.loading import load_for_inference
 
 
 class HfBackend:
+    """transformers ``generate``: static left-padded batches, or continuous batching (``generate_batch``)."""
+
     name = "hf"
 
-    def __init__(self, model: str, dtype: str = "auto"):
+    def __init__(self, model: str, dtype: str = "auto", batching: str = "static"):
         self.loaded = load_for_inference(model, dtype)
         self.generator = Generator(self.loaded)
+        self.batching = batching
+
+    def schedules_itself(self, opts: GenerationOptions) -> bool:
+        return self.batching == "continuous" and self.generator.can_batch_continuously(opts)
 
     def encode(self, row: dict) -> list[int]:
         return encode_prompt(row, self.loaded.tokenizer)
 
     def generate(self, prompts: list[list[int]], opts: GenerationOptions) -> list[Completion]:
+        if self.batching == "continuous" and self.generator.can_batch_continuously(opts):
+            return self.generator.generate_continuous(prompts, opts)
         return self.generator.generate(prompts, opts)
 
 
 class VllmBackend:
     name = "vllm"
-    schedules_itself = True
 
     def __init__(self, model: str, dtype: str = "auto"):
         from transformers import AutoTokenizer
@@ -43,6 +50,9 @@ class VllmBackend:
         path = merged_model_dir(model)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.llm = LLM(model=str(path), dtype=str(pick_dtype(dtype)).removeprefix("torch."), seed=0)
+
+    def schedules_itself(self, opts: GenerationOptions) -> bool:
+        return True  # vLLM batches continuously by itself
 
     def encode(self, row: dict) -> list[int]:
         return encode_prompt(row, self.tokenizer)
@@ -68,7 +78,7 @@ class VllmBackend:
         return results
 
 
-def load_backend(name: str, model: str, dtype: str = "auto"):
+def load_backend(name: str, model: str, dtype: str = "auto", batching: str = "static"):
     if name == "vllm":
         if importlib.util.find_spec("vllm") is None:
             raise UnsupportedError(
@@ -77,4 +87,4 @@ def load_backend(name: str, model: str, dtype: str = "auto"):
                 "--backend hf works everywhere"
             )
         return VllmBackend(model, dtype)
-    return HfBackend(model, dtype)
+    return HfBackend(model, dtype, batching)

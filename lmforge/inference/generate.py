@@ -134,6 +134,35 @@ class Generator:
         eos = set(self.eos_ids(opts))
         return [self._decode(row.tolist()[:n], eos, opts.stop, len(p)) for row, p, n in zip(new, prompts, limits)]
 
+    def can_batch_continuously(self, opts: GenerationOptions) -> bool:
+        """transformers' continuous batching covers decoder-only greedy and sampling, not beam search."""
+        return not self.loaded.is_encoder_decoder and opts.num_beams == 1 and hasattr(self.model, "generate_batch")
+
+    # no inference_mode here: the scheduler thread updates tensors made on this thread, which inference
+    # tensors forbid; generate_batch runs under no_grad itself
+    def generate_continuous(self, prompts: list[list[int]], opts: GenerationOptions) -> list[Completion]:
+        """All ``prompts`` through transformers' continuous batching (``generate_batch``): a finished sequence
+        leaves the batch at once and a waiting one takes its place, so mixed output lengths waste no steps
+        on finished rows the way one static batch does. Stop strings are applied when decoding."""
+        import logging
+
+        from transformers.utils import logging as hf_logging
+
+        config = self.generation_config(GenerationOptions(**{**opts.__dict__, "stop": []}))
+        torch.manual_seed(opts.seed)
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity(logging.ERROR)  # it logs every scheduler decision at INFO/WARNING
+        try:
+            out = self.model.generate_batch(prompts, generation_config=config, progress_bar=False)
+        finally:
+            hf_logging.set_verbosity(level)
+        results = list(out.values())
+        failed = [r for r in results if r.error is not None]
+        if failed or len(results) != len(prompts):
+            raise RuntimeError(f"continuous batching failed: {failed[0].error if failed else 'missing results'}")
+        eos = set(self.eos_ids(opts))
+        return [self._decode(list(r.generated_tokens), eos, opts.stop, len(p)) for r, p in zip(results, prompts)]
+
     def _decode(self, ids: list[int], eos: set[int], stops: list[str], prompt_tokens: int) -> Completion:
         end = next((i for i, t in enumerate(ids) if t in eos), None)
         finish = "stop" if end is not None else "length"
