@@ -1,0 +1,134 @@
+"""SFT throughput: lmforge vs TRL's SFTTrainer on SmolLM2-135M, same rows, batch size, epoch and precision.
+
+Both train one epoch over the same generated chat rows (record -> JSON extraction) with batch size 8 in
+bf16 (when the CPU runs bf16 fast). Throughput is non-padding tokens of that epoch divided by the summed
+duration of the training steps (model loading and data preparation excluded for both). Each run is a
+subprocess, so peak RSS is measured per run too. TRL runs with its defaults (no packing).
+
+    .venv/bin/python benchmarks/sft_vs_trl.py [--rows 200] [--peft none|lora]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self):
+        self.seconds, self.steps, self._t = 0.0, 0, None
+
+    def on_step_begin(self, args, state, control, **kw):
+        self._t = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        self.seconds += time.perf_counter() - self._t
+        self.steps += 1
+
+
+def _rows_tokens(tokenizer, rows) -> int:
+    return sum(len(tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"])
+               for r in rows)
+
+
+def run_trl(data: Path, peft: str, out: Path) -> dict:
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from lmforge.models import pick_dtype, resolve_model_path
+
+    model_dir = resolve_model_path("smollm2-135m-instruct")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ds = load_dataset("json", data_files=str(data), split="train")
+    bf16 = pick_dtype("auto") == torch.bfloat16
+    # fp32 master weights + bf16 autocast for full fine-tuning, the same policy lmforge uses
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32 if peft == "none" else torch.bfloat16)
+    peft_config = None
+    if peft == "lora":
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+    args = SFTConfig(output_dir=str(out), per_device_train_batch_size=8, num_train_epochs=1, bf16=bf16,
+                     learning_rate=2e-4 if peft == "lora" else 2e-5, logging_steps=5, save_strategy="no",
+                     report_to="none", use_cpu=True, max_length=256, seed=0, disable_tqdm=True)
+    timer = StepTimer()
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft_config,
+                         callbacks=[timer])
+    trainer.train()
+    rows = [json.loads(x) for x in data.read_text().splitlines()]
+    return {"tokens": _rows_tokens(tok, rows), "seconds": timer.seconds, "steps": timer.steps}
+
+
+def run_lmforge(data: Path, peft: str, out: Path) -> dict:
+    from lmforge.config import load_config
+    from lmforge.methods import sft
+
+    timer = StepTimer()
+    tree = {
+        "method": "sft", "model": {"name_or_path": "smollm2-135m-instruct"}, "peft": {"kind": peft},
+        "data": {"train": [{"path": str(data)}], "max_length": 256},
+        "train": {"output_dir": str(out), "num_train_epochs": 1, "per_device_train_batch_size": 8,
+                  "logging_steps": 5, "save_steps": 10_000, "report_to": ["none"], "seed": 0},
+    }
+    cfg = load_config(None, tree=tree)
+    stats = {}
+    real_train = sft.CausalLMTrainer.train
+
+    def timed_train(self, *a, **kw):  # attach the same step timer the TRL run uses
+        self.add_callback(timer)
+        stats["tokens"] = int(sum(len(x) for x in self.train_dataset["input_ids"]))
+        return real_train(self, *a, **kw)
+
+    sft.CausalLMTrainer.train = timed_train
+    sft.train(cfg)
+    return {"tokens": stats["tokens"], "seconds": timer.seconds, "steps": timer.steps}
+
+
+def child(which: str, data: str, peft: str, out: str) -> None:
+    result = (run_trl if which == "trl" else run_lmforge)(Path(data), peft, Path(out))
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=200)
+    ap.add_argument("--peft", default="none", choices=["none", "lora"])
+    ap.add_argument("--child", nargs=4, metavar=("WHICH", "DATA", "PEFT", "OUT"))
+    args = ap.parse_args()
+    if args.child:
+        return child(*args.child)
+    from lmforge.synthetic import extraction_rows, write_jsonl
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-sft-"))
+    data = write_jsonl(extraction_rows(args.rows, seed=0), tmp / "train.jsonl")
+    env = dict(os.environ, LMFORGE_CACHE=os.environ.get("LMFORGE_CACHE", str(Path.home() / ".cache" / "lmforge")))
+    results = {}
+    for which in ("lmforge", "trl"):
+        proc = subprocess.run([sys.executable, __file__, "--child", which, str(data), args.peft, str(tmp / which)],
+                              capture_output=True, text=True, env=env)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            sys.exit(f"{which} run failed:\n{proc.stderr[-3000:]}")
+        results[which] = json.loads(line[7:])
+    print(f"\nSFT, SmolLM2-135M, {args.rows} rows, batch 8, one epoch, peft={args.peft}")
+    print(f"{'':10}{'steps':>7}{'tokens':>9}{'train s':>10}{'tokens/s':>10}{'peak RSS MB':>13}")
+    for which, r in results.items():
+        r["tps"] = r["tokens"] / r["seconds"]
+        print(f"{which:10}{r['steps']:>7}{r['tokens']:>9}{r['seconds']:>10.1f}{r['tps']:>10.1f}{r['peak_rss_mb']:>13.0f}")
+    print(f"ratio lmforge / TRL tokens/s: {results['lmforge']['tps'] / results['trl']['tps']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
