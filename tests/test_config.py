@@ -73,3 +73,8 @@ def test_unreadable_yaml_names_line(tmp_path):
                          ids=lambda p: str(p.relative_to(ROOT)))
 def test_shipped_configs_validate(path):
     load_config(path)
+
+
+def test_config_reference_doc_is_current():
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "config_reference.py"), "--check"])
+    assert r.returncode == 0, "docs/config.md is stale: run scripts/config_reference.py"

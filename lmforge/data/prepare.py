@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import tempfile
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -177,7 +178,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def _source_files(src: DataSource, role: str) -> list[Path]:
     if src.loader:
-        return []  # a custom loader's output cannot be fingerprinted by files; its spec and settings are
+        return []  # a loader's rows have no files to fingerprint: see fingerprint()
     p = Path(src.path).expanduser()
     if is_saved_dataset(p):
         return sorted(f for f in p.rglob("*") if f.is_file())
@@ -191,6 +192,8 @@ def fingerprint(cfg: Config, tokenizer, role: str, packed: bool) -> str:
             st = f.stat()
             files.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
         files.append(asdict(src))
+        if src.loader:  # a custom loader may return different rows each call: never reuse a cache for it
+            files.append(uuid.uuid4().hex)
     d = cfg.data
     key = {
         "v": CACHE_VERSION, "role": role, "method": cfg.method, "files": files, "tok": tokenizer_fingerprint(tokenizer),

@@ -132,6 +132,8 @@ def training_args(cfg: Config, prec: Precision, has_eval: bool, args_cls=None, *
     kwargs.update(strategy.trainer_kwargs(cfg, prec))  # ddp / fsdp / deepspeed (lmforge/distributed)
     kwargs.update(method_kwargs)
     names = {f.name for f in dataclasses.fields(args_cls)}
+    if "activation_checkpointing" in names:  # transformers 5 renamed it; the old name only warns
+        kwargs["activation_checkpointing"] = kwargs.pop("gradient_checkpointing")
     kwargs = {k: v for k, v in kwargs.items() if k in names}
     try:
         return args_cls(**kwargs)
@@ -176,7 +178,8 @@ def run_trainer(trainer, cfg: Config, tokenizer, resume: str | None, data_lines:
     trainer.add_callback(strategy.StrategyCheck(cfg, trainer))  # fails the run if another strategy is running
     trainer.lmforge_optim = cfg.train.optim
     trainer.train(resume_from_checkpoint=resume)
-    shutil.rmtree(Path(cfg.train.output_dir) / STAGING, ignore_errors=True) if trainer.args.should_save else None
+    if trainer.args.should_save:
+        shutil.rmtree(Path(cfg.train.output_dir) / STAGING, ignore_errors=True)
     out = Path(cfg.train.output_dir)
     strategy.before_final_save(trainer)  # sharded FSDP state is gathered into a plain model
     trainer.save_model(str(out))
