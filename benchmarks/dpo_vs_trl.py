@@ -1,0 +1,146 @@
+"""DPO throughput and memory: lmforge vs TRL's DPOTrainer on SmolLM2-135M, same pairs, steps and settings.
+
+Both train the same generated preference pairs (record -> JSON extraction; chosen = the right JSON,
+rejected = a corrupted one) for the same number of steps, batch size, LoRA (or full fine-tune), beta,
+max_length and precision. Throughput is pairs trained divided by the summed duration of the training steps
+(model loading and data preparation excluded for both). Each run is a subprocess, so peak RSS is measured
+per run: with LoRA both should hold one copy of the base weights (the reference is the adapter disabled);
+with --peft none TRL and lmforge both keep a frozen reference copy.
+
+    .venv/bin/python benchmarks/dpo_vs_trl.py [--pairs 64] [--steps 12] [--peft lora|none]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+BATCH, MAX_LENGTH, BETA, SEED = 4, 192, 0.1, 0
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self):
+        self.seconds, self.steps, self._t = 0.0, 0, None
+
+    def on_step_begin(self, args, state, control, **kw):
+        self._t = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        self.seconds += time.perf_counter() - self._t
+        self.steps += 1
+
+
+def _lr(peft: str) -> float:
+    return 2e-4 if peft == "lora" else 2e-5
+
+
+def run_trl(data: Path, peft: str, steps: int, out: Path) -> dict:
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from lmforge.models import pick_dtype, resolve_model_path
+
+    model_dir = resolve_model_path("smollm2-135m-instruct")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ds = load_dataset("json", data_files=str(data), split="train")
+    bf16 = pick_dtype("auto") == torch.bfloat16
+    # fp32 master weights + bf16 autocast for full fine-tuning, bf16 frozen base with LoRA: lmforge's policy
+    weights = torch.float32 if peft == "none" or not bf16 else torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=weights)
+    peft_config = None
+    if peft == "lora":
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+    args = DPOConfig(output_dir=str(out), per_device_train_batch_size=BATCH, max_steps=steps, bf16=bf16,
+                     learning_rate=_lr(peft), beta=BETA, max_length=MAX_LENGTH, logging_steps=5, save_strategy="no",
+                     report_to="none", use_cpu=True, seed=SEED, disable_tqdm=True)
+    timer = StepTimer()
+    trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft_config,
+                         callbacks=[timer])
+    trainer.train()
+    return {"pairs": timer.steps * BATCH, "seconds": timer.seconds, "steps": timer.steps,
+            "ref_model_copy": trainer.ref_model is not None}
+
+
+def run_lmforge(data: Path, peft: str, steps: int, out: Path) -> dict:
+    from lmforge.config import load_config
+    from lmforge.methods import dpo
+
+    timer = StepTimer()
+    tree = {
+        "method": "dpo", "model": {"name_or_path": "smollm2-135m-instruct"},
+        "peft": {"kind": peft, "r": 16, "alpha": 32, "dropout": 0.05},
+        "data": {"train": [{"path": str(data)}], "max_length": MAX_LENGTH}, "dpo": {"beta": BETA},
+        "train": {"output_dir": str(out), "max_steps": steps, "per_device_train_batch_size": BATCH,
+                  "learning_rate": _lr(peft), "logging_steps": 5, "save_steps": 10_000, "report_to": ["none"],
+                  "seed": SEED},
+    }
+    cfg = load_config(None, tree=tree)
+    found = {}
+    real_build = dpo.build_trainer
+
+    def timed_build(cfg, run):  # attach the same step timer the TRL run uses
+        trainer = real_build(cfg, run)
+        trainer.add_callback(timer)
+        found["ref"] = trainer.ref_model is not None
+        return trainer
+
+    dpo.build_trainer = timed_build
+    dpo.train(cfg)
+    return {"pairs": timer.steps * BATCH, "seconds": timer.seconds, "steps": timer.steps,
+            "ref_model_copy": found["ref"]}
+
+
+def child(which: str, data: str, peft: str, steps: str, out: str) -> None:
+    result = (run_trl if which == "trl" else run_lmforge)(Path(data), peft, int(steps), Path(out))
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pairs", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--peft", default="lora", choices=["none", "lora"])
+    ap.add_argument("--child", nargs=5, metavar=("WHICH", "DATA", "PEFT", "STEPS", "OUT"))
+    args = ap.parse_args()
+    if args.child:
+        return child(*args.child)
+    from lmforge.synthetic import preference_rows, write_jsonl
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-dpo-"))
+    data = write_jsonl(preference_rows(args.pairs, seed=0), tmp / "train.jsonl")
+    env = dict(os.environ, LMFORGE_CACHE=os.environ.get("LMFORGE_CACHE", str(Path.home() / ".cache" / "lmforge")))
+    results = {}
+    for which in ("lmforge", "trl"):
+        proc = subprocess.run([sys.executable, __file__, "--child", which, str(data), args.peft, str(args.steps),
+                               str(tmp / which)], capture_output=True, text=True, env=env)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            sys.exit(f"{which} run failed:\n{proc.stderr[-3000:]}")
+        results[which] = json.loads(line[7:])
+    print(f"\nDPO, SmolLM2-135M, {args.pairs} pairs, {args.steps} steps, batch {BATCH}, max_length {MAX_LENGTH}, "
+          f"peft={args.peft}")
+    print(f"{'':10}{'steps':>7}{'pairs':>7}{'train s':>10}{'pairs/s':>10}{'peak RSS MB':>13}{'ref copy':>10}")
+    for which, r in results.items():
+        r["pps"] = r["pairs"] / r["seconds"]
+        print(f"{which:10}{r['steps']:>7}{r['pairs']:>7}{r['seconds']:>10.1f}{r['pps']:>10.2f}"
+              f"{r['peak_rss_mb']:>13.0f}{str(r['ref_model_copy']):>10}")
+    print(f"ratio lmforge / TRL pairs/s: {results['lmforge']['pps'] / results['trl']['pps']:.2f}x; "
+          f"peak RSS lmforge / TRL: {results['lmforge']['peak_rss_mb'] / results['trl']['peak_rss_mb']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
