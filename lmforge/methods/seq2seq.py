@@ -15,7 +15,7 @@ from transformers import AutoModelForSeq2SeqLM, DataCollatorForSeq2Seq, Seq2SeqT
 
 from lmforge.config import Config
 from lmforge.data.tokenize import IGNORE
-from lmforge.errors import DataError
+from lmforge.errors import ConfigError, DataError
 from lmforge.evaluation.metrics import compute_metrics
 from lmforge.training.checkpoint import LmforgeTrainerMixin
 from lmforge.training.eval_metrics import generation_metric_names
@@ -34,7 +34,10 @@ def architecture(cfg: Config) -> str:
 
     if cfg.model.name_or_path is None:
         keys = dict(cfg.model.config)
-        config = AutoConfig.for_model(keys.pop("model_type"), **keys)
+        try:
+            config = AutoConfig.for_model(keys.pop("model_type"), **keys)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ConfigError(f"model.config: {str(e)[:300]}") from None  # transformers lists every model type
     else:
         path = resolve_model_path(cfg.model.name_or_path)
         if is_adapter_dir(path):
