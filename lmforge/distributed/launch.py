@@ -11,8 +11,7 @@ import os
 import subprocess
 import sys
 
-from lmforge.distributed.ranks import world_size
-from lmforge.distributed.strategy import EXPECTED_WORLD_ENV
+from lmforge.distributed.ranks import EXPECTED_WORLD_ENV, world_size
 from lmforge.errors import ConfigError
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import os
 
+EXPECTED_WORLD_ENV = "LMFORGE_EXPECTED_WORLD_SIZE"  # set by `lmforge train --nproc-per-node`, checked by workers
+
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))

@@ -21,10 +21,8 @@ import torch
 from transformers import TrainerCallback
 
 from lmforge.distributed import zero
-from lmforge.distributed.ranks import world_size
+from lmforge.distributed.ranks import EXPECTED_WORLD_ENV, world_size
 from lmforge.errors import ConfigError, UnsupportedError
-
-EXPECTED_WORLD_ENV = "LMFORGE_EXPECTED_WORLD_SIZE"  # set by `lmforge train --nproc-per-node`
 TIMEOUT = timedelta(minutes=30)  # data preparation on rank 0 happens while the others wait at a barrier
 
 
