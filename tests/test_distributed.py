@@ -89,6 +89,7 @@ def data(tmp_path) -> Path:
     (["train.distributed=deepspeed", "train.deepspeed=zero4"], "neither a preset"),
     (["train.deepspeed=zero2"], "set train.distributed: deepspeed"),
     (["train.fsdp_sharding=hybrid"], "applies only to train.distributed: fsdp"),
+    (["train.distributed=fsdp", "train.fsdp_sharding=hybrid"], "hybrid (HSDP across nodes) is not available"),
 ])
 def test_impossible_combinations_exit_2(tmp_path, tiny_model_dir, data, capsys, overrides, message):
     cfg = write_config(tmp_path / "cfg.yaml", _tree(tiny_model_dir, data, tmp_path / "out"))
@@ -237,3 +238,47 @@ def test_dpo_with_lora_under_ddp(ddp_run, tiny_model_dir):
     model = AutoPeftModelForCausalLM.from_pretrained(root / "dpo")
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # B starts at zero: the adapter trained
+
+
+@pytest.mark.parametrize("peft_kind", ["none", "lora"])
+def test_consolidate_fsdp_checkpoint(tmp_path, tiny_model_dir, data, lmforge_cache, peft_kind):
+    """A DCP checkpoint laid out as accelerate's FSDP2 writes it -> a plain model / adapter with those weights."""
+    import torch.distributed.checkpoint as dcp
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from lmforge.training.run import load_model_and_tokenizer
+
+    tree = _tree(tiny_model_dir, data, tmp_path / "out", distributed="fsdp")
+    tree["peft"] = {"kind": peft_kind, "r": 4}
+    cfg = load_config(write_config(tmp_path / "cfg.yaml", tree))
+    model, _, _ = load_model_and_tokenizer(cfg)
+    torch.manual_seed(1)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data.add_(torch.randn_like(p))  # "trained" weights, different from a fresh load
+    # FSDP saves a PEFT model's adapter alone (names without ".default"), a full model's whole state dict
+    state = get_peft_model_state_dict(model) if peft_kind == "lora" else model.state_dict()
+    ckpt = tmp_path / "out" / "checkpoint-4"
+    dcp.save({"model": {k: v.clone() for k, v in state.items()}}, checkpoint_id=str(ckpt / "pytorch_model_fsdp_0"))
+    (ckpt / "config.yaml").write_text((tmp_path / "cfg.yaml").read_text())
+
+    assert main(["consolidate", str(ckpt), "--output", str(tmp_path / "plain")]) == 0
+    if peft_kind == "lora":
+        saved = load_file(tmp_path / "plain" / "adapter_model.safetensors")
+        assert saved.keys() == state.keys()
+        _assert_close_weights(saved, state, atol=0)
+    else:
+        _assert_close_weights(_weights(tmp_path / "plain"), state, atol=0)
+    assert (tmp_path / "plain" / "tokenizer_config.json").exists()
+
+
+def test_consolidate_rejects_a_checkpoint_of_another_model(tmp_path, tiny_model_dir, data, lmforge_cache):
+    import torch.distributed.checkpoint as dcp
+
+    cfg = write_config(tmp_path / "cfg.yaml", _tree(tiny_model_dir, data, tmp_path / "out"))
+    ckpt = tmp_path / "ckpt"
+    dcp.save({"model": {"other.weight": torch.zeros(2, 2)}}, checkpoint_id=str(ckpt / "pytorch_model_fsdp_0"))
+    (ckpt / "config.yaml").write_text(cfg.read_text())
+    with pytest.raises(ConfigError, match="does not match the model"):
+        main(["consolidate", str(ckpt), "--output", str(tmp_path / "plain"), "--debug"])

@@ -83,8 +83,14 @@ def _model_for(cfg):
 
 def _load_exactly(model, state: dict, ckpt: Path) -> None:
     """Load every trained tensor; names missing on either side mean the checkpoint is for another model."""
-    result = model.load_state_dict(state, strict=False)
     expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    if hasattr(model, "peft_config") and not expected & set(state):
+        # FSDP saves a PEFT model's adapter alone, named without the adapter name (lora_A.weight)
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, state)
+    else:
+        result = model.load_state_dict(state, strict=False)
     missing = sorted(expected & set(result.missing_keys))
     if missing or result.unexpected_keys:
         raise ConfigError(f"{ckpt}: the checkpoint does not match the model in its config.yaml "
