@@ -3,6 +3,7 @@ intended parameters change (the frozen base is bit-identical after training; eve
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -23,14 +24,15 @@ KINDS = {
 }
 
 
-def _train(tmp_path: Path, model_dir, peft: dict, **sections) -> Path:
-    data = write_jsonl(tmp_path / "train.jsonl", chat_rows(16))
+def _train(tmp_path: Path, model_dir, peft: dict, rows=None, **sections) -> Path:
+    data = write_jsonl(tmp_path / "train.jsonl", rows or chat_rows(16))
     out = tmp_path / "run"
     tree = base_config(model_dir, data, out, peft=peft, **sections)
     assert main(["train", str(write_config(tmp_path / "cfg.yaml", tree))]) == 0
     return out
 
 
+@functools.lru_cache(maxsize=2)
 def _base_state(model_dir) -> dict[str, torch.Tensor]:
     from transformers import AutoModelForCausalLM
 
@@ -38,14 +40,14 @@ def _base_state(model_dir) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def _check_adapter_run(out: Path, model_dir, saved_modules: tuple[str, ...] = ()) -> None:
+def _check_adapter_run(out: Path, model_dir, saved_modules: tuple[str, ...] = (), mid_step: int = 2) -> None:
     """The adapter reloads with plain PEFT; base weights equal the original; every adapter tensor moved."""
     from peft import AutoPeftModelForCausalLM
 
     final = load_file(out / "adapter_model.safetensors")
-    mid = load_file(out / "checkpoint-2" / "adapter_model.safetensors")
+    mid = load_file(out / f"checkpoint-{mid_step}" / "adapter_model.safetensors")
     assert final and final.keys() == mid.keys()
-    for k in final:  # trained between step 2 and step 4
+    for k in final:  # trained between the mid checkpoint and the end
         assert not torch.equal(final[k], mid[k]), f"adapter tensor {k} did not change"
     base_keys = [k for k in final if not any(m in k for m in saved_modules)]
     assert all("lora_" in k or "prompt_embeddings" in k for k in base_keys), base_keys
@@ -114,3 +116,38 @@ def test_unknown_target_module_is_a_config_error(tmp_path, tiny_model_dir, lmfor
     tree = base_config(tiny_model_dir, data, tmp_path / "run", peft={"kind": "lora", "target_modules": ["nope_proj"]})
     assert main(["train", str(write_config(tmp_path / "cfg.yaml", tree))]) == 2
     assert "peft.target_modules" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_adapter_kind_on_the_real_model(kind, tmp_path):
+    """The same on SmolLM2-135M: 2 steps on short rows in bf16. The model cache is the user's (imported once),
+    the data cache is per test."""
+    from lmforge.models import resolve_model_path
+
+    rows = [{"messages": [{"role": "user", "content": f"Name color number {i}."},
+                          {"role": "assistant", "content": f"Color {i} is blue."}]} for i in range(4)]
+    peft = dict(KINDS[kind], r=8, alpha=16) if "r" in KINDS[kind] else KINDS[kind]
+    out = _train(tmp_path, "smollm2-135m-instruct", peft, rows=rows, model={"dtype": "bfloat16"},
+                 data={"cache_dir": str(tmp_path / "data-cache"), "max_length": 64, "packing": False},
+                 train={"max_steps": 2, "save_steps": 1, "per_device_train_batch_size": 2, "learning_rate": 1e-3})
+    _check_adapter_run(out, resolve_model_path("smollm2-135m-instruct"), mid_step=1)
+
+
+def test_prompt_tuning_text_init_starts_from_the_text_embeddings(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lmforge.adapters import apply_peft
+    from lmforge.config import PeftConfig
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    emb = base.get_input_embeddings().weight.detach().clone()
+    text = "extract the record as json"
+    ids = AutoTokenizer.from_pretrained(tiny_model_dir)(text).input_ids
+    peft = PeftConfig(kind="prompt_tuning", num_virtual_tokens=len(ids), prompt_tuning_init="text",
+                      prompt_tuning_init_text=text)
+    model = apply_peft(base, peft, tokenizer_path=str(tiny_model_dir))
+    virtual = model.prompt_encoder["default"].embedding.weight.detach()
+    assert torch.equal(virtual, emb[ids])
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable == ["prompt_encoder.default.embedding.weight"]
