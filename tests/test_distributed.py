@@ -282,3 +282,35 @@ def test_consolidate_rejects_a_checkpoint_of_another_model(tmp_path, tiny_model_
     (ckpt / "config.yaml").write_text(cfg.read_text())
     with pytest.raises(ConfigError, match="does not match the model"):
         main(["consolidate", str(ckpt), "--output", str(tmp_path / "plain"), "--debug"])
+
+
+_ORDER_SCRIPT = """
+import sys, time
+import torch.distributed as dist
+from lmforge.distributed.ranks import main_process_first
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+
+@main_process_first
+def build(path):
+    with open(path, "a") as fh:
+        fh.write(f"start {rank}\\n")
+    time.sleep(1.0 if rank == 0 else 0.0)  # rank 0 is slow: the others must still wait for it
+    with open(path, "a") as fh:
+        fh.write(f"end {rank}\\n")
+    return rank
+
+assert build(sys.argv[1]) == rank
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_data_preparation_runs_on_rank_0_first(tmp_path):
+    script = tmp_path / "order.py"
+    script.write_text(_ORDER_SCRIPT)
+    events = tmp_path / "events.txt"
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+          str(events)], tmp_path / "cache")
+    assert events.read_text().split("\n")[:4] == ["start 0", "end 0", "start 1", "end 1"]
