@@ -109,3 +109,18 @@ def test_chat_rows_on_t5_are_a_data_error(tmp_path, tiny_t5_dir, lmforge_cache, 
     tree = base_config(tiny_t5_dir, train, tmp_path / "run")
     assert main(["train", str(write_config(tmp_path / "cfg.yaml", tree))]) == 2
     assert "input/output" in capsys.readouterr().err
+
+
+def test_t5_from_model_config_trains_from_scratch(tmp_path, tiny_tokenizer_dir, lmforge_cache):
+    from transformers import AutoModelForSeq2SeqLM
+
+    train = write_jsonl(tmp_path / "train.jsonl", copy_rows(8, 0))
+    out = tmp_path / "run"
+    tree = base_config(tiny_tokenizer_dir, train, out)
+    tree["model"] = {"config": {"model_type": "t5", "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 1,
+                                "num_heads": 2}, "tokenizer": str(tiny_tokenizer_dir), "dtype": "float32"}
+    tree["train"].update(max_steps=2, save_steps=2)
+    assert main(["train", str(write_config(tmp_path / "cfg.yaml", tree))]) == 0
+    model = AutoModelForSeq2SeqLM.from_pretrained(out)
+    assert model.config.model_type == "t5" and model.config.d_model == 32
+    assert model.config.decoder_start_token_id is not None

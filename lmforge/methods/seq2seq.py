@@ -110,8 +110,9 @@ def train(cfg: Config):
     resume = prepare_output_dir(cfg)
     model, tokenizer, prec = load_model_and_tokenizer(cfg, auto_class=AutoModelForSeq2SeqLM, task_type="SEQ_2_SEQ_LM")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if base.config.decoder_start_token_id is None:  # from-scratch T5 configs leave it unset; T5 starts from pad
+    if getattr(base.config, "decoder_start_token_id", None) is None:  # from-scratch T5 configs lack it; T5 uses pad
         base.config.decoder_start_token_id = tokenizer.pad_token_id
+        base.generation_config.decoder_start_token_id = tokenizer.pad_token_id
     names = generation_metric_names(cfg)
     generate = cfg.train.predict_with_generate or bool(names)
     train_ds = encode_split(cfg, tokenizer, "train")
