@@ -7,7 +7,7 @@ max_length and precision. Throughput is pairs trained divided by the summed dura
 per run: with LoRA both should hold one copy of the base weights (the reference is the adapter disabled);
 with --peft none TRL and lmforge both keep a frozen reference copy.
 
-    .venv/bin/python benchmarks/dpo_vs_trl.py [--pairs 64] [--steps 12] [--peft lora|none]
+    .venv/bin/python benchmarks/dpo_vs_trl.py [--pairs 32] [--steps 8] [--peft lora|none]
 """
 
 from __future__ import annotations
@@ -111,8 +111,8 @@ def child(which: str, data: str, peft: str, steps: str, out: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--pairs", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--pairs", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--peft", default="lora", choices=["none", "lora"])
     ap.add_argument("--child", nargs=5, metavar=("WHICH", "DATA", "PEFT", "STEPS", "OUT"))
     args = ap.parse_args()
