@@ -52,8 +52,9 @@ def run_trl(data: Path, peft: str, out: Path) -> dict:
     tok = AutoTokenizer.from_pretrained(model_dir)
     ds = load_dataset("json", data_files=str(data), split="train")
     bf16 = pick_dtype("auto") == torch.bfloat16
-    # fp32 master weights + bf16 autocast for full fine-tuning, the same policy lmforge uses
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32 if peft == "none" else torch.bfloat16)
+    # TRL's default loading: the checkpoint's dtype (bf16 here), so a full fine-tune runs with bf16 weights and
+    # bf16 Adam updates; lmforge keeps fp32 master weights under bf16 autocast (slower, but updates are not lost).
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
     peft_config = None
     if peft == "lora":
         from peft import LoraConfig
@@ -67,7 +68,8 @@ def run_trl(data: Path, peft: str, out: Path) -> dict:
                          callbacks=[timer])
     trainer.train()
     rows = [json.loads(x) for x in data.read_text().splitlines()]
-    return {"tokens": _rows_tokens(tok, rows), "seconds": timer.seconds, "steps": timer.steps}
+    return {"tokens": _rows_tokens(tok, rows), "seconds": timer.seconds, "steps": timer.steps,
+            "weights": str(model.dtype)}
 
 
 def run_lmforge(data: Path, peft: str, out: Path) -> dict:
@@ -92,7 +94,8 @@ def run_lmforge(data: Path, peft: str, out: Path) -> dict:
 
     sft.CausalLMTrainer.train = timed_train
     sft.train(cfg)
-    return {"tokens": stats["tokens"], "seconds": timer.seconds, "steps": timer.steps}
+    weights = "torch.float32" if peft == "none" else "torch.bfloat16"
+    return {"tokens": stats["tokens"], "seconds": timer.seconds, "steps": timer.steps, "weights": weights}
 
 
 def child(which: str, data: str, peft: str, out: str) -> None:
@@ -123,10 +126,11 @@ def main() -> None:
             sys.exit(f"{which} run failed:\n{proc.stderr[-3000:]}")
         results[which] = json.loads(line[7:])
     print(f"\nSFT, SmolLM2-135M, {args.rows} rows, batch 8, one epoch, peft={args.peft}")
-    print(f"{'':10}{'steps':>7}{'tokens':>9}{'train s':>10}{'tokens/s':>10}{'peak RSS MB':>13}")
+    print(f"{'':10}{'steps':>7}{'tokens':>9}{'train s':>10}{'tokens/s':>10}{'peak RSS MB':>13}  base weights")
     for which, r in results.items():
         r["tps"] = r["tokens"] / r["seconds"]
-        print(f"{which:10}{r['steps']:>7}{r['tokens']:>9}{r['seconds']:>10.1f}{r['tps']:>10.1f}{r['peak_rss_mb']:>13.0f}")
+        print(f"{which:10}{r['steps']:>7}{r['tokens']:>9}{r['seconds']:>10.1f}{r['tps']:>10.1f}"
+              f"{r['peak_rss_mb']:>13.0f}  {r['weights']}")
     print(f"ratio lmforge / TRL tokens/s: {results['lmforge']['tps'] / results['trl']['tps']:.2f}x")
 
 
