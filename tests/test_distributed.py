@@ -186,7 +186,29 @@ def test_ddp_two_processes_equal_one_process_with_double_batch(ddp_run, tiny_mod
     _assert_close_weights(_weights(ddp_run.out), _weights(root / "one"), atol=1e-5)
     rows = [json.loads(x) for x in (ddp_run.out / "metrics.jsonl").read_text().splitlines()]
     one = [json.loads(x) for x in (root / "one" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-2]["tokens_seen"] == one[-2]["tokens_seen"]  # tokens counted over both ranks, logged once
+    assert rows[-2]["tokens_seen"] == one[-2]["tokens_seen"]  # tokens counted over both ranks ...
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, STEPS + 1))  # ... and written by rank 0 only
+
+
+@pytest.mark.slow
+def test_two_nodes_one_command_each(ddp_run, tiny_model_dir):
+    """Two 'nodes' of one process each on this machine, started as a user would on a cluster."""
+    import socket
+
+    root = ddp_run.root
+    cfg = write_config(root / "nodes.yaml", _tree(tiny_model_dir, ddp_run.data, root / "nodes", distributed="ddp",
+                                                  per_device_train_batch_size=4))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen(_lmforge("train", "--nproc-per-node", "1", "--nnodes", "2", "--node-rank", str(rank),
+                                       "--master-addr", "127.0.0.1", "--master-port", str(port), str(cfg)),
+                              env=_env(root / "cache"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    outs = [p.communicate(timeout=400) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
+    assert "distributed: ddp on 2 processes" in outs[0][0]
+    _assert_close_losses(_losses(root / "nodes"), _losses(ddp_run.out), rel=1e-5)
 
 
 @pytest.mark.slow
