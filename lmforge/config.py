@@ -398,6 +398,9 @@ def _check(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: train.warmup_ratio: must be in [0, 1)")
     if cfg.peft.kind == "prompt_tuning" and cfg.peft.prompt_tuning_init == "text" and not cfg.peft.prompt_tuning_init_text:
         raise ConfigError(f"{where}: peft.prompt_tuning_init_text: required when prompt_tuning_init is text")
+    from lmforge.evaluation.metrics import check_metric_names  # a typo in eval.metrics fails before any work
+
+    check_metric_names(cfg.eval.metrics, f"{where}: eval.metrics")
     from lmforge.distributed.checks import check_distributed
 
     check_distributed(cfg, where)
