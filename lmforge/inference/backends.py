@@ -9,6 +9,9 @@ with their base in one step.
 from __future__ import annotations
 
 import importlib.util
+import os
+
+import torch
 
 from lmforge.errors import UnsupportedError
 from lmforge.inference.generate import Completion, GenerationOptions, Generator, cut_at_stop, encode_prompt
@@ -49,7 +52,10 @@ class VllmBackend:
 
         path = merged_model_dir(model)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.llm = LLM(model=str(path), dtype=str(pick_dtype(dtype)).removeprefix("torch."), seed=0)
+        # on CPU vLLM reserves this fraction of *all* RAM up front (its default 0.92 fails on a shared machine)
+        memory = 0.9 if torch.cuda.is_available() else float(os.environ.get("LMFORGE_VLLM_MEMORY_FRACTION", "0.25"))
+        self.llm = LLM(model=str(path), dtype=str(pick_dtype(dtype)).removeprefix("torch."), seed=0,
+                       gpu_memory_utilization=memory)
 
     def schedules_itself(self, opts: GenerationOptions) -> bool:
         return True  # vLLM batches continuously by itself

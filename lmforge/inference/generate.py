@@ -140,7 +140,8 @@ class Generator:
 
     # no inference_mode here: the scheduler thread updates tensors made on this thread, which inference
     # tensors forbid; generate_batch runs under no_grad itself
-    def generate_continuous(self, prompts: list[list[int]], opts: GenerationOptions) -> list[Completion]:
+    def generate_continuous(self, prompts: list[list[int]], opts: GenerationOptions,
+                            max_requests: int = 64) -> list[Completion]:
         """All ``prompts`` through transformers' continuous batching (``generate_batch``): a finished sequence
         leaves the batch at once and a waiting one takes its place, so mixed output lengths waste no steps
         on finished rows the way one static batch does. Stop strings are applied when decoding."""
@@ -153,7 +154,8 @@ class Generator:
         level = hf_logging.get_verbosity()
         hf_logging.set_verbosity(logging.ERROR)  # it logs every scheduler decision at INFO/WARNING
         try:
-            out = self.model.generate_batch(prompts, generation_config=config, progress_bar=False)
+            out = self.model.generate_batch(prompts, generation_config=config, progress_bar=False,
+                                            continuous_batching_config=self._cb_config(prompts, opts, max_requests))
         finally:
             hf_logging.set_verbosity(level)
         results = list(out.values())
@@ -162,6 +164,18 @@ class Generator:
             raise RuntimeError(f"continuous batching failed: {failed[0].error if failed else 'missing results'}")
         eos = set(self.eos_ids(opts))
         return [self._decode(list(r.generated_tokens), eos, opts.stop, len(p)) for r, p in zip(results, prompts)]
+
+    @staticmethod
+    def _cb_config(prompts: list[list[int]], opts: GenerationOptions, max_requests: int):
+        """Size the paged KV cache for this workload. Left to itself, transformers sizes it from free memory,
+        which on a CPU host means most of the machine's RAM (seen: 13 GB and an OOM kill)."""
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+        page = 64
+        per_request = [-(-(len(p) + opts.max_new_tokens) // page) for p in prompts]  # pages, rounded up
+        busiest = sum(sorted(per_request, reverse=True)[:max_requests])  # enough for max_requests at once
+        return ContinuousBatchingConfig(page_size=page, num_blocks=busiest + 4, max_batch_tokens=2048,
+                                        max_requests_per_batch=max_requests)
 
     def _decode(self, ids: list[int], eos: set[int], stops: list[str], prompt_tokens: int) -> Completion:
         end = next((i for i, t in enumerate(ids) if t in eos), None)
