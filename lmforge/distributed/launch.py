@@ -21,7 +21,7 @@ def add_arguments(p) -> None:
     g.add_argument("--nnodes", type=int, default=1, help="number of nodes")
     g.add_argument("--node-rank", type=int, default=0, help="rank of this node, 0 .. nnodes-1")
     g.add_argument("--master-addr", default="127.0.0.1", help="address of node 0 (multi-node)")
-    g.add_argument("--master-port", type=int, default=None, help="free port on node 0 (default: 29500 multi-node)")
+    g.add_argument("--master-port", type=int, default=None, help="free port on node 0; with several nodes 29500 when not given")
 
 
 def under_launcher() -> bool:

@@ -166,7 +166,8 @@ class StrategyCheck(TrainerCallback):
         info = verify(self.cfg, self.trainer)
         if self.cfg.train.distributed != "none" and state.is_world_process_zero:
             extra = f", ZeRO-{info['zero_stage']}" if "zero_stage" in info else ""
-            print(f"[lmforge] distributed: {self.cfg.train.distributed} on {info['world_size']} processes, "
+            n = info["world_size"]
+            print(f"[lmforge] distributed: {self.cfg.train.distributed} on {n} process{'es' if n > 1 else ''}, "
                   f"backend {info['backend']}, model in {info['wrapper']}{extra}", flush=True)
 
 
