@@ -127,7 +127,7 @@ class TrainConfig:
     trainable: list[str] | None = _f(None, "full fine-tune: only parameters whose name matches one of these globs train")
     distributed: Literal["none", "ddp", "fsdp", "deepspeed"] = _f("none", "multi-process strategy")
     deepspeed: str | None = _f(None, "DeepSpeed JSON path or preset zero1, zero2, zero3, zero3_offload")
-    fsdp_sharding: Literal["full", "hybrid"] = _f("full", "FSDP: full sharding (hybrid, HSDP across nodes, is refused for now; see docs/distributed.md)")
+    fsdp_sharding: Literal["full", "hybrid"] = _f("full", "FSDP: full sharding, or hybrid (shard within a node, replicate across nodes)")
 
 
 @dataclass

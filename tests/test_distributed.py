@@ -89,7 +89,6 @@ def data(tmp_path) -> Path:
     (["train.distributed=deepspeed", "train.deepspeed=zero4"], "neither a preset"),
     (["train.deepspeed=zero2"], "set train.distributed: deepspeed"),
     (["train.fsdp_sharding=hybrid"], "applies only to train.distributed: fsdp"),
-    (["train.distributed=fsdp", "train.fsdp_sharding=hybrid"], "hybrid (HSDP across nodes) is not available"),
 ])
 def test_impossible_combinations_exit_2(tmp_path, tiny_model_dir, data, capsys, overrides, message):
     cfg = write_config(tmp_path / "cfg.yaml", _tree(tiny_model_dir, data, tmp_path / "out"))
@@ -112,8 +111,8 @@ def test_strategy_that_cannot_run_is_an_error_not_a_switch(tmp_path, tiny_model_
         strategy.setup(load_config(cfg))
 
 
-def test_verify_names_every_difference():
-    cfg = SimpleNamespace(train=SimpleNamespace(distributed="fsdp", deepspeed=None))
+def test_verify_names_every_difference(monkeypatch):
+    cfg = SimpleNamespace(train=SimpleNamespace(distributed="fsdp", fsdp_sharding="full", deepspeed=None))
     ddp_like = {"world_size": 1, "backend": "gloo", "distributed_type": "MULTI_CPU", "wrapper": "DistributedDataParallel",
                 "model": torch.nn.Linear(2, 2)}
     problems = strategy.mismatches(cfg, ddp_like)
@@ -123,6 +122,14 @@ def test_verify_names_every_difference():
                            accelerator=SimpleNamespace(distributed_type=SimpleNamespace(value="MULTI_CPU")))
     with pytest.raises(UnsupportedError, match="fsdp was asked for.*Stopping rather than training"):
         strategy.verify(cfg, fake)
+    hybrid = SimpleNamespace(train=SimpleNamespace(distributed="fsdp", fsdp_sharding="hybrid", deepspeed=None))
+    flat = {"world_size": 1, "backend": "gloo", "distributed_type": "FSDP", "wrapper": "FSDPLlamaForCausalLM",
+            "mesh": {"shard": 2}, "model": torch.nn.Linear(2, 2)}
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two nodes
+    assert "device mesh {'shard': 2} (expected hybrid sharding)" in strategy.mismatches(hybrid, flat)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
     zero3 = SimpleNamespace(train=SimpleNamespace(distributed="deepspeed", deepspeed="zero3"))
     engine = {"world_size": 1, "backend": "gloo", "distributed_type": "DEEPSPEED", "wrapper": "DeepSpeedEngine",
               "zero_stage": 2, "model": type("DeepSpeedEngine", (), {})()}
@@ -191,24 +198,27 @@ def test_ddp_two_processes_equal_one_process_with_double_batch(ddp_run, tiny_mod
 
 
 @pytest.mark.slow
-def test_two_nodes_one_command_each(ddp_run, tiny_model_dir):
-    """Two 'nodes' of one process each on this machine, started as a user would on a cluster."""
+def test_two_nodes_one_command_each_with_hybrid_fsdp(ddp_run, tiny_model_dir):
+    """Two 'nodes' of two processes on this machine, one `lmforge train` per node as on a cluster; hybrid FSDP
+    shards within a node and replicates across nodes. Global batch 2 x 4 = DDP's 4 x 2: the same losses."""
     import socket
 
     root = ddp_run.root
-    cfg = write_config(root / "nodes.yaml", _tree(tiny_model_dir, ddp_run.data, root / "nodes", distributed="ddp",
-                                                  per_device_train_batch_size=4))
+    cfg = write_config(root / "nodes.yaml", _tree(tiny_model_dir, ddp_run.data, root / "nodes", distributed="fsdp",
+                                                  fsdp_sharding="hybrid", per_device_train_batch_size=2))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [subprocess.Popen(_lmforge("train", "--nproc-per-node", "1", "--nnodes", "2", "--node-rank", str(rank),
+    procs = [subprocess.Popen(_lmforge("train", "--nproc-per-node", "2", "--nnodes", "2", "--node-rank", str(rank),
                                        "--master-addr", "127.0.0.1", "--master-port", str(port), str(cfg)),
                               env=_env(root / "cache"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for rank in (0, 1)]
-    outs = [p.communicate(timeout=400) for p in procs]
+    outs = [p.communicate(timeout=500) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
-    assert "distributed: ddp on 2 processes" in outs[0][0]
-    _assert_close_losses(_losses(root / "nodes"), _losses(ddp_run.out), rel=1e-5)
+    assert "distributed: fsdp on 4 processes" in outs[0][0]
+    assert "mesh {'dp_replicate': 2, 'dp_shard_cp': 2}" in outs[0][0]
+    _assert_close_losses(_losses(root / "nodes"), _losses(ddp_run.out), rel=1e-4)
+    _assert_close_weights(_weights(root / "nodes"), _weights(ddp_run.out), atol=1e-4)
 
 
 @pytest.mark.slow

@@ -17,9 +17,6 @@ def check_distributed(cfg, where: str) -> None:
             raise ConfigError(f"{where}: peft.kind: qlora cannot be sharded with train.distributed: fsdp "
                               "(bitsandbytes-quantised weights are not FSDP2 parameters); use ddp, deepspeed "
                               "zero1/zero2, or peft.kind: lora")
-    if t.distributed == "fsdp" and t.fsdp_sharding == "hybrid":
-        raise ConfigError(f"{where}: train.fsdp_sharding: hybrid (HSDP across nodes) is not available in lmforge; "
-                          "use full, or train.distributed: deepspeed")
     if t.distributed != "fsdp" and t.fsdp_sharding != "full":
         raise ConfigError(f"{where}: train.fsdp_sharding applies only to train.distributed: fsdp")
 

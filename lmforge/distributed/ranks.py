@@ -12,6 +12,11 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def nodes() -> int:
+    """Number of nodes: torchrun starts LOCAL_WORLD_SIZE processes on each."""
+    return max(1, world_size() // int(os.environ.get("LOCAL_WORLD_SIZE", world_size())))
+
+
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 

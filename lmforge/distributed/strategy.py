@@ -21,7 +21,7 @@ import torch
 from transformers import TrainerCallback
 
 from lmforge.distributed import zero
-from lmforge.distributed.ranks import EXPECTED_WORLD_ENV, world_size
+from lmforge.distributed.ranks import EXPECTED_WORLD_ENV, nodes, world_size
 from lmforge.errors import ConfigError, UnsupportedError
 TIMEOUT = timedelta(minutes=30)  # data preparation on rank 0 happens while the others wait at a barrier
 
@@ -78,11 +78,22 @@ def trainer_kwargs(cfg, prec) -> dict:
     if kind == "deepspeed":
         kwargs["deepspeed"] = zero.load(cfg.train.deepspeed)
     if kind == "fsdp":
-        _fsdp_state(prec)
+        _fsdp_state(prec, hybrid=_hybrid(cfg))
     return kwargs
 
 
-def _fsdp_state(prec) -> None:
+def _hybrid(cfg) -> bool:
+    return cfg.train.fsdp_sharding == "hybrid" and nodes() > 1  # on one node hybrid is full sharding
+
+
+def _hybrid_mesh():
+    """HSDP: shard within a node, replicate across nodes (a 2-D mesh: nodes x processes per node)."""
+    from accelerate.parallelism_config import ParallelismConfig
+
+    return ParallelismConfig(dp_replicate_size=nodes(), dp_shard_size=world_size() // nodes())
+
+
+def _fsdp_state(prec, hybrid: bool) -> None:
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, TorchDynamoPlugin
 
@@ -92,7 +103,8 @@ def _fsdp_state(prec) -> None:
         state_dict_type="SHARDED_STATE_DICT",  # checkpoints: each rank writes its shard (DCP)
     )
     state = AcceleratorState(mixed_precision=mixed, cpu=not torch.cuda.is_available(), fsdp_plugin=plugin,
-                             dynamo_plugin=TorchDynamoPlugin(), _from_accelerator=True)
+                             dynamo_plugin=TorchDynamoPlugin(), _from_accelerator=True,
+                             parallelism_config=_hybrid_mesh() if hybrid else None)
     if state.distributed_type != DistributedType.FSDP:
         if state.distributed_type != DistributedType.MULTI_CPU:
             raise UnsupportedError(f"train.distributed: fsdp: accelerate set up {state.distributed_type.value}")
@@ -118,6 +130,9 @@ def running(trainer) -> dict:
     }
     if info["wrapper"] == "DeepSpeedEngine":
         info["zero_stage"] = wrapped.zero_optimization_stage()
+    mesh = getattr(next(wrapped.parameters(), None), "device_mesh", None)  # FSDP2 parameters are DTensors
+    if mesh is not None:
+        info["mesh"] = dict(zip(mesh.mesh_dim_names or ("shard",), mesh.shape))
     return info
 
 
@@ -142,6 +157,8 @@ def mismatches(cfg, info: dict) -> list[str]:
     }[kind]
     if not wrapper_ok(info["model"]):
         out.append(f"model wrapper {info['wrapper']}")
+    if kind == "fsdp" and len(info.get("mesh", {})) != (2 if _hybrid(cfg) else 1):
+        out.append(f"device mesh {info.get('mesh')} (expected {cfg.train.fsdp_sharding} sharding)")
     if kind == "deepspeed" and info.get("zero_stage") != zero.stage(zero.load(cfg.train.deepspeed)):
         out.append(f"ZeRO stage {info.get('zero_stage')} (expected {zero.stage(zero.load(cfg.train.deepspeed))})")
     return out
@@ -166,6 +183,7 @@ class StrategyCheck(TrainerCallback):
         info = verify(self.cfg, self.trainer)
         if self.cfg.train.distributed != "none" and state.is_world_process_zero:
             extra = f", ZeRO-{info['zero_stage']}" if "zero_stage" in info else ""
+            extra += f", mesh {info['mesh']}" if "mesh" in info else ""
             n = info["world_size"]
             print(f"[lmforge] distributed: {self.cfg.train.distributed} on {n} process{'es' if n > 1 else ''}, "
                   f"backend {info['backend']}, model in {info['wrapper']}{extra}", flush=True)
