@@ -192,3 +192,12 @@ def test_sigterm_finishes_in_flight_request_then_exits(server, client):
     t.join(timeout=120)
     assert result.get("tokens", 0) >= 1  # the request in flight still got its answer
     assert proc.wait(timeout=60) == 0
+
+
+def test_stream_safe_text_holds_back_possible_stop_strings_and_partial_characters():
+    from lmforge.inference.engine import stream_safe_text
+
+    assert stream_safe_text("hello wor", ["world"]) == "hello "  # "wor" may still become the stop string
+    assert stream_safe_text("hello world and more", ["world"]) == "hello "
+    assert stream_safe_text("hello wax", ["world"]) == "hello wax"
+    assert stream_safe_text("caf\ufffd", []) == "caf"  # the rest of a multi-byte character has not arrived
