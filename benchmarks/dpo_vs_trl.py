@@ -5,9 +5,11 @@ rejected = a corrupted one) for the same number of steps, batch size, LoRA (or f
 max_length and precision. Throughput is pairs trained divided by the summed duration of the training steps
 (model loading and data preparation excluded for both). Each run is a subprocess, so peak RSS is measured
 per run: with LoRA both should hold one copy of the base weights (the reference is the adapter disabled);
-with --peft none TRL and lmforge both keep a frozen reference copy.
+with --peft none TRL and lmforge both keep a frozen reference copy. TRL's configs turn gradient
+checkpointing on by default and lmforge's do not; the benchmark sets it explicitly for both (off unless
+--gradient-checkpointing), so the comparison is like for like.
 
-    .venv/bin/python benchmarks/dpo_vs_trl.py [--pairs 32] [--steps 8] [--peft lora|none]
+    .venv/bin/python benchmarks/dpo_vs_trl.py [--pairs 32] [--steps 8] [--peft lora|none] [--gradient-checkpointing]
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def _lr(peft: str) -> float:
     return 2e-4 if peft == "lora" else 2e-5
 
 
-def run_trl(data: Path, peft: str, steps: int, out: Path) -> dict:
+def run_trl(data: Path, peft: str, steps: int, gc: bool, out: Path) -> dict:
     import torch
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -65,7 +67,7 @@ def run_trl(data: Path, peft: str, steps: int, out: Path) -> dict:
         peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
     args = DPOConfig(output_dir=str(out), per_device_train_batch_size=BATCH, max_steps=steps, bf16=bf16,
                      learning_rate=_lr(peft), beta=BETA, max_length=MAX_LENGTH, logging_steps=5, save_strategy="no",
-                     report_to="none", use_cpu=True, seed=SEED, disable_tqdm=True)
+                     report_to="none", use_cpu=True, seed=SEED, disable_tqdm=True, gradient_checkpointing=gc)
     timer = StepTimer()
     trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft_config,
                          callbacks=[timer])
@@ -74,7 +76,7 @@ def run_trl(data: Path, peft: str, steps: int, out: Path) -> dict:
             "ref_model_copy": trainer.ref_model is not None}
 
 
-def run_lmforge(data: Path, peft: str, steps: int, out: Path) -> dict:
+def run_lmforge(data: Path, peft: str, steps: int, gc: bool, out: Path) -> dict:
     from lmforge.config import load_config
     from lmforge.methods import dpo
 
@@ -85,7 +87,7 @@ def run_lmforge(data: Path, peft: str, steps: int, out: Path) -> dict:
         "data": {"train": [{"path": str(data)}], "max_length": MAX_LENGTH}, "dpo": {"beta": BETA},
         "train": {"output_dir": str(out), "max_steps": steps, "per_device_train_batch_size": BATCH,
                   "learning_rate": _lr(peft), "logging_steps": 5, "save_steps": 10_000, "report_to": ["none"],
-                  "seed": SEED},
+                  "seed": SEED, "gradient_checkpointing": gc},
     }
     cfg = load_config(None, tree=tree)
     found = {}
@@ -103,8 +105,8 @@ def run_lmforge(data: Path, peft: str, steps: int, out: Path) -> dict:
             "ref_model_copy": found["ref"]}
 
 
-def child(which: str, data: str, peft: str, steps: str, out: str) -> None:
-    result = (run_trl if which == "trl" else run_lmforge)(Path(data), peft, int(steps), Path(out))
+def child(which: str, data: str, peft: str, steps: str, gc: str, out: str) -> None:
+    result = (run_trl if which == "trl" else run_lmforge)(Path(data), peft, int(steps), gc == "1", Path(out))
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -114,7 +116,8 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=32)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--peft", default="lora", choices=["none", "lora"])
-    ap.add_argument("--child", nargs=5, metavar=("WHICH", "DATA", "PEFT", "STEPS", "OUT"))
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="on for both runs")
+    ap.add_argument("--child", nargs=6, metavar=("WHICH", "DATA", "PEFT", "STEPS", "GC", "OUT"))
     args = ap.parse_args()
     if args.child:
         return child(*args.child)
@@ -125,14 +128,15 @@ def main() -> None:
     env = dict(os.environ, LMFORGE_CACHE=os.environ.get("LMFORGE_CACHE", str(Path.home() / ".cache" / "lmforge")))
     results = {}
     for which in ("lmforge", "trl"):
-        proc = subprocess.run([sys.executable, __file__, "--child", which, str(data), args.peft, str(args.steps),
+        gc = "1" if args.gradient_checkpointing else "0"
+        proc = subprocess.run([sys.executable, __file__, "--child", which, str(data), args.peft, str(args.steps), gc,
                                str(tmp / which)], capture_output=True, text=True, env=env)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
             sys.exit(f"{which} run failed:\n{proc.stderr[-3000:]}")
         results[which] = json.loads(line[7:])
     print(f"\nDPO, SmolLM2-135M, {args.pairs} pairs, {args.steps} steps, batch {BATCH}, max_length {MAX_LENGTH}, "
-          f"peft={args.peft}")
+          f"peft={args.peft}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}")
     print(f"{'':10}{'steps':>7}{'pairs':>7}{'train s':>10}{'pairs/s':>10}{'peak RSS MB':>13}{'ref copy':>10}")
     for which, r in results.items():
         r["pps"] = r["pairs"] / r["seconds"]
