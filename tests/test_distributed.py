@@ -35,7 +35,10 @@ def _tree(model_dir: Path, data: Path, out: Path, **train) -> dict:
 
 
 def _env(cache: Path) -> dict:
-    return {**os.environ, "LMFORGE_CACHE": str(cache), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # DeepSpeed compiles a small communication op on first use (about a minute): keep it across test runs
+    ext = os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "lmforge" / "torch_extensions"))
+    return {**os.environ, "LMFORGE_CACHE": str(cache), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+            "TORCH_EXTENSIONS_DIR": ext}
 
 
 def _run(cmd: list[str], cache: Path) -> subprocess.CompletedProcess:

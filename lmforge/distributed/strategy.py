@@ -2,7 +2,7 @@
 
 The engines do the work: accelerate creates the process group, the Trainer wraps the model (DDP, FSDP2 or
 a DeepSpeed engine). lmforge creates the accelerate state itself, before the Trainer, for two reasons the
-engines get silently wrong on CPU (see NOTES.md "Distributed on CPU"):
+engines get silently wrong on CPU (measured; see docs/distributed.md):
   * DeepSpeed with several CPU processes needs the process group created first (gloo) and the Trainer told
     to use it (``use_configured_state``);
   * accelerate selects FSDP only on accelerator devices and quietly keeps DDP on CPU, although torch FSDP2
