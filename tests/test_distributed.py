@@ -337,6 +337,7 @@ def build(path):
     return rank
 
 assert build(sys.argv[1]) == rank
+dist.barrier()  # nobody tears the group down while another rank still uses it
 dist.destroy_process_group()
 """
 
