@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
 
@@ -52,8 +51,6 @@ def main(argv: list[str] | None = None) -> int:
     # lmforge shows its own progress (training, generation); the libraries' per-file bars are noise here
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    # bitsandbytes warns at import that it cannot fetch an optional kernel from a hub; lmforge never downloads
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
