@@ -82,8 +82,10 @@ def plot_metrics(rows: list[dict], out: Path) -> None:
 class OutputsCallback(TrainerCallback):
     """Writes metrics.jsonl (one object per log), refreshes plots/loss.png, shows a progress bar."""
 
-    def __init__(self, output_dir: str, counter: TokenCounter, accelerator_getter, show_progress: bool = True):
+    def __init__(self, output_dir: str, counter: TokenCounter, accelerator_getter, show_progress: bool = True,
+                 perplexity: bool = True):
         self.dir = Path(output_dir)
+        self.perplexity = perplexity
         self.counter = counter
         self.get_acc = accelerator_getter
         self.show_progress = show_progress
@@ -122,7 +124,7 @@ class OutputsCallback(TrainerCallback):
             if d_sec > 0 and d_tok > 0:
                 logs["tokens_per_second"] = round(d_tok / d_sec, 2)
             self._last = (tokens, self.train_seconds)
-        if "eval_loss" in logs and "eval_perplexity" not in logs:
+        if self.perplexity and "eval_loss" in logs and "eval_perplexity" not in logs:
             logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
         for k, v in logs.items():
             if k in ("total_flos",):
@@ -180,6 +182,7 @@ def write_report(output_dir: str | Path, cfg_summary: dict, data_lines: list[str
         lines.append(f"- tokens/s (non-padding, all ranks): median {sorted(speeds)[len(speeds) // 2]:.1f}")
     if evals:
         e = evals[-1]
-        lines.append(f"- last eval (step {e['step']}): eval_loss {e['eval_loss']:.4f}, perplexity {math.exp(min(e['eval_loss'], 50)):.2f}")
+        ppl = f", perplexity {e['eval_perplexity']:.2f}" if "eval_perplexity" in e else ""
+        lines.append(f"- last eval (step {e['step']}): eval_loss {e['eval_loss']:.4f}{ppl}")
     lines += ["", "![loss](plots/loss.png)", ""]
     (out / "report.md").write_text("\n".join(lines))

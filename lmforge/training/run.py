@@ -74,6 +74,7 @@ def load_model_and_tokenizer(cfg: Config, auto_class=None, task_type: str = "CAU
     adapter_dir = None
     if model_dir is not None and is_adapter_dir(model_dir):
         adapter_dir, model_dir = model_dir, resolve_model_path(adapter_base(model_dir))
+        prec = Precision(prec.compute, prec.compute)  # a continued adapter: the frozen base stays in compute dtype
     if cfg.model.train_tokenizer is not None:
         from lmforge.data.prepare import training_texts
 
@@ -143,7 +144,8 @@ def training_args(cfg: Config, prec: Precision, has_eval: bool, args_cls=None, *
 
 def outputs_callback(cfg: Config, trainer_ref: list) -> tuple[OutputsCallback, TokenCounter]:
     counter = TokenCounter()
-    cb = OutputsCallback(cfg.train.output_dir, counter, lambda: trainer_ref[0].accelerator if trainer_ref else None)
+    cb = OutputsCallback(cfg.train.output_dir, counter, lambda: trainer_ref[0].accelerator if trainer_ref else None,
+                         perplexity=cfg.method in ("pretrain", "sft", "mlm"))  # eval_loss is a token NLL only there
     return cb, counter
 
 
@@ -187,5 +189,5 @@ def run_trainer(trainer, cfg: Config, tokenizer, resume: str | None, data_lines:
         tokenizer.save_pretrained(out)
         write_report(out, {"method": cfg.method, "model": cfg.model.name_or_path or "from scratch",
                            "adapter": cfg.peft.kind, "max_steps": trainer.state.global_step}, data_lines)
-        log(f"final {'adapter' if cfg.peft.kind != 'none' else 'model'} saved to {out}")
+        log(f"final {'adapter' if hasattr(trainer.model, 'peft_config') else 'model'} saved to {out}")
     return out
