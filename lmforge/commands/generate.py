@@ -18,7 +18,7 @@ def add_generation_options(p) -> None:
     p.add_argument("--eos-token-id", action="append", type=int, default=[], metavar="ID",
                    help="extra token id that ends a completion (repeatable), beside the model's EOS")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling (reproducible for the same input and batch size)")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per generate call (larger amortises weight reads)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
                    help="weights dtype; auto = bfloat16 where the CPU/GPU runs it fast, else float32")
 
