@@ -21,24 +21,12 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from transformers import TrainerCallback
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import StepTimer  # noqa: E402
 
 BATCH, MAX_LENGTH, BETA, SEED = 4, 192, 0.1, 0
-
-
-class StepTimer(TrainerCallback):
-    def __init__(self):
-        self.seconds, self.steps, self._t = 0.0, 0, None
-
-    def on_step_begin(self, args, state, control, **kw):
-        self._t = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kw):
-        self.seconds += time.perf_counter() - self._t
-        self.steps += 1
 
 
 def _lr(peft: str) -> float:

@@ -17,22 +17,10 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from transformers import TrainerCallback
-
-
-class StepTimer(TrainerCallback):
-    def __init__(self):
-        self.seconds, self.steps, self._t = 0.0, 0, None
-
-    def on_step_begin(self, args, state, control, **kw):
-        self._t = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kw):
-        self.seconds += time.perf_counter() - self._t
-        self.steps += 1
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import StepTimer  # noqa: E402
 
 
 def _rows_tokens(tokenizer, rows) -> int:
