@@ -25,24 +25,9 @@ def add_parser(sub, formatter):
 
 
 def _tokenizer_and_packing(cfg):
-    from lmforge.data.tokenize import Encoder  # noqa: F401  (fail early on a slow tokenizer)
-    from lmforge.models import finalize_tokenizer, load_tokenizer, resolve_model_path, train_bpe_tokenizer
+    from lmforge.training.run import resolve_model_and_tokenizer
 
-    if cfg.model.train_tokenizer is not None:
-        from pathlib import Path
-
-        from lmforge.data.prepare import training_texts
-
-        tt = cfg.model.train_tokenizer
-        tok = finalize_tokenizer(train_bpe_tokenizer(training_texts(cfg), tt.vocab_size, tt.min_frequency,
-                                                     Path(cfg.train.output_dir) / ".tokenizer"))
-    else:
-        from lmforge.models import adapter_base, is_adapter_dir
-
-        model_dir = resolve_model_path(cfg.model.name_or_path) if cfg.model.name_or_path else None
-        if model_dir is not None and is_adapter_dir(model_dir) and not (model_dir / "tokenizer_config.json").exists():
-            model_dir = resolve_model_path(adapter_base(model_dir))
-        tok = load_tokenizer(cfg.model, model_dir)
+    _, _, tok = resolve_model_and_tokenizer(cfg)
     packed = cfg.data.packing is not False and cfg.method in ("pretrain", "sft") and cfg.peft.kind != "prompt_tuning"
     return tok, packed
 

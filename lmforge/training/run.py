@@ -67,14 +67,15 @@ def precision_for(cfg: Config) -> Precision:
 
 
 # ------------------------------------------------------------------------------------ model + tokenizer
-def load_model_and_tokenizer(cfg: Config, auto_class=None, task_type: str = "CAUSAL_LM"):
-    """Returns (model with adapters applied, tokenizer, precision). Starting from an adapter dir continues it."""
-    prec = precision_for(cfg)
+def resolve_model_and_tokenizer(cfg: Config):
+    """(model_dir, adapter_dir, tokenizer) for a config, without loading weights (also used by prepare/inspect).
+
+    An adapter directory as model.name_or_path continues that adapter on its base; its own tokenizer wins.
+    """
     model_dir = resolve_model_path(cfg.model.name_or_path) if cfg.model.name_or_path else None
     adapter_dir = None
     if model_dir is not None and is_adapter_dir(model_dir):
         adapter_dir, model_dir = model_dir, resolve_model_path(adapter_base(model_dir))
-        prec = Precision(prec.compute, prec.compute)  # a continued adapter: the frozen base stays in compute dtype
     if cfg.model.train_tokenizer is not None:
         from lmforge.data.prepare import training_texts
 
@@ -84,6 +85,15 @@ def load_model_and_tokenizer(cfg: Config, auto_class=None, task_type: str = "CAU
     else:
         tokenizer = load_tokenizer(cfg.model, adapter_dir if adapter_dir and not cfg.model.tokenizer and
                                    (adapter_dir / "tokenizer_config.json").exists() else model_dir)
+    return model_dir, adapter_dir, tokenizer
+
+
+def load_model_and_tokenizer(cfg: Config, auto_class=None, task_type: str = "CAUSAL_LM"):
+    """Returns (model with adapters applied, tokenizer, precision). Starting from an adapter dir continues it."""
+    prec = precision_for(cfg)
+    model_dir, adapter_dir, tokenizer = resolve_model_and_tokenizer(cfg)
+    if adapter_dir is not None:
+        prec = Precision(prec.compute, prec.compute)  # a continued adapter: the frozen base stays in compute dtype
     extra = quantization_kwargs(cfg.peft, prec.compute) if model_dir is not None else {}
     model = load_model(cfg.model, model_dir, tokenizer, auto_class=auto_class, seed=cfg.train.seed,
                        dtype=prec.weights, **extra)
