@@ -161,9 +161,6 @@ class EvalConfig:
     max_samples: int = _f(64, "eval rows used for generation metrics")
 
 
-METHODS = ("pretrain", "sft", "dpo", "orpo", "kto", "mlm")
-
-
 @dataclass
 class Config:
     method: Literal["pretrain", "sft", "dpo", "orpo", "kto", "mlm"] = _f("sft", "training method")

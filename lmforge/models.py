@@ -109,7 +109,10 @@ def import_gguf(gguf: Path) -> Path:
         model.to(torch.bfloat16).save_pretrained(tmp)  # bf16 halves the cache; GGUF Q4 has no more precision
         model.generation_config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
+        if target.exists():  # another process imported it first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

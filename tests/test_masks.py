@@ -1,5 +1,6 @@
 """Loss masks equal hand-built ones: prompt/completion, and a 3-turn chat under two chat templates."""
 
+import pytest
 from transformers import AutoTokenizer
 
 from lmforge.data.tokenize import IGNORE, Encoder
@@ -49,38 +50,34 @@ def _hand_built_chat(tok, turns_text: list[tuple[str, bool]]):
     return ids, labels
 
 
-def test_chat_mask_chatml(tiny_tokenizer_dir):
-    tok = _tok(tiny_tokenizer_dir)
-    eos = tok.eos_token  # our ChatML template ends every turn with EOS
-    segments = [
-        (f"<|im_start|>system\nbe brief{eos}\n<|im_start|>user\nname the fox{eos}\n<|im_start|>assistant\n", False),
-        (f"the quick fox{eos}", True),
-        (f"\n<|im_start|>user\nand the dog{eos}\n<|im_start|>assistant\n", False),
-        (f"a lazy dog{eos}", True),
-        (f"\n<|im_start|>user\ncity{eos}\n<|im_start|>assistant\n", False),
-        (f"Lyon{eos}", True),
-        ("\n", False),
-    ]
-    ids, labels = _hand_built_chat(tok, segments)
-    enc = Encoder(tok).chat(CHAT)
-    assert enc.input_ids == ids
-    assert enc.labels == labels
+# Hand-written renderings of CHAT, as (text, carries loss) segments; {eos} stands for the tokenizer's EOS.
+CHATML_SEGMENTS = [
+    ("<|im_start|>system\nbe brief{eos}\n<|im_start|>user\nname the fox{eos}\n<|im_start|>assistant\n", False),
+    ("the quick fox{eos}", True),
+    ("\n<|im_start|>user\nand the dog{eos}\n<|im_start|>assistant\n", False),
+    ("a lazy dog{eos}", True),
+    ("\n<|im_start|>user\ncity{eos}\n<|im_start|>assistant\n", False),
+    ("Lyon{eos}", True),
+    ("\n", False),
+]
+ZEPHYR_SEGMENTS = [
+    ("<|system|>\nbe brief\n<|user|>\nname the fox\n<|assistant|>\n", False),
+    ("the quick fox{eos}", True),
+    ("\n<|user|>\nand the dog\n<|assistant|>\n", False),
+    ("a lazy dog{eos}", True),
+    ("\n<|user|>\ncity\n<|assistant|>\n", False),
+    ("Lyon{eos}", True),
+    ("\n", False),
+]
 
 
-def test_chat_mask_second_template(tiny_tokenizer_dir):
+@pytest.mark.parametrize("template,segments", [(None, CHATML_SEGMENTS), (ZEPHYR, ZEPHYR_SEGMENTS)],
+                         ids=["chatml", "zephyr"])
+def test_chat_mask_equals_hand_built(tiny_tokenizer_dir, template, segments):
     tok = _tok(tiny_tokenizer_dir)
-    tok.chat_template = ZEPHYR
-    eos = tok.eos_token
-    segments = [
-        ("<|system|>\nbe brief\n<|user|>\nname the fox\n<|assistant|>\n", False),
-        (f"the quick fox{eos}", True),
-        ("\n<|user|>\nand the dog\n<|assistant|>\n", False),
-        (f"a lazy dog{eos}", True),
-        ("\n<|user|>\ncity\n<|assistant|>\n", False),
-        (f"Lyon{eos}", True),
-        ("\n", False),
-    ]
-    ids, labels = _hand_built_chat(tok, segments)
+    if template is not None:
+        tok.chat_template = template  # None: our trained tokenizer's ChatML, which ends every turn with EOS
+    ids, labels = _hand_built_chat(tok, [(text.format(eos=tok.eos_token), loss) for text, loss in segments])
     enc = Encoder(tok).chat(CHAT)
     assert enc.input_ids == ids
     assert enc.labels == labels

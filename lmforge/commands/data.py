@@ -12,7 +12,6 @@ def add_parser(sub, formatter):
                        formatter_class=formatter)
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    p.set_defaults(_inspect=False)
     q = sub.add_parser("inspect", help="print processed samples with the loss-carrying tokens marked",
                        formatter_class=formatter)
     q.add_argument("config", help="YAML config file")

@@ -89,9 +89,8 @@ class CausalCollator:
         batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
         if self.packed:
             float_dtype = torch.float32 if self.attn == "eager" else None
-            if self.attn == "flash_attention_2":
-                pass  # flash-attention finds sample boundaries from the restarting position_ids itself
-            else:
+            # flash-attention finds sample boundaries from the restarting position_ids itself
+            if self.attn != "flash_attention_2":
                 batch["attention_mask"] = block_causal_mask(seg, float_dtype)
         else:
             batch["attention_mask"] = (seg >= 0).long()
