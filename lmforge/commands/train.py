@@ -28,5 +28,8 @@ def run(args) -> int:
     cfg = load_config(args.config, args.overrides)
     if launch.wants_launch(args):  # --nproc-per-node: run this command again under torchrun
         return launch.relaunch(args, cfg)
+    from lmforge.distributed import strategy
+
     get_method(cfg.method)(cfg)
+    strategy.teardown()
     return 0

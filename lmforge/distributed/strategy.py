@@ -57,6 +57,15 @@ def setup(cfg) -> None:
         PartialState(cpu=not torch.cuda.is_available(), backend=backend(), timeout=TIMEOUT)
 
 
+def teardown() -> None:
+    """Leave the process group together: a rank that exits while gloo's threads still run aborts (SIGABRT)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _deepspeed_environment() -> None:
     from lmforge.models import cache_root
 
