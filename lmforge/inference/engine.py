@@ -1,12 +1,11 @@
-"""The serving engine: a background thread that batches concurrent requests into one ``generate`` call.
+"""The serving engine: a background thread that decodes concurrent requests together.
 
-Requests wait in a queue; the thread takes everything waiting (up to ``max_batch_size``), groups requests
-whose sampling settings agree, and runs each group as one left-padded batch. Rows keep their own
-max_new_tokens (a per-row stopping criterion) and stream their tokens as they are produced (a batch-aware
-streamer), so a batch of 32 chats costs about as many forward passes as one.
-
-transformers has continuous batching (``generate_batch``), but it has no streaming and is built around
-paged attention on GPUs; static batches per wave of requests are simple and fast on CPU.
+Requests wait in a queue. For decoder-only models the thread runs lmforge's decode loop
+(lmforge.inference.decode) with the queue as its source: waiting requests join the running batch as soon
+as there is room, a finished one leaves at once, each keeps its own max_tokens, sampling settings and seed,
+and tokens are streamed as they come. So 32 concurrent chats cost about as many forward passes as one, and
+a new request does not wait for a long one to end. Beam search and encoder-decoder models run as static
+``generate`` batches (a batch-aware streamer streams them).
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ import random
 import threading
 from dataclasses import dataclass, field
 
+from lmforge.inference import decode
 from lmforge.inference.generate import GenerationOptions, Generator, cut_at_stop
 
 
@@ -86,17 +86,20 @@ class Engine:
     def __init__(self, generator: Generator, max_batch_size: int = 32, gather_seconds: float = 0.01):
         self.generator = generator
         self.max_batch_size = max_batch_size
-        self.gather_seconds = gather_seconds  # how long to wait for more requests to join a batch
+        self.gather_seconds = gather_seconds  # how long an idle engine waits for more requests to join
         self.queue: queue.Queue[Job] = queue.Queue()
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="lmforge-engine", daemon=True)
-        self.batches: list[int] = []  # sizes of the batches run (for tests and logs)
+        self.batches: list[int] = []  # sizes of the groups of requests started together (for tests and logs)
+        self.decoder = None
+        if decode.supports(generator.model):
+            self.decoder = decode.Decoder(generator.model, generator.tok, max_batch_size)
 
     def start(self) -> None:
         self.thread.start()
 
     def stop(self) -> None:
-        """Finish the batch in progress, fail whatever still waits, and end the thread."""
+        """Finish the requests in progress, fail whatever still waits, and end the thread."""
         self.stopping.set()
         self.thread.join(timeout=60)
         while not self.queue.empty():
@@ -107,28 +110,63 @@ class Engine:
             job.opts.seed = random.randrange(2**31)
         self.queue.put(job)
 
-    def _gather(self) -> list[Job]:
+    def largest_batch(self) -> int:
+        return max(self.decoder.peak if self.decoder else 0, max(self.batches, default=0))
+
+    def _gather(self, limit: int, wait: bool) -> list[Job]:
+        """Up to ``limit`` waiting jobs; when ``wait``, block a little for the first and let a burst gather."""
         try:
-            jobs = [self.queue.get(timeout=0.1)]
+            jobs = [self.queue.get(timeout=0.1) if wait else self.queue.get_nowait()]
         except queue.Empty:
             return []
-        while len(jobs) < self.max_batch_size:
+        while len(jobs) < limit:
             try:
-                jobs.append(self.queue.get(timeout=self.gather_seconds))
+                jobs.append(self.queue.get(timeout=self.gather_seconds) if wait else self.queue.get_nowait())
             except queue.Empty:
                 break
         return jobs
 
     def _loop(self) -> None:
+        if self.decoder is not None:
+            self.decoder.run(self._take, on_token=self._on_token, on_done=self._on_done)
+            return
         while not self.stopping.is_set():
-            jobs = self._gather()
-            groups: dict[tuple, list[Job]] = {}
-            for job in jobs:
-                groups.setdefault(job.group_key(), []).append(job)
-            for group in groups.values():
-                self._run(group)
+            self._run_static(self._gather(self.max_batch_size, wait=True))
 
-    def _run(self, jobs: list[Job]) -> None:
+    # ------------------------------------------------------------------- the decode loop's source and sinks
+    def _take(self, limit: int, wait: bool):
+        if self.stopping.is_set():
+            return None  # the loop finishes what it has, then returns
+        seqs = []
+        for job in self._gather(limit, wait):
+            if job.opts.num_beams > 1:  # beam search is transformers generate's; it runs now, on its own
+                self._run_static([job])
+                continue
+            seqs.append(decode.Sequence(job.prompt, job.opts, frozenset(self.generator.eos_ids(job.opts)), job))
+        if seqs:
+            self.batches.append(len(seqs))
+        return seqs
+
+    def _on_token(self, seq: decode.Sequence, token: int) -> None:
+        job = seq.handle
+        if job.stream and token not in seq.eos:
+            text = stream_safe_text(self.generator.tok.decode(seq.ids, skip_special_tokens=True), job.opts.stop)
+            if text.startswith(job.sent) and len(text) > len(job.sent):
+                job.emit("delta", text[len(job.sent):])
+                job.sent = text
+
+    def _on_done(self, seq: decode.Sequence) -> None:
+        seq.handle.emit("done", self.generator.completion(seq))
+
+    # ------------------------------------------------------------------- static batches (generate)
+    def _run_static(self, jobs: list[Job]) -> None:
+        groups: dict[tuple, list[Job]] = {}
+        for job in jobs:
+            groups.setdefault(job.group_key(), []).append(job)
+        for group in groups.values():
+            self._run_group(group)
+
+    def _run_group(self, jobs: list[Job]) -> None:
         opts = jobs[0].opts
         streamer = None
         if opts.num_beams == 1:  # transformers cannot stream beam search

@@ -7,7 +7,7 @@ the generation prompt). Each result has the text, why it stopped (``stop``: an E
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import StoppingCriteria
@@ -77,7 +77,7 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
 
 
 class Generator:
-    """Runs batches of token-id prompts through ``model.generate`` and decodes the results."""
+    """Runs token-id prompts through lmforge's decode loop or ``model.generate`` and decodes the results."""
 
     def __init__(self, loaded: LoadedModel):
         self.loaded = loaded
@@ -134,48 +134,60 @@ class Generator:
         eos = set(self.eos_ids(opts))
         return [self._decode(row.tolist()[:n], eos, opts.stop, len(p)) for row, p, n in zip(new, prompts, limits)]
 
+    def generate_all(self, prompts: list[list[int]], opts: GenerationOptions, batch_size: int,
+                     continuous: bool = True, on_row=None) -> list[Completion]:
+        """All ``prompts``, results in input order: through the decode loop with up to ``batch_size`` rows
+        decoding at once where it applies (``continuous``), else in length-sorted ``generate`` batches of
+        ``batch_size`` (longest first, so a memory problem shows at once). ``on_row()`` follows each row."""
+        if continuous and self.can_batch_continuously(opts):
+            return self.generate_continuous(prompts, opts, batch_size, on_row)
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        results: list[Completion | None] = [None] * len(prompts)
+        for b in range(0, len(order), batch_size):
+            idx = order[b:b + batch_size]
+            for i, c in zip(idx, self.generate([prompts[i] for i in idx], replace(opts, seed=opts.seed + b))):
+                results[i] = c
+                if on_row is not None:
+                    on_row()
+        return results  # type: ignore[return-value]
+
     def can_batch_continuously(self, opts: GenerationOptions) -> bool:
-        """transformers' continuous batching covers decoder-only greedy and sampling, not beam search."""
-        return not self.loaded.is_encoder_decoder and opts.num_beams == 1 and hasattr(self.model, "generate_batch")
+        """lmforge's decode loop covers decoder-only models with full attention, greedy and sampling."""
+        from lmforge.inference import decode
 
-    # no inference_mode here: the scheduler thread updates tensors made on this thread, which inference
-    # tensors forbid; generate_batch runs under no_grad itself
-    def generate_continuous(self, prompts: list[list[int]], opts: GenerationOptions,
-                            max_requests: int = 64) -> list[Completion]:
-        """All ``prompts`` through transformers' continuous batching (``generate_batch``): a finished sequence
-        leaves the batch at once and a waiting one takes its place, so mixed output lengths waste no steps
-        on finished rows the way one static batch does. Stop strings are applied when decoding."""
-        import logging
+        return decode.supports(self.model, opts)
 
-        from transformers.utils import logging as hf_logging
+    def sequences(self, prompts: list[list[int]], opts: GenerationOptions, handles=None) -> list:
+        """Decode-loop sequences for ``prompts``: prompt i samples with seed ``opts.seed + i``, so a seeded
+        run gives the same text whatever the batch size."""
+        from lmforge.inference.decode import Sequence
 
-        config = self.generation_config(GenerationOptions(**{**opts.__dict__, "stop": []}))
-        torch.manual_seed(opts.seed)
-        level = hf_logging.get_verbosity()
-        hf_logging.set_verbosity(logging.ERROR)  # it logs every scheduler decision at INFO/WARNING
-        try:
-            out = self.model.generate_batch(prompts, generation_config=config, progress_bar=False,
-                                            continuous_batching_config=self._cb_config(prompts, opts, max_requests))
-        finally:
-            hf_logging.set_verbosity(level)
-        results = list(out.values())
-        failed = [r for r in results if r.error is not None]
-        if failed or len(results) != len(prompts):
-            raise RuntimeError(f"continuous batching failed: {failed[0].error if failed else 'missing results'}")
-        eos = set(self.eos_ids(opts))
-        return [self._decode(list(r.generated_tokens), eos, opts.stop, len(p)) for r, p in zip(results, prompts)]
+        eos = frozenset(self.eos_ids(opts))
+        handles = handles if handles is not None else range(len(prompts))
+        return [Sequence(p, replace(opts, seed=opts.seed + i), eos, handle=h)
+                for i, (p, h) in enumerate(zip(prompts, handles))]
 
-    @staticmethod
-    def _cb_config(prompts: list[list[int]], opts: GenerationOptions, max_requests: int):
-        """Size the paged KV cache for this workload. Left to itself, transformers sizes it from free memory,
-        which on a CPU host means most of the machine's RAM (seen: 13 GB and an OOM kill)."""
-        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+    def generate_continuous(self, prompts: list[list[int]], opts: GenerationOptions, max_batch: int = 64,
+                            on_row=None) -> list[Completion]:
+        """All ``prompts`` through the decode loop (continuous batching, see lmforge.inference.decode), up to
+        ``max_batch`` decoding at once; longest prompts are admitted first. Results in input order."""
+        from lmforge.inference.decode import Decoder
 
-        page = 64
-        per_request = [-(-(len(p) + opts.max_new_tokens) // page) for p in prompts]  # pages, rounded up
-        busiest = sum(sorted(per_request, reverse=True)[:max_requests])  # enough for max_requests at once
-        return ContinuousBatchingConfig(page_size=page, num_blocks=busiest + 4, max_batch_tokens=2048,
-                                        max_requests_per_batch=max_requests)
+        seqs = self.sequences(prompts, opts)
+        waiting = sorted(seqs, key=lambda s: -len(s.prompt))
+
+        def source(n: int, wait: bool):
+            if not waiting:
+                return None
+            taken = waiting[:n]
+            del waiting[:n]
+            return taken
+
+        Decoder(self.model, self.tok, max_batch).run(source, on_done=on_row and (lambda seq: on_row()))
+        return [self.completion(s) for s in seqs]
+
+    def completion(self, seq) -> Completion:
+        return self._decode(seq.ids, seq.eos, seq.opts.stop, len(seq.prompt))
 
     def _decode(self, ids: list[int], eos: set[int], stops: list[str], prompt_tokens: int) -> Completion:
         end = next((i for i, t in enumerate(ids) if t in eos), None)

@@ -106,9 +106,9 @@ class Api:
                     raise HTTPException(400, f"prompt ({len(p)} tokens) + max_tokens ({max_tokens}) exceeds the "
                                              f"model's context of {self.context}")
                 opts.max_new_tokens = self.context - len(p)
-            for _ in range(req.n):
-                jobs.append(Job(p, GenerationOptions(**opts.__dict__), loop, events, index=len(jobs),
-                                seeded=req.seed is not None, stream=req.stream))
+            for _ in range(req.n):  # choice i of a seeded request samples with seed + i, so the n choices differ
+                jobs.append(Job(p, GenerationOptions(**{**opts.__dict__, "seed": opts.seed + len(jobs)}), loop,
+                                events, index=len(jobs), seeded=req.seed is not None, stream=req.stream))
         for job in jobs:
             self.engine.submit(job)
         return jobs, events
@@ -188,7 +188,8 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, defaul
     @app.get("/health")
     async def health():
         batches = engine.batches
-        return {"status": "ok", "batches": len(batches), "requests": sum(batches), "largest_batch": max(batches, default=0)}
+        return {"status": "ok", "batches": len(batches), "requests": sum(batches),
+                "largest_batch": engine.largest_batch()}
 
     @app.get("/v1/models", dependencies=[Depends(api.check_key)])
     async def models():

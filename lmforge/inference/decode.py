@@ -1,0 +1,237 @@
+"""lmforge's decode loop for decoder-only models: continuous batching on the model's own forward and KV cache.
+
+Why not transformers ``generate``: it keeps every row of a batch until the longest one ends, so with mixed
+output lengths most steps compute rows that have already finished, and a new prompt waits for the whole
+batch. Here a finished row leaves the batch at once (its KV cache rows are dropped) and waiting prompts
+join as soon as there is room (their prefilled cache is left-padded to the batch's length and concatenated),
+so the batch stays full of live rows. The forward pass, the KV cache (``DynamicCache``), the attention masks
+and the sampling warpers are transformers' own; what is written here is only the scheduling around them.
+
+Each sequence samples with its own seeded generator, so a seeded sequence gives the same tokens whatever
+else shares its batch. Beam search and encoder-decoder models stay on ``generate`` (see ``supports``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from lmforge.inference.generate import GenerationOptions
+
+
+@dataclass
+class Sequence:
+    """One prompt in the loop. ``ids`` are its generated tokens (up to and including a final EOS)."""
+
+    prompt: list[int]
+    opts: GenerationOptions
+    eos: frozenset[int]
+    handle: object = None  # the caller's reference (a row index, a server job)
+    ids: list[int] = field(default_factory=list)
+    finished: bool = False
+    generator: torch.Generator | None = None
+
+    def sampling_key(self) -> tuple:
+        o = self.opts
+        return (o.temperature, o.top_k, o.top_p) if o.do_sample and o.temperature > 0 else ()
+
+
+# source(n, wait) hands out up to n new sequences: [] = none right now (ask again later), None = no more will
+# come. wait is True when nothing is decoding, so the source may block for a while instead of returning [].
+Source = Callable[[int, bool], "list[Sequence] | None"]
+
+
+def supports(model, opts: GenerationOptions | None = None) -> bool:
+    """Decoder-only models whose cache is plain full attention (merging caches needs every layer alike),
+    and no beam search."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    if model.config.is_encoder_decoder or (opts is not None and opts.num_beams > 1):
+        return False
+    try:
+        cache = DynamicCache(config=model.config)
+    except Exception:  # models with caches of their own kind (state-space, hybrid)
+        return False
+    return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+class Decoder:
+    """Runs sequences from a source to the end, keeping up to ``max_batch`` of them decoding together.
+
+    New sequences are admitted when a quarter of the slots are free (or the batch is empty): admitting
+    costs one prefill and a copy of the cache, so it is done for several sequences at once.
+    """
+
+    def __init__(self, model, tokenizer, max_batch: int = 64, prefill_tokens: int = 8192):
+        self.model, self.tokenizer = model, tokenizer
+        self.device = next(model.parameters()).device
+        self.max_batch = max_batch
+        self.prefill_tokens = prefill_tokens  # padded tokens per prefill forward (bounds its activations)
+        self.steps = 0  # decode forwards run (for tests and logs)
+        self.peak = 0  # most rows decoding at once
+
+    @torch.inference_mode()
+    def run(self, source: Source, on_token: Callable[[Sequence, int], None] | None = None,
+            on_done: Callable[[Sequence], None] | None = None) -> None:
+        live: list[Sequence] = []
+        state = None  # (cache, attention mask (B, L), next positions (B,), last tokens (B,))
+        exhausted = False
+        while True:
+            free = self.max_batch - len(live)
+            if not exhausted and (not live or free >= max(1, self.max_batch // 4)):
+                new = source(free, not live)
+                if new is None:
+                    exhausted = True
+                elif new:
+                    for seq in new:
+                        seq.generator = torch.Generator(device=self.device).manual_seed(seq.opts.seed)
+                    live, state = self._admit(live, state, new, on_token, on_done)
+            if not live:
+                if exhausted:
+                    return
+                continue  # the source had nothing yet (it waited inside source())
+            live, state = self._step(live, state, on_token, on_done)
+
+    # ------------------------------------------------------------------------------------- internals
+    def _forward(self, input_ids, mask, positions, cache, last_only: bool):
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1 if last_only else 0)
+        return out.logits[:, -1, :].float()
+
+    def _prefill(self, seqs: list[Sequence]):
+        """Left-padded prefill of ``seqs`` in chunks of about ``prefill_tokens`` padded tokens.
+        Returns one (cache, mask, next positions) per chunk and the last-position logits of all rows."""
+        from transformers import DynamicCache
+
+        parts, logits = [], []
+        start = 0
+        while start < len(seqs):
+            end, width = start + 1, len(seqs[start].prompt)
+            while end < len(seqs) and (end + 1 - start) * max(width, len(seqs[end].prompt)) <= self.prefill_tokens:
+                width = max(width, len(seqs[end].prompt))
+                end += 1
+            chunk = seqs[start:end]
+            ids = torch.zeros(len(chunk), width, dtype=torch.long)
+            mask = torch.zeros(len(chunk), width, dtype=torch.long)
+            for i, s in enumerate(chunk):
+                ids[i, width - len(s.prompt):] = torch.tensor(s.prompt)
+                mask[i, width - len(s.prompt):] = 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            cache = DynamicCache(config=self.model.config)
+            logits.append(self._forward(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache, last_only=True))
+            parts.append((cache, mask, mask.sum(-1)))
+            start = end
+        return parts, torch.cat(logits)
+
+    def _admit(self, live, state, new, on_token, on_done):
+        parts, logits = self._prefill(new)
+        firsts = self._pick(new, logits).split([mask.shape[0] for _, mask, _ in parts])
+        states = ([state] if state is not None else []) + [(*p, t) for p, t in zip(parts, firsts)]
+        return self._advance(live + new, _merge(states), on_token, on_done, fresh=len(new))
+
+    def _step(self, live, state, on_token, on_done):
+        cache, mask, positions, last = state
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        logits = self._forward(last[:, None], mask, positions[:, None], cache, last_only=False)
+        self.steps += 1
+        self.peak = max(self.peak, len(live))
+        state = (cache, mask, positions + 1, self._pick(live, logits))
+        return self._advance(live, state, on_token, on_done, fresh=len(live))
+
+    def _advance(self, live, state, on_token, on_done, fresh: int):
+        """Record the newest token (the state's last tokens) of the last ``fresh`` rows, finish the rows that
+        are done, and drop them from the batch."""
+        values = state[3].tolist()
+        keep = []
+        for i, seq in enumerate(live):
+            if i >= len(live) - fresh:
+                token = values[i]
+                seq.ids.append(token)
+                if on_token is not None:
+                    on_token(seq, token)
+                if token in seq.eos or len(seq.ids) >= seq.opts.max_new_tokens or self._hit_stop(seq):
+                    seq.finished = True
+                    if on_done is not None:
+                        on_done(seq)
+            if not seq.finished:
+                keep.append(i)
+        if len(keep) == len(live):
+            return live, state
+        if not keep:
+            return [], None
+        return [live[i] for i in keep], _select(state, keep)
+
+    def _hit_stop(self, seq: Sequence) -> bool:
+        """Whether the text generated so far contains a stop string; decoding a tail of tokens is enough
+        (a character is at most 4 byte-level tokens)."""
+        if not seq.opts.stop:
+            return False
+        longest = max(len(s) for s in seq.opts.stop)
+        tail = self.tokenizer.decode(seq.ids[-(4 * longest + 2):], skip_special_tokens=True)
+        return any(s in tail for s in seq.opts.stop if s)
+
+    def _pick(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        """Next token per row: argmax for greedy rows; for sampling rows transformers' temperature, top-k and
+        top-p warpers (per group of equal settings), then a draw from the row's own generator."""
+        from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                             TopPLogitsWarper)
+
+        tokens = logits.argmax(-1)
+        groups: dict[tuple, list[int]] = {}
+        for i, s in enumerate(seqs):
+            key = s.sampling_key()
+            if key:
+                groups.setdefault(key, []).append(i)
+        for (temperature, top_k, top_p), rows in groups.items():
+            idx = torch.tensor(rows, device=logits.device)
+            scores = TemperatureLogitsWarper(temperature)(None, logits[idx])
+            if top_k:
+                scores = TopKLogitsWarper(top_k)(None, scores)
+            if top_p < 1.0:
+                scores = TopPLogitsWarper(top_p)(None, scores)
+            probs = scores.softmax(-1)
+            for j, row in enumerate(rows):
+                tokens[row] = torch.multinomial(probs[j], 1, generator=seqs[row].generator)[0]
+        return tokens
+
+
+def _select(state, keep: list[int]):
+    """Keep rows ``keep`` of the batch state, and drop leading columns that are padding in every row."""
+    cache, mask, positions, last = state
+    idx = torch.tensor(keep, dtype=torch.long, device=mask.device)
+    mask = mask[idx]
+    cache.batch_select_indices(idx)
+    real = mask.any(0).nonzero()
+    first = int(real[0]) if len(real) else 0
+    if first > 0:
+        mask = mask[:, first:]
+        for layer in cache.layers:
+            layer.keys = layer.keys[:, :, first:]
+            layer.values = layer.values[:, :, first:]
+    return cache, mask, positions[idx], last[idx]
+
+
+def _merge(states: list[tuple]):
+    """Concatenate batch states along the batch: each is left-padded (cache and mask) to the longest."""
+    if len(states) == 1:
+        return states[0]
+    width = max(s[1].shape[1] for s in states)
+    target = states[0][0]
+    masks = []
+    for li, layer in enumerate(target.layers):
+        keys, values = [], []
+        for cache, mask, _, _ in states:
+            k, v = cache.layers[li].keys, cache.layers[li].values
+            pad = width - k.shape[2]
+            if pad:
+                k = torch.cat([k.new_zeros(k.shape[0], k.shape[1], pad, k.shape[3]), k], dim=2)
+                v = torch.cat([v.new_zeros(v.shape[0], v.shape[1], pad, v.shape[3]), v], dim=2)
+            keys.append(k)
+            values.append(v)
+        layer.keys, layer.values = torch.cat(keys), torch.cat(values)
+    for _, mask, _, _ in states:
+        masks.append(torch.cat([mask.new_zeros(mask.shape[0], width - mask.shape[1]), mask], dim=1))
+    return (target, torch.cat(masks), torch.cat([s[2] for s in states]), torch.cat([s[3] for s in states]))

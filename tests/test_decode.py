@@ -1,0 +1,90 @@
+"""lmforge's decode loop (continuous batching) on the tiny model: equal to plain transformers token for
+token while rows leave and join the batch, seeded sampling independent of the batch, stops, limits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_generate import PROMPTS, _plain_generate
+
+from lmforge.inference import decode
+from lmforge.inference.generate import GenerationOptions, Generator, encode_prompt
+from lmforge.inference.loading import load_for_inference
+
+ROWS = PROMPTS + [{"prompt": w} for w in ("zebra crossing", "one two three four five six", "x", "record 12 name",
+                                          "the lazy dog sleeps under a tree in the warm afternoon sun", "json")]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    return load_for_inference(str(tiny_model_dir), dtype="float32")
+
+
+def _run(loaded, prompts, opts, max_batch):
+    gen = Generator(loaded)
+    seqs = gen.sequences(prompts, opts)
+    waiting = list(seqs)
+    taken = []
+
+    def source(n, wait):
+        if not waiting:
+            return None
+        take = waiting[: min(n, 3)]  # at most 3 join at a time, so joins happen mid-decode
+        del waiting[: len(take)]
+        taken.append(len(take))
+        return take
+
+    decoder = decode.Decoder(loaded.model, loaded.tokenizer, max_batch)
+    decoder.run(source)
+    return [gen.completion(s) for s in seqs], decoder, taken
+
+
+def test_greedy_equals_plain_transformers_while_rows_leave_and_join(loaded, tiny_model_dir):
+    assert decode.supports(loaded.model)
+    prompts = [encode_prompt(r, loaded.tokenizer) for r in ROWS]
+    ours, decoder, taken = _run(loaded, prompts, GenerationOptions(max_new_tokens=14), max_batch=4)
+    ref = _plain_generate(tiny_model_dir, ROWS, max_new_tokens=14, do_sample=False)
+    assert [c.token_ids for c in ours] == ref
+    assert len(taken) > 2 and decoder.peak == 4  # rows joined in several waves; the batch filled up
+    # per-row limits: every row stops at its own max_new_tokens, the others go on unaffected
+    limited = Generator(loaded).sequences(prompts, GenerationOptions(max_new_tokens=14))
+    for i, s in enumerate(limited):
+        s.opts.max_new_tokens = 2 + i % 5
+    decode.Decoder(loaded.model, loaded.tokenizer, 3).run(lambda n, wait, q=list(limited): [q.pop(0) for _ in range(min(n, len(q)))] or None)
+    assert [s.ids for s in limited] == [r[: 2 + i % 5] for i, r in enumerate(ref)]
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(loaded):
+    prompts = [encode_prompt(r, loaded.tokenizer) for r in ROWS]
+    opts = GenerationOptions(max_new_tokens=10, do_sample=True, temperature=1.5, top_p=0.9, top_k=40, seed=3)
+    alone = [c.token_ids for c in _run(loaded, prompts, opts, max_batch=1)[0]]
+    together = [c.token_ids for c in _run(loaded, prompts, opts, max_batch=5)[0]]
+    again = [c.token_ids for c in _run(loaded, prompts, opts, max_batch=5)[0]]
+    other = [c.token_ids for c in _run(loaded, prompts, GenerationOptions(**{**opts.__dict__, "seed": 4}), 5)[0]]
+    greedy = [c.token_ids for c in _run(loaded, prompts, GenerationOptions(max_new_tokens=10), 5)[0]]
+    assert alone == together == again
+    assert together != other and together != greedy
+    top1 = GenerationOptions(max_new_tokens=10, do_sample=True, temperature=0.7, top_k=1, seed=9)
+    assert [c.token_ids for c in _run(loaded, prompts, top1, 5)[0]] == greedy  # top-k 1 leaves only the argmax
+
+
+def test_stop_strings_and_extra_eos_end_rows_early(loaded):
+    gen = Generator(loaded)
+    prompts = [encode_prompt(r, loaded.tokenizer) for r in ROWS[:4]]
+    full = gen.generate_continuous(prompts, GenerationOptions(max_new_tokens=16), max_batch=4)
+    assert all(c.finish_reason == "length" for c in full)
+    stop = full[0].text[3:5]
+    cut = gen.generate_continuous(prompts, GenerationOptions(max_new_tokens=16, stop=[stop]), max_batch=4)
+    assert cut[0].text == full[0].text[: full[0].text.find(stop)] and cut[0].finish_reason == "stop"
+    assert cut[0].completion_tokens < full[0].completion_tokens  # decoding stopped, not just the text cut
+    first = full[1].token_ids[0]
+    eos = gen.generate_continuous(prompts, GenerationOptions(max_new_tokens=16, eos_token_ids=[first]), max_batch=4)
+    assert (eos[1].text, eos[1].finish_reason, eos[1].completion_tokens) == ("", "stop", 1)
+
+
+def test_bf16_model_runs_and_beam_search_is_left_to_generate(tiny_model_dir):
+    loaded = load_for_inference(str(tiny_model_dir), dtype="bfloat16")
+    assert not decode.supports(loaded.model, GenerationOptions(num_beams=2))
+    out = Generator(loaded).generate_all([[5, 6, 7], [8]], GenerationOptions(max_new_tokens=5), batch_size=2)
+    assert [c.completion_tokens for c in out] and all(1 <= c.completion_tokens <= 5 for c in out)
+    assert next(loaded.model.parameters()).dtype == torch.bfloat16
