@@ -16,11 +16,28 @@ ROWS = PROMPTS + [{"prompt": w} for w in ("zebra crossing", "one two three four 
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_model_dir):
-    return load_for_inference(str(tiny_model_dir), dtype="float32")
+def sharp_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with peaked attention: at random init attention is nearly uniform, so wrong positions
+    or masks would barely change the output; scaled query/key weights make them show."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(12)
+            layer.self_attn.k_proj.weight.mul_(12)
+    out = tmp_path_factory.mktemp("sharp-llama")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
 
 
-def _run(loaded, prompts, opts, max_batch):
+@pytest.fixture(scope="module")
+def loaded(sharp_model_dir):
+    return load_for_inference(str(sharp_model_dir), dtype="float32")
+
+
+def _run(loaded, prompts, opts, max_batch, decoder=None):
     gen = Generator(loaded)
     seqs = gen.sequences(prompts, opts)
     waiting = list(seqs)
@@ -34,16 +51,16 @@ def _run(loaded, prompts, opts, max_batch):
         taken.append(len(take))
         return take
 
-    decoder = decode.Decoder(loaded.model, loaded.tokenizer, max_batch)
+    decoder = decoder or decode.Decoder(loaded.model, loaded.tokenizer, max_batch)
     decoder.run(source)
     return [gen.completion(s) for s in seqs], decoder, taken
 
 
-def test_greedy_equals_plain_transformers_while_rows_leave_and_join(loaded, tiny_model_dir):
+def test_greedy_equals_plain_transformers_while_rows_leave_and_join(loaded, sharp_model_dir):
     assert decode.supports(loaded.model)
     prompts = [encode_prompt(r, loaded.tokenizer) for r in ROWS]
     ours, decoder, taken = _run(loaded, prompts, GenerationOptions(max_new_tokens=14), max_batch=4)
-    ref = _plain_generate(tiny_model_dir, ROWS, max_new_tokens=14, do_sample=False)
+    ref = _plain_generate(sharp_model_dir, ROWS, max_new_tokens=14, do_sample=False)
     assert [c.token_ids for c in ours] == ref
     assert len(taken) > 2 and decoder.peak == 4  # rows joined in several waves; the batch filled up
     # per-row limits: every row stops at its own max_new_tokens, the others go on unaffected
@@ -52,6 +69,24 @@ def test_greedy_equals_plain_transformers_while_rows_leave_and_join(loaded, tiny
         s.opts.max_new_tokens = 2 + i % 5
     decode.Decoder(loaded.model, loaded.tokenizer, 3).run(lambda n, wait, q=list(limited): [q.pop(0) for _ in range(min(n, len(q)))] or None)
     assert [s.ids for s in limited] == [r[: 2 + i % 5] for i, r in enumerate(ref)]
+
+
+def test_shared_prompt_prefix_is_computed_once_and_changes_nothing(loaded, sharp_model_dir):
+    system = {"role": "system", "content": "You are a careful assistant who extracts records as JSON."}
+    rows = [{"messages": [system, {"role": "user", "content": text}]}
+            for text in ("name bob age 3", "alpha", "the quick brown fox jumps", "x y", "record 12", "json please")]
+    prompts = [encode_prompt(r, loaded.tokenizer) for r in rows]
+    ours, decoder, taken = _run(loaded, prompts, GenerationOptions(max_new_tokens=12), max_batch=4)
+    assert decoder._prefix is not None and len(decoder._prefix[0]) >= 10  # the system turn was shared
+    assert all(p[: len(decoder._prefix[0])] == decoder._prefix[0] for p in prompts)
+    assert [c.token_ids for c in ours] == _plain_generate(sharp_model_dir, rows, max_new_tokens=12, do_sample=False)
+    # a single prompt that starts with the kept prefix reuses it (requests arriving one by one in a server)
+    used = []
+    find = decoder._shared_prefix
+    decoder._shared_prefix = lambda seqs: used.append(find(seqs)) or used[-1]
+    single, _, _ = _run(loaded, prompts[1:2], GenerationOptions(max_new_tokens=12), 4, decoder)
+    assert used and used[0] is decoder._prefix
+    assert single[0].token_ids == ours[1].token_ids
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(loaded):

@@ -18,8 +18,9 @@ def add_generation_options(p) -> None:
     p.add_argument("--eos-token-id", action="append", type=int, default=[], metavar="ID",
                    help="extra token id that ends a completion (repeatable), beside the model's EOS")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling; reproducible (with continuous batching, row i samples with seed + i whatever --batch-size)")
-    p.add_argument("--batch-size", type=int, default=32,
-                   help="rows decoding at once (larger amortises weight reads; costs KV-cache memory)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="rows decoding at once (larger amortises weight reads, costs KV-cache memory); default: as "
+                        "many as fit a 2 GiB KV cache, at most 128 (static batching and beam search: 32)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
                    help="weights dtype; auto = bfloat16 where the CPU/GPU runs it fast, else float32")
 
@@ -60,14 +61,15 @@ def run(args) -> int:
     from lmforge.inference.backends import load_backend
 
     opts = options_from_args(args)
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError("--batch-size: must be >= 1")
     rows = read_prompt_rows(args.input)  # bad rows fail before the model is loaded
     if completed_rows(Path(args.output)) == len(rows):
         print(f"nothing to do: {args.output} already holds all {len(rows)} rows")
         return 0
     backend = load_backend(args.backend, args.model, args.dtype, args.batching, args.batch_size)
-    skipped, generated = generate_file(args.input, args.output, opts, args.batch_size, backend.encode,
+    # rows are read, generated and written in windows of 16 batches (128 rows a batch when it is automatic)
+    skipped, generated = generate_file(args.input, args.output, opts, args.batch_size or 128, backend.encode,
                                        backend.generate, progress=not args.no_progress)
     resumed = f" (resumed: {skipped} rows were already done)" if skipped else ""
     print(f"wrote {generated} completions to {args.output}{resumed}")

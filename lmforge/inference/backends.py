@@ -24,7 +24,7 @@ class HfBackend:
 
     name = "hf"
 
-    def __init__(self, model: str, dtype: str = "auto", batching: str = "continuous", batch_size: int = 32):
+    def __init__(self, model: str, dtype: str = "auto", batching: str = "continuous", batch_size: int | None = None):
         self.loaded = load_for_inference(model, dtype)
         self.generator = Generator(self.loaded)
         self.batching, self.batch_size = batching, batch_size
@@ -80,7 +80,9 @@ class VllmBackend:
         return results
 
 
-def load_backend(name: str, model: str, dtype: str = "auto", batching: str = "continuous", batch_size: int = 32):
+def load_backend(name: str, model: str, dtype: str = "auto", batching: str = "continuous",
+                 batch_size: int | None = None):
+    """``batch_size`` None: the hf backend picks one (Generator.auto_batch_size)."""
     if name == "vllm":
         if importlib.util.find_spec("vllm") is None:
             raise UnsupportedError(

@@ -134,11 +134,14 @@ class Generator:
         eos = set(self.eos_ids(opts))
         return [self._decode(row.tolist()[:n], eos, opts.stop, len(p)) for row, p, n in zip(new, prompts, limits)]
 
-    def generate_all(self, prompts: list[list[int]], opts: GenerationOptions, batch_size: int,
+    def generate_all(self, prompts: list[list[int]], opts: GenerationOptions, batch_size: int | None = None,
                      continuous: bool = True, on_row=None) -> list[Completion]:
         """All ``prompts``, results in input order: through the decode loop with up to ``batch_size`` rows
         decoding at once where it applies (``continuous``), else in length-sorted ``generate`` batches of
-        ``batch_size`` (longest first, so a memory problem shows at once). ``on_row()`` follows each row."""
+        ``batch_size`` (longest first, so a memory problem shows at once). ``on_row()`` follows each row.
+        No ``batch_size``: ``auto_batch_size`` for these prompts."""
+        if batch_size is None:
+            batch_size = self.auto_batch_size(opts, max((len(p) for p in prompts), default=1))
         if continuous and self.can_batch_continuously(opts):
             return self.generate_continuous(prompts, opts, batch_size, on_row)
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
@@ -150,6 +153,14 @@ class Generator:
                 if on_row is not None:
                     on_row()
         return results  # type: ignore[return-value]
+
+    def auto_batch_size(self, opts: GenerationOptions, prompt_tokens: int = 256) -> int:
+        """The default batch size: what fits a 2 GiB KV cache in the decode loop (at most 128), else 32."""
+        from lmforge.inference import decode
+
+        if self.can_batch_continuously(opts):
+            return decode.auto_batch_size(self.model, prompt_tokens + opts.max_new_tokens)
+        return 32
 
     def can_batch_continuously(self, opts: GenerationOptions) -> bool:
         """lmforge's decode loop covers decoder-only models with full attention, greedy and sampling."""
