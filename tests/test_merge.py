@@ -75,3 +75,27 @@ def test_generate_with_adapter_dir_equals_merged_model(adapter_dir, tmp_path):
 def test_merge_refuses_a_full_model(tiny_model_dir, tmp_path, capsys):
     assert main(["merge", "--model", str(tiny_model_dir), "--output", str(tmp_path / "m")]) == 2
     assert "not a PEFT adapter directory" in capsys.readouterr().err
+
+
+def test_qlora_run_merges_onto_the_full_precision_base(tmp_path, tiny_model_dir, lmforge_cache):
+    """A 4-bit QLoRA run, then `merge`: the plain model equals the adapter applied to the unquantised base."""
+    pytest.importorskip("bitsandbytes")
+    from conftest import base_config, chat_rows, write_config
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data = write_jsonl(tmp_path / "train.jsonl", chat_rows(16))
+    tree = base_config(tiny_model_dir, data, tmp_path / "qlora", peft={"kind": "qlora", "bits": 4, "r": 4, "alpha": 8},
+                       train={"max_steps": 3, "learning_rate": 5e-2})
+    assert main(["train", str(write_config(tmp_path / "cfg.yaml", tree))]) == 0
+    out = tmp_path / "merged"
+    assert main(["merge", "--model", str(tmp_path / "qlora"), "--output", str(out)]) == 0
+    ids = AutoTokenizer.from_pretrained(out)("record 7: name ana, age 31", return_tensors="pt").input_ids
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert merged.dtype == torch.float32 and not getattr(merged.config, "quantization_config", None)
+    with torch.no_grad():
+        got = merged(ids).logits
+    want, base = _adapter_logits(tiny_model_dir, tmp_path / "qlora", ids)
+    with torch.no_grad():
+        base_logits = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()(ids).logits
+    assert (want - base_logits).abs().max() > 1e-3  # training moved the adapter
+    assert (got - want).abs().max() < 1e-3

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -18,7 +20,7 @@ from lmforge.config import DataSource
 from lmforge.data.formats import normalize_rows
 from lmforge.data.sources import read_source
 from lmforge.data.tokenize import IGNORE, Encoder
-from lmforge.errors import DataError, UnsupportedError
+from lmforge.errors import ConfigError, DataError, UnsupportedError
 from lmforge.evaluation.metrics import GENERATION_METRICS, check_metric_names, compute_metrics
 from lmforge.inference.generate import GenerationOptions, Generator, encode_prompt
 from lmforge.inference.loading import LoadedModel
@@ -102,9 +104,14 @@ def generation_metrics(loaded: LoadedModel, data: EvalData, names: list[str], op
 
 # ------------------------------------------------------------------------------------------ lm-eval-harness
 def lm_eval_tasks(loaded: LoadedModel, tasks: list[str], batch_size: int, limit: int | None) -> dict:
-    """Run lm-eval-harness tasks on the loaded model; only with lm_eval installed and the task data local."""
+    """Run lm-eval-harness tasks on the loaded model; only with lm_eval installed and the task data local.
+
+    A task is a registered lm-eval task name (its dataset must already be in the local datasets cache) or
+    the path of a task YAML file, which may point at local files (``dataset_path: json`` with
+    ``dataset_kwargs.data_files``); its folder is added to lm-eval's task search path.
+    """
     if importlib.util.find_spec("lm_eval") is None:
-        raise UnsupportedError("--tasks: lm-eval-harness is not installed (pip install lm-eval); "
+        raise UnsupportedError("--tasks: lm-eval-harness is not installed (pip install lm-eval, or lmforge[eval]); "
                                "its task data must also be available locally (no downloads at run time)")
     import os
 
@@ -112,13 +119,28 @@ def lm_eval_tasks(loaded: LoadedModel, tasks: list[str], batch_size: int, limit:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
 
+    names, folders = [], []
+    for task in tasks:
+        path = Path(task)
+        if path.suffix in (".yaml", ".yml"):
+            if not path.is_file():
+                raise ConfigError(f"--tasks: task file {task} does not exist")
+            found = re.search(r"^task:\s*[\"']?([^\s\"']+)", path.read_text(), re.MULTILINE)
+            if not found:
+                raise ConfigError(f"--tasks: {task} has no 'task: NAME' line")
+            names.append(found.group(1))
+            folders.append(str(path.resolve().parent))
+        else:
+            names.append(task)
     lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size)
     try:
-        out = simple_evaluate(model=lm, tasks=tasks, limit=limit)
+        manager = TaskManager(include_path=sorted(set(folders)) or None)
+        out = simple_evaluate(model=lm, tasks=names, limit=limit, task_manager=manager)
     except Exception as e:  # lm_eval raises many types for missing tasks/data; report which and why
         raise UnsupportedError(f"--tasks {','.join(tasks)}: lm-eval could not run ({type(e).__name__}: {e}); "
-                               "task data must be in the local Hugging Face datasets cache") from None
+                               "task data must be local (the datasets cache, or files a task YAML names)") from None
     results = {}
     for task, values in out["results"].items():
         for key, value in values.items():
