@@ -99,3 +99,28 @@ def test_qlora_run_merges_onto_the_full_precision_base(tmp_path, tiny_model_dir,
         base_logits = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()(ids).logits
     assert (want - base_logits).abs().max() > 1e-3  # training moved the adapter
     assert (got - want).abs().max() < 1e-3
+
+
+def test_generate_with_a_prompt_tuning_adapter_equals_peft_generate(tiny_model_dir, tmp_path):
+    """Prompt-tuning adapters stay wrapped (nothing to merge) and generate through PEFT's own generate."""
+    from peft import PeftModel, PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(2)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    adapter = tmp_path / "prompt"
+    get_peft_model(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).save_pretrained(adapter)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.save_pretrained(adapter)
+    rows = [{"prompt": "the quick brown"}, {"prompt": "alpha beta gamma delta"}]
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--model", str(adapter), "--input", str(write_jsonl(tmp_path / "in.jsonl", rows)),
+                 "--output", str(out), "--max-new-tokens", "8", "--dtype", "float32", "--no-progress"]) == 0
+    got = [json.loads(line)["completion"] for line in out.read_text().splitlines()]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                                      str(adapter)).eval()
+    for row, text in zip(rows, got):
+        ids = tok(row["prompt"], return_tensors="pt").input_ids
+        new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                             pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
+        assert text == tok.decode(new, skip_special_tokens=True)

@@ -5,7 +5,8 @@ output lengths most steps compute rows that have already finished, and a new pro
 batch. Here a finished row leaves the batch at once (its KV cache rows are dropped) and waiting prompts
 join as soon as there is room (their prefilled cache is left-padded to the batch's length and concatenated),
 so the batch stays full of live rows. The forward pass, the KV cache (``DynamicCache``), the attention masks
-and the sampling warpers are transformers' own; what is written here is only the scheduling around them.
+and the sampling warpers are transformers' own; lmforge adds the scheduling, a cache for the prompt prefix
+all rows share, and an attention function for single decoding tokens (registered with transformers).
 
 Each sequence samples with its own seeded generator, so a seeded sequence gives the same tokens whatever
 else shares its batch. Beam search and encoder-decoder models stay on ``generate`` (see ``supports``).
@@ -88,11 +89,11 @@ def _use_decode_attention(model) -> None:
 
 def supports(model, opts: GenerationOptions | None = None) -> bool:
     """Decoder-only models whose cache is plain full attention (merging caches needs every layer alike),
-    and no beam search."""
+    not wrapped by PEFT (prompt tuning prepends virtual tokens inside its own generate), no beam search."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
-    if model.config.is_encoder_decoder or (opts is not None and opts.num_beams > 1):
+    if model.config.is_encoder_decoder or hasattr(model, "peft_config") or (opts is not None and opts.num_beams > 1):
         return False
     try:
         cache = DynamicCache(config=model.config)
