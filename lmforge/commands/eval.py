@@ -24,7 +24,8 @@ def add_parser(sub, formatter):
     p.add_argument("--max-length", type=int, default=1024, help="perplexity: tokens per row at most (truncated)")
     p.add_argument("--output", default="eval_report.json", help="where the JSON report is written")
     add_generation_options(p)
-    p.set_defaults(max_new_tokens=64, batch_size=8)
+    # no --batch-size: 8 rows per perplexity/lm-eval batch, and generation picks its own (as `generate` does)
+    p.set_defaults(max_new_tokens=64)
     return p
 
 
@@ -47,14 +48,14 @@ def run(args) -> int:
     tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
     if not args.data and not tasks:
         raise ConfigError("--data or --tasks: give a dataset to score, lm-eval tasks, or both")
-    if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
+    if (args.batch_size is not None and args.batch_size < 1) or (args.limit is not None and args.limit < 1):
         raise ConfigError("--batch-size and --limit: must be >= 1")
     opts = options_from_args(args)
     data = read_eval_data(args.data, args.limit) if args.data else None  # bad rows fail before loading the model
     loaded = load_for_inference(args.model, args.dtype)
     results, samples = evaluate(loaded, data, metrics if data else [], opts, args.batch_size, args.max_length)
     if tasks:
-        results.update(lm_eval_tasks(loaded, tasks, args.batch_size, args.limit))
+        results.update(lm_eval_tasks(loaded, tasks, args.batch_size or 8, args.limit))
     report = {"model": args.model, "data": args.data, "format": data.fmt if data else None,
               "rows": len(data.rows) if data else 0, "metrics": results, "samples": samples}
     out = Path(args.output)

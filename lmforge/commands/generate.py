@@ -20,7 +20,7 @@ def add_generation_options(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for sampling; reproducible (with continuous batching, row i samples with seed + i whatever --batch-size)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="rows decoding at once (larger amortises weight reads, costs KV-cache memory); default: as "
-                        "many as fit a 2 GiB KV cache, at most 128 (static batching and beam search: 32)")
+                        "many as fit a 2 GiB KV cache, at most 256 (static batching and beam search: 32)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
                    help="weights dtype; auto = bfloat16 where the CPU/GPU runs it fast, else float32")
 
@@ -68,7 +68,7 @@ def run(args) -> int:
         print(f"nothing to do: {args.output} already holds all {len(rows)} rows")
         return 0
     backend = load_backend(args.backend, args.model, args.dtype, args.batching, args.batch_size)
-    # rows are read, generated and written in windows of 16 batches (128 rows a batch when it is automatic)
+    # rows are read, generated and written in windows of 16 batches (of 128 rows when the size is automatic)
     skipped, generated = generate_file(args.input, args.output, opts, args.batch_size or 128, backend.encode,
                                        backend.generate, progress=not args.no_progress)
     resumed = f" (resumed: {skipped} rows were already done)" if skipped else ""

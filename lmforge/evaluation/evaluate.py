@@ -92,7 +92,7 @@ def prompt_and_reference(row: dict, fmt: str) -> tuple[dict, str]:
 
 
 def generation_metrics(loaded: LoadedModel, data: EvalData, names: list[str], opts: GenerationOptions,
-                       batch_size: int = 8) -> tuple[dict, list[dict]]:
+                       batch_size: int | None = None) -> tuple[dict, list[dict]]:
     """Generate for every row, score with ``names``; also return the per-row predictions for the report."""
     pairs = [prompt_and_reference(r, data.fmt) for r in data.rows]
     prompts = [encode_prompt(p, loaded.tokenizer) for p, _ in pairs]
@@ -150,15 +150,16 @@ def lm_eval_tasks(loaded: LoadedModel, tasks: list[str], batch_size: int, limit:
 
 
 def evaluate(loaded: LoadedModel, data: EvalData | None, metrics: list[str], opts: GenerationOptions,
-             batch_size: int = 8, max_length: int = 1024) -> tuple[dict, list[dict]]:
-    """All requested dataset metrics: returns (metric -> value, per-row generation samples)."""
+             batch_size: int | None = None, max_length: int = 1024) -> tuple[dict, list[dict]]:
+    """All requested dataset metrics: returns (metric -> value, per-row generation samples). No
+    ``batch_size``: 8 rows per perplexity batch, and generation's automatic batch size."""
     check_metric_names(metrics, "--metrics")
     results: dict = {}
     samples: list[dict] = []
     if data is None:
         return results, samples
     if "perplexity" in metrics:
-        results.update(perplexity(loaded, data, batch_size, max_length))
+        results.update(perplexity(loaded, data, batch_size or 8, max_length))
     wanted = [m for m in metrics if m in GENERATION_METRICS]
     if wanted:
         scores, samples = generation_metrics(loaded, data, wanted, opts, batch_size)

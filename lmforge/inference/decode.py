@@ -173,9 +173,9 @@ def supports(model, opts: GenerationOptions | None = None) -> bool:
     return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
-def auto_batch_size(model, tokens_per_row: int, budget_bytes: int = 2 << 30, most: int = 128) -> int:
+def auto_batch_size(model, tokens_per_row: int, budget_bytes: int = 2 << 30, most: int = 256) -> int:
     """Rows to decode at once: as many as fit ``budget_bytes`` of KV cache at ``tokens_per_row``, at most
-    ``most`` (past about 128 rows a CPU step gets no cheaper per token; measured on the 135M model)."""
+    ``most`` (on the 135M model, 256 prompts: 256 rows 743 tok/s, 128 rows 653, 96 rows 617; measured)."""
     cfg = model.config.get_text_config(decoder=True)
     heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads

@@ -155,7 +155,7 @@ class Generator:
         return results  # type: ignore[return-value]
 
     def auto_batch_size(self, opts: GenerationOptions, prompt_tokens: int = 256) -> int:
-        """The default batch size: what fits a 2 GiB KV cache in the decode loop (at most 128), else 32."""
+        """The default batch size: what fits a 2 GiB KV cache in the decode loop (at most 256), else 32."""
         from lmforge.inference import decode
 
         if self.can_batch_continuously(opts):
