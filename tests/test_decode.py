@@ -67,7 +67,9 @@ def test_greedy_equals_plain_transformers_while_rows_leave_and_join(loaded, shar
     limited = Generator(loaded).sequences(prompts, GenerationOptions(max_new_tokens=14))
     for i, s in enumerate(limited):
         s.opts.max_new_tokens = 2 + i % 5
-    decode.Decoder(loaded.model, loaded.tokenizer, 3).run(lambda n, wait, q=list(limited): [q.pop(0) for _ in range(min(n, len(q)))] or None)
+    waiting = list(limited)
+    decode.Decoder(loaded.model, loaded.tokenizer, 3).run(
+        lambda n, wait: [waiting.pop(0) for _ in range(min(n, len(waiting)))] or None)
     assert [s.ids for s in limited] == [r[: 2 + i % 5] for i, r in enumerate(ref)]
 
 

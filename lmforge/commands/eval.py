@@ -19,7 +19,8 @@ def add_parser(sub, formatter):
     p.add_argument("--data", help="a .jsonl/.json/.csv/.parquet file or directory of text, prompt/completion or chat rows")
     p.add_argument("--metrics", default="perplexity",
                    help="comma-separated: perplexity, rouge, bleu, exact_match")
-    p.add_argument("--tasks", default=None, help="comma-separated lm-eval-harness task names or task YAML files (needs lm-eval; data must be local)")
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated lm-eval-harness task names or task YAML files (needs lm-eval; data must be local)")
     p.add_argument("--limit", type=int, default=None, help="use at most N rows of --data (and N examples per task)")
     p.add_argument("--max-length", type=int, default=1024, help="perplexity: tokens per row at most (truncated)")
     p.add_argument("--output", default="eval_report.json", help="where the JSON report is written")

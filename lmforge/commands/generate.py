@@ -17,7 +17,8 @@ def add_generation_options(p) -> None:
                    help="stop string (repeatable); the completion ends before it")
     p.add_argument("--eos-token-id", action="append", type=int, default=[], metavar="ID",
                    help="extra token id that ends a completion (repeatable), beside the model's EOS")
-    p.add_argument("--seed", type=int, default=0, help="seed for sampling; reproducible (with continuous batching, row i samples with seed + i whatever --batch-size)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed for sampling; reproducible (continuous batching: row i samples with seed + i at any --batch-size)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="rows decoding at once (larger amortises weight reads, costs KV-cache memory); default: as "
                         "many as fit a 2 GiB KV cache, at most 256 (static batching and beam search: 32)")

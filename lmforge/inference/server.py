@@ -189,7 +189,8 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, defaul
     async def health():
         batches = engine.batches
         return {"status": "ok", "batches": len(batches), "requests": sum(batches),
-                "largest_batch": engine.largest_batch()}
+                "largest_batch": engine.largest_batch(),
+                "decode_steps": engine.decoder.steps if engine.decoder else None}
 
     @app.get("/v1/models", dependencies=[Depends(api.check_key)])
     async def models():
