@@ -1,8 +1,18 @@
-"""Shared by the benchmark scripts: the step timer both runs (lmforge and its peer) are measured with."""
+"""Shared by the benchmark scripts: the step timer both runs (lmforge and its peer) are measured with, and
+running one measured run in a child process of its own."""
 
+import json
+import subprocess
 import time
 
 from transformers import TrainerCallback
+
+
+def child_result(cmd: list[str], env: dict) -> tuple[dict | None, subprocess.CompletedProcess]:
+    """Run ``cmd``; its result is the JSON it prints after ``RESULT `` (None when it printed none)."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    return (json.loads(line[7:]) if line else None), proc
 
 
 class StepTimer(TrainerCallback):

@@ -18,13 +18,12 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import StepTimer  # noqa: E402
+from common import StepTimer, child_result  # noqa: E402
 
 BATCH, MAX_LENGTH, BETA, SEED = 4, 192, 0.1, 0
 
@@ -117,12 +116,10 @@ def main() -> None:
     results = {}
     for which in ("lmforge", "trl"):
         gc = "1" if args.gradient_checkpointing else "0"
-        proc = subprocess.run([sys.executable, __file__, "--child", which, str(data), args.peft, str(args.steps), gc,
-                               str(tmp / which)], capture_output=True, text=True, env=env)
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if line is None:
+        results[which], proc = child_result([sys.executable, __file__, "--child", which, str(data), args.peft,
+                                             str(args.steps), gc, str(tmp / which)], env)
+        if results[which] is None:
             sys.exit(f"{which} run failed:\n{proc.stderr[-3000:]}")
-        results[which] = json.loads(line[7:])
     print(f"\nDPO, SmolLM2-135M, {args.pairs} pairs, {args.steps} steps, batch {BATCH}, max_length {MAX_LENGTH}, "
           f"peft={args.peft}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}")
     print(f"{'':10}{'steps':>7}{'pairs':>7}{'train s':>10}{'pairs/s':>10}{'peak RSS MB':>13}{'ref copy':>10}")

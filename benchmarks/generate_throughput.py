@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -125,10 +124,11 @@ def launch(python: str, kind: str, args, model_dir: str, inp: Path) -> dict | st
     cmd = [python, str(Path(__file__).resolve()), "--worker", kind, "--model-dir", model_dir, "--input", str(inp),
            "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.batch_size),
            "--continuous-batch-size", str(args.continuous_batch_size)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
+    from common import child_result
+
+    result, proc = child_result(cmd, {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
+    if result is not None:
+        return result
     tail = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
     return f"failed (exit {proc.returncode}): {tail}"
 

@@ -14,13 +14,12 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import StepTimer  # noqa: E402
+from common import StepTimer, child_result  # noqa: E402
 
 
 def _rows_tokens(tokenizer, rows) -> int:
@@ -107,12 +106,10 @@ def main() -> None:
     env = dict(os.environ, LMFORGE_CACHE=os.environ.get("LMFORGE_CACHE", str(Path.home() / ".cache" / "lmforge")))
     results = {}
     for which in ("lmforge", "trl"):
-        proc = subprocess.run([sys.executable, __file__, "--child", which, str(data), args.peft, str(tmp / which)],
-                              capture_output=True, text=True, env=env)
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if line is None:
+        results[which], proc = child_result([sys.executable, __file__, "--child", which, str(data), args.peft,
+                                             str(tmp / which)], env)
+        if results[which] is None:
             sys.exit(f"{which} run failed:\n{proc.stderr[-3000:]}")
-        results[which] = json.loads(line[7:])
     print(f"\nSFT, SmolLM2-135M, {args.rows} rows, batch 8, one epoch, peft={args.peft}")
     print(f"{'':10}{'steps':>7}{'tokens':>9}{'train s':>10}{'tokens/s':>10}{'peak RSS MB':>13}  base weights")
     for which, r in results.items():
