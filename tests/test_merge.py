@@ -101,26 +101,110 @@ def test_qlora_run_merges_onto_the_full_precision_base(tmp_path, tiny_model_dir,
     assert (got - want).abs().max() < 1e-3
 
 
-def test_generate_with_a_prompt_tuning_adapter_equals_peft_generate(tiny_model_dir, tmp_path):
-    """Prompt-tuning adapters stay wrapped (nothing to merge) and generate through PEFT's own generate."""
-    from peft import PeftModel, PromptTuningConfig, get_peft_model
+def _prompt_tuning_adapter(model_dir, out):
+    """A prompt-tuning adapter with random virtual tokens over ``model_dir``, saved with its tokenizer."""
+    from peft import PromptTuningConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(2)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    adapter = tmp_path / "prompt"
-    get_peft_model(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).save_pretrained(adapter)
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    tok.save_pretrained(adapter)
-    rows = [{"prompt": "the quick brown"}, {"prompt": "alpha beta gamma delta"}]
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    get_peft_model(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    return out
+
+
+def _alone_with_peft(model_dir, adapter, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
+    """Each prompt generated alone (no padding) by PEFT's own generate: the reference."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(adapter)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                                      str(adapter)).eval()
+    out = []
+    for prompt in prompts:
+        ids = tok(prompt, return_tensors="pt").input_ids
+        new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
+        out.append(new.tolist())
+    return out
+
+
+def _generate_cli(adapter, rows, tmp_path, *extra) -> list[dict]:
     out = tmp_path / "out.jsonl"
     assert main(["generate", "--model", str(adapter), "--input", str(write_jsonl(tmp_path / "in.jsonl", rows)),
-                 "--output", str(out), "--max-new-tokens", "8", "--dtype", "float32", "--no-progress"]) == 0
-    got = [json.loads(line)["completion"] for line in out.read_text().splitlines()]
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
-                                      str(adapter)).eval()
-    for row, text in zip(rows, got):
-        ids = tok(row["prompt"], return_tensors="pt").input_ids
-        new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
-                             pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
-        assert text == tok.decode(new, skip_special_tokens=True)
+                 "--output", str(out), "--max-new-tokens", "8", "--dtype", "float32", "--no-progress", *extra]) == 0
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def test_generate_with_a_prompt_tuning_adapter_equals_peft_generate(tiny_model_dir, tmp_path):
+    """Prompt-tuning adapters stay wrapped (nothing to merge) and generate through PEFT's own generate."""
+    from transformers import AutoTokenizer
+
+    adapter = _prompt_tuning_adapter(tiny_model_dir, tmp_path / "prompt")
+    rows = [{"prompt": "the quick brown"}, {"prompt": "alpha beta gamma delta"}]
+    got = [r["completion"] for r in _generate_cli(adapter, rows, tmp_path)]
+    tok = AutoTokenizer.from_pretrained(adapter)
+    want = _alone_with_peft(tiny_model_dir, adapter, [r["prompt"] for r in rows], 8)
+    assert got == [tok.decode(ids, skip_special_tokens=True) for ids in want]
+
+
+def test_prompt_tuning_answer_does_not_depend_on_the_batch(sharp_model_dir, tmp_path):
+    """Issue 14: with left padding PEFT puts the virtual tokens before the pads, so a padded row saw them at
+    another distance. On a model with peaked attention that changes tokens on any CPU; batched generation
+    must give each prompt exactly the tokens it gets alone."""
+    adapter = _prompt_tuning_adapter(sharp_model_dir, tmp_path / "prompt")
+    prompts = ["x", "the quick brown", "alpha beta gamma delta", "json", "record 12 name age city",
+               "the lazy dog sleeps under a tree in the warm afternoon sun", "one two three"]
+    rows = [{"prompt": p} for p in prompts]
+    from transformers import AutoTokenizer
+
+    got = _generate_cli(adapter, rows, tmp_path, "--batch-size", "8")
+    want = _alone_with_peft(sharp_model_dir, adapter, prompts, 8)
+    tok = AutoTokenizer.from_pretrained(adapter)
+    assert [(r["completion"], r["completion_tokens"]) for r in got] == \
+        [(tok.decode(w, skip_special_tokens=True), len(w)) for w in want]
+
+
+def test_length_batches_never_mix_lengths_when_asked():
+    from lmforge.inference.generate import length_batches
+
+    lengths = [3, 5, 3, 1, 5, 5, 3]
+    assert length_batches(lengths, 2) == [[1, 4], [5, 0], [2, 6], [3]]  # longest first, mixed lengths allowed
+    assert length_batches(lengths, 2, equal_lengths=True) == [[1, 4], [5], [0, 2], [6], [3]]
+
+
+def test_serve_engine_batches_prompt_tuning_requests_by_length(sharp_model_dir, tmp_path):
+    """The server's engine gathers concurrent requests into one batch: each must still get its alone answer."""
+    import asyncio
+
+    from lmforge.inference.engine import Engine, Job
+    from lmforge.inference.generate import GenerationOptions, Generator
+    from lmforge.inference.loading import load_for_inference
+
+    adapter = _prompt_tuning_adapter(sharp_model_dir, tmp_path / "prompt")
+    prompts = ["x", "the quick brown", "alpha beta gamma delta", "json", "delta gamma beta alpha",
+               "one two three four five six"]
+    loaded = load_for_inference(str(adapter), dtype="float32")
+    ids = [loaded.tokenizer(p).input_ids for p in prompts]
+    assert len(ids[2]) == len(ids[4]) and len({len(i) for i in ids}) > 2  # some lengths shared, some not
+    engine = Engine(Generator(loaded), max_batch_size=8, gather_seconds=0.5)
+
+    async def ask_all():
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        for i, p in enumerate(ids):  # queued before the engine starts: one gathered group of 5 requests
+            engine.submit(Job(p, GenerationOptions(max_new_tokens=8), loop, events, index=i))
+        engine.start()
+        got = {}
+        while len(got) < len(ids):
+            index, kind, value = await events.get()
+            assert kind == "done", value
+            got[index] = value.token_ids
+        return [got[i] for i in range(len(ids))]
+
+    try:
+        got = asyncio.run(ask_all())
+    finally:
+        engine.stop()
+    assert got == _alone_with_peft(sharp_model_dir, adapter, prompts, 8)
+    assert sorted(engine.batches) == [1, 1, 1, 1, 2]  # gathered together, then run as one batch per length

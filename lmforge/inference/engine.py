@@ -161,8 +161,9 @@ class Engine:
     # ------------------------------------------------------------------- static batches (generate)
     def _run_static(self, jobs: list[Job]) -> None:
         groups: dict[tuple, list[Job]] = {}
-        for job in jobs:
-            groups.setdefault(job.group_key(), []).append(job)
+        for job in jobs:  # prompt-learning adapters: one prompt length per batch (see needs_equal_lengths)
+            length = len(job.prompt) if self.generator.equal_lengths else None
+            groups.setdefault((job.group_key(), length), []).append(job)
         for group in groups.values():
             self._run_group(group)
 

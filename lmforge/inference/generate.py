@@ -68,6 +68,31 @@ def encode_prompt(row: dict, tokenizer) -> list[int]:
     return tokenizer(text, add_special_tokens=special).input_ids
 
 
+def needs_equal_lengths(model) -> bool:
+    """Prompt-learning PEFT models (prompt tuning, prefix tuning) must batch only prompts of one token length.
+
+    PEFT prepends the virtual tokens before the left padding and ignores ``position_ids``, so a padded row
+    would see its virtual prompt at another distance than the same prompt alone (issue 14): its answer
+    would depend on what else shares the batch. Equal-length batches have no padding at all."""
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel) and model.active_peft_config.is_prompt_learning
+
+
+def length_batches(lengths: list[int], batch_size: int, equal_lengths: bool = False) -> list[list[int]]:
+    """Indices grouped into batches of at most ``batch_size``, longest first (a memory problem shows at
+    once, and a batch wastes little on padding); with ``equal_lengths`` a batch never mixes lengths."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        last = batches[-1] if batches else None
+        if last is None or len(last) == batch_size or (equal_lengths and lengths[last[0]] != lengths[i]):
+            batches.append([i])
+        else:
+            last.append(i)
+    return batches
+
+
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     """Cut ``text`` before the earliest stop string (OpenAI semantics: the stop string is not returned)."""
     hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
@@ -84,6 +109,7 @@ class Generator:
         self.model = loaded.model
         self.tok = loaded.tokenizer
         self.device = next(self.model.parameters()).device
+        self.equal_lengths = needs_equal_lengths(self.model)
 
     def eos_ids(self, opts: GenerationOptions) -> list[int]:
         ids = self.model.generation_config.eos_token_id
@@ -116,6 +142,8 @@ class Generator:
         ``row_limits`` gives each row its own max_new_tokens (the server batches requests that differ in
         max_tokens); ``streamer`` is a transformers streamer that receives each step's (B,) new tokens.
         """
+        if self.equal_lengths and len({len(p) for p in prompts}) > 1:
+            raise ValueError("a prompt-learning adapter needs prompts of one length per batch (length_batches)")
         batch = self.tok.pad({"input_ids": prompts}, return_tensors="pt", padding=True)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         width = batch["input_ids"].shape[1]
@@ -137,18 +165,19 @@ class Generator:
     def generate_all(self, prompts: list[list[int]], opts: GenerationOptions, batch_size: int | None = None,
                      continuous: bool = True, on_row=None) -> list[Completion]:
         """All ``prompts``, results in input order: through the decode loop with up to ``batch_size`` rows
-        decoding at once where it applies (``continuous``), else in length-sorted ``generate`` batches of
-        ``batch_size`` (longest first, so a memory problem shows at once). ``on_row()`` follows each row.
+        decoding at once where it applies (``continuous``), else in ``generate`` batches of ``batch_size``
+        (``length_batches``). ``on_row()`` follows each row.
         No ``batch_size``: ``auto_batch_size`` for these prompts."""
         if batch_size is None:
             batch_size = self.auto_batch_size(opts, max((len(p) for p in prompts), default=1))
         if continuous and self.can_batch_continuously(opts):
             return self.generate_continuous(prompts, opts, batch_size, on_row)
-        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         results: list[Completion | None] = [None] * len(prompts)
-        for b in range(0, len(order), batch_size):
-            idx = order[b:b + batch_size]
-            for i, c in zip(idx, self.generate([prompts[i] for i in idx], replace(opts, seed=opts.seed + b))):
+        done = 0
+        for idx in length_batches([len(p) for p in prompts], batch_size, self.equal_lengths):
+            seeded = replace(opts, seed=opts.seed + done)
+            done += len(idx)
+            for i, c in zip(idx, self.generate([prompts[i] for i in idx], seeded)):
                 results[i] = c
                 if on_row is not None:
                     on_row()

@@ -65,18 +65,22 @@ def eval_samples(cfg: Config, tokenizer) -> list[GenerationSample]:
 
 @torch.no_grad()
 def generate_completions(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy completions, batched with left padding; stops at EOS."""
+    """Greedy completions in input order, batched with left padding (prompt-learning adapters: equal lengths
+    only, see ``needs_equal_lengths``); stops at EOS."""
+    from lmforge.inference.generate import length_batches, needs_equal_lengths
+
     pad = tokenizer.pad_token_id
     device = next(model.parameters()).device
-    texts = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
+    texts: list[str] = [""] * len(prompts)
+    for idx in length_batches([len(p) for p in prompts], batch_size, needs_equal_lengths(model)):
+        chunk = [prompts[i] for i in idx]
         width = max(len(p) for p in chunk)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)  # (B, T) left-padded
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-        texts += [t.strip() for t in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
+        for i, t in zip(idx, tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)):
+            texts[i] = t.strip()
     return texts
 
 
