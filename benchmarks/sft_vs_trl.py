@@ -5,7 +5,7 @@ bf16 (when the CPU runs bf16 fast). Throughput is non-padding tokens of that epo
 duration of the training steps (model loading and data preparation excluded for both). Each run is a
 subprocess, so peak RSS is measured per run too. TRL runs with its defaults (no packing).
 
-    .venv/bin/python benchmarks/sft_vs_trl.py [--rows 200] [--peft none|lora]
+    .venv/bin/python benchmarks/sft_vs_trl.py [--rows 200] [--peft none|lora] [--engines native,hf]
 """
 
 from __future__ import annotations
@@ -59,34 +59,51 @@ def run_trl(data: Path, peft: str, out: Path) -> dict:
             "weights": str(model.dtype)}
 
 
-def run_lmforge(data: Path, peft: str, out: Path) -> dict:
+def run_lmforge(data: Path, peft: str, out: Path, engine: str) -> dict:
+    import time
+
     from lmforge.config import load_config
     from lmforge.methods import sft
+    from lmforge.training import native
 
     timer = StepTimer()
     tree = {
         "method": "sft", "model": {"name_or_path": "smollm2-135m-instruct"}, "peft": {"kind": peft},
         "data": {"train": [{"path": str(data)}], "max_length": 256},
-        "train": {"output_dir": str(out), "num_train_epochs": 1, "per_device_train_batch_size": 8,
-                  "logging_steps": 5, "save_steps": 10_000, "report_to": ["none"], "seed": 0},
+        "train": {"output_dir": str(out), "num_train_epochs": 1, "per_device_train_batch_size": 8, "engine": engine,
+                  "logging_steps": 5, "save_steps": 10_000, "report_to": ["none"], "seed": 0, "resume": "never"},
     }
     cfg = load_config(None, tree=tree)
     stats = {}
-    real_train = sft.CausalLMTrainer.train
+    real_train, real_step = sft.CausalLMTrainer.train, native.NativeTrainer.train_step
 
     def timed_train(self, *a, **kw):  # attach the same step timer the TRL run uses
         self.add_callback(timer)
         stats["tokens"] = int(sum(len(x) for x in self.train_dataset["input_ids"]))
         return real_train(self, *a, **kw)
 
-    sft.CausalLMTrainer.train = timed_train
+    def timed_step(self):  # the native engine: the same span, one optimizer step
+        stats.setdefault("tokens", int(sum(len(x) for x in self.train_dataset["input_ids"])))
+        t0 = time.perf_counter()
+        result = real_step(self)
+        timer.seconds += time.perf_counter() - t0
+        timer.steps += 1
+        return result
+
+    sft.CausalLMTrainer.train, native.NativeTrainer.train_step = timed_train, timed_step
     sft.train(cfg)
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    mfu = [r["mfu"] for r in metrics if "mfu" in r]
     weights = "torch.float32" if peft == "none" else "torch.bfloat16"
-    return {"tokens": stats["tokens"], "seconds": timer.seconds, "steps": timer.steps, "weights": weights}
+    return {"tokens": stats["tokens"], "seconds": timer.seconds, "steps": timer.steps, "weights": weights,
+            "mfu": sorted(mfu)[len(mfu) // 2] if mfu else None}
 
 
 def child(which: str, data: str, peft: str, out: str) -> None:
-    result = (run_trl if which == "trl" else run_lmforge)(Path(data), peft, Path(out))
+    if which == "trl":
+        result = run_trl(Path(data), peft, Path(out))
+    else:  # lmforge-native, lmforge-hf
+        result = run_lmforge(Path(data), peft, Path(out), which.split("-")[1])
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -95,6 +112,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=200)
     ap.add_argument("--peft", default="none", choices=["none", "lora"])
+    ap.add_argument("--engines", default="native", help="lmforge engines to run, comma-separated: native,hf")
     ap.add_argument("--child", nargs=4, metavar=("WHICH", "DATA", "PEFT", "OUT"))
     args = ap.parse_args()
     if args.child:
@@ -104,19 +122,26 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-sft-"))
     data = write_jsonl(extraction_rows(args.rows, seed=0), tmp / "train.jsonl")
     env = dict(os.environ, LMFORGE_CACHE=os.environ.get("LMFORGE_CACHE", str(Path.home() / ".cache" / "lmforge")))
+    from lmforge.models import pick_dtype
+    from lmforge.training.flops import cpu_kind
+
     results = {}
-    for which in ("lmforge", "trl"):
+    for which in [f"lmforge-{e}" for e in args.engines.split(",")] + ["trl"]:
         results[which], proc = child_result([sys.executable, __file__, "--child", which, str(data), args.peft,
                                              str(tmp / which)], env)
         if results[which] is None:
             sys.exit(f"{which} run failed:\n{proc.stderr[-3000:]}")
     print(f"\nSFT, SmolLM2-135M, {args.rows} rows, batch 8, one epoch, peft={args.peft}")
-    print(f"{'':10}{'steps':>7}{'tokens':>9}{'train s':>10}{'tokens/s':>10}{'peak RSS MB':>13}  base weights")
+    print(f"CPU: {cpu_kind()}; compute dtype (auto): {pick_dtype('auto')}")
+    print(f"{'':16}{'steps':>7}{'tokens':>9}{'train s':>10}{'tokens/s':>10}{'MFU':>7}{'peak RSS MB':>13}  base weights")
     for which, r in results.items():
         r["tps"] = r["tokens"] / r["seconds"]
-        print(f"{which:10}{r['steps']:>7}{r['tokens']:>9}{r['seconds']:>10.1f}{r['tps']:>10.1f}"
+        mfu = f"{100 * r['mfu']:.0f}%" if r.get("mfu") is not None else "-"
+        print(f"{which:16}{r['steps']:>7}{r['tokens']:>9}{r['seconds']:>10.1f}{r['tps']:>10.1f}{mfu:>7}"
               f"{r['peak_rss_mb']:>13.0f}  {r['weights']}")
-    print(f"ratio lmforge / TRL tokens/s: {results['lmforge']['tps'] / results['trl']['tps']:.2f}x")
+    for which in results:
+        if which != "trl":
+            print(f"ratio {which} / TRL tokens/s: {results[which]['tps'] / results['trl']['tps']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -94,8 +94,17 @@ class DataConfig:
 
 
 @dataclass
+class ProfileConfig:
+    start_step: int = _f(2, "first profiled step (1-based; step 1 includes warm-up costs)")
+    steps: int = _f(3, "number of profiled steps")
+
+
+@dataclass
 class TrainConfig:
     output_dir: str = _f("runs/lmforge", "where checkpoints, metrics, plots and the final model go")
+    engine: Literal["native", "hf"] | None = _f(
+        None, "training loop: native (lmforge's own PyTorch loop) or hf (the Transformers Trainer); "
+              "default: native for causal-LM pretrain/sft, hf for everything else")
     max_steps: int = _f(-1, "optimizer steps to run (-1: use num_train_epochs)")
     num_train_epochs: float = _f(1.0, "epochs over the training data when max_steps is -1")
     learning_rate: float | None = _f(None, "peak learning rate; default 2e-4 with adapters, 2e-5 for full fine-tune")
@@ -128,6 +137,8 @@ class TrainConfig:
     distributed: Literal["none", "ddp", "fsdp", "deepspeed"] = _f("none", "multi-process strategy")
     deepspeed: str | None = _f(None, "DeepSpeed JSON path or preset zero1, zero2, zero3, zero3_offload")
     fsdp_sharding: Literal["full", "hybrid"] = _f("full", "FSDP: full sharding, or hybrid (shard within a node, replicate across nodes)")
+    profile: ProfileConfig | None = _f(None, "write a torch.profiler trace of some steps to output_dir/profiler "
+                                             "(TensorBoard shows it): {start_step, steps}")
 
 
 @dataclass
@@ -393,11 +404,19 @@ def _check(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: train.max_steps: must be a positive number of steps, or -1 to use epochs")
     if t.warmup_ratio is not None and not 0 <= t.warmup_ratio < 1:
         raise ConfigError(f"{where}: train.warmup_ratio: must be in [0, 1)")
+    if t.profile is not None and (t.profile.start_step < 1 or t.profile.steps < 1):
+        raise ConfigError(f"{where}: train.profile: start_step and steps must be >= 1")
     if cfg.peft.kind == "prompt_tuning" and cfg.peft.prompt_tuning_init == "text" and not cfg.peft.prompt_tuning_init_text:
         raise ConfigError(f"{where}: peft.prompt_tuning_init_text: required when prompt_tuning_init is text")
     from lmforge.evaluation.metrics import check_metric_names  # a typo in eval.metrics fails before any work
 
     check_metric_names(cfg.eval.metrics, f"{where}: eval.metrics")
+    if t.engine == "native":
+        from lmforge.training.native import unsupported
+
+        reason = unsupported(cfg)
+        if reason:
+            raise ConfigError(f"{where}: train.engine: native: {reason}")
     from lmforge.distributed.checks import check_distributed
 
     check_distributed(cfg, where)

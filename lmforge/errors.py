@@ -17,3 +17,9 @@ class DataError(LmforgeError):
 
 class UnsupportedError(LmforgeError):
     """A valid request this machine or install cannot run (e.g. a GPU-only path on CPU)."""
+
+
+class TrainingError(LmforgeError):
+    """A run that stopped on purpose (a signal, a NaN loss): the message says what was kept and how to go on."""
+
+    exit_code = 1

@@ -180,7 +180,7 @@ def ddp_run(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("dist")
     data = write_jsonl(root / "data" / "train.jsonl", chat_rows(64))
     cfg = write_config(root / "cfg.yaml", _tree(tiny_model_dir, data, root / "ddp", distributed="ddp",
-                                                 per_device_train_batch_size=4))
+                                                 per_device_train_batch_size=4, engine="hf"))
     proc = _run(_lmforge("train", "--nproc-per-node", "2", str(cfg)), root / "cache")
     return SimpleNamespace(root=root, data=data, out=root / "ddp", log=proc.stdout)
 
@@ -190,7 +190,7 @@ def test_ddp_two_processes_equal_one_process_with_double_batch(ddp_run, tiny_mod
     assert "distributed: ddp on 2 processes, backend gloo, model in DistributedDataParallel" in ddp_run.log
     root = ddp_run.root
     cfg = write_config(root / "one.yaml", _tree(tiny_model_dir, ddp_run.data, root / "one",
-                                                per_device_train_batch_size=8))
+                                                per_device_train_batch_size=8, engine="hf"))
     assert main(["train", str(cfg)]) == 0  # one process, in this one
     _assert_close_losses(_losses(ddp_run.out), _losses(root / "one"), rel=1e-5)
     _assert_close_weights(_weights(ddp_run.out), _weights(root / "one"), atol=1e-5)
@@ -198,6 +198,25 @@ def test_ddp_two_processes_equal_one_process_with_double_batch(ddp_run, tiny_mod
     one = [json.loads(x) for x in (root / "one" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-2]["tokens_seen"] == one[-2]["tokens_seen"]  # tokens counted over both ranks ...
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, STEPS + 1))  # ... and written by rank 0 only
+
+
+@pytest.mark.slow
+def test_native_ddp_two_processes_equal_one_process_and_the_hf_engine(ddp_run, tiny_model_dir, lmforge_cache):
+    """The native engine: 2 processes x 4 == 1 process x 8, and the same trajectory as the HF engine's DDP."""
+    root = ddp_run.root
+    two = write_config(root / "native2.yaml", _tree(tiny_model_dir, ddp_run.data, root / "native2", distributed="ddp",
+                                                    per_device_train_batch_size=4, engine="native"))
+    proc = _run(_lmforge("train", "--nproc-per-node", "2", str(two)), root / "cache")
+    assert "distributed: ddp on 2 processes, backend gloo, native engine" in proc.stdout
+    one = write_config(root / "native1.yaml", _tree(tiny_model_dir, ddp_run.data, root / "native1",
+                                                    per_device_train_batch_size=8, engine="native"))
+    assert main(["train", str(one)]) == 0
+    _assert_close_losses(_losses(root / "native2"), _losses(root / "native1"), rel=1e-5)
+    _assert_close_weights(_weights(root / "native2"), _weights(root / "native1"), atol=1e-5)
+    _assert_close_losses(_losses(root / "native2"), _losses(ddp_run.out), rel=1e-4)
+    _assert_close_weights(_weights(root / "native2"), _weights(ddp_run.out), atol=1e-4)
+    assert sorted(p.name for p in (root / "native2" / "checkpoint-2").glob("rng_state_*.pth")) == \
+        ["rng_state_0.pth", "rng_state_1.pth"]
 
 
 @pytest.mark.slow

@@ -9,21 +9,7 @@ import pytest
 from conftest import base_config, chat_rows, write_config, write_jsonl
 
 from lmforge.cli import main
-from lmforge.training.eval_metrics import GenerationMetricsCallback, GenerationSample
-
-
-class _Args:
-    per_device_eval_batch_size = 2
-
-
-class _FakeTrainer:
-    args = _Args()
-
-    def __init__(self):
-        self.logged = []
-
-    def log(self, logs):
-        self.logged.append(dict(logs))
+from lmforge.training.eval_metrics import GenerationSample, GenerationScorer
 
 
 def test_toy_scores_equal_hand_computed(monkeypatch):
@@ -34,7 +20,7 @@ def test_toy_scores_equal_hand_computed(monkeypatch):
     refs = ["the cat sat on the mat", "a red dog barks"]
     monkeypatch.setattr(em, "generate_completions", lambda *a, **k: list(preds))
     samples = [GenerationSample([1, 2], r) for r in refs]
-    cb = GenerationMetricsCallback(_FakeTrainer(), None, samples, ["rouge", "bleu", "exact_match"], 8)
+    cb = GenerationScorer(None, samples, ["rouge", "bleu", "exact_match"], 8, batch_size=2)
 
     class _Model:
         training = True

@@ -13,6 +13,12 @@ from conftest import base_config, chat_rows, corpus, write_config, write_jsonl
 from lmforge.cli import main
 
 
+@pytest.fixture(params=["native", "hf"])
+def engine(request):
+    """Every invariance holds for both training loops (train.engine)."""
+    return request.param
+
+
 def _train(tmp_path, tree, name="c.yaml"):
     cfg = write_config(tmp_path / name, tree)
     assert main(["train", str(cfg)]) == 0
@@ -27,16 +33,18 @@ def _weights(path):
     return load_file(f"{path}/model.safetensors")
 
 
-def test_sft_full_finetune(tmp_path, tiny_model_dir, lmforge_cache):
+def test_sft_full_finetune(tmp_path, tiny_model_dir, lmforge_cache, engine):
     data = write_jsonl(tmp_path / "d" / "train.jsonl", chat_rows(32))
     write_jsonl(tmp_path / "d" / "val.jsonl", chat_rows(4, seed=5))
-    out = _train(tmp_path, base_config(tiny_model_dir, data.parent, tmp_path / "out"))
+    out = _train(tmp_path, base_config(tiny_model_dir, data.parent, tmp_path / "out", train={"engine": engine}))
     for name in ("config.yaml", "metrics.jsonl", "plots/loss.png", "report.md", "checkpoint-2/optimizer.pt",
                  "checkpoint-4/trainer_state.json", "checkpoint-4/config.yaml", "model.safetensors",
                  "tokenizer.json", "chat_template.jinja"):
         assert (tmp_path / "out" / name).exists(), name
     rows = _metrics(out)
     assert {"step", "loss", "learning_rate", "tokens_per_second"} <= set(rows[0])
+    if engine == "native":
+        assert {"mfu", "flops_per_token"} <= set(rows[0]) and 0 < rows[0]["mfu"] < 1
     assert any("eval_loss" in r and "eval_perplexity" in r for r in rows)
     before, after = _weights(tiny_model_dir), _weights(out)
     assert all(not torch.equal(before[k], after[k]) for k in before if k.endswith("q_proj.weight"))
@@ -44,11 +52,12 @@ def test_sft_full_finetune(tmp_path, tiny_model_dir, lmforge_cache):
     assert model.config.num_hidden_layers == 2
 
 
-def test_sft_lora_changes_only_adapter(tmp_path, tiny_model_dir, lmforge_cache):
+def test_sft_lora_changes_only_adapter(tmp_path, tiny_model_dir, lmforge_cache, engine):
     from peft import AutoPeftModelForCausalLM
 
     data = write_jsonl(tmp_path / "d.jsonl", chat_rows(32))
-    out = _train(tmp_path, base_config(tiny_model_dir, data, tmp_path / "out", peft={"kind": "lora", "r": 4, "alpha": 8}))
+    out = _train(tmp_path, base_config(tiny_model_dir, data, tmp_path / "out", peft={"kind": "lora", "r": 4, "alpha": 8},
+                                       train={"engine": engine}))
     model = AutoPeftModelForCausalLM.from_pretrained(out)
     base = _weights(tiny_model_dir)
     lora_b_changed = 0
@@ -80,21 +89,21 @@ def test_pretrain_from_scratch_with_trained_tokenizer(tmp_path, lmforge_cache):
     assert model.config.vocab_size == len(tok) <= 300
 
 
-def _one_step_weights(tmp_path, tiny_model_dir, data, name, bs, ga):
+def _one_step_weights(tmp_path, tiny_model_dir, data, name, bs, ga, engine):
     tree = base_config(tiny_model_dir, data, tmp_path / name,
-                       train={"max_steps": 1, "per_device_train_batch_size": bs, "gradient_accumulation_steps": ga,
+                       train={"engine": engine, "max_steps": 1, "per_device_train_batch_size": bs, "gradient_accumulation_steps": ga,
                               "optim": "sgd", "learning_rate": 1.0, "max_grad_norm": 1e9, "save_steps": 100},
                        data={"packing": False})
     out = _train(tmp_path, tree, f"{name}.yaml")
     return _weights(out), _metrics(out)[0]["loss"]
 
 
-def test_accumulation_equals_large_batch(tmp_path, tiny_model_dir, lmforge_cache):
+def test_accumulation_equals_large_batch(tmp_path, tiny_model_dir, lmforge_cache, engine):
     """1 x 8 rows == 8 x 1 with accumulation: loss and gradients (SGD lr 1 makes the update the gradient)."""
     data = write_jsonl(tmp_path / "d.jsonl", chat_rows(8, seed=3))  # rows of different lengths
     w0 = _weights(tiny_model_dir)
-    w_big, loss_big = _one_step_weights(tmp_path, tiny_model_dir, data, "big", 8, 1)
-    w_acc, loss_acc = _one_step_weights(tmp_path, tiny_model_dir, data, "acc", 1, 8)
+    w_big, loss_big = _one_step_weights(tmp_path, tiny_model_dir, data, "big", 8, 1, engine)
+    w_acc, loss_acc = _one_step_weights(tmp_path, tiny_model_dir, data, "acc", 1, 8, engine)
     assert loss_big == pytest.approx(loss_acc, rel=1e-5)
     for k in w0:
         g_big, g_acc = w0[k] - w_big[k], w0[k] - w_acc[k]
@@ -103,10 +112,10 @@ def test_accumulation_equals_large_batch(tmp_path, tiny_model_dir, lmforge_cache
 
 
 @pytest.mark.parametrize("peft", ["none", "lora"])
-def test_resume_is_bitwise_identical(tmp_path, tiny_model_dir, lmforge_cache, peft):
+def test_resume_is_bitwise_identical(tmp_path, tiny_model_dir, lmforge_cache, peft, engine):
     """Uninterrupted 6 steps == killed after checkpoint-3 and resumed (weights, optimizer, RNG, data order)."""
     data = write_jsonl(tmp_path / "d.jsonl", chat_rows(40))
-    sections = dict(train={"max_steps": 6, "save_steps": 3, "per_device_train_batch_size": 2},
+    sections = dict(train={"max_steps": 6, "save_steps": 3, "per_device_train_batch_size": 2, "engine": engine},
                     peft={"kind": peft, "r": 4, "dropout": 0.1})  # dropout: the RNG state matters
     full = _train(tmp_path, base_config(tiny_model_dir, data, tmp_path / "full", **sections), "full.yaml")
     # the crash: only what existed on disk at step 3 survives
@@ -129,7 +138,7 @@ def test_crash_during_checkpoint_write_keeps_last_good(tmp_path, tiny_model_dir,
     from transformers import Trainer
 
     data = write_jsonl(tmp_path / "d.jsonl", chat_rows(32))
-    tree = base_config(tiny_model_dir, data, tmp_path / "out", train={"max_steps": 4, "save_steps": 2})
+    tree = base_config(tiny_model_dir, data, tmp_path / "out", train={"max_steps": 4, "save_steps": 2, "engine": "hf"})
     real = Trainer._save_optimizer_and_scheduler
 
     def dies_at_step_4(self, output_dir):

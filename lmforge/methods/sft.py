@@ -19,7 +19,8 @@ from lmforge.data.packing import CausalCollator
 from lmforge.data.prepare import prepare_split
 from lmforge.data.tokenize import IGNORE
 from lmforge.training.checkpoint import LmforgeTrainerMixin
-from lmforge.training.eval_metrics import add_generation_metrics
+from lmforge.errors import ConfigError
+from lmforge.training.eval_metrics import add_generation_metrics, generation_scorer
 from lmforge.training.run import (
     load_model_and_tokenizer, log, outputs_callback, prepare_output_dir, run_trainer, training_args,
 )
@@ -119,12 +120,21 @@ def train(cfg: Config):
     from lmforge.methods import seq2seq
 
     arch = seq2seq.architecture(cfg)  # T5/BART train through Seq2SeqTrainer; BERT-style models by masked LM
+    if arch != "decoder" and cfg.train.engine == "native":
+        raise ConfigError(f"train.engine: native trains causal LMs; this is an {arch} model: use train.engine: hf")
     if arch == "encoder-decoder":
         return seq2seq.train(cfg)
     if arch == "encoder-only":
         from lmforge.methods import mlm
 
         return mlm.train(cfg)
+    if cfg.train.engine is None:  # the faster engine where it can run this config (docs/training.md)
+        from lmforge.training.native import unsupported
+
+        reason = unsupported(cfg)
+        if reason:
+            log(f"train.engine: hf ({reason})")
+        cfg.train.engine = "hf" if reason else "native"  # config.yaml records the engine that ran
     resume = prepare_output_dir(cfg)
     model, tokenizer, prec = load_model_and_tokenizer(cfg)
     packed = packing_enabled(cfg, model)
@@ -134,6 +144,12 @@ def train(cfg: Config):
         log(f"train data: {line}")
     attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
     collator = CountingCollator(tokenizer.pad_token_id, packed=packed, attn_implementation=attn)
+    if cfg.train.engine == "native":
+        from lmforge.training.native import NativeTrainer
+
+        scorer = generation_scorer(cfg, tokenizer, eval_ds is not None, log)
+        trainer = NativeTrainer(cfg, model, tokenizer, prec, train_ds, eval_ds, collator, train_stats.lines(), scorer)
+        return trainer.train(resume)
     trainer_ref: list = []
     callback, counter = outputs_callback(cfg, trainer_ref)
     args = training_args(cfg, prec, has_eval=eval_ds is not None)

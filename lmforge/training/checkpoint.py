@@ -65,6 +65,40 @@ def resolve_resume(resume: str, output_dir: str) -> str | None:
     return str(path)
 
 
+def write_checkpoint_atomically(root: Path, name: str, write, barrier, is_main: bool,
+                                save_total_limit: int | None = None) -> Path:
+    """Write checkpoint ``name`` through ``write(staging_dir)`` (called on every rank), then rename it into
+    ``root/name`` only once every rank is done: a crash or a full disk mid-write leaves the previous
+    checkpoints as they were and no half-written one under a checkpoint name. Used by the native engine;
+    ``LmforgeTrainerMixin`` does the same around the Trainer's own writer."""
+    staged, final = root / STAGING / name, root / name
+    if is_main:
+        shutil.rmtree(staged, ignore_errors=True)  # left over from a crash
+        staged.mkdir(parents=True)
+    barrier()
+    try:
+        write(staged)
+    except BaseException:
+        if is_main:
+            shutil.rmtree(staged, ignore_errors=True)
+        raise
+    barrier()  # every rank has written its part
+    if is_main:
+        if final.exists():  # re-saving a step: move the old one aside only once the new one is whole
+            old = root / STAGING / (name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(staged, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staged, final)
+        if save_total_limit:
+            for stale in complete_checkpoints(root)[:-save_total_limit]:
+                shutil.rmtree(stale, ignore_errors=True)
+    barrier()
+    return final
+
+
 class LmforgeTrainerMixin:
     """Atomic checkpoints + exact-resume sampler for any transformers.Trainer subclass."""
 

@@ -84,36 +84,30 @@ def generate_completions(model, tokenizer, prompts: list[list[int]], max_new_tok
     return texts
 
 
-class GenerationMetricsCallback(TrainerCallback):
-    """After each evaluation: generate on the eval samples, score, and log eval_<metric> at the same step."""
+class GenerationScorer:
+    """Generates greedy completions for the eval samples and scores them: {"eval_<metric>": value}."""
 
-    def __init__(self, trainer, tokenizer, samples: list[GenerationSample], names: list[str], max_new_tokens: int):
-        self.trainer, self.tokenizer, self.samples = trainer, tokenizer, samples
-        self.names, self.max_new_tokens = names, max_new_tokens
+    def __init__(self, tokenizer, samples: list[GenerationSample], names: list[str], max_new_tokens: int,
+                 batch_size: int):
+        self.tokenizer, self.samples, self.names = tokenizer, samples, names
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
 
     def score(self, model) -> dict[str, float]:
         was_training = model.training
         model.eval()
         try:
             preds = generate_completions(model, self.tokenizer, [s.prompt_ids for s in self.samples],
-                                         self.max_new_tokens, self.trainer.args.per_device_eval_batch_size)
+                                         self.max_new_tokens, self.batch_size)
         finally:
             model.train(was_training)
         scores = compute_metrics(self.names, preds, [s.reference for s in self.samples])
         return {f"eval_{k}": round(v, 6) for k, v in scores.items()}  # rouge also brings rouge1/rouge2/rougeL
 
-    def on_evaluate(self, args, state, control, metrics=None, **kw):
-        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
-        logs = self.score(model)
-        if metrics is not None:
-            metrics.update(logs)
-        self.trainer.log(logs)
 
-
-def add_generation_metrics(trainer, cfg: Config, tokenizer, log=print) -> GenerationMetricsCallback | None:
-    """Attach the callback when eval.metrics names generation metrics and eval rows have completions."""
+def generation_scorer(cfg: Config, tokenizer, has_eval: bool, log=print) -> GenerationScorer | None:
+    """A scorer when eval.metrics names generation metrics and the eval rows have completions, else None."""
     names = generation_metric_names(cfg)
-    if not names or trainer.eval_dataset is None:
+    if not names or not has_eval:
         if names:
             log(f"eval.metrics {names} need eval data (data.eval); they are skipped")
         return None
@@ -121,7 +115,29 @@ def add_generation_metrics(trainer, cfg: Config, tokenizer, log=print) -> Genera
     if not samples:
         log("eval.metrics: the eval rows have no completions to generate (text rows); generation metrics skipped")
         return None
-    cb = GenerationMetricsCallback(trainer, tokenizer, samples, names, cfg.eval.max_new_tokens)
-    trainer.add_callback(cb)
     log(f"generation metrics {', '.join(names)} on {len(samples)} eval rows at each evaluation")
+    return GenerationScorer(tokenizer, samples, names, cfg.eval.max_new_tokens, cfg.train.per_device_eval_batch_size)
+
+
+class GenerationMetricsCallback(TrainerCallback):
+    """HF engine: after each evaluation, generate on the eval samples, score, and log eval_<metric>."""
+
+    def __init__(self, trainer, scorer: GenerationScorer):
+        self.trainer, self.scorer = trainer, scorer
+
+    def on_evaluate(self, args, state, control, metrics=None, **kw):
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        logs = self.scorer.score(model)
+        if metrics is not None:
+            metrics.update(logs)
+        self.trainer.log(logs)
+
+
+def add_generation_metrics(trainer, cfg: Config, tokenizer, log=print) -> GenerationMetricsCallback | None:
+    """Attach the callback when eval.metrics names generation metrics and eval rows have completions."""
+    scorer = generation_scorer(cfg, tokenizer, trainer.eval_dataset is not None, log)
+    if scorer is None:
+        return None
+    cb = GenerationMetricsCallback(trainer, scorer)
+    trainer.add_callback(cb)
     return cb

@@ -93,6 +93,22 @@ def scheduler_kwargs(name: str, kwargs: dict, num_training_steps: int, warmup: i
     return name, kwargs
 
 
+def warmup_steps_for(warmup: float, num_training_steps: int) -> int:
+    """An int number of steps, or a ratio of all steps when in [0, 1) (TrainingArguments.get_warmup_steps)."""
+    return int(warmup) if warmup >= 1 else math.ceil(num_training_steps * warmup)
+
+
+def scheduler_for(cfg, optimizer, num_training_steps: int):
+    """The schedule named in ``train.lr_scheduler_type`` for the native engine (same rules as the HF one)."""
+    from transformers import get_scheduler
+
+    t = cfg.train
+    warmup = warmup_steps_for(t.warmup_ratio if t.warmup_ratio is not None else t.warmup_steps, num_training_steps)
+    name, kwargs = scheduler_kwargs(t.lr_scheduler_type, t.lr_scheduler_kwargs, num_training_steps, warmup)
+    return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=num_training_steps,
+                         scheduler_specific_kwargs=kwargs)
+
+
 def build_scheduler(args, optimizer, num_training_steps: int):
     from transformers import get_scheduler
 

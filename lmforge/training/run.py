@@ -103,6 +103,7 @@ def load_model_and_tokenizer(cfg: Config, auto_class=None, task_type: str = "CAU
         log(f"continuing the adapter in {adapter_dir}")
         model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
     else:
+        torch.manual_seed(cfg.train.seed)  # adapter init (LoRA A, prompt embeddings) is part of "seed for init"
         model = apply_peft(model, cfg.peft, task_type=task_type, tokenizer_path=str(model_dir) if model_dir else None)
     if cfg.train.trainable:
         freeze_except(model, cfg.train.trainable)
@@ -169,6 +170,12 @@ def prepare_output_dir(cfg: Config) -> str | None:
     strategy.setup(cfg)  # first: the process group must exist before data preparation (rank 0 first)
     out = Path(cfg.train.output_dir)
     resume = resolve_resume(cfg.train.resume, str(out))
+    if resume:
+        written_by = json.loads((Path(resume) / "trainer_state.json").read_text()).get("engine", "hf")
+        if written_by != (cfg.train.engine or "hf"):
+            raise ConfigError(f"train.resume: {resume} was written by the {written_by} engine; resume it with "
+                              f"train.engine: {written_by} (one engine's checkpoints do not resume in the other), "
+                              "or start afresh with train.resume: never")
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config_yaml(cfg))

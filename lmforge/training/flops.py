@@ -1,0 +1,104 @@
+"""Where the time goes: FLOPs per token (counted, not guessed) and this machine's matmul peak, for MFU.
+
+``mfu`` = FLOPs per trained token x tokens/s / (peak FLOP/s of the compute dtype x processes). The FLOPs are
+counted once by ``torch.utils.flop_counter.FlopCounterMode`` over a real forward + backward, so they include
+what lmforge actually runs (the LM head only on loss positions, attention over padded or packed rows) and
+nothing it skips. The peak is a short matmul benchmark of the compute dtype, cached per machine kind
+(CPU model and flags, threads, torch version), because the project's machines differ by 5x in bf16.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+
+import torch
+
+from lmforge.models import cache_root
+
+
+def _cpu_attention_formulas() -> dict:
+    """FLOP formulas for the CPU flash-attention kernels SDPA dispatches to on CPU, which torch's counter
+    does not list (torch 2.13: it counts the CUDA kernels only, so attention would count as 0 here)."""
+    from torch.utils import flop_counter
+
+    aten = torch.ops.aten
+
+    def forward(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_flop_count(query, key, value)
+
+    def backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+    return {aten._scaled_dot_product_flash_attention_for_cpu: forward,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: backward}
+
+
+class Counter:
+    """``with Counter(active) as c: ...`` counts the matmul FLOPs inside when active; ``c.total`` after."""
+
+    def __init__(self, active: bool):
+        self.active, self.total, self.mode = active, 0, None
+
+    def __enter__(self):
+        if self.active:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            self.mode = FlopCounterMode(display=False, custom_mapping=_cpu_attention_formulas())
+            self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.mode is not None:
+            self.mode.__exit__(*exc)
+            self.total = self.mode.get_total_flops()
+        return False
+
+
+def cpu_kind() -> str:
+    """The CPU model and the flags that decide bf16 speed, e.g. "AMD EPYC [avx512_bf16]"."""
+    name, flags = platform.processor() or "cpu", set()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name") and name in ("cpu", "x86_64", ""):
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    fast = sorted(flags & {"avx512_bf16", "amx_bf16", "avx512f"})
+    return f"{name} [{' '.join(fast) or 'no avx512'}]"
+
+
+def measure_peak(dtype: torch.dtype, n: int = 1024, seconds: float = 0.5) -> float:
+    """Best FLOP/s of an n x n x n matmul in ``dtype`` over about ``seconds``."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    for _ in range(3):
+        a @ b
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
+    return best
+
+
+def peak_flops(dtype: torch.dtype) -> float:
+    """This machine's matmul peak for ``dtype`` (FLOP/s), measured once and cached; CUDA is not measured here."""
+    key = f"{cpu_kind()} | threads {torch.get_num_threads()} | torch {torch.__version__} | {dtype}"
+    path = cache_root() / "peak_flops.json"
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if key not in cached:
+        cached[key] = measure_peak(dtype)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cached, indent=1))
+        os.replace(tmp, path)
+    return cached[key]

@@ -1,0 +1,515 @@
+"""lmforge's own training loop (``train.engine: native``) for causal-LM pretraining and SFT.
+
+A plain PyTorch loop, read top to bottom like nanoGPT's ``train.py``: fetch the step's rows, forward,
+loss, backward, all-reduce, clip, step, log, evaluate, checkpoint. It exists beside the HF Trainer engine
+because speed and exact promises need control of every step (the Trainer's per-step callbacks, its
+autocast of fp32 master weights and its DDP wrapper cost time on CPU; see docs/training.md). It shares
+everything else with that engine: model/tokenizer/PEFT loading and the output directory (``run.py``), data
+(``prepare_split``, ``CausalCollator``), the loss (``sft.token_loss_sum``), the checkpoint layout
+(``checkpoint-STEP/`` with ``trainer_state.json``, written atomically) and the outputs (metrics.jsonl,
+plots, report.md, tensorboard).
+
+The promises, each a test (tests/test_native.py and the invariance tests parametrized over the engine):
+  * a step's loss is the sum over its loss tokens divided by their number in the whole step (all
+    micro-batches, all ranks), so 1 x 8 == 8 x 1 with accumulation == 2 processes x 4;
+  * the rows of step k are a function of (seed, k) alone (``EpochSampler``), and a checkpoint holds the
+    weights, optimizer, scheduler and every rank's RNG, so a resumed run equals an uninterrupted one bitwise;
+  * SIGTERM/SIGINT end the current step, write a checkpoint and exit with a message saying how to resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from lmforge.config import Config
+from lmforge.errors import ConfigError, TrainingError
+from lmforge.training import flops
+from lmforge.training.checkpoint import STAGING, EpochSampler, write_checkpoint_atomically
+from lmforge.training.run import log
+
+ENGINE = "native"
+NATIVE_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_torch_foreach", "lamb", "sgd")
+
+
+def unsupported(cfg: Config) -> str | None:
+    """Why the native engine cannot run ``cfg`` (and what to use instead), or None when it can."""
+    t = cfg.train
+    if cfg.method not in ("pretrain", "sft"):
+        return f"method {cfg.method} trains on train.engine: hf; the native engine runs pretrain and sft"
+    if t.distributed in ("deepspeed", "fsdp"):
+        return f"train.distributed: {t.distributed} runs on train.engine: hf; the native engine runs ddp (or none)"
+    if t.optim not in NATIVE_OPTIMIZERS:
+        return f"train.optim: {t.optim} runs on train.engine: hf; the native engine has {', '.join(NATIVE_OPTIMIZERS)}"
+    other = [r for r in t.report_to if r not in ("tensorboard", "none")]
+    if other:
+        return (f"train.report_to: {', '.join(other)} runs on train.engine: hf; the native engine reports to "
+                "tensorboard (and metrics.jsonl)")
+    if t.dataloader_num_workers:
+        return "train.dataloader_num_workers runs on train.engine: hf; the native engine collates in the loop"
+    return None
+
+
+class StepRows:
+    """Which dataset rows each optimizer step trains on: a function of (seed, step) only.
+
+    Step k of an epoch takes the next ``global_batch`` indices of that epoch's seeded permutation; inside a
+    step, micro-batch m of rank r is the slice ``[(m * world + r) * B, ... + B)``. So the same rows make up a
+    step whatever the split into processes and micro-batches (the last step of an epoch may be short).
+    """
+
+    def __init__(self, n_rows: int, seed: int, per_device: int, accumulation: int, world: int):
+        self.n, self.per_device, self.accumulation, self.world = n_rows, per_device, accumulation, world
+        self.global_batch = per_device * accumulation * world
+        self.steps_per_epoch = max(1, math.ceil(n_rows / self.global_batch))
+        self.sampler = EpochSampler(n_rows, seed)
+        self._epoch, self._perm = -1, []
+
+    def for_step(self, step: int, rank: int) -> list[list[int]]:
+        """The micro-batches (lists of row indices) of 0-based ``step`` for ``rank``; some may be empty."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self.sampler.set_epoch(epoch)
+            self._epoch, self._perm = epoch, list(self.sampler)
+        rows = self._perm[k * self.global_batch:(k + 1) * self.global_batch]
+        B = self.per_device
+        return [rows[(m * self.world + rank) * B:(m * self.world + rank + 1) * B] for m in range(self.accumulation)]
+
+
+class NativeTrainer:
+    """Trains ``model`` on ``train_ds``; ``train(resume)`` runs the loop and returns the output directory."""
+
+    def __init__(self, cfg: Config, model, tokenizer, prec, train_ds, eval_ds, collator, data_lines: list[str],
+                 generation=None):
+        self.cfg, self.t = cfg, cfg.train
+        self.model, self.tokenizer, self.prec = model, tokenizer, prec
+        self.train_ds, self.eval_ds, self.collator = train_ds, eval_ds, collator
+        self.data_lines = data_lines
+        self.generation = generation  # eval.metrics: a GenerationScorer, or None
+        self.out = Path(cfg.train.output_dir)
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.rows = StepRows(len(train_ds), cfg.train.seed, cfg.train.per_device_train_batch_size,
+                             cfg.train.gradient_accumulation_steps, self.world)
+        self.max_steps = (cfg.train.max_steps if cfg.train.max_steps > 0
+                          else math.ceil(cfg.train.num_train_epochs * self.rows.steps_per_epoch))
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(cfg, model)
+        from lmforge.training.optim import scheduler_for
+
+        self.scheduler = scheduler_for(cfg, self.optimizer, self.max_steps)
+        self.step = 0
+        self.tokens_seen = 0  # non-padding tokens trained on, all ranks, since step 0 (kept across a resume)
+        self.stop_signal: int | None = None
+        self.tracker = Tracker(self.out, cfg.train.report_to) if self.rank == 0 else None
+        self.flops_per_token: float | None = None
+        self.peak = flops.peak_flops(prec.compute)
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def train(self, resume: str | None) -> Path:
+        if resume:
+            self.load_checkpoint(Path(resume))
+        else:
+            torch.manual_seed(self.t.seed)
+        self.model.train()
+        log(f"native engine: {self.max_steps} steps, {self.rows.global_batch} rows per step "
+            f"({self.t.per_device_train_batch_size} x {self.t.gradient_accumulation_steps} accumulation x "
+            f"{self.world} process{'es' if self.world > 1 else ''}), compute {self.prec.compute}")
+        if self.world > 1:
+            log(f"distributed: ddp on {self.world} processes, backend {dist.get_backend()}, native engine "
+                "(gradients summed in one all-reduce per step)")
+        self.flops_per_token = self.count_flops()
+        window = Window()
+        profiler = Profiler(self.cfg, self.out) if self.rank == 0 else None
+        with self.signals():
+            bar = progress_bar(self.max_steps, self.step) if self.rank == 0 else None
+            while self.step < self.max_steps:
+                if profiler:
+                    profiler.before_step(self.step + 1)
+                t0 = time.perf_counter()
+                loss, n_tokens, grad_norm = self.train_step()
+                window.add(loss, n_tokens, time.perf_counter() - t0)
+                self.step += 1
+                self.tokens_seen += n_tokens
+                if profiler:
+                    profiler.after_step(self.step)
+                if bar is not None:
+                    bar.update(1)
+                if self.step % self.t.logging_steps == 0 or self.step in (1, self.max_steps):
+                    self.log_train(window.take(), grad_norm, bar)
+                if self.eval_ds is not None and self.step % (self.t.eval_steps or self.t.save_steps) == 0:
+                    self.evaluate()
+                if self.step % self.t.save_steps == 0 or self.stop_signal is not None:
+                    self.save_checkpoint()
+                if self.stop_signal is not None:
+                    raise TrainingError(self.interrupted_message())
+            if bar is not None:
+                bar.close()
+        return self.save_final()
+
+    def train_step(self) -> tuple[float, int, float]:
+        """One optimizer step over this step's micro-batches; returns (loss, tokens trained, grad norm)."""
+        from lmforge.methods.sft import token_loss_sum
+
+        micro = [self.collator([self.train_ds[i] for i in idx]) if idx else None
+                 for idx in self.rows.for_step(self.step, self.rank)]
+        # the step's loss is sum / (loss tokens of the whole step, every micro-batch and rank)
+        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro if b is not None)
+        total = self.all_reduce(torch.tensor([float(local_tokens)]))
+        denominator = max(total.item(), 1.0)
+        loss_sum = 0.0
+        n_tokens = 0
+        for k, batch in enumerate(micro):
+            if batch is None:
+                continue
+            n_tokens += int(batch.pop("num_tokens"))
+            with self.autocast():
+                loss, _ = token_loss_sum(self.model, batch)
+            (loss / denominator).backward()
+            loss_sum += loss.item()
+        # one all-reduce for every gradient, the loss, the token count and a pending signal
+        extra = torch.tensor([loss_sum, float(n_tokens), float(self.stop_signal or 0)])
+        extra = self.all_reduce_grads(extra)
+        loss_value, n_tokens = extra[0].item() / denominator, int(extra[1].item())
+        if extra[2].item() and self.stop_signal is None:
+            self.stop_signal = int(extra[2].item())  # another rank got the signal: every rank stops here
+        if not math.isfinite(loss_value):
+            raise TrainingError(f"step {self.step + 1}: the loss is {loss_value}; stopping before the update so "
+                                f"the last checkpoint in {self.out} stays the last good state (lower "
+                                "train.learning_rate, or check the data of this step)")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.t.max_grad_norm or float("inf")))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_value, n_tokens, grad_norm
+
+    # ------------------------------------------------------------------------------------------ pieces
+    def count_flops(self) -> float:
+        """FLOPs per token of forward + backward, counted on one training row outside the run: the counter's
+        dispatch mode changes SDPA's kernel choice (and the last bits of its results), so it never runs on a
+        step that trains; the RNG is forked so dropout draws stay those of an uncounted run."""
+        from lmforge.methods.sft import token_loss_sum
+
+        first = next((idx for idx in self.rows.for_step(self.step, self.rank) if idx), [0])
+        batch = self.collator([self.train_ds[first[0]]])
+        tokens = int(batch.pop("num_tokens"))
+        with torch.random.fork_rng(devices=[]), flops.Counter(active=True) as counter:
+            with self.autocast():
+                loss, _ = token_loss_sum(self.model, batch)
+            loss.backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        return counter.total / max(tokens, 1)
+
+    def autocast(self):
+        """bf16 compute with fp32 master weights (full fine-tune); adapters already hold the base in bf16."""
+        if self.prec.compute == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.prec.compute)
+
+    @property
+    def device(self) -> torch.device:
+        return self.params[0].device
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
+    def all_reduce_grads(self, extra: torch.Tensor) -> torch.Tensor:
+        """Sum every trainable gradient (and ``extra``) over the ranks in one flat buffer; returns ``extra``.
+
+        Gradients are summed, not averaged: each rank's loss is already divided by the whole step's tokens.
+        This is DDP's bucketed all-reduce done once per optimizer step (never per micro-batch), without the
+        DDP wrapper, whose forward hook the head-only loss path would bypass.
+        """
+        if self.world == 1:
+            return extra
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads] + [extra.float()])
+        dist.all_reduce(flat)
+        offset = 0
+        for p, g in zip(self.params, grads):
+            n = g.numel()
+            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
+            offset += n
+        return flat[offset:]
+
+    def log_train(self, window: dict, grad_norm: float, bar) -> None:
+        row = {"step": self.step, "loss": round(window["loss"], 6), "grad_norm": round(grad_norm, 6),
+               "learning_rate": self.scheduler.get_last_lr()[0], "epoch": round(self.step / self.rows.steps_per_epoch, 4)}
+        if window["seconds"] > 0 and window["tokens"] > 0:
+            tps = window["tokens"] / window["seconds"]
+            row["tokens_per_second"] = round(tps, 2)
+            if self.flops_per_token:
+                row["flops_per_token"] = round(self.flops_per_token)
+                row["mfu"] = round(self.flops_per_token * tps / (self.peak * self.world), 4)
+        row["tokens_seen"] = self.tokens_seen
+        if self.tracker:
+            self.tracker.write(row)
+        if bar is not None:
+            post = {"loss": f"{row['loss']:.4f}"}
+            if "tokens_per_second" in row:
+                post["tok/s"] = f"{row['tokens_per_second']:.0f}"
+            if "mfu" in row:
+                post["mfu"] = f"{100 * row['mfu']:.0f}%"
+            bar.set_postfix(post, refresh=False)
+
+    @torch.no_grad()
+    def evaluate(self) -> None:
+        """eval_loss: summed token NLL over every eval row (rows split across ranks) over their loss tokens."""
+        from lmforge.methods.sft import token_loss_sum
+
+        self.model.eval()
+        sums = torch.zeros(2)
+        B = self.t.per_device_eval_batch_size
+        mine = list(range(self.rank, len(self.eval_ds), self.world))
+        for start in range(0, len(mine), B):
+            batch = self.collator([self.eval_ds[i] for i in mine[start:start + B]])
+            batch.pop("num_tokens", None)
+            with self.autocast():
+                loss, n = token_loss_sum(self.model, batch)
+            sums += torch.tensor([loss.item(), float(n)])
+        self.all_reduce(sums)
+        row = {"step": self.step, "eval_loss": round(sums[0].item() / max(sums[1].item(), 1), 6)}
+        if self.cfg.method in ("pretrain", "sft"):
+            row["eval_perplexity"] = math.exp(min(row["eval_loss"], 50.0))
+        if self.generation is not None and self.rank == 0:
+            row.update(self.generation.score(self.model))
+        self.model.train()
+        if self.tracker:
+            self.tracker.write(row, plot=True)
+            log(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "step"))
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> None:
+        """checkpoint-STEP/: weights (or adapter), optimizer, scheduler, every rank's RNG, the data position."""
+        name = f"checkpoint-{self.step}"
+
+        def write(tmp: Path) -> None:
+            torch.save(rng_state(), tmp / f"rng_state_{self.rank}.pth")
+            if self.rank != 0:
+                return
+            self.model.save_pretrained(tmp, safe_serialization=True)
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            (tmp / "config.yaml").write_text((self.out / "config.yaml").read_text())
+            state = {"global_step": self.step, "max_steps": self.max_steps, "engine": ENGINE,
+                     "world_size": self.world, "epoch": self.step / self.rows.steps_per_epoch,
+                     "tokens_seen": self.tokens_seen}
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+
+        write_checkpoint_atomically(self.out, name, write, self.barrier, is_main=self.rank == 0,
+                                    save_total_limit=self.t.save_total_limit)
+        log(f"checkpoint {self.out / name}")
+
+    def load_checkpoint(self, ckpt: Path) -> None:
+        state = json.loads((ckpt / "trainer_state.json").read_text())  # the engine was checked in run.py
+        if state["world_size"] != self.world:
+            raise ConfigError(f"train.resume: {ckpt} was written by {state['world_size']} process(es), this run "
+                              f"has {self.world}; exact resume needs the same number (every rank's RNG is saved)")
+        load_weights(self.model, ckpt)
+        self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        self.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+        set_rng_state(torch.load(ckpt / f"rng_state_{self.rank}.pth", weights_only=False))
+        self.step, self.tokens_seen = state["global_step"], state["tokens_seen"]
+
+    def save_final(self) -> Path:
+        from lmforge.training.callbacks import write_report
+
+        self.barrier()
+        if self.rank == 0:
+            import shutil
+
+            shutil.rmtree(self.out / STAGING, ignore_errors=True)
+            self.model.save_pretrained(self.out, safe_serialization=True)
+            self.tokenizer.save_pretrained(self.out)
+            self.tracker.close()
+            write_report(self.out, {"method": self.cfg.method, "model": self.cfg.model.name_or_path or "from scratch",
+                                    "adapter": self.cfg.peft.kind, "engine": ENGINE, "max_steps": self.step},
+                         self.data_lines)
+            log(f"final {'adapter' if self.cfg.peft.kind != 'none' else 'model'} saved to {self.out}")
+        self.barrier()
+        return self.out
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    # ------------------------------------------------------------------------------------------ signals
+    @contextlib.contextmanager
+    def signals(self):
+        """SIGTERM/SIGINT: finish the step, checkpoint, exit (see ``train``); a second signal stops at once."""
+
+        def handler(signum, frame):
+            if self.stop_signal is not None:
+                raise KeyboardInterrupt  # a second signal: leave now; the last checkpoint is whole (atomic)
+            self.stop_signal = signum
+            log(f"{signal.Signals(signum).name}: finishing step {self.step + 1}, then writing a checkpoint")
+
+        old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def interrupted_message(self) -> str:
+        name = signal.Signals(self.stop_signal).name
+        return (f"stopped by {name} at step {self.step} of {self.max_steps}; checkpoint-{self.step} is in "
+                f"{self.out}. Run the same command again (train.resume: auto) to continue exactly where it stopped")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+class Window:
+    """Loss and tokens/s over the steps since the last log (the loss averaged per step, as the HF engine)."""
+
+    def __init__(self):
+        self.losses, self.tokens, self.seconds = [], 0, 0.0
+
+    def add(self, loss: float, tokens: int, seconds: float) -> None:
+        self.losses.append(loss)
+        self.tokens += tokens
+        self.seconds += seconds
+
+    def take(self) -> dict:
+        out = {"loss": sum(self.losses) / max(len(self.losses), 1), "tokens": self.tokens, "seconds": self.seconds}
+        self.losses, self.tokens, self.seconds = [], 0, 0.0
+        return out
+
+
+class Tracker:
+    """metrics.jsonl + plots/loss.png + tensorboard (``report_to``), written by rank 0 only."""
+
+    def __init__(self, out: Path, report_to: list[str]):
+        from lmforge.training.callbacks import PLOT_EVERY_SECONDS
+
+        self.out, self.every, self.last_plot = out, PLOT_EVERY_SECONDS, 0.0
+        self.tb = None
+        if "tensorboard" in report_to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "runs"))
+
+    def write(self, row: dict, plot: bool = False) -> None:
+        with open(self.out / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            prefix = "eval/" if any(k.startswith("eval_") for k in row) else "train/"
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(prefix + k.removeprefix("eval_"), v, row["step"])
+        if plot or time.monotonic() - self.last_plot > self.every:
+            self.plot()
+
+    def plot(self) -> None:
+        from lmforge.training.callbacks import plot_metrics, read_metrics
+
+        self.last_plot = time.monotonic()
+        try:
+            plot_metrics(read_metrics(self.out / "metrics.jsonl"), self.out / "plots" / "loss.png")
+        except Exception as e:  # a plot must never kill a training run
+            log(f"could not refresh the plot: {e}")
+
+    def close(self) -> None:
+        self.plot()
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Profiler:
+    """``train.profile: {start_step, steps}``: a torch.profiler trace of those steps in output_dir/profiler."""
+
+    def __init__(self, cfg: Config, out: Path):
+        p = cfg.train.profile
+        self.first, self.last = (p.start_step, p.start_step + p.steps - 1) if p else (0, -1)
+        self.dir, self.prof = out / "profiler", None
+
+    def before_step(self, step: int) -> None:
+        if step == self.first:
+            from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
+
+            self.prof = profile(activities=[ProfilerActivity.CPU], record_shapes=True,
+                                on_trace_ready=tensorboard_trace_handler(str(self.dir)))
+            self.prof.__enter__()
+
+    def after_step(self, step: int) -> None:
+        if self.prof is not None and step == self.last:
+            self.prof.__exit__(None, None, None)
+            log(f"profile of steps {self.first}-{self.last} written to {self.dir}")
+            self.prof = None
+
+
+def progress_bar(total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
+
+
+def build_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
+    """AdamW (fused by default on CPU: one kernel for every tensor), LAMB or SGD; no weight decay on biases
+    and norms (the same groups as the HF Trainer)."""
+    from transformers import Trainer
+
+    from lmforge.training.optim import Lamb
+    from lmforge.training.run import default_learning_rate
+
+    t = cfg.train
+    decay = set(Trainer.get_decay_parameter_names(None, model))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in named if n in decay], "weight_decay": t.weight_decay},
+              {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    lr = default_learning_rate(cfg)
+    if t.optim == "lamb":
+        return Lamb(groups, lr=lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+    if t.optim == "sgd":
+        return torch.optim.SGD(groups, lr=lr)
+    fused = t.optim in ("adamw_torch", "adamw_torch_fused")  # measured faster than foreach on CPU
+    return torch.optim.AdamW(groups, lr=lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
+                             fused=fused, foreach=not fused)
+
+
+def load_weights(model, ckpt: Path) -> None:
+    """Load a checkpoint's weights (a full model's safetensors or a PEFT adapter) into ``model`` in place."""
+    from safetensors.torch import load_file
+
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
+        return
+    files = sorted(ckpt.glob("model*.safetensors"))
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(model.config, "tie_word_embeddings",
+                                                                           False) else set()
+    if set(missing) - tied or unexpected:
+        raise TrainingError(f"{ckpt}: the checkpoint does not match the model (missing {sorted(missing)[:5]}, "
+                            f"unexpected {sorted(unexpected)[:5]})")
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["cpu"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+

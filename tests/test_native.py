@@ -1,0 +1,152 @@
+"""The native engine's own promises (the shared invariances are parametrized over both engines in
+test_train.py and test_distributed.py): FLOPs equal a hand count, the profiler trace loads, SIGTERM and
+kill -9 mid-run resume bitwise, step rows are independent of the process/accumulation split, and one
+engine's checkpoint is refused by the other with a clear message."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import base_config, chat_rows, write_config, write_jsonl
+from safetensors.torch import load_file
+
+from lmforge.cli import main
+from lmforge.training import flops
+from lmforge.training.native import StepRows
+
+
+def test_flop_count_equals_a_hand_count(tiny_model_dir):
+    """Forward + backward of a pretraining batch: 3 x (2 x linear weights x tokens + LM head on loss positions
+    + attention 4 x T^2 x hidden per layer); FlopCounterMode's count must be within 5% of it."""
+    from transformers import AutoModelForCausalLM
+
+    from lmforge.methods.sft import token_loss_sum
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    cfg = model.config
+    B, T = 3, 64
+    ids = torch.randint(0, cfg.vocab_size, (B, T))
+    batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+    with flops.Counter(active=True) as counter:
+        loss, n = token_loss_sum(model, batch)
+        loss.backward()
+    d, L = cfg.hidden_size, cfg.num_hidden_layers
+    kv = cfg.num_key_value_heads * (d // cfg.num_attention_heads)
+    linear = L * (2 * d * d + 2 * d * kv + 3 * d * cfg.intermediate_size)  # q, o, k, v, gate, up, down
+    forward = 2 * linear * B * T + 2 * d * cfg.vocab_size * n + L * B * 4 * T * T * d
+    assert n == B * (T - 1)
+    assert counter.total == pytest.approx(3 * forward, rel=0.05)
+
+
+def test_step_rows_do_not_depend_on_the_split():
+    """The rows of a step are the same for 1 x 8, 8 x 1 with accumulation, and 2 processes x 4."""
+    def step_rows(per_device, accumulation, world, step):
+        rows = StepRows(21, seed=3, per_device=per_device, accumulation=accumulation, world=world)
+        return sorted(i for r in range(world) for micro in rows.for_step(step, r) for i in micro)
+
+    for step in range(6):  # 3 steps per epoch (the last one short), then the next epoch's order
+        assert step_rows(8, 1, 1, step) == step_rows(1, 8, 1, step) == step_rows(4, 1, 2, step)
+    first_epoch = [i for s in range(3) for i in step_rows(8, 1, 1, s)]
+    assert sorted(first_epoch) == list(range(21))
+    assert step_rows(8, 1, 1, 3) != step_rows(8, 1, 1, 0)
+
+
+def test_profile_writes_a_trace_that_loads(tmp_path, tiny_model_dir, lmforge_cache):
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(16))
+    tree = base_config(tiny_model_dir, data, tmp_path / "out", train={"engine": "native", "max_steps": 3,
+                                                                       "profile": {"start_step": 2, "steps": 1}})
+    assert main(["train", str(write_config(tmp_path / "c.yaml", tree))]) == 0
+    traces = list((tmp_path / "out" / "profiler").glob("*.pt.trace.json"))
+    assert len(traces) == 1
+    events = json.loads(traces[0].read_text())["traceEvents"]
+    assert any("aten::mm" in str(e.get("name")) for e in events)
+
+
+def test_a_checkpoint_resumes_only_in_its_own_engine(tmp_path, tiny_model_dir, lmforge_cache, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(16))
+    tree = base_config(tiny_model_dir, data, tmp_path / "out", train={"engine": "native", "max_steps": 2})
+    cfg = write_config(tmp_path / "c.yaml", tree)
+    assert main(["train", str(cfg)]) == 0
+    assert main(["train", str(cfg), "train.engine=hf", "train.max_steps=4"]) == 2
+    err = capsys.readouterr().err
+    assert "was written by the native engine; resume it with train.engine: native" in err
+    # consolidate reads a native checkpoint (a plain model directory) as it is
+    assert main(["consolidate", str(tmp_path / "out" / "checkpoint-2"), "--output", str(tmp_path / "plain")]) == 0
+    a, b = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["method=dpo"], "the native engine runs pretrain and sft"),
+    (["train.distributed=deepspeed", "train.deepspeed=zero2"], "runs on train.engine: hf"),
+    (["train.optim=adamw_bnb_8bit"], "the native engine has adamw_torch"),
+    (["train.report_to=[wandb]"], "reports to tensorboard"),
+])
+def test_what_native_cannot_run_is_refused(tmp_path, tiny_model_dir, capsys, overrides, message):
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(4))
+    cfg = write_config(tmp_path / "c.yaml", base_config(tiny_model_dir, data, tmp_path / "out",
+                                                        train={"engine": "native"}))
+    assert main(["train", str(cfg), *overrides]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_default_engine_falls_back_to_hf_with_a_reason(tmp_path, tiny_model_dir, lmforge_cache, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(8))
+    cfg = write_config(tmp_path / "c.yaml", base_config(tiny_model_dir, data, tmp_path / "out",
+                                                        train={"max_steps": 1, "optim": "adafactor"}))
+    assert main(["train", str(cfg)]) == 0
+    assert "train.engine: hf (train.optim: adafactor runs on train.engine: hf" in capsys.readouterr().out
+    import yaml
+
+    assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["train"]["engine"] == "hf"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_signal_mid_run_then_resume_equals_uninterrupted(tmp_path, sharp_model_dir, sig):
+    """SIGTERM: the step finishes, a checkpoint is written, exit 1 with how to resume. kill -9: the last
+    periodic checkpoint survives. Either way `resume: auto` continues to the same bits as a run never stopped."""
+    env = {**os.environ, "LMFORGE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(120))
+    sections = dict(train={"engine": "native", "max_steps": 40, "save_steps": 5, "logging_steps": 1,
+                           "per_device_train_batch_size": 2}, peft={"kind": "lora", "r": 4, "dropout": 0.1})
+    full = write_config(tmp_path / "full.yaml", base_config(sharp_model_dir, data, tmp_path / "full", **sections))
+    stopped = write_config(tmp_path / "stop.yaml", base_config(sharp_model_dir, data, tmp_path / "stop", **sections))
+    cmd = [sys.executable, "-m", "lmforge", "train"]
+    proc = subprocess.Popen(cmd + [str(stopped)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "stop" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:  # wait for step 7: one checkpoint behind it
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 7:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    last = max(int(line.split('"step": ')[1].split(",")[0]) for line in metrics.read_text().splitlines())
+    assert last < 40, "the run ended before the signal; nothing was tested"
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 1, err
+        assert f"stopped by SIGTERM at step {last}" in err and "train.resume: auto" in err
+        assert (tmp_path / "stop" / f"checkpoint-{last}" / "adapter_model.safetensors").exists()
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    subprocess.run(cmd + [str(stopped)], env=env, check=True, capture_output=True)
+    subprocess.run(cmd + [str(full)], env=env, check=True, capture_output=True)
+    a = load_file(tmp_path / "full" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "stop" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    def losses(run):
+        rows = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+    assert losses("full") == losses("stop")
