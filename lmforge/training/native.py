@@ -102,8 +102,16 @@ class NativeTrainer:
                              cfg.train.gradient_accumulation_steps, self.world)
         self.max_steps = (cfg.train.max_steps if cfg.train.max_steps > 0
                           else math.ceil(cfg.train.num_train_epochs * self.rows.steps_per_epoch))
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(cfg, model)
+        # full fine-tune in bf16: the model computes in bf16, the optimizer updates fp32 masters (precision.py)
+        self.master = None
+        if prec.compute != torch.float32 and cfg.peft.kind == "none":
+            from lmforge.training.precision import MasterWeights
+
+            self.master = MasterWeights(model, prec.compute)
+        named = self.master.named_trainable() if self.master else [
+            (n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
+        self.optimizer = build_optimizer(cfg, model, named)
         from lmforge.training.optim import scheduler_for
 
         self.scheduler = scheduler_for(cfg, self.optimizer, self.max_steps)
@@ -175,6 +183,8 @@ class NativeTrainer:
             with self.autocast():
                 loss, _ = token_loss_sum(self.model, batch)
             (loss / denominator).backward()
+            if self.master:
+                self.master.collect_grads()
             loss_sum += loss.item()
         # one all-reduce for every gradient, the loss, the token count and a pending signal
         extra = torch.tensor([loss_sum, float(n_tokens), float(self.stop_signal or 0)])
@@ -188,6 +198,8 @@ class NativeTrainer:
                                 "train.learning_rate, or check the data of this step)")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.t.max_grad_norm or float("inf")))
         self.optimizer.step()
+        if self.master:
+            self.master.copy_to_model()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_value, n_tokens, grad_norm
@@ -206,12 +218,13 @@ class NativeTrainer:
             with self.autocast():
                 loss, _ = token_loss_sum(self.model, batch)
             loss.backward()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)
         return counter.total / max(tokens, 1)
 
     def autocast(self):
-        """bf16 compute with fp32 master weights (full fine-tune); adapters already hold the base in bf16."""
-        if self.prec.compute == torch.float32:
+        """Adapters: the frozen base is bf16 already, PEFT keeps adapter weights in fp32, autocast runs both in
+        bf16. Full fine-tunes need none: the model itself is bf16 (``MasterWeights``)."""
+        if self.prec.compute == torch.float32 or self.master:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.prec.compute)
 
@@ -298,7 +311,7 @@ class NativeTrainer:
             torch.save(rng_state(), tmp / f"rng_state_{self.rank}.pth")
             if self.rank != 0:
                 return
-            self.model.save_pretrained(tmp, safe_serialization=True)
+            self.save_model(tmp)
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             (tmp / "config.yaml").write_text((self.out / "config.yaml").read_text())
@@ -316,7 +329,11 @@ class NativeTrainer:
         if state["world_size"] != self.world:
             raise ConfigError(f"train.resume: {ckpt} was written by {state['world_size']} process(es), this run "
                               f"has {self.world}; exact resume needs the same number (every rank's RNG is saved)")
-        load_weights(self.model, ckpt)
+        weights = read_weights(self.model, ckpt)
+        if self.master:
+            self.master.load_state_dict(weights)
+        else:
+            load_weights(self.model, weights, ckpt)
         self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
         self.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
         set_rng_state(torch.load(ckpt / f"rng_state_{self.rank}.pth", weights_only=False))
@@ -330,7 +347,7 @@ class NativeTrainer:
             import shutil
 
             shutil.rmtree(self.out / STAGING, ignore_errors=True)
-            self.model.save_pretrained(self.out, safe_serialization=True)
+            self.save_model(self.out)
             self.tokenizer.save_pretrained(self.out)
             self.tracker.close()
             write_report(self.out, {"method": self.cfg.method, "model": self.cfg.model.name_or_path or "from scratch",
@@ -339,6 +356,12 @@ class NativeTrainer:
             log(f"final {'adapter' if self.cfg.peft.kind != 'none' else 'model'} saved to {self.out}")
         self.barrier()
         return self.out
+
+    def save_model(self, directory: Path) -> None:
+        if self.master:
+            self.master.save_pretrained(directory)  # the fp32 weights, not their bf16 rounding
+        else:
+            self.model.save_pretrained(directory, safe_serialization=True)
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -454,9 +477,9 @@ def progress_bar(total: int, initial: int):
     return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
 
 
-def build_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
-    """AdamW (fused by default on CPU: one kernel for every tensor), LAMB or SGD; no weight decay on biases
-    and norms (the same groups as the HF Trainer)."""
+def build_optimizer(cfg: Config, model, named: list) -> torch.optim.Optimizer:
+    """AdamW (fused by default on CPU: one kernel for every tensor), LAMB or SGD over ``named`` (name,
+    parameter) pairs; no weight decay on biases and norms (the same groups as the HF Trainer)."""
     from transformers import Trainer
 
     from lmforge.training.optim import Lamb
@@ -464,7 +487,6 @@ def build_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
 
     t = cfg.train
     decay = set(Trainer.get_decay_parameter_names(None, model))
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [{"params": [p for n, p in named if n in decay], "weight_decay": t.weight_decay},
               {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
@@ -478,21 +500,26 @@ def build_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
                              fused=fused, foreach=not fused)
 
 
-def load_weights(model, ckpt: Path) -> None:
-    """Load a checkpoint's weights (a full model's safetensors or a PEFT adapter) into ``model`` in place."""
+def read_weights(model, ckpt: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's saved tensors: a PEFT adapter's, or a full model's (all its safetensors shards)."""
+    from peft import PeftModel
     from safetensors.torch import load_file
 
-    from peft import PeftModel
-
-    if isinstance(model, PeftModel):
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
-        return
-    files = sorted(ckpt.glob("model*.safetensors"))
+    files = [ckpt / "adapter_model.safetensors"] if isinstance(model, PeftModel) else \
+        sorted(ckpt.glob("model*.safetensors"))
     state = {}
     for f in files:
         state.update(load_file(str(f)))
+    return state
+
+
+def load_weights(model, state: dict[str, torch.Tensor], ckpt: Path) -> None:
+    """Load ``read_weights`` output into ``model`` in place; names that do not match are an error."""
+    from peft import PeftModel, set_peft_model_state_dict
+
+    if isinstance(model, PeftModel):
+        set_peft_model_state_dict(model, state)
+        return
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(model.config, "tie_word_embeddings",
                                                                            False) else set()
