@@ -83,7 +83,7 @@ def run_lmforge(data: Path, peft: str, out: Path, engine: str) -> dict:
         return real_train(self, *a, **kw)
 
     def timed_step(self):  # the native engine: the same span, one optimizer step
-        stats.setdefault("tokens", int(sum(len(x) for x in self.train_dataset["input_ids"])))
+        stats.setdefault("tokens", int(sum(len(x) for x in self.train_ds["input_ids"])))
         t0 = time.perf_counter()
         result = real_step(self)
         timer.seconds += time.perf_counter() - t0

@@ -48,29 +48,48 @@ def test_block_causal_mask_by_hand():
     ]
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_loss_equals_unpacked(tiny_model_dir, attn):
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation=attn)
+def _model(model_dir, attn):
+    """The tiny model with ``attn``: sdpa, eager, or lmforge's per-sample attention for packed rows."""
+    from lmforge.training.attention import NAME, use_packed_attention
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                 attn_implementation="sdpa" if attn == NAME else attn)
+    if attn == NAME:
+        assert use_packed_attention(model)
+    return model
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "lmforge_packed_sdpa"])
+def test_packed_loss_and_gradients_equal_unpacked(sharp_model_dir, attn):
     samples = _samples(12)
-    packed = CausalCollator(0, packed=True, attn_implementation=attn)(pack(samples, 128, seed=0))
+    packed_rows = pack(samples, 128, seed=0)
+    assert any(len(r["seq_lens"]) > 1 for r in packed_rows)
+    packed = CausalCollator(0, packed=True, attn_implementation=attn)(packed_rows)
     unpacked = CausalCollator(0, packed=False, attn_implementation=attn)(
         [{"input_ids": i, "labels": l} for i, l in samples])
-    with torch.no_grad():
-        lp, np_ = token_loss_sum(model, packed)
-        lu, nu = token_loss_sum(model, unpacked)
+    results = []
+    for batch in (packed, unpacked):
+        model = _model(sharp_model_dir, attn)  # peaked attention: a sample seeing another would show
+        loss, n = token_loss_sum(model, batch)
+        (loss / n).backward()
+        results.append((loss.item() / n, n, {k: p.grad for k, p in model.named_parameters()}))
+    (lp, np_, gp), (lu, nu, gu) = results
     assert np_ == nu
-    assert torch.allclose(lp / np_, lu / nu, rtol=1e-4)
+    assert lp == pytest.approx(lu, rel=1e-5)
+    for k in gp:
+        torch.testing.assert_close(gp[k], gu[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
-def test_no_attention_across_boundaries(tiny_model_dir):
+@pytest.mark.parametrize("attn", ["sdpa", "lmforge_packed_sdpa"])
+def test_no_attention_across_boundaries(tiny_model_dir, attn):
     """Changing the tokens of one packed sample leaves the logits of the other samples unchanged."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = _model(tiny_model_dir, attn)
     samples = _samples(3, seed=3)
     row = pack(samples, 200, seed=0)
     assert len(row) == 1 and len(row[0]["seq_lens"]) == 3
-    batch = CausalCollator(0, packed=True)(row)
+    batch = CausalCollator(0, packed=True, attn_implementation=attn)(row)
     first = row[0]["seq_lens"][0]
-    altered = {k: v.clone() for k, v in batch.items()}
+    altered = {k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()}
     altered["input_ids"][0, :first] = (altered["input_ids"][0, :first] + 7) % 300
     with torch.no_grad():
         a = model(**{k: v for k, v in batch.items() if k != "labels"}).logits

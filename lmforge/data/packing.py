@@ -15,6 +15,8 @@ import torch
 
 from lmforge.data.tokenize import IGNORE
 
+PACKED_ATTENTION = "lmforge_packed_sdpa"  # lmforge.training.attention.NAME
+
 
 def pack(samples: list[tuple[list[int], list[int]]], max_length: int, seed: int) -> list[dict]:
     """Best-fit-decreasing bins of at most max_length tokens; returns rows with input_ids, labels, seq_lens."""
@@ -87,7 +89,9 @@ class CausalCollator:
                 seg[b, start:start + length] = k
                 start += length
         batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
-        if self.packed:
+        if self.packed and self.attn == PACKED_ATTENTION:  # one causal call per sample (training/attention.py)
+            batch["packed_seq_lens"] = [list(r.get("seq_lens") or [len(r["input_ids"])]) for r in rows]
+        elif self.packed:
             float_dtype = torch.float32 if self.attn == "eager" else None
             # flash-attention finds sample boundaries from the restarting position_ids itself
             if self.attn != "flash_attention_2":

@@ -143,6 +143,13 @@ def train(cfg: Config):
     for line in train_stats.lines():
         log(f"train data: {line}")
     attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    if cfg.train.engine == "native" and packed:
+        from lmforge.training.attention import NAME, use_packed_attention
+
+        if use_packed_attention(model):  # one causal SDPA call per packed sample, no dense mask
+            attn = NAME
+        else:
+            log(f"packed rows use a dense block-diagonal mask: {attn} attention cannot run per sample")
     collator = CountingCollator(tokenizer.pad_token_id, packed=packed, attn_implementation=attn)
     if cfg.train.engine == "native":
         from lmforge.training.native import NativeTrainer
