@@ -65,6 +65,18 @@ def resolve_resume(resume: str, output_dir: str) -> str | None:
     return str(path)
 
 
+def publish(staged: Path, final: Path) -> None:
+    """Rename a whole staged checkpoint into place; re-saving a step moves the old one aside only then."""
+    if final.exists():
+        old = staged.with_name(staged.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(staged, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staged, final)
+
+
 def write_checkpoint_atomically(root: Path, name: str, write, barrier, is_main: bool,
                                 save_total_limit: int | None = None) -> Path:
     """Write checkpoint ``name`` through ``write(staging_dir)`` (called on every rank), then rename it into
@@ -84,14 +96,7 @@ def write_checkpoint_atomically(root: Path, name: str, write, barrier, is_main: 
         raise
     barrier()  # every rank has written its part
     if is_main:
-        if final.exists():  # re-saving a step: move the old one aside only once the new one is whole
-            old = root / STAGING / (name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(staged, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staged, final)
+        publish(staged, final)
         if save_total_limit:
             for stale in complete_checkpoints(root)[:-save_total_limit]:
                 shutil.rmtree(stale, ignore_errors=True)
@@ -126,14 +131,7 @@ class LmforgeTrainerMixin:
         if self.args.should_save:
             if self.lmforge_config_yaml:
                 Path(staged, "config.yaml").write_text(self.lmforge_config_yaml)
-            if os.path.exists(final):  # re-saving a step: move the old one aside only once the new one is whole
-                old = os.path.join(root, STAGING, name + ".old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-                os.replace(staged, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(staged, final)
+            publish(Path(staged), Path(final))
             from transformers.trainer_utils import rotate_checkpoints
 
             rotate_checkpoints(output_dir=root, save_total_limit=self.args.save_total_limit,
