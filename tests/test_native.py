@@ -152,26 +152,32 @@ def test_signal_mid_run_then_resume_equals_uninterrupted(tmp_path, sharp_model_d
     assert losses("full") == losses("stop")
 
 
-def test_bf16_full_finetune_updates_fp32_master_weights_and_resumes_bitwise(tmp_path, tiny_model_dir, lmforge_cache):
+@pytest.mark.parametrize("peft", ["none", "lora"])
+def test_bf16_updates_fp32_master_weights_and_resumes_bitwise(tmp_path, tiny_model_dir, lmforge_cache, peft):
     """In bf16 the model computes in bf16 and the optimizer updates fp32 masters: updates far below bf16's
-    resolution still land, the saved model is fp32 (config.json says so), and resume stays bitwise."""
+    resolution still land, the saved weights are fp32 (config.json says so), and resume stays bitwise."""
     import shutil
 
     data = write_jsonl(tmp_path / "d.jsonl", chat_rows(24))
-    sections = dict(model={"name_or_path": str(tiny_model_dir), "dtype": "bfloat16"},
+    sections = dict(model={"name_or_path": str(tiny_model_dir), "dtype": "bfloat16"}, peft={"kind": peft, "r": 4},
                     train={"engine": "native", "max_steps": 4, "save_steps": 2, "learning_rate": 1e-6,
                            "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2})
     full = tmp_path / "full"
     assert main(["train", str(write_config(tmp_path / "a.yaml", base_config(tiny_model_dir, data, full, **sections)))]) == 0
-    before, after = load_file(tiny_model_dir / "model.safetensors"), load_file(full / "model.safetensors")
+    fname = "model.safetensors" if peft == "none" else "adapter_model.safetensors"
+    after = load_file(full / fname)
     assert all(t.dtype == torch.float32 for t in after.values())
-    assert json.loads((full / "config.json").read_text())["dtype"] == "float32"
-    w0, w1 = before["model.layers.0.self_attn.q_proj.weight"], after["model.layers.0.self_attn.q_proj.weight"]
-    assert (w0 != w1).float().mean() > 0.9  # ~4e-6 moves: rounded away in bf16 weights, kept in fp32 masters
-    assert (w1.to(torch.bfloat16).float() == w0.to(torch.bfloat16).float()).float().mean() > 0.9
+    if peft == "none":
+        assert json.loads((full / "config.json").read_text())["dtype"] == "float32"
+        w0 = load_file(tiny_model_dir / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"]
+        w1 = after["model.layers.0.self_attn.q_proj.weight"]
+        assert (w0 != w1).float().mean() > 0.9  # ~4e-6 moves: rounded away in bf16 weights, kept in fp32 masters
+        assert (w1.to(torch.bfloat16).float() == w0.to(torch.bfloat16).float()).float().mean() > 0.9
+    else:
+        assert any(t.abs().sum() > 0 for k, t in after.items() if "lora_B" in k)
     crashed = tmp_path / "crashed"
     crashed.mkdir()
     shutil.copytree(full / "checkpoint-2", crashed / "checkpoint-2")
     assert main(["train", str(write_config(tmp_path / "b.yaml", base_config(tiny_model_dir, data, crashed, **sections)))]) == 0
-    resumed = load_file(crashed / "model.safetensors")
-    assert all(torch.equal(after[k], resumed[k]) for k in after)
+    resumed = load_file(crashed / fname)
+    assert after.keys() == resumed.keys() and all(torch.equal(after[k], resumed[k]) for k in after)

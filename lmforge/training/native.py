@@ -104,10 +104,10 @@ class NativeTrainer:
                           else math.ceil(cfg.train.num_train_epochs * self.rows.steps_per_epoch))
         # full fine-tune in bf16: the model computes in bf16, the optimizer updates fp32 masters (precision.py)
         self.master = None
-        if prec.compute != torch.float32 and cfg.peft.kind == "none":
+        if prec.compute != torch.float32 and cfg.peft.kind in ("none", "lora", "dora"):
             from lmforge.training.precision import MasterWeights
 
-            self.master = MasterWeights(model, prec.compute)
+            self.master = MasterWeights(model, prec.compute, trainable_only=cfg.peft.kind != "none")
         named = self.master.named_trainable() if self.master else [
             (n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in named]
@@ -222,8 +222,8 @@ class NativeTrainer:
         return counter.total / max(tokens, 1)
 
     def autocast(self):
-        """Adapters: the frozen base is bf16 already, PEFT keeps adapter weights in fp32, autocast runs both in
-        bf16. Full fine-tunes need none: the model itself is bf16 (``MasterWeights``)."""
+        """QLoRA and prompt tuning: PEFT keeps adapter weights in fp32 and autocast runs them in bf16. Full
+        fine-tunes, LoRA and DoRA need none: their weights are bf16 with fp32 masters (``MasterWeights``)."""
         if self.prec.compute == torch.float32 or self.master:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.prec.compute)

@@ -19,13 +19,18 @@ import torch
 
 
 class MasterWeights:
-    """fp32 copies of a model's parameters; the model's own parameters are converted to ``dtype``."""
+    """fp32 copies of a model's parameters; the model's own parameters are converted to ``dtype``.
 
-    def __init__(self, model, dtype: torch.dtype):
-        self.model = model
+    ``trainable_only`` (LoRA/DoRA): only the adapter weights get masters; the frozen base stays as loaded
+    (already bf16). Saving then goes through PEFT (adapter keys without the adapter name)."""
+
+    def __init__(self, model, dtype: torch.dtype, trainable_only: bool = False):
+        self.model, self.adapter = model, trainable_only
         self.pairs: list[tuple[str, torch.nn.Parameter, torch.nn.Parameter]] = []  # (name, model param, master)
         self.by_id: dict[int, torch.nn.Parameter] = {}
         for name, p in model.named_parameters():  # tied weights come once, under their first name
+            if trainable_only and not p.requires_grad:
+                continue
             master = torch.nn.Parameter(p.detach().float().clone(), requires_grad=p.requires_grad)
             p.data = p.data.to(dtype)
             self.pairs.append((name, p, master))
@@ -57,13 +62,17 @@ class MasterWeights:
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load saved fp32 weights (a model's state dict, or a PEFT adapter file's) into masters and model."""
         for name, p, m in self.pairs:
-            m.copy_(state[name])
+            key = name.replace(f".{self.model.active_adapter}.", ".") if self.adapter else name
+            m.copy_(state[key])
             p.copy_(m)
 
     def save_pretrained(self, directory: Path) -> None:
         """``save_pretrained`` with the fp32 weights; config.json says float32, the dtype of what was written."""
         self.model.save_pretrained(directory, state_dict=self.state_dict(), safe_serialization=True)
+        if self.adapter:
+            return  # adapter_config.json has no dtype
         path = Path(directory) / "config.json"
         config = json.loads(path.read_text())
         config["dtype"] = "float32"
