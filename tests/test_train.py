@@ -43,8 +43,7 @@ def test_sft_full_finetune(tmp_path, tiny_model_dir, lmforge_cache, engine):
         assert (tmp_path / "out" / name).exists(), name
     rows = _metrics(out)
     assert {"step", "loss", "learning_rate", "tokens_per_second"} <= set(rows[0])
-    if engine == "native":
-        assert {"mfu", "flops_per_token"} <= set(rows[0]) and 0 < rows[0]["mfu"] < 1
+    assert {"mfu", "flops_per_token"} <= set(rows[0]) and 0 < rows[0]["mfu"] < 1  # both engines
     assert any("eval_loss" in r and "eval_perplexity" in r for r in rows)
     before, after = _weights(tiny_model_dir), _weights(out)
     assert all(not torch.equal(before[k], after[k]) for k in before if k.endswith("q_proj.weight"))

@@ -157,8 +157,10 @@ def train(cfg: Config):
         scorer = generation_scorer(cfg, tokenizer, eval_ds is not None, log)
         trainer = NativeTrainer(cfg, model, tokenizer, prec, train_ds, eval_ds, collator, train_stats.lines(), scorer)
         return trainer.train(resume)
+    from lmforge.training import flops
+
     trainer_ref: list = []
-    callback, counter = outputs_callback(cfg, trainer_ref)
+    callback, counter = outputs_callback(cfg, trainer_ref, flops.per_token(model, collator([train_ds[0]])), prec)
     args = training_args(cfg, prec, has_eval=eval_ds is not None)
     trainer = CausalLMTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,

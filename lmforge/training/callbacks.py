@@ -83,8 +83,9 @@ class OutputsCallback(TrainerCallback):
     """Writes metrics.jsonl (one object per log), refreshes plots/loss.png, shows a progress bar."""
 
     def __init__(self, output_dir: str, counter: TokenCounter, accelerator_getter, show_progress: bool = True,
-                 perplexity: bool = True):
+                 perplexity: bool = True, flops_per_token: float | None = None, peak_flops: float | None = None):
         self.dir = Path(output_dir)
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops  # for mfu (training/flops.py)
         self.perplexity = perplexity
         self.counter = counter
         self.get_acc = accelerator_getter
@@ -123,6 +124,13 @@ class OutputsCallback(TrainerCallback):
             d_tok, d_sec = tokens - self._last[0], self.train_seconds - self._last[1]
             if d_sec > 0 and d_tok > 0:
                 logs["tokens_per_second"] = round(d_tok / d_sec, 2)
+                if self.flops_per_token and self.peak_flops:
+                    from lmforge.training.flops import mfu
+
+                    acc = self.get_acc()
+                    logs["flops_per_token"] = round(self.flops_per_token)
+                    logs["mfu"] = round(mfu(self.flops_per_token, d_tok / d_sec, self.peak_flops,
+                                            acc.num_processes if acc is not None else 1), 4)
             self._last = (tokens, self.train_seconds)
         if self.perplexity and "eval_loss" in logs and "eval_perplexity" not in logs:
             logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
@@ -138,6 +146,8 @@ class OutputsCallback(TrainerCallback):
             post = {"loss": f"{logs['loss']:.4f}"}
             if "tokens_per_second" in logs:
                 post["tok/s"] = f"{logs['tokens_per_second']:.0f}"
+            if "mfu" in logs:
+                post["mfu"] = f"{100 * logs['mfu']:.0f}%"
             self.bar.set_postfix(post, refresh=False)
         if time.monotonic() - self._last_plot > PLOT_EVERY_SECONDS or "eval_loss" in logs:
             self.refresh_plot()

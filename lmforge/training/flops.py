@@ -57,6 +57,30 @@ class Counter:
         return False
 
 
+def per_token(model, batch: dict, autocast=None) -> float:
+    """FLOPs per non-padding token of a forward + backward of ``model`` on ``batch`` (a collated batch with
+    ``num_tokens``), counted outside any training step: the counter's dispatch mode changes SDPA's kernel
+    choice (and so the last bits of its results), so it never runs on a step that trains. The RNG is forked,
+    so dropout draws stay those of an uncounted run, and the gradients are cleared afterwards."""
+    import contextlib
+
+    from lmforge.methods.sft import token_loss_sum
+
+    batch = dict(batch)
+    tokens = int(batch.pop("num_tokens"))
+    with torch.random.fork_rng(devices=[]), Counter(active=True) as counter:
+        with autocast or contextlib.nullcontext():
+            loss, _ = token_loss_sum(model, batch)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.total / max(tokens, 1)
+
+
+def mfu(flops_per_token: float, tokens_per_second: float, peak: float, processes: int) -> float:
+    """Model FLOPs utilisation: achieved FLOP/s over the peak of every process's machine share."""
+    return flops_per_token * tokens_per_second / (peak * processes)
+
+
 def cpu_kind() -> str:
     """The CPU model and the flags that decide bf16 speed, e.g. "AMD EPYC [avx512_bf16]"."""
     name, flags = platform.processor() or "cpu", set()

@@ -206,20 +206,9 @@ class NativeTrainer:
 
     # ------------------------------------------------------------------------------------------ pieces
     def count_flops(self) -> float:
-        """FLOPs per token of forward + backward, counted on one training row outside the run: the counter's
-        dispatch mode changes SDPA's kernel choice (and the last bits of its results), so it never runs on a
-        step that trains; the RNG is forked so dropout draws stay those of an uncounted run."""
-        from lmforge.methods.sft import token_loss_sum
-
+        """FLOPs per token of forward + backward, counted on this step's first row (``flops.per_token``)."""
         first = next((idx for idx in self.rows.for_step(self.step, self.rank) if idx), [0])
-        batch = self.collator([self.train_ds[first[0]]])
-        tokens = int(batch.pop("num_tokens"))
-        with torch.random.fork_rng(devices=[]), flops.Counter(active=True) as counter:
-            with self.autocast():
-                loss, _ = token_loss_sum(self.model, batch)
-            loss.backward()
-        self.model.zero_grad(set_to_none=True)
-        return counter.total / max(tokens, 1)
+        return flops.per_token(self.model, self.collator([self.train_ds[first[0]]]), self.autocast())
 
     def autocast(self):
         """QLoRA and prompt tuning: PEFT keeps adapter weights in fp32 and autocast runs them in bf16. Full
@@ -264,7 +253,7 @@ class NativeTrainer:
             row["tokens_per_second"] = round(tps, 2)
             if self.flops_per_token:
                 row["flops_per_token"] = round(self.flops_per_token)
-                row["mfu"] = round(self.flops_per_token * tps / (self.peak * self.world), 4)
+                row["mfu"] = round(flops.mfu(self.flops_per_token, tps, self.peak, self.world), 4)
         row["tokens_seen"] = self.tokens_seen
         if self.tracker:
             self.tracker.write(row)

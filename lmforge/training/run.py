@@ -153,10 +153,16 @@ def training_args(cfg: Config, prec: Precision, has_eval: bool, args_cls=None, *
         raise ConfigError(f"train: {e}") from None
 
 
-def outputs_callback(cfg: Config, trainer_ref: list) -> tuple[OutputsCallback, TokenCounter]:
+def outputs_callback(cfg: Config, trainer_ref: list, flops_per_token: float | None = None,
+                     prec: Precision | None = None) -> tuple[OutputsCallback, TokenCounter]:
+    """metrics.jsonl, plots and progress; with ``flops_per_token`` (``flops.per_token``) also mfu."""
+    from lmforge.training import flops
+
     counter = TokenCounter()
+    peak = flops.peak_flops(prec.compute) if flops_per_token and prec is not None else None
     cb = OutputsCallback(cfg.train.output_dir, counter, lambda: trainer_ref[0].accelerator if trainer_ref else None,
-                         perplexity=cfg.method in ("pretrain", "sft", "mlm"))  # eval_loss is a token NLL only there
+                         perplexity=cfg.method in ("pretrain", "sft", "mlm"),  # eval_loss is a token NLL only there
+                         flops_per_token=flops_per_token, peak_flops=peak)
     return cb, counter
 
 
