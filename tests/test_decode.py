@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_generate import PROMPTS, _plain_generate
+from test_generate import PROMPTS, assert_greedy
 
 from lmforge.inference import decode
 from lmforge.inference.generate import GenerationOptions, Generator, encode_prompt
@@ -43,8 +43,9 @@ def test_greedy_equals_plain_transformers_while_rows_leave_and_join(loaded, shar
     assert decode.supports(loaded.model)
     prompts = [encode_prompt(r, loaded.tokenizer) for r in ROWS]
     ours, decoder, taken = _run(loaded, prompts, GenerationOptions(max_new_tokens=14), max_batch=4)
-    ref = _plain_generate(sharp_model_dir, ROWS, max_new_tokens=14, do_sample=False)
-    assert [c.token_ids for c in ours] == ref
+    ref = [c.token_ids for c in ours]
+    assert_greedy(sharp_model_dir, prompts, ref)  # plain transformers' greedy choices, up to near-ties
+    assert all(len(r) == 14 or r[-1] == loaded.tokenizer.eos_token_id for r in ref)
     assert len(taken) > 2 and decoder.peak == 4  # rows joined in several waves; the batch filled up
     # per-row limits: every row stops at its own max_new_tokens, the others go on unaffected
     limited = Generator(loaded).sequences(prompts, GenerationOptions(max_new_tokens=14))
@@ -64,7 +65,7 @@ def test_shared_prompt_prefix_is_computed_once_and_changes_nothing(loaded, sharp
     ours, decoder, taken = _run(loaded, prompts, GenerationOptions(max_new_tokens=12), max_batch=4)
     assert decoder._prefix is not None and len(decoder._prefix[0]) >= 10  # the system turn was shared
     assert all(p[: len(decoder._prefix[0])] == decoder._prefix[0] for p in prompts)
-    assert [c.token_ids for c in ours] == _plain_generate(sharp_model_dir, rows, max_new_tokens=12, do_sample=False)
+    assert_greedy(sharp_model_dir, prompts, [c.token_ids for c in ours])
     # a single prompt that starts with the kept prefix reuses it (requests arriving one by one in a server)
     used = []
     find = decoder._shared_prefix
