@@ -79,6 +79,24 @@ def plot_metrics(rows: list[dict], out: Path) -> None:
     tmp.replace(out)
 
 
+def refresh_plot(output_dir: Path) -> None:
+    """Redraw plots/loss.png from metrics.jsonl; a failure is reported, never raised."""
+    try:
+        plot_metrics(read_metrics(output_dir / "metrics.jsonl"), output_dir / "plots" / "loss.png")
+    except Exception as e:  # a plot must never kill a training run
+        print(f"[lmforge] could not refresh the plot: {e}", flush=True)
+
+
+def progress_postfix(row: dict) -> dict[str, str]:
+    """What the progress bar shows of a logged training row: loss, tokens/s, MFU."""
+    post = {"loss": f"{row['loss']:.4f}"}
+    if "tokens_per_second" in row:
+        post["tok/s"] = f"{row['tokens_per_second']:.0f}"
+    if "mfu" in row:
+        post["mfu"] = f"{100 * row['mfu']:.0f}%"
+    return post
+
+
 class OutputsCallback(TrainerCallback):
     """Writes metrics.jsonl (one object per log), refreshes plots/loss.png, shows a progress bar."""
 
@@ -143,21 +161,13 @@ class OutputsCallback(TrainerCallback):
         with open(self.dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
         if self.bar is not None and "loss" in logs:
-            post = {"loss": f"{logs['loss']:.4f}"}
-            if "tokens_per_second" in logs:
-                post["tok/s"] = f"{logs['tokens_per_second']:.0f}"
-            if "mfu" in logs:
-                post["mfu"] = f"{100 * logs['mfu']:.0f}%"
-            self.bar.set_postfix(post, refresh=False)
+            self.bar.set_postfix(progress_postfix(logs), refresh=False)
         if time.monotonic() - self._last_plot > PLOT_EVERY_SECONDS or "eval_loss" in logs:
             self.refresh_plot()
 
     def refresh_plot(self):
         self._last_plot = time.monotonic()
-        try:
-            plot_metrics(read_metrics(self.dir / "metrics.jsonl"), self.dir / "plots" / "loss.png")
-        except Exception as e:  # a plot must never kill a training run
-            print(f"[lmforge] could not refresh the plot: {e}")
+        refresh_plot(self.dir)
 
     def on_train_end(self, args, state, control, **kw):
         if self.bar is not None:

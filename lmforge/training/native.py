@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from lmforge.config import Config
+from lmforge.data.tokenize import IGNORE
 from lmforge.errors import ConfigError, TrainingError
 from lmforge.training import flops
 from lmforge.training.checkpoint import STAGING, EpochSampler, write_checkpoint_atomically
@@ -171,12 +172,12 @@ class NativeTrainer:
         micro = [self.collator([self.train_ds[i] for i in idx]) if idx else None
                  for idx in self.rows.for_step(self.step, self.rank)]
         # the step's loss is sum / (loss tokens of the whole step, every micro-batch and rank)
-        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro if b is not None)
+        local_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro if b is not None)
         total = self.all_reduce(torch.tensor([float(local_tokens)]))
         denominator = max(total.item(), 1.0)
         loss_sum = 0.0
         n_tokens = 0
-        for k, batch in enumerate(micro):
+        for batch in micro:
             if batch is None:
                 continue
             n_tokens += int(batch.pop("num_tokens"))
@@ -258,12 +259,9 @@ class NativeTrainer:
         if self.tracker:
             self.tracker.write(row)
         if bar is not None:
-            post = {"loss": f"{row['loss']:.4f}"}
-            if "tokens_per_second" in row:
-                post["tok/s"] = f"{row['tokens_per_second']:.0f}"
-            if "mfu" in row:
-                post["mfu"] = f"{100 * row['mfu']:.0f}%"
-            bar.set_postfix(post, refresh=False)
+            from lmforge.training.callbacks import progress_postfix
+
+            bar.set_postfix(progress_postfix(row), refresh=False)
 
     @torch.no_grad()
     def evaluate(self) -> None:
@@ -282,8 +280,7 @@ class NativeTrainer:
             sums += torch.tensor([loss.item(), float(n)])
         self.all_reduce(sums)
         row = {"step": self.step, "eval_loss": round(sums[0].item() / max(sums[1].item(), 1), 6)}
-        if self.cfg.method in ("pretrain", "sft"):
-            row["eval_perplexity"] = math.exp(min(row["eval_loss"], 50.0))
+        row["eval_perplexity"] = math.exp(min(row["eval_loss"], 50.0))  # a token NLL: pretrain and sft
         if self.generation is not None and self.rank == 0:
             row.update(self.generation.score(self.model))
         self.model.train()
@@ -423,13 +420,10 @@ class Tracker:
             self.plot()
 
     def plot(self) -> None:
-        from lmforge.training.callbacks import plot_metrics, read_metrics
+        from lmforge.training.callbacks import refresh_plot
 
         self.last_plot = time.monotonic()
-        try:
-            plot_metrics(read_metrics(self.out / "metrics.jsonl"), self.out / "plots" / "loss.png")
-        except Exception as e:  # a plot must never kill a training run
-            log(f"could not refresh the plot: {e}")
+        refresh_plot(self.out)
 
     def close(self) -> None:
         self.plot()
