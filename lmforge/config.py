@@ -131,6 +131,9 @@ class TrainConfig:
     report_to: list[str] = _f(["tensorboard"], "trackers: tensorboard, wandb, mlflow, or none")
     run_name: str | None = _f(None, "run name shown by trackers")
     resume: str = _f("auto", "auto = newest complete checkpoint in output_dir, never, or a checkpoint path")
+    on_nan: Literal["stop", "skip_batch"] = _f(
+        "stop", "a NaN/inf loss: stop before the update (the last checkpoint stays the last good state), or "
+                "skip_batch: that step makes no update, and the skips are counted (skipped_batches in metrics.jsonl)")
     dataloader_num_workers: int = _f(0, "data loader worker processes")
     predict_with_generate: bool = _f(False, "encoder-decoder: evaluate by generating (for eval.metrics)")
     trainable: list[str] | None = _f(None, "full fine-tune: only parameters whose name matches one of these globs train")
@@ -406,6 +409,9 @@ def _check(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: train.warmup_ratio: must be in [0, 1)")
     if t.profile is not None and (t.profile.start_step < 1 or t.profile.steps < 1):
         raise ConfigError(f"{where}: train.profile: start_step and steps must be >= 1")
+    if t.on_nan == "skip_batch" and t.distributed == "deepspeed":
+        raise ConfigError(f"{where}: train.on_nan: skip_batch cannot run with train.distributed: deepspeed (DeepSpeed "
+                          "updates the weights inside backward, before the step's loss is checked); use on_nan: stop")
     if cfg.peft.kind == "prompt_tuning" and cfg.peft.prompt_tuning_init == "text" and not cfg.peft.prompt_tuning_init_text:
         raise ConfigError(f"{where}: peft.prompt_tuning_init_text: required when prompt_tuning_init is text")
     from lmforge.evaluation.metrics import check_metric_names  # a typo in eval.metrics fails before any work

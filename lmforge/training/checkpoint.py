@@ -109,7 +109,19 @@ class LmforgeTrainerMixin:
 
     lmforge_config_yaml: str | None = None  # the resolved config, written into each checkpoint
     lmforge_optim: str | None = None  # train.optim; lmforge's own optimizers (lamb) are built here, see optim.py
+    lmforge_guard = None  # stopping.StepGuard: sees every micro-batch loss (train.on_nan) and adds to the logs
     _staging = False
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.lmforge_guard is not None:
+            self.lmforge_guard.add_loss(loss)
+        return loss
+
+    def log(self, logs, *args, **kwargs):
+        if self.lmforge_guard is not None:
+            self.lmforge_guard.add_to_log(logs)
+        super().log(logs, *args, **kwargs)
 
     def _get_output_dir(self, trial):
         out = super()._get_output_dir(trial)

@@ -37,6 +37,7 @@ from lmforge.errors import ConfigError, TrainingError
 from lmforge.training import flops
 from lmforge.training.checkpoint import STAGING, EpochSampler, write_checkpoint_atomically
 from lmforge.training.run import log
+from lmforge.training import stopping
 
 ENGINE = "native"
 NATIVE_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_torch_foreach", "lamb", "sgd")
@@ -354,27 +355,17 @@ class NativeTrainer:
             dist.barrier()
 
     # ------------------------------------------------------------------------------------------ signals
-    @contextlib.contextmanager
     def signals(self):
         """SIGTERM/SIGINT: finish the step, checkpoint, exit (see ``train``); a second signal stops at once."""
 
-        def handler(signum, frame):
-            if self.stop_signal is not None:
-                raise KeyboardInterrupt  # a second signal: leave now; the last checkpoint is whole (atomic)
-            self.stop_signal = signum
+        def first(signum: int) -> None:
+            self.stop_signal = signum  # train_step's all-reduce tells the other ranks
             log(f"{signal.Signals(signum).name}: finishing step {self.step + 1}, then writing a checkpoint")
 
-        old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
+        return stopping.stop_signals(first)
 
     def interrupted_message(self) -> str:
-        name = signal.Signals(self.stop_signal).name
-        return (f"stopped by {name} at step {self.step} of {self.max_steps}; checkpoint-{self.step} is in "
-                f"{self.out}. Run the same command again (train.resume: auto) to continue exactly where it stopped")
+        return stopping.interrupted_message(self.stop_signal, self.step, self.max_steps, self.out)
 
 
 # ---------------------------------------------------------------------------------------------- helpers

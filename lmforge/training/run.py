@@ -27,6 +27,7 @@ from lmforge.models import (
 from lmforge.training.callbacks import OutputsCallback, TokenCounter, truncate_metrics_after, write_report
 from lmforge.training.checkpoint import STAGING, resolve_resume
 from lmforge.training.optim import hf_optim_name
+from lmforge.training.stopping import StepGuard
 
 
 def is_main_process() -> bool:
@@ -202,7 +203,11 @@ def run_trainer(trainer, cfg: Config, tokenizer, resume: str | None, data_lines:
     trainer.lmforge_config_yaml = config_yaml(cfg)
     trainer.add_callback(strategy.StrategyCheck(cfg, trainer))  # fails the run if another strategy is running
     trainer.lmforge_optim = cfg.train.optim
-    trainer.train(resume_from_checkpoint=resume)
+    guard = StepGuard(cfg.train.on_nan, cfg.train.output_dir)  # signals and NaN losses (stopping.py)
+    trainer.lmforge_guard = guard
+    trainer.add_callback(guard)
+    with guard.signals():
+        trainer.train(resume_from_checkpoint=resume)
     if trainer.args.should_save:
         shutil.rmtree(Path(cfg.train.output_dir) / STAGING, ignore_errors=True)
     out = Path(cfg.train.output_dir)

@@ -1,0 +1,130 @@
+"""Runs that stop on purpose, the same way in both engines: a stop signal, a non-finite loss.
+
+* SIGTERM/SIGINT (a preempted node, Slurm's time limit, Ctrl-C): the step in flight finishes, every rank
+  writes its part of a checkpoint at that step, and the run exits 1 with ``interrupted_message``; a second
+  signal to the same process leaves at once (KeyboardInterrupt) with the last whole checkpoint in place.
+* a NaN or inf loss (``train.on_nan``): ``stop`` raises before the update, so no checkpoint is written after
+  it; ``skip_batch`` drops that step's update and counts it (``skipped_batches`` in metrics.jsonl).
+
+``stop_signals`` and the messages are shared by the native engine (``NativeTrainer``); ``StepGuard`` is the
+HF Trainer engine's callback. Ranks must agree on both (one all-reduce per step), or one rank would enter a
+checkpoint's barriers or skip an update alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from lmforge.errors import TrainingError
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def stop_signals(on_first: Callable[[int], None]):
+    """While inside, SIGTERM/SIGINT call ``on_first(signum)`` once; a second one raises KeyboardInterrupt.
+
+    Only signals delivered to this process count: a peer rank's signal, learnt through an all-reduce, is not
+    a "second" one here (that rank's first signal must still lead to the collective checkpoint).
+    """
+    received: list[int] = []
+
+    def handler(signum, frame):
+        if received:
+            raise KeyboardInterrupt  # a second signal: leave now; the last checkpoint is whole (atomic)
+        received.append(signum)
+        on_first(signum)
+
+    old = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def interrupted_message(signum: int, step: int, max_steps: int, output_dir: str | Path) -> str:
+    return (f"stopped by {signal.Signals(signum).name} at step {step} of {max_steps}; checkpoint-{step} is in "
+            f"{output_dir}. Run the same command again (train.resume: auto) to continue exactly where it stopped")
+
+
+def nan_message(step: int, output_dir: str | Path, rows: str = "") -> str:
+    """``rows``: where the step's data came from, when the engine knows it (e.g. "rows 3, 17 of train.jsonl")."""
+    return (f"step {step}: the loss is not finite (nan or inf){f' on {rows}' if rows else ''}; stopping before the "
+            f"update, so the last checkpoint in {output_dir} stays the last good state (lower train.learning_rate, "
+            "check the data of this step, or set train.on_nan: skip_batch to skip such steps)")
+
+
+class StepGuard(TrainerCallback, ExportableState):
+    """The HF engine's stops. ``LmforgeTrainerMixin.training_step`` reports every micro-batch loss here.
+
+    Before each optimizer step the ranks all-reduce (max) two numbers: "some loss was not finite" and "a stop
+    signal arrived". A non-finite loss stops the run there (``on_nan: stop``) or drops every gradient, so the
+    optimizer, which skips parameters without a gradient, changes neither weights nor its state
+    (``skip_batch``; the step still counts, with its rows and learning rate, as in the native engine). A
+    signal marks the step's end for a checkpoint and a stop; once it is written, ``on_save`` raises.
+    """
+
+    def __init__(self, on_nan: str, output_dir: str):
+        self.on_nan, self.output_dir = on_nan, output_dir
+        self.signum: int | None = None  # a stop signal, on this rank or (after the all-reduce) another
+        self.finite = True  # every micro-batch loss of the current step on this rank was finite
+        self.skipped = 0  # steps skipped for a non-finite loss, since step 0 (kept in checkpoints)
+
+    def signals(self):
+        def first(signum: int) -> None:
+            self.signum = signum
+            from lmforge.training.run import log
+
+            log(f"{signal.Signals(signum).name}: finishing this step, then writing a checkpoint")
+
+        return stop_signals(first)
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        self.finite = self.finite and bool(torch.isfinite(loss).all())
+
+    def add_to_log(self, logs: dict) -> None:
+        if self.on_nan == "skip_batch" and "loss" in logs:
+            logs["skipped_batches"] = self.skipped
+
+    def state(self) -> dict:
+        return {"args": {"on_nan": self.on_nan, "output_dir": self.output_dir}, "attributes": {"skipped": self.skipped}}
+
+    def on_train_begin(self, args, state, control, **kw):
+        saved = (state.stateful_callbacks or {}).get(type(self).__name__)  # a resumed run's count
+        self.skipped = saved["attributes"]["skipped"] if isinstance(saved, dict) else 0
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kw):
+        flags = torch.tensor([0.0 if self.finite else 1.0, float(self.signum or 0)], device=args.device)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        self.finite = True
+        if flags[1].item() and self.signum is None:
+            self.signum = int(flags[1].item())  # another rank got the signal: every rank stops at this step
+        if flags[0].item():
+            step = state.global_step + 1
+            if self.on_nan == "stop":
+                raise TrainingError(nan_message(step, args.output_dir))
+            optimizer.zero_grad(set_to_none=True)
+            self.skipped += 1
+            from lmforge.training.run import log
+
+            log(f"step {step}: the loss is not finite; its update is skipped (train.on_nan: skip_batch, "
+                f"{self.skipped} skipped so far)")
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.signum is not None:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_save(self, args, state, control, **kw):
+        if self.signum is not None:  # the checkpoint at this step is written on every rank (the mixin's barriers)
+            raise TrainingError(interrupted_message(self.signum, state.global_step, state.max_steps, args.output_dir))

@@ -1,0 +1,220 @@
+"""Runs that stop on purpose lose nothing (issue 12): SIGTERM/SIGINT checkpoint at the current step and exit 1
+with how to resume, and the resumed run equals an uninterrupted one bitwise; a second signal leaves at once with
+the last checkpoint; a NaN loss stops before its update (the last checkpoint stays the last good state), or with
+``train.on_nan: skip_batch`` that step makes no update and the skips are counted in metrics.jsonl.
+
+The single-process tests run the HF engine in this process: a hooked ``compute_loss`` sends the signal (a real
+``os.kill``) or poisons the loss in the middle of a chosen step. The native engine's own single-process SIGTERM
+and kill -9 tests are in test_native.py; the 2-process test (slow) runs both engines under torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import base_config, chat_rows, write_config, write_jsonl
+from safetensors.torch import load_file
+
+from lmforge.cli import main
+
+
+# ------------------------------------------------------------------------------------------- helpers
+@pytest.fixture()
+def at_step(monkeypatch):
+    """``at_step[k] = action`` runs ``action(loss)`` in training step k's loss (HF engine, no accumulation);
+    it returns the loss to use. Any SIGTERM that nothing else handles fails the test instead of killing pytest."""
+    from lmforge.methods.sft import CausalLMTrainer
+
+    actions = StepActions()
+    real = CausalLMTrainer.compute_loss
+
+    def hooked(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = real(self, model, inputs, return_outputs, num_items_in_batch)
+        if model.training:  # a training step (evaluation runs in eval mode)
+            actions.calls += 1
+            if actions.calls in actions:
+                loss = actions[actions.calls](loss)
+        return loss
+
+    def unhandled(signum, frame):
+        raise AssertionError(f"{signal.Signals(signum).name} reached no lmforge handler")
+
+    monkeypatch.setattr(CausalLMTrainer, "compute_loss", hooked)
+    old = signal.signal(signal.SIGTERM, unhandled)
+    yield actions
+    signal.signal(signal.SIGTERM, old)
+
+
+class StepActions(dict):
+    calls = 0
+
+    def reset(self) -> None:
+        """Nothing more happens; step counting starts again (for the next run in this process)."""
+        self.clear()
+        self.calls = 0
+
+
+def _kill(*signals):
+    def action(loss):
+        for s in signals:
+            os.kill(os.getpid(), s)
+        return loss
+
+    return action
+
+
+def _nan(loss):
+    return loss * float("nan")
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _checkpoints(out: Path) -> list[str]:
+    return sorted(p.name for p in out.glob("checkpoint-*"))
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _sections(**train) -> dict:
+    # LoRA dropout: the RNG state must survive the stop too
+    return dict(train={"engine": "hf", "max_steps": 6, "save_steps": 4, "per_device_train_batch_size": 2, **train},
+                peft={"kind": "lora", "r": 4, "dropout": 0.1})
+
+
+# ------------------------------------------------------------------------------------------- signals
+def test_sigterm_checkpoints_the_current_step_and_resumes_bitwise(tmp_path, tiny_model_dir, lmforge_cache,
+                                                                  at_step, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(24))
+    stop = write_config(tmp_path / "stop.yaml", base_config(tiny_model_dir, data, tmp_path / "stop", **_sections()))
+    full = write_config(tmp_path / "full.yaml", base_config(tiny_model_dir, data, tmp_path / "full", **_sections()))
+    at_step[3] = _kill(signal.SIGTERM)  # arrives during step 3's forward
+    assert main(["train", str(stop)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("lmforge: error:") == 1 and "Traceback" not in err
+    assert "stopped by SIGTERM at step 3 of 6; checkpoint-3 is in" in err and "train.resume: auto" in err
+    out = tmp_path / "stop"
+    assert _checkpoints(out) == ["checkpoint-3"]  # at the step it stopped, not only at save_steps
+    assert not (out / "adapter_model.safetensors").exists()  # no final model from a stopped run
+    at_step.reset()
+    assert main(["train", str(stop)]) == 0  # resume: auto
+    assert main(["train", str(full)]) == 0
+    assert _equal(load_file(tmp_path / "full" / "adapter_model.safetensors"),
+                  load_file(out / "adapter_model.safetensors"))
+    losses = [[(r["step"], r["loss"]) for r in _metrics(tmp_path / run) if "loss" in r] for run in ("full", "stop")]
+    assert losses[0] == losses[1] and len(losses[0]) == 6
+
+
+def test_a_second_signal_exits_at_once_leaving_the_last_checkpoint(tmp_path, tiny_model_dir, lmforge_cache,
+                                                                   at_step, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(24))
+    cfg = write_config(tmp_path / "c.yaml", base_config(tiny_model_dir, data, tmp_path / "out",
+                                                        **_sections(save_steps=2)))
+    at_step[3] = _kill(signal.SIGTERM, signal.SIGINT)
+    assert main(["train", str(cfg)]) == 130
+    assert "lmforge: interrupted" in capsys.readouterr().err
+    out = tmp_path / "out"
+    assert _checkpoints(out) == ["checkpoint-2"]  # step 3 never finished, nothing half-written took a name
+    assert (out / "checkpoint-2" / "adapter_model.safetensors").exists()
+    assert max(r["step"] for r in _metrics(out)) == 2
+
+
+# ------------------------------------------------------------------------------------------- NaN
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, tiny_model_dir, lmforge_cache,
+                                                                      at_step, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(24))
+    cfg = write_config(tmp_path / "c.yaml", base_config(tiny_model_dir, data, tmp_path / "out",
+                                                        **_sections(save_steps=2)))
+    at_step[3] = _nan
+    assert main(["train", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("lmforge: error:") == 1 and "Traceback" not in err
+    assert "step 3: the loss is not finite" in err and "train.on_nan: skip_batch" in err
+    out = tmp_path / "out"
+    assert _checkpoints(out) == ["checkpoint-2"]  # nothing written after the NaN
+    assert not (out / "adapter_model.safetensors").exists()
+    assert max(r["step"] for r in _metrics(out)) == 2
+
+
+def test_skip_batch_makes_no_update_and_counts_the_skips(tmp_path, tiny_model_dir, lmforge_cache, at_step):
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(24))
+    cfg = write_config(tmp_path / "c.yaml", base_config(tiny_model_dir, data, tmp_path / "out",
+                                                        **_sections(max_steps=5, save_steps=1, on_nan="skip_batch")))
+    at_step[3] = _nan
+    assert main(["train", str(cfg)]) == 0
+    out = tmp_path / "out"
+    rows = {r["step"]: r for r in _metrics(out) if "loss" in r}
+    assert [rows[s]["skipped_batches"] for s in range(1, 6)] == [0, 0, 1, 1, 1]
+    w = {s: load_file(out / f"checkpoint-{s}" / "adapter_model.safetensors") for s in (2, 3, 4)}
+    assert _equal(w[2], w[3])  # step 3 changed nothing ...
+    assert not _equal(w[3], w[4])  # ... and training went on
+    opt = {s: torch.load(out / f"checkpoint-{s}" / "optimizer.pt", weights_only=True)["state"] for s in (2, 3)}
+    assert all(_equal(opt[2][i], opt[3][i]) for i in opt[2])  # nor the optimizer's moments and step count
+    # the count survives a resume
+    at_step.reset()
+    assert main(["train", str(cfg), "train.max_steps=6"]) == 0
+    assert {r["step"]: r for r in _metrics(out) if "loss" in r}[6]["skipped_batches"] == 1
+
+
+def test_skip_batch_is_refused_with_deepspeed(tmp_path, tiny_model_dir, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(4))
+    cfg = write_config(tmp_path / "c.yaml", base_config(tiny_model_dir, data, tmp_path / "out"))
+    assert main(["train", str(cfg), "train.on_nan=skip_batch", "train.distributed=deepspeed",
+                 "train.deepspeed=zero2"]) == 2
+    assert "train.on_nan: skip_batch cannot run with train.distributed: deepspeed" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- 2 processes
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["hf", "native"])
+def test_sigterm_to_a_two_process_run_checkpoints_every_rank_and_resumes_bitwise(tmp_path, tiny_model_dir, engine):
+    """torchrun passes the SIGTERM to both workers; they agree on the step through their all-reduce, both write
+    their part of the checkpoint, both exit 1 saying how to resume, and the resumed run equals an uninterrupted
+    one bitwise."""
+    env = {**os.environ, "LMFORGE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(96))
+    sections = dict(train={"engine": engine, "distributed": "ddp", "max_steps": 40, "save_steps": 100,
+                           "logging_steps": 1, "per_device_train_batch_size": 1},
+                    peft={"kind": "lora", "r": 4, "dropout": 0.1})
+    stop = write_config(tmp_path / "stop.yaml", base_config(tiny_model_dir, data, tmp_path / "stop", **sections))
+    full = write_config(tmp_path / "full.yaml", base_config(tiny_model_dir, data, tmp_path / "full", **sections))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "lmforge", "train"]
+    proc = subprocess.Popen(cmd + [str(stop)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "stop" / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:  # mid-epoch: some steps done, most to go
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0, err[-3000:]
+    stopped = [int(line.split("stopped by SIGTERM at step ")[1].split()[0]) for line in err.splitlines()
+               if "lmforge: error: stopped by SIGTERM at step" in line]
+    assert len(stopped) == 2 and stopped[0] == stopped[1], err[-3000:]  # both ranks, at the same step
+    step = stopped[0]
+    assert 3 <= step < 40, "the run ended before the signal; nothing was tested"
+    ckpt = tmp_path / "stop" / f"checkpoint-{step}"
+    assert sorted(p.name for p in ckpt.glob("rng_state_*.pth")) == ["rng_state_0.pth", "rng_state_1.pth"]
+    assert not (tmp_path / "stop" / "adapter_model.safetensors").exists()
+    for cfg in (stop, full):
+        done = subprocess.run(cmd + [str(cfg)], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert _equal(load_file(tmp_path / "full" / "adapter_model.safetensors"),
+                  load_file(tmp_path / "stop" / "adapter_model.safetensors"))
+    losses = [[(r["step"], r["loss"]) for r in _metrics(tmp_path / run) if "loss" in r] for run in ("full", "stop")]
+    assert losses[0] == losses[1] and len(losses[0]) == 40
