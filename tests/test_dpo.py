@@ -185,3 +185,80 @@ def test_real_model_lora_dpo_raises_held_out_reward_accuracy(tmp_path):
           f"{first['rewards/accuracies']:.3f}")
     assert first["rewards/accuracies"] == 0.0  # policy == reference: no pair is preferred yet
     assert final_eval["eval_rewards/accuracies"] >= 0.75 and final_eval["eval_rewards/margins"] > 0
+
+
+# ------------------------------------------------------------------------------------------ native engine
+def test_dpo_loss_by_hand():
+    # c = -1 - (-1.5) = 0.5, r = -2 - (-1.5) = -0.5: beta * (c - r) = 0.1
+    logps, ref, lengths = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.5]]), torch.tensor([[4, 2]])
+    assert math.isclose(dpo.dpo_loss(logps, ref, lengths, 0.1).item(), math.log1p(math.exp(-0.1)), rel_tol=1e-6)
+    assert math.isclose(dpo.dpo_loss(logps, ref, lengths, 0.1, "hinge").item(), 0.9, rel_tol=1e-6)
+    # ipo: (0.5 / 4 - (-0.5) / 2 - 1 / 0.2) ** 2
+    assert math.isclose(dpo.dpo_loss(logps, ref, lengths, 0.1, "ipo").item(), (0.125 + 0.25 - 5) ** 2, rel_tol=1e-6)
+
+
+def test_shared_prompt_mask_by_hand():
+    from lmforge.data.packing import shared_prompt_mask
+
+    # prompt p0 p1, chosen c0 c1, rejected r0: r0 sees the prompt and itself, not the chosen answer
+    expected = torch.tensor([[1, 0, 0, 0, 0],
+                             [1, 1, 0, 0, 0],
+                             [1, 1, 1, 0, 0],
+                             [1, 1, 1, 1, 0],
+                             [1, 1, 0, 0, 1]], dtype=torch.bool)
+    assert torch.equal(shared_prompt_mask(2, 2, 1), expected)
+
+
+@pytest.mark.parametrize("loss_type", sorted(dpo.NATIVE_LOSSES))
+def test_native_loss_equals_trl_on_the_same_batch(loss_type, tmp_path, tiny_model_dir, lmforge_cache):
+    """The native step's loss and log-probs (prompt computed once, pairs packed in one row, per-pair attention
+    or a dense mask of the same layout) equal TRL's DPOTrainer on the same pairs, policy and reference."""
+    from lmforge.data.preference import SharedPromptCollator
+    from lmforge.training.attention import NAME, use_packed_attention
+    from lmforge.training.preference import ReferenceLogps
+
+    smoothing = 0.1 if loss_type in ("robust", "exo_pair") else 0.0
+    cfg = load_config(None, tree=_tree(tmp_path, tiny_model_dir, train={"engine": "hf"},
+                                       dpo={"loss_type": loss_type, "label_smoothing": smoothing}))
+    run = setup(cfg)
+    trainer = dpo.build_trainer(cfg, run)  # full fine-tune: TRL keeps a frozen reference copy
+    trainer.model.double(), trainer.ref_model.double()  # compare the computations, not our fp32 rounding
+    torch.manual_seed(1)
+    with torch.no_grad():  # make the policy differ from the reference
+        for p in trainer.model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    records = [run.train_ds[i] for i in range(4)]
+    trainer.model.train()
+    trl_loss = trainer.compute_loss(trainer.model, trainer._prepare_inputs(trainer.data_collator(records))).item()
+    trl_logps = trainer._metrics["train"]["logps/chosen"][-1]
+    for attn in ("sdpa", NAME):
+        if attn == NAME:
+            assert use_packed_attention(trainer.model) and use_packed_attention(trainer.ref_model)
+        reference = ReferenceLogps({"train": len(run.train_ds)}, by_disabling=False)
+        objective = dpo.DPOObjective(cfg, SharedPromptCollator(attn), reference)
+        batch = objective.batch("train", list(range(4)), records)
+        reference.precompute(trainer.ref_model, [batch])
+        loss, stats = objective.loss(trainer.model, batch)
+        # TRL's chunked log-probs run in fp32 whatever the weights: agreement to its rounding (1e-7 relative per
+        # log-prob, up to 2e-6 after sppo_hard's squares); a layout error moves the loss by 1e-2 or more
+        assert math.isclose(loss.item() / 4, trl_loss, rel_tol=5e-6, abs_tol=1e-6), (attn, loss.item() / 4, trl_loss)
+        assert math.isclose(stats["logps/chosen"] / 4, trl_logps, rel_tol=1e-6), attn
+    assert trl_loss != pytest.approx(dpo.dpo_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2), 0.1,
+                                                  loss_type, smoothing).item())  # policy != reference
+
+
+@pytest.mark.parametrize("peft", ["none", "lora"])
+def test_native_engine_is_the_default_and_trains(peft, tmp_path, tiny_model_dir, lmforge_cache):
+    tree = _tree(tmp_path, tiny_model_dir, peft={"kind": peft, "r": 4, "alpha": 8})
+    dpo.train(load_config(None, tree=tree))
+    out = tmp_path / "run"
+    assert "engine: native" in (out / "config.yaml").read_text()
+    rows = _metrics(out)
+    train_rows = [r for r in rows if "loss" in r]
+    assert math.isclose(train_rows[0]["loss"], math.log(2), rel_tol=1e-5)  # policy == reference at step 1
+    assert train_rows[0]["rewards/chosen"] == 0.0 and train_rows[-1]["rewards/chosen"] != 0.0
+    for key in ("rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
+                "tokens_per_second"):
+        assert key in train_rows[-1], key
+    assert any("eval_rewards/accuracies" in r for r in rows)
+    assert (out / ("adapter_model.safetensors" if peft == "lora" else "model.safetensors")).exists()

@@ -36,13 +36,7 @@ def test_kto_lora_trains_adapter_only(tmp_path, tiny_model_dir, lmforge_cache):
     cfg = load_config(None, tree=tree)
     run = setup(cfg)
     assert sorted(run.train_ds.column_names) == ["completion_ids", "label", "prompt_ids"]
-    trainer = kto.LmforgeKTOTrainer(
-        model=run.model, ref_model=None, args=kto.kto_args(cfg, run.prec, has_eval=True),
-        train_dataset=run.train_ds, eval_dataset=run.eval_ds, processing_class=run.tokenizer, callbacks=[run.callback],
-    )
-    kto.drop_fresh_reference_adapter(trainer, run)
-    trainer.token_counter = run.counter
-    run.trainer_ref.append(trainer)
+    trainer = kto.build_trainer(cfg, run)
     assert trainer.ref_model is None and list(trainer.model.peft_config) == ["default"]
     assert "KL_completion_ids" in trainer.train_dataset.column_names
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}

@@ -20,12 +20,7 @@ def test_orpo_lora_trains_adapter_only_and_logs_odds_ratio(tmp_path, tiny_model_
                        peft={"kind": "lora", "r": 4, "alpha": 8}, orpo={"beta": 0.2})
     cfg = load_config(None, tree=tree)
     run = setup(cfg)
-    trainer = orpo.LmforgeORPOTrainer(
-        model=run.model, args=orpo.orpo_args(cfg, run.prec, has_eval=True), train_dataset=run.train_ds,
-        eval_dataset=run.eval_ds, processing_class=run.tokenizer, callbacks=[run.callback],
-    )
-    trainer.token_counter = run.counter
-    run.trainer_ref.append(trainer)
+    trainer = orpo.build_trainer(cfg, run)
     assert trainer.beta == 0.2 and not hasattr(trainer, "ref_model")
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()

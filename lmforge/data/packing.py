@@ -46,6 +46,16 @@ def pack(samples: list[tuple[list[int], list[int]]], max_length: int, seed: int)
     return rows
 
 
+def shared_prompt_mask(P: int, C: int, R: int) -> torch.Tensor:
+    """(n, n) boolean mask, True = attend, of a preference pair laid out as [prompt, chosen, rejected]
+    (n = P + C + R): causal, except that the rejected answer does not see the chosen one. So each answer
+    attends to exactly what it would in its own row ``prompt + answer``, with the prompt computed once."""
+    n = P + C + R
+    mask = torch.ones(n, n, dtype=torch.bool).tril_()
+    mask[P + C:, P:P + C] = False
+    return mask
+
+
 def block_causal_mask(seg: torch.Tensor, float_dtype: torch.dtype | None) -> torch.Tensor:
     """(B, T) segment ids -> (B, 1, T, T) mask: causal within a segment, nothing across segments.
 

@@ -18,6 +18,9 @@ after its prompt is cut at the end; a prompt that alone fills ``max_length`` dro
 
 from __future__ import annotations
 
+import torch
+
+from lmforge.data.packing import PACKED_ATTENTION, shared_prompt_mask
 from lmforge.data.tokenize import IGNORE, Encoder
 from lmforge.errors import DataError
 
@@ -96,6 +99,52 @@ def encode_preference_rows(cfg, tokenizer, rows, stats) -> list[dict]:
         stats.loss_tokens += sum(len(a) for a in answers)
     stats.samples = len(records)
     return records
+
+
+# ------------------------------------------------------------------------------------------- collation
+class SharedPromptCollator:
+    """DPO/ORPO records -> one packed row for the native engine: per pair ``[prompt, chosen, rejected]``.
+
+    TRL's collator pads ``prompt + chosen`` and ``prompt + rejected`` as two rows each, so the prompt (often
+    most of a pair's tokens) runs through the model twice and short rows carry padding. Here the prompt runs
+    once: the rejected answer's positions restart after the prompt and its attention skips the chosen answer
+    (``shared_prompt_mask``), so each answer sees exactly what it would in its own row. No padding: the
+    micro-batch is one row. Returns, besides the model inputs:
+      ``pred_index``  (N,) the row position whose hidden state predicts each answer token;
+      ``targets``     (N,) those answer tokens;
+      ``answer_index`` (N,) which answer each belongs to: 2k chosen, 2k + 1 rejected of pair k;
+      ``answer_lengths`` (2B,) tokens per answer; ``num_tokens`` the row's length.
+    """
+
+    def __init__(self, attn_implementation: str):
+        self.per_sample = attn_implementation == PACKED_ATTENTION  # else one dense (1, 1, T, T) boolean mask
+
+    def __call__(self, records: list[dict]) -> dict:
+        ids, positions, shapes, pred, targets, answer = [], [], [], [], [], []
+        for k, r in enumerate(records):
+            prompt, chosen, rejected = r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]
+            start, P, C = len(ids), len(prompt), len(chosen)
+            ids += prompt + chosen + rejected
+            positions += list(range(P + C)) + list(range(P, P + len(rejected)))
+            shapes.append((P, C, len(rejected)))
+            # the hidden state at a position predicts the next token of its own answer; the first token of
+            # either answer is predicted by the prompt's last position (an empty prompt predicts nothing)
+            for side, answer_ids, first in ((0, chosen, start + P), (1, rejected, start + P + C)):
+                from_prompt = [start + P - 1] if P else []
+                preds = from_prompt + list(range(first, first + len(answer_ids) - 1))
+                pred += preds
+                targets += answer_ids[len(answer_ids) - len(preds):]
+                answer += [2 * k + side] * len(preds)
+        batch = {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions])}
+        if self.per_sample:
+            batch["packed_seq_lens"] = [shapes]
+        else:
+            batch["attention_mask"] = torch.block_diag(*[shared_prompt_mask(*s) for s in shapes])[None, None]
+        batch.update(pred_index=torch.tensor(pred), targets=torch.tensor(targets), answer_index=torch.tensor(answer),
+                     answer_lengths=torch.tensor([len(r[f"{side}_ids"]) for r in records
+                                                  for side in ("chosen", "rejected")]),
+                     num_tokens=len(ids))
+        return batch
 
 
 # ------------------------------------------------------------------------------------------- inspect

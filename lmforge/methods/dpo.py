@@ -1,6 +1,13 @@
-"""Direct Preference Optimization on TRL's DPOTrainer.
+"""Direct Preference Optimization: on TRL's DPOTrainer (``train.engine: hf``) or on the native engine.
 
-The loss variants (``dpo.loss_type``: sigmoid, ipo, hinge, robust, ...), the reference forward and the
+The native engine (the default where it can run the config, see ``NATIVE_LOSSES`` and
+``training/native.py:unsupported``) trains the same loss faster: each pair is one packed sample
+``[prompt, chosen, rejected]`` with the prompt computed once (``data/preference.py:SharedPromptCollator``),
+no padding, the LM head only on answer tokens, and the reference log-probs computed once per row
+(``training/preference.py:ReferenceLogps``). ``dpo_loss`` is TRL's per-pair loss as a pure function, tested
+against TRL's trainer on the same batch (tests/test_dpo.py).
+
+On the hf engine, the loss variants (``dpo.loss_type``: sigmoid, ipo, hinge, robust, ...), the reference forward and the
 metrics (``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``,
 ``logps/...``; ``eval_``-prefixed at evaluation) are TRL's. The reference model is the frozen starting model:
 with LoRA/QLoRA the same base weights with the adapter disabled (one copy in memory), with
@@ -10,14 +17,53 @@ The starting model may be an SFT run's output directory (a full model, or an ada
 
 from __future__ import annotations
 
+import math
+
+import torch
+import torch.nn.functional as F
 from trl import DPOConfig, DPOTrainer
 
 from lmforge.config import Config
 from lmforge.training.checkpoint import LmforgeTrainerMixin
 from lmforge.training.preference import (
-    DropReferenceAdapterAtEnd, TokenCountingMixin, drop_fresh_reference_adapter, reference_model, setup,
+    DropReferenceAdapterAtEnd, ReferenceLogps, TokenCountingMixin, answer_logps, drop_fresh_reference_adapter,
+    reference_model, setup,
 )
-from lmforge.training.run import run_trainer, training_args
+from lmforge.training.run import outputs_callback, run_trainer, training_args
+
+
+# --------------------------------------------------------------------------------------------- the loss
+# TRL 1.16's per-pair DPO losses (DPOTrainer._compute_loss with f_divergence_type reverse_kl), as functions of
+# the log-ratios c = logp(chosen) - ref_logp(chosen), r = likewise for rejected, beta, label smoothing eps and
+# the answers' token counts (nc, nr). The batch-level variants (aot, aot_unpaired sort across the batch; sft
+# averages over the batch's tokens) and discopop stay on the hf engine.
+NATIVE_LOSSES = {
+    "sigmoid": lambda c, r, b, eps, nc, nr: -F.logsigmoid(b * (c - r)),
+    "hinge": lambda c, r, b, eps, nc, nr: torch.relu(1 - b * (c - r)),
+    "ipo": lambda c, r, b, eps, nc, nr: (c / nc.clamp(min=1) - r / nr.clamp(min=1) - 1 / (2 * b)) ** 2,
+    "sigmoid_norm": lambda c, r, b, eps, nc, nr: -F.logsigmoid(b * (c / nc.clamp(min=1) - r / nr.clamp(min=1))),
+    "robust": lambda c, r, b, eps, nc, nr: (-(1 - eps) * F.logsigmoid(b * (c - r))
+                                            + eps * F.logsigmoid(-b * (c - r))) / (1 - 2 * eps),
+    "exo_pair": lambda c, r, b, eps, nc, nr: (
+        torch.sigmoid(b * (c - r)) * (F.logsigmoid(b * (c - r)) - math.log1p(-eps))
+        + torch.sigmoid(-b * (c - r)) * (F.logsigmoid(-b * (c - r)) - (math.log(eps) if eps > 0 else -math.inf))),
+    "nca_pair": lambda c, r, b, eps, nc, nr: (-F.logsigmoid(b * c) - 0.5 * F.logsigmoid(-b * c)
+                                              - 0.5 * F.logsigmoid(-b * r)),
+    "bco_pair": lambda c, r, b, eps, nc, nr: -F.logsigmoid(b * c) - F.logsigmoid(-b * r),
+    "sppo_hard": lambda c, r, b, eps, nc, nr: (c - 0.5 / b) ** 2 + (r + 0.5 / b) ** 2,
+    "apo_zero": lambda c, r, b, eps, nc, nr: 1 - torch.sigmoid(b * c) + torch.sigmoid(b * r),
+    "apo_down": lambda c, r, b, eps, nc, nr: torch.sigmoid(b * c) + 1 - torch.sigmoid(b * (c - r)),
+}
+
+
+def dpo_loss(logps: torch.Tensor, ref_logps: torch.Tensor, lengths: torch.Tensor, beta: float,
+             loss_type: str = "sigmoid", label_smoothing: float = 0.0) -> torch.Tensor:
+    """(B,) per-pair losses from (B, 2) summed answer log-probs (chosen, rejected) of the policy and the
+    reference and the (B, 2) answer token counts. The batch loss is their mean (TRL) or, on the native engine,
+    their sum over the whole step divided by the step's pairs."""
+    ratios = logps - ref_logps  # (B, 2)
+    return NATIVE_LOSSES[loss_type](ratios[:, 0], ratios[:, 1], beta, label_smoothing,
+                                    lengths[:, 0].to(ratios.dtype), lengths[:, 1].to(ratios.dtype))
 
 
 class LmforgeDPOTrainer(TokenCountingMixin, LmforgeTrainerMixin, DPOTrainer):
@@ -40,18 +86,88 @@ def dpo_args(cfg: Config, prec, has_eval: bool) -> DPOConfig:
 
 def build_trainer(cfg: Config, run) -> LmforgeDPOTrainer:
     args = dpo_args(cfg, run.prec, has_eval=run.eval_ds is not None)
+    trainer_ref: list = []
+    callback, counter = outputs_callback(cfg, trainer_ref)
     trainer = LmforgeDPOTrainer(
         model=run.model, ref_model=reference_model(cfg, run, cfg.dpo.precompute_ref_log_probs), args=args,
         train_dataset=run.train_ds, eval_dataset=run.eval_ds, processing_class=run.tokenizer,
-        callbacks=[run.callback, DropReferenceAdapterAtEnd()],
+        callbacks=[callback, DropReferenceAdapterAtEnd()],
     )
     drop_fresh_reference_adapter(trainer, run)
-    trainer.token_counter = run.counter
-    run.trainer_ref.append(trainer)
+    trainer.token_counter = counter
+    trainer_ref.append(trainer)
     return trainer
 
 
+# --------------------------------------------------------------------------------------------- native engine
+class DPOObjective:
+    """What the native engine's loop asks of a method (see ``training/native.py``): batches of this method's
+    rows, how many units a batch's loss is averaged over (pairs here), the loss sum and the metric sums."""
+
+    unit = "pairs"
+    perplexity = False  # eval_loss is a mean pair loss, not a token NLL
+    stat_keys = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                 "logps/rejected")
+
+    def __init__(self, cfg: Config, collator, reference: ReferenceLogps):
+        self.d, self.collator, self.reference = cfg.dpo, collator, reference
+
+    def batch(self, split: str, rows: list[int], records: list[dict]) -> dict:
+        batch = self.collator(records)
+        batch.update(split=split, rows=torch.tensor(rows))
+        return batch
+
+    def count(self, batch: dict) -> int:
+        return len(batch["rows"])
+
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        logps = answer_logps(model, batch).view(-1, 2)  # (B, 2): chosen, rejected
+        ref = self.reference(model, batch).to(logps.dtype)  # (B, 2)
+        losses = dpo_loss(logps, ref, batch["answer_lengths"].view(-1, 2), self.d.beta, self.d.loss_type,
+                          self.d.label_smoothing)
+        with torch.no_grad():
+            rewards = self.d.beta * (logps.detach() - ref)  # (B, 2)
+            stats = torch.stack([rewards[:, 0].sum(), rewards[:, 1].sum(), (rewards[:, 0] > rewards[:, 1]).sum(),
+                                 (rewards[:, 0] - rewards[:, 1]).sum(), logps[:, 0].sum(), logps[:, 1].sum()])
+        return losses.sum(), dict(zip(self.stat_keys, stats.tolist()))
+
+    def start(self, trainer) -> None:
+        """Before the first step of a fresh run: score every row this rank will use with the starting weights,
+        unless the reference is the adapter disabled (then rows are scored as they come)."""
+        if self.reference.by_disabling:
+            return
+        for split, batches in trainer.planned_batches():
+            self.reference.precompute(trainer.model, (self.batch(split, rows, [ds[i] for i in rows])
+                                                      for rows, ds in batches))
+
+    def state_dict(self) -> dict:
+        return self.reference.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.reference.load_state_dict(state)
+
+
+def train_native(cfg: Config, run):
+    from lmforge.data.preference import SharedPromptCollator
+    from lmforge.training.attention import NAME, use_packed_attention
+    from lmforge.training.native import NativeTrainer
+
+    attn = NAME if use_packed_attention(run.model) else "sdpa"  # else a dense mask of the pair layout
+    fresh_adapter = cfg.peft.kind != "none" and not run.continues_adapter
+    sizes = {"train": len(run.train_ds), "eval": len(run.eval_ds) if run.eval_ds is not None else 0}
+    reference = ReferenceLogps(sizes, by_disabling=fresh_adapter and not cfg.dpo.precompute_ref_log_probs)
+    objective = DPOObjective(cfg, SharedPromptCollator(attn), reference)
+    trainer = NativeTrainer(cfg, run.model, run.tokenizer, run.prec, run.train_ds, run.eval_ds, objective,
+                            run.data_lines)
+    return trainer.train(run.resume)
+
+
 def train(cfg: Config):
+    from lmforge.training.native import choose_engine
+
+    choose_engine(cfg)
     run = setup(cfg)
+    if cfg.train.engine == "native":
+        return train_native(cfg, run)
     trainer = build_trainer(cfg, run)
     return run_trainer(trainer, cfg, run.tokenizer, run.resume, run.data_lines)

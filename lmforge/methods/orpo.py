@@ -17,7 +17,7 @@ from lmforge.config import Config  # noqa: E402
 from lmforge.data.tokenize import IGNORE  # noqa: E402
 from lmforge.training.checkpoint import LmforgeTrainerMixin  # noqa: E402
 from lmforge.training.preference import TokenCountingMixin, setup  # noqa: E402
-from lmforge.training.run import run_trainer, training_args  # noqa: E402
+from lmforge.training.run import outputs_callback, run_trainer, training_args  # noqa: E402
 
 
 def orpo_columns(record: dict) -> dict:
@@ -46,13 +46,19 @@ def orpo_args(cfg: Config, prec, has_eval: bool) -> ORPOConfig:
                          max_length=cfg.data.max_length, disable_dropout=True)
 
 
-def train(cfg: Config):
-    run = setup(cfg)
+def build_trainer(cfg: Config, run) -> LmforgeORPOTrainer:
+    trainer_ref: list = []
+    callback, counter = outputs_callback(cfg, trainer_ref)
     trainer = LmforgeORPOTrainer(
         model=run.model, args=orpo_args(cfg, run.prec, has_eval=run.eval_ds is not None),
         train_dataset=run.train_ds, eval_dataset=run.eval_ds, processing_class=run.tokenizer,
-        callbacks=[run.callback],
+        callbacks=[callback],
     )
-    trainer.token_counter = run.counter
-    run.trainer_ref.append(trainer)
-    return run_trainer(trainer, cfg, run.tokenizer, run.resume, run.data_lines)
+    trainer.token_counter = counter
+    trainer_ref.append(trainer)
+    return trainer
+
+
+def train(cfg: Config):
+    run = setup(cfg)
+    return run_trainer(build_trainer(cfg, run), cfg, run.tokenizer, run.resume, run.data_lines)

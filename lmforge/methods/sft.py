@@ -97,6 +97,31 @@ class CausalLMTrainer(LmforgeTrainerMixin, Trainer):
         return loss.detach(), None, None
 
 
+class CausalLMObjective:
+    """The native engine's view of pretrain/SFT (``training/native.py``): summed token cross-entropy over the
+    loss tokens (``token_loss_sum``), averaged over the loss tokens of the whole step."""
+
+    unit = "tokens"
+    perplexity = True
+    stat_keys = ()
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def batch(self, split: str, rows: list[int], records: list[dict]) -> dict:
+        return self.collator(records)
+
+    def count(self, batch: dict) -> int:
+        return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        loss, _ = token_loss_sum(model, batch)
+        return loss, {}
+
+    def flops_batch(self, records: list[dict]) -> dict:
+        return self.collator(records)
+
+
 class CountingCollator(CausalCollator):
     """Adds the number of non-padding tokens, for tokens/s."""
 
@@ -128,13 +153,9 @@ def train(cfg: Config):
         from lmforge.methods import mlm
 
         return mlm.train(cfg)
-    if cfg.train.engine is None:  # the faster engine where it can run this config (docs/training.md)
-        from lmforge.training.native import unsupported
+    from lmforge.training.native import choose_engine
 
-        reason = unsupported(cfg)
-        if reason:
-            log(f"train.engine: hf ({reason})")
-        cfg.train.engine = "hf" if reason else "native"  # config.yaml records the engine that ran
+    choose_engine(cfg)  # the faster engine where it can run this config (docs/training.md)
     resume = prepare_output_dir(cfg)
     model, tokenizer, prec = load_model_and_tokenizer(cfg)
     packed = packing_enabled(cfg, model)
@@ -155,7 +176,8 @@ def train(cfg: Config):
         from lmforge.training.native import NativeTrainer
 
         scorer = generation_scorer(cfg, tokenizer, eval_ds is not None, log)
-        trainer = NativeTrainer(cfg, model, tokenizer, prec, train_ds, eval_ds, collator, train_stats.lines(), scorer)
+        trainer = NativeTrainer(cfg, model, tokenizer, prec, train_ds, eval_ds, CausalLMObjective(collator),
+                                train_stats.lines(), scorer)
         return trainer.train(resume)
     from lmforge.training import flops
 

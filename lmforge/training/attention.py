@@ -11,6 +11,10 @@ sample, 35 ms for this function. Attention was 17% of a native-engine step befor
 Registered with transformers' ``AttentionInterface`` under ``NAME``; the collator passes each row's sample
 lengths as ``packed_seq_lens``, which transformers forwards to the attention function. Batches without it
 (unpacked, generation) go to transformers' own SDPA function unchanged.
+
+A sample may also be a preference pair laid out as ``[prompt, chosen, rejected]`` with the prompt computed
+once (``data/preference.py:SharedPromptCollator``): its entry is the tuple ``(P, C, R)`` and its mask is
+``shared_prompt_mask``.
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.data.packing import PACKED_ATTENTION as NAME  # the collator's switch for this function
+from lmforge.data.packing import shared_prompt_mask
 
 
 def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                     packed_seq_lens: list[list[int]] | None = None, **kwargs):
+                     packed_seq_lens: list[list] | None = None, **kwargs):
     """(B, H, T, D) query, (B, Hkv, T, D) key/value -> ((B, T, H, D) output, None), as transformers expects.
-    Each sample attends causally within itself only; positions after the last sample (padding) get zeros."""
+    Each sample attends causally within itself only (a ``(P, C, R)`` pair: its answers each see the prompt
+    and themselves); positions after the last sample (padding) get zeros."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if packed_seq_lens is None or query.shape[2] == 1:
@@ -34,18 +40,20 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     groups = H // key.shape[1]  # grouped-query attention: query heads per key/value head
     scale = scaling if scaling is not None else D ** -0.5
     p = dropout if module.training else 0.0
-    longest = max(max(lens) for lens in packed_seq_lens)
+    longest = max(sum(n) if isinstance(n, tuple) else n for lens in packed_seq_lens for n in lens)
     future = torch.ones(longest, longest, dtype=torch.bool, device=query.device).triu_(1)  # (n, n) True = masked
     rows = []
     for b, lens in enumerate(packed_seq_lens):
         pieces, start = [], 0
         for n in lens:
+            masked = ~shared_prompt_mask(*n).to(query.device) if isinstance(n, tuple) else future[:n, :n]
+            n = masked.shape[0]
             end = start + n
             q = query[b, :, start:end]  # (H, n, D)
             k = key[b, :, start:end].repeat_interleave(groups, dim=0)  # (H, n, D), as transformers' repeat_kv
             v = value[b, :, start:end].repeat_interleave(groups, dim=0)
             scores = torch.matmul(q, k.transpose(1, 2)).float() * scale  # (H, n, n), softmax in fp32
-            probs = torch.softmax(scores.masked_fill_(future[:n, :n], float("-inf")), dim=-1).to(q.dtype)
+            probs = torch.softmax(scores.masked_fill_(masked, float("-inf")), dim=-1).to(q.dtype)
             pieces.append(torch.matmul(F.dropout(probs, p) if p else probs, v))  # (H, n, D)
             start = end
         if start < T:  # right padding: attends nowhere, carries no loss

@@ -1,17 +1,20 @@
-"""lmforge's own training loop (``train.engine: native``) for causal-LM pretraining and SFT.
+"""lmforge's own training loop (``train.engine: native``) for causal-LM pretraining, SFT and DPO.
 
 A plain PyTorch loop, read top to bottom like nanoGPT's ``train.py``: fetch the step's rows, forward,
 loss, backward, all-reduce, clip, step, log, evaluate, checkpoint. It exists beside the HF Trainer engine
 because speed and exact promises need control of every step (the Trainer's per-step callbacks, its
 autocast of fp32 master weights and its DDP wrapper cost time on CPU; see docs/training.md). It shares
 everything else with that engine: model/tokenizer/PEFT loading and the output directory (``run.py``), data
-(``prepare_split``, ``CausalCollator``), the loss (``sft.token_loss_sum``), the checkpoint layout
-(``checkpoint-STEP/`` with ``trainer_state.json``, written atomically) and the outputs (metrics.jsonl,
-plots, report.md, tensorboard).
+(``prepare_split``), the checkpoint layout (``checkpoint-STEP/`` with ``trainer_state.json``, written
+atomically) and the outputs (metrics.jsonl, plots, report.md, tensorboard).
+
+What a method contributes is an *objective* (``sft.CausalLMObjective``, ``dpo.DPOObjective``): how it
+collates its rows, the units its loss is averaged over (loss tokens, pairs), the loss sum of a micro-batch
+and the sums of its metrics. The loop, the averaging over a whole step and everything around it are here.
 
 The promises, each a test (tests/test_native.py and the invariance tests parametrized over the engine):
-  * a step's loss is the sum over its loss tokens divided by their number in the whole step (all
-    micro-batches, all ranks), so 1 x 8 == 8 x 1 with accumulation == 2 processes x 4;
+  * a step's loss is the sum over its units (loss tokens, pairs) divided by their number in the whole step
+    (all micro-batches, all ranks), so 1 x 8 == 8 x 1 with accumulation == 2 processes x 4;
   * the rows of step k are a function of (seed, k) alone (``EpochSampler``), and a checkpoint holds the
     weights, optimizer, scheduler and every rank's RNG, so a resumed run equals an uninterrupted one bitwise;
   * SIGTERM/SIGINT end the current step, write a checkpoint and exit with a message saying how to resume.
@@ -32,7 +35,6 @@ import torch
 import torch.distributed as dist
 
 from lmforge.config import Config
-from lmforge.data.tokenize import IGNORE
 from lmforge.errors import ConfigError, TrainingError
 from lmforge.training import flops
 from lmforge.training.checkpoint import STAGING, EpochSampler, write_checkpoint_atomically
@@ -46,8 +48,16 @@ NATIVE_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_torch_foreach", 
 def unsupported(cfg: Config) -> str | None:
     """Why the native engine cannot run ``cfg`` (and what to use instead), or None when it can."""
     t = cfg.train
-    if cfg.method not in ("pretrain", "sft"):
-        return f"method {cfg.method} trains on train.engine: hf; the native engine runs pretrain and sft"
+    if cfg.method not in ("pretrain", "sft", "dpo"):
+        return f"method {cfg.method} trains on train.engine: hf; the native engine runs pretrain, sft and dpo"
+    if cfg.method == "dpo":
+        from lmforge.methods.dpo import NATIVE_LOSSES
+
+        if cfg.dpo.loss_type not in NATIVE_LOSSES:
+            return (f"dpo.loss_type: {cfg.dpo.loss_type} runs on train.engine: hf; the native engine has "
+                    f"{', '.join(NATIVE_LOSSES)}")
+        if cfg.peft.kind not in ("none", "lora", "dora", "qlora"):
+            return f"peft.kind: {cfg.peft.kind} with dpo runs on train.engine: hf"
     if t.distributed in ("deepspeed", "fsdp"):
         return f"train.distributed: {t.distributed} runs on train.engine: hf; the native engine runs ddp (or none)"
     if t.optim not in NATIVE_OPTIMIZERS:
@@ -59,6 +69,17 @@ def unsupported(cfg: Config) -> str | None:
     if t.dataloader_num_workers:
         return "train.dataloader_num_workers runs on train.engine: hf; the native engine collates in the loop"
     return None
+
+
+def choose_engine(cfg: Config) -> str:
+    """Settle ``train.engine`` before the run starts (config.yaml records it): unset means the native engine
+    wherever it can run the config, else hf, with one logged line giving the reason (docs/training.md)."""
+    if cfg.train.engine is None:
+        reason = unsupported(cfg)
+        if reason:
+            log(f"train.engine: hf ({reason})")
+        cfg.train.engine = "hf" if reason else ENGINE
+    return cfg.train.engine
 
 
 class StepRows:
@@ -90,11 +111,11 @@ class StepRows:
 class NativeTrainer:
     """Trains ``model`` on ``train_ds``; ``train(resume)`` runs the loop and returns the output directory."""
 
-    def __init__(self, cfg: Config, model, tokenizer, prec, train_ds, eval_ds, collator, data_lines: list[str],
+    def __init__(self, cfg: Config, model, tokenizer, prec, train_ds, eval_ds, objective, data_lines: list[str],
                  generation=None):
         self.cfg, self.t = cfg, cfg.train
         self.model, self.tokenizer, self.prec = model, tokenizer, prec
-        self.train_ds, self.eval_ds, self.collator = train_ds, eval_ds, collator
+        self.train_ds, self.eval_ds, self.objective = train_ds, eval_ds, objective
         self.data_lines = data_lines
         self.generation = generation  # eval.metrics: a GenerationScorer, or None
         self.out = Path(cfg.train.output_dir)
@@ -129,6 +150,8 @@ class NativeTrainer:
         if resume:
             self.load_checkpoint(Path(resume))
         else:
+            if hasattr(self.objective, "start"):
+                self.objective.start(self)  # e.g. DPO: reference log-probs of the starting weights
             torch.manual_seed(self.t.seed)
         self.model.train()
         log(f"native engine: {self.max_steps} steps, {self.rows.global_batch} rows per step "
@@ -138,7 +161,7 @@ class NativeTrainer:
             log(f"distributed: ddp on {self.world} processes, backend {dist.get_backend()}, native engine "
                 "(gradients summed in one all-reduce per step)")
         self.flops_per_token = self.count_flops()
-        window = Window()
+        window = Window(self.objective.stat_keys)
         profiler = Profiler(self.cfg, self.out) if self.rank == 0 else None
         with self.signals():
             bar = progress_bar(self.max_steps, self.step) if self.rank == 0 else None
@@ -146,8 +169,8 @@ class NativeTrainer:
                 if profiler:
                     profiler.before_step(self.step + 1)
                 t0 = time.perf_counter()
-                loss, n_tokens, grad_norm = self.train_step()
-                window.add(loss, n_tokens, time.perf_counter() - t0)
+                loss, n_tokens, grad_norm, stats = self.train_step()
+                window.add(loss, n_tokens, time.perf_counter() - t0, stats)
                 self.step += 1
                 self.tokens_seen += n_tokens
                 if profiler:
@@ -166,32 +189,33 @@ class NativeTrainer:
                 bar.close()
         return self.save_final()
 
-    def train_step(self) -> tuple[float, int, float]:
-        """One optimizer step over this step's micro-batches; returns (loss, tokens trained, grad norm)."""
-        from lmforge.methods.sft import token_loss_sum
-
-        micro = [self.collator([self.train_ds[i] for i in idx]) if idx else None
+    def train_step(self) -> tuple[float, int, float, dict[str, float]]:
+        """One optimizer step over this step's micro-batches; returns (loss, tokens trained, grad norm, the
+        objective's metrics averaged over the step's units)."""
+        micro = [self.objective.batch("train", idx, [self.train_ds[i] for i in idx]) if idx else None
                  for idx in self.rows.for_step(self.step, self.rank)]
-        # the step's loss is sum / (loss tokens of the whole step, every micro-batch and rank)
-        local_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro if b is not None)
-        total = self.all_reduce(torch.tensor([float(local_tokens)]))
+        # the step's loss is sum / (units of the whole step: loss tokens or pairs, every micro-batch and rank)
+        local_units = sum(self.objective.count(b) for b in micro if b is not None)
+        total = self.all_reduce(torch.tensor([float(local_units)]))
         denominator = max(total.item(), 1.0)
-        loss_sum = 0.0
-        n_tokens = 0
+        keys = self.objective.stat_keys
+        sums = torch.zeros(3 + len(keys), dtype=torch.float64)  # loss, tokens, signal, metric sums
         for batch in micro:
             if batch is None:
                 continue
-            n_tokens += int(batch.pop("num_tokens"))
+            sums[1] += int(batch.pop("num_tokens"))
             with self.autocast():
-                loss, _ = token_loss_sum(self.model, batch)
+                loss, stats = self.objective.loss(self.model, batch)
             (loss / denominator).backward()
             if self.master:
                 self.master.collect_grads()
-            loss_sum += loss.item()
-        # one all-reduce for every gradient, the loss, the token count and a pending signal
-        extra = torch.tensor([loss_sum, float(n_tokens), float(self.stop_signal or 0)])
-        extra = self.all_reduce_grads(extra)
+            sums[0] += loss.item()
+            sums[3:] += torch.tensor([stats[k] for k in keys], dtype=torch.float64)
+        # one all-reduce for every gradient, the loss, the token count, a pending signal and the metrics
+        sums[2] = float(self.stop_signal or 0)
+        extra = self.all_reduce_grads(sums)
         loss_value, n_tokens = extra[0].item() / denominator, int(extra[1].item())
+        step_stats = {k: v / denominator for k, v in zip(keys, extra[3:].tolist())}
         if extra[2].item() and self.stop_signal is None:
             self.stop_signal = int(extra[2].item())  # another rank got the signal: every rank stops here
         if not math.isfinite(loss_value):
@@ -204,13 +228,37 @@ class NativeTrainer:
             self.master.copy_to_model()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_value, n_tokens, grad_norm
+        return loss_value, n_tokens, grad_norm, step_stats
 
     # ------------------------------------------------------------------------------------------ pieces
-    def count_flops(self) -> float:
-        """FLOPs per token of forward + backward, counted on this step's first row (``flops.per_token``)."""
+    def count_flops(self) -> float | None:
+        """FLOPs per token of forward + backward, counted on this step's first row (``flops.per_token``), for
+        objectives that are a token loss (pretrain, SFT); None for the others."""
+        if not hasattr(self.objective, "flops_batch"):
+            return None
         first = next((idx for idx in self.rows.for_step(self.step, self.rank) if idx), [0])
-        return flops.per_token(self.model, self.collator([self.train_ds[first[0]]]), self.autocast())
+        return flops.per_token(self.model, self.objective.flops_batch([self.train_ds[first[0]]]), self.autocast())
+
+    def planned_batches(self):
+        """(split, [(rows, dataset), ...]) of every micro-batch this rank will run: the steps still to come and
+        every evaluation; for objectives that prepare something per row before training starts."""
+        train = [(idx, self.train_ds) for step in range(self.step, self.max_steps)
+                 for idx in self.rows.for_step(step, self.rank) if idx]
+        seen, unique = set(), []
+        for idx, ds in train:  # rows repeat across epochs; prepare each once
+            fresh = [i for i in idx if i not in seen]
+            seen.update(fresh)
+            if fresh:
+                unique.append((fresh, ds))
+        yield "train", unique
+        if self.eval_ds is not None:
+            yield "eval", [(idx, self.eval_ds) for idx in self.eval_batches()]
+
+    def eval_batches(self) -> list[list[int]]:
+        """This rank's eval rows (every world-th), in batches of per_device_eval_batch_size."""
+        B = self.t.per_device_eval_batch_size
+        mine = list(range(self.rank, len(self.eval_ds), self.world))
+        return [mine[start:start + B] for start in range(0, len(mine), B)]
 
     def autocast(self):
         """QLoRA and prompt tuning: PEFT keeps adapter weights in fp32 and autocast runs them in bf16. Full
@@ -250,6 +298,7 @@ class NativeTrainer:
     def log_train(self, window: dict, grad_norm: float, bar) -> None:
         row = {"step": self.step, "loss": round(window["loss"], 6), "grad_norm": round(grad_norm, 6),
                "learning_rate": self.scheduler.get_last_lr()[0], "epoch": round(self.step / self.rows.steps_per_epoch, 4)}
+        row.update({k: round(window[k], 6) for k in self.objective.stat_keys})
         if window["seconds"] > 0 and window["tokens"] > 0:
             tps = window["tokens"] / window["seconds"]
             row["tokens_per_second"] = round(tps, 2)
@@ -266,22 +315,23 @@ class NativeTrainer:
 
     @torch.no_grad()
     def evaluate(self) -> None:
-        """eval_loss: summed token NLL over every eval row (rows split across ranks) over their loss tokens."""
-        from lmforge.methods.sft import token_loss_sum
-
+        """eval_loss (and eval_ metrics): sums over every eval row (rows split across ranks) over their units."""
         self.model.eval()
-        sums = torch.zeros(2)
-        B = self.t.per_device_eval_batch_size
-        mine = list(range(self.rank, len(self.eval_ds), self.world))
-        for start in range(0, len(mine), B):
-            batch = self.collator([self.eval_ds[i] for i in mine[start:start + B]])
+        keys = self.objective.stat_keys
+        sums = torch.zeros(2 + len(keys), dtype=torch.float64)  # loss, units, metric sums
+        for idx in self.eval_batches():
+            batch = self.objective.batch("eval", idx, [self.eval_ds[i] for i in idx])
             batch.pop("num_tokens", None)
+            n = self.objective.count(batch)
             with self.autocast():
-                loss, n = token_loss_sum(self.model, batch)
-            sums += torch.tensor([loss.item(), float(n)])
+                loss, stats = self.objective.loss(self.model, batch)
+            sums += torch.tensor([loss.item(), float(n)] + [stats[k] for k in keys], dtype=torch.float64)
         self.all_reduce(sums)
-        row = {"step": self.step, "eval_loss": round(sums[0].item() / max(sums[1].item(), 1), 6)}
-        row["eval_perplexity"] = math.exp(min(row["eval_loss"], 50.0))  # a token NLL: pretrain and sft
+        units = max(sums[1].item(), 1)
+        row = {"step": self.step, "eval_loss": round(sums[0].item() / units, 6)}
+        row.update({f"eval_{k}": round(v / units, 6) for k, v in zip(keys, sums[2:].tolist())})
+        if self.objective.perplexity:  # a token NLL: pretrain and sft
+            row["eval_perplexity"] = math.exp(min(row["eval_loss"], 50.0))
         if self.generation is not None and self.rank == 0:
             row.update(self.generation.score(self.model))
         self.model.train()
@@ -296,6 +346,8 @@ class NativeTrainer:
 
         def write(tmp: Path) -> None:
             torch.save(rng_state(), tmp / f"rng_state_{self.rank}.pth")
+            if hasattr(self.objective, "state_dict"):  # e.g. DPO's reference log-probs of this rank's rows
+                torch.save(self.objective.state_dict(), tmp / f"objective_{self.rank}.pt")
             if self.rank != 0:
                 return
             self.save_model(tmp)
@@ -324,6 +376,8 @@ class NativeTrainer:
         self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
         self.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
         set_rng_state(torch.load(ckpt / f"rng_state_{self.rank}.pth", weights_only=False))
+        if hasattr(self.objective, "load_state_dict"):
+            self.objective.load_state_dict(torch.load(ckpt / f"objective_{self.rank}.pt", weights_only=True))
         self.step, self.tokens_seen = state["global_step"], state["tokens_seen"]
 
     def save_final(self) -> Path:
@@ -370,19 +424,25 @@ class NativeTrainer:
 
 # ---------------------------------------------------------------------------------------------- helpers
 class Window:
-    """Loss and tokens/s over the steps since the last log (the loss averaged per step, as the HF engine)."""
+    """Loss, metrics and tokens/s over the steps since the last log (loss and metrics averaged per step, as
+    the HF engine)."""
 
-    def __init__(self):
-        self.losses, self.tokens, self.seconds = [], 0, 0.0
+    def __init__(self, keys: tuple[str, ...] = ()):
+        self.keys = ("loss",) + tuple(keys)
+        self.values: dict[str, list[float]] = {k: [] for k in self.keys}
+        self.tokens, self.seconds = 0, 0.0
 
-    def add(self, loss: float, tokens: int, seconds: float) -> None:
-        self.losses.append(loss)
+    def add(self, loss: float, tokens: int, seconds: float, stats: dict[str, float] | None = None) -> None:
+        for k, v in {"loss": loss, **(stats or {})}.items():
+            self.values[k].append(v)
         self.tokens += tokens
         self.seconds += seconds
 
     def take(self) -> dict:
-        out = {"loss": sum(self.losses) / max(len(self.losses), 1), "tokens": self.tokens, "seconds": self.seconds}
-        self.losses, self.tokens, self.seconds = [], 0, 0.0
+        out = {k: sum(v) / max(len(v), 1) for k, v in self.values.items()}
+        out.update(tokens=self.tokens, seconds=self.seconds)
+        self.values = {k: [] for k in self.keys}
+        self.tokens, self.seconds = 0, 0.0
         return out
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+import torch.nn.functional as F
 from transformers import TrainerCallback
 
 from lmforge.config import Config
 from lmforge.data.prepare import prepare_split
 from lmforge.models import is_adapter_dir, load_model, resolve_model_path
-from lmforge.training.run import load_model_and_tokenizer, log, outputs_callback, prepare_output_dir
+from lmforge.training.run import load_model_and_tokenizer, log, prepare_output_dir
 
 
 @dataclass
@@ -29,25 +31,19 @@ class PreferenceRun:
     data_lines: list
     resume: str | None
     continues_adapter: bool  # the starting model is an adapter directory (e.g. an SFT LoRA run)
-    callback: object
-    counter: object
-    trainer_ref: list
 
 
 def setup(cfg: Config) -> PreferenceRun:
-    """Output dir + resume point, model and tokenizer, tokenised train/eval data, the outputs callback."""
+    """Output dir + resume point, model and tokenizer, tokenised train/eval data."""
     resume = prepare_output_dir(cfg)
     model, tokenizer, prec = load_model_and_tokenizer(cfg)
     train_ds, train_stats, _ = prepare_split(cfg, tokenizer, "train", packed=False)
     eval_ds, _, _ = prepare_split(cfg, tokenizer, "eval", packed=False)
     for line in train_stats.lines():
         log(f"train data: {line}")
-    trainer_ref: list = []
-    callback, counter = outputs_callback(cfg, trainer_ref)
     start = cfg.model.name_or_path
     continues = bool(start) and is_adapter_dir(resolve_model_path(start))
-    return PreferenceRun(model, tokenizer, prec, train_ds, eval_ds, train_stats.lines(), resume, continues,
-                         callback, counter, trainer_ref)
+    return PreferenceRun(model, tokenizer, prec, train_ds, eval_ds, train_stats.lines(), resume, continues)
 
 
 def reference_model(cfg: Config, run: PreferenceRun, precompute: bool):
@@ -94,3 +90,63 @@ class TokenCountingMixin:
             self.token_counter.add(sum(int(inputs[k].sum()) for k in self.MASK_KEYS if k in inputs))
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
+
+
+# ------------------------------------------------------------------------------------ native engine
+def answer_logps(model, batch: dict) -> torch.Tensor:
+    """(2B,) summed log-probabilities of each answer of a ``SharedPromptCollator`` batch (chosen, rejected of
+    pair 0, then pair 1, ...). The LM head runs only on the positions that predict answer tokens."""
+    from lmforge.methods.sft import _decoder_and_head
+
+    inputs = {k: batch[k] for k in ("input_ids", "position_ids", "packed_seq_lens", "attention_mask") if k in batch}
+    parts = _decoder_and_head(model)
+    if parts is not None:
+        decoder, head = parts
+        hidden = decoder(**inputs, use_cache=False).last_hidden_state[0]  # (T, C): the micro-batch is one row
+        logits = head(hidden[batch["pred_index"]])  # (N, V)
+    else:
+        logits = model(**inputs, use_cache=False).logits[0, batch["pred_index"]]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # log-softmax in fp32 (or fp64) at least
+    token_logps = -F.cross_entropy(logits, batch["targets"], reduction="none")  # (N,)
+    sums = torch.zeros(len(batch["answer_lengths"]), dtype=token_logps.dtype, device=token_logps.device)
+    return sums.index_add_(0, batch["answer_index"], token_logps)
+
+
+class ReferenceLogps:
+    """The reference model's log-probabilities of each row's two answers, computed once per row and kept.
+
+    ``by_disabling`` (a fresh LoRA/DoRA/QLoRA adapter): the reference is the base with the adapter disabled,
+    scored when a row first comes up and reused in later epochs. Otherwise (full fine-tuning, a continued
+    adapter) the reference is the starting weights: every row the run will use is scored before the first
+    update (``precompute``), so no second copy of the model is kept. The cache is part of each checkpoint,
+    which keeps resume bitwise.
+    """
+
+    def __init__(self, sizes: dict[str, int], by_disabling: bool):
+        self.by_disabling = by_disabling
+        self.cache = {split: torch.full((n, 2), float("nan"), dtype=torch.float64) for split, n in sizes.items()}
+
+    def __call__(self, model, batch: dict) -> torch.Tensor:
+        """(B, 2) reference log-probs (chosen, rejected) of the batch's rows, in float64."""
+        table, rows = self.cache[batch["split"]], batch["rows"]
+        missing = torch.isnan(table[rows]).any(dim=1)
+        if missing.any():
+            if not self.by_disabling:
+                raise RuntimeError(f"reference log-probs of {batch['split']} rows {rows[missing].tolist()} were not "
+                                   "precomputed")
+            with torch.no_grad(), model.disable_adapter():
+                fresh = answer_logps(model, batch).view(-1, 2)
+            table[rows[missing]] = fresh[missing].double()
+        return table[rows]
+
+    @torch.no_grad()
+    def precompute(self, model, batches) -> None:
+        """Score ``batches`` (collated, with ``split`` and ``rows``) with ``model`` as it is now."""
+        for batch in batches:
+            self.cache[batch["split"]][batch["rows"]] = answer_logps(model, batch).view(-1, 2).double()
+
+    def state_dict(self) -> dict:
+        return {split: t.clone() for split, t in self.cache.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cache = {split: t.clone() for split, t in state.items()}
