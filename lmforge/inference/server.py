@@ -2,17 +2,21 @@
 
 FastAPI/pydantic do the HTTP and request validation, uvicorn the serving and the graceful shutdown on
 SIGTERM (stop accepting, finish in-flight requests, then stop the engine). lmforge adds the OpenAI
-request/response shapes, the API key check and server-sent-event streaming.
+request/response shapes, the API key check, server-sent-event streaming, and the limits that keep one
+client from starving the others (``ServeLimits``: body size, messages, max_tokens, n, stop strings, a
+bounded queue answered with 429), and cancels the work of a client that disconnects.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import time
 import uuid
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -21,8 +25,22 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from lmforge.errors import LmforgeError
-from lmforge.inference.engine import Engine, Job
+from lmforge.inference.engine import Busy, Engine, Job, Unavailable
 from lmforge.inference.generate import Completion, GenerationOptions, encode_prompt
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """What one request may ask for (defaults = the `lmforge serve` flags' defaults)."""
+
+    max_queue: int = 256  # sequences waiting for a batch slot; more -> 429 with Retry-After
+    max_body_bytes: int = 1 << 20  # request body; more -> 413
+    max_messages: int = 256  # chat messages (also: prompts in one completions request)
+    max_tokens: int = 4096  # largest max_tokens a request may ask for (the model's context bounds it too)
+    max_n: int = 16  # choices per request
+    max_stop: int = 8  # stop strings per request
+    max_stop_length: int = 256  # characters per stop string
+    retry_after: int = 1  # seconds a client told 429 should wait
 
 
 # ------------------------------------------------------------------------------------------ request bodies
@@ -34,10 +52,10 @@ class _Sampling(BaseModel):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)  # not in the OpenAI API; vLLM and others accept it too
-    n: int = Field(1, ge=1, le=16)
+    n: int = Field(1, ge=1)
     stream: bool = False
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # torch generators take 64 bits (choice i: seed + i)
     stream_options: dict | None = None
 
 
@@ -55,8 +73,63 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str]
 
 
-def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
+def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+           headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status,
+                        headers=headers)
+
+
+def _kind(status: int) -> str:
+    """The OpenAI error type for an HTTP status."""
+    return {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}.get(
+        status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+class BadRequest(HTTPException):
+    """A 400 (or other 4xx) that names the request field at fault."""
+
+    def __init__(self, param: str, message: str, status: int = 400):
+        super().__init__(status, f"{param}: {message}")
+        self.param = param
+
+
+class _BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes gets a 413, by its Content-Length before it is
+    read, or (chunked bodies) as soon as the bytes read pass the limit. Written by hand because neither
+    uvicorn nor Starlette bounds request bodies."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    def _too_large(self) -> str:
+        return f"the request body is larger than the server's limit of {self.limit} bytes (--max-body-bytes)"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            response = _error(413, self._too_large()) if length.isdigit() else _error(400, "bad Content-Length")
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:  # FastAPI re-raises HTTPException from reading the body: our handler answers
+                    raise HTTPException(413, self._too_large())
+            return message
+
+        await self.app(scope, limited, send)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has closed the connection (the body was read already, so the next ASGI
+    message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _message_text(msg: ChatMessage, i: int) -> str:
@@ -72,18 +145,40 @@ def _message_text(msg: ChatMessage, i: int) -> str:
 
 # ------------------------------------------------------------------------------------------ the app
 class Api:
-    def __init__(self, engine: Engine, model_id: str, api_key: str | None, default_max_tokens: int):
+    def __init__(self, engine: Engine, model_id: str, api_key: str | None, default_max_tokens: int,
+                 limits: ServeLimits):
         self.engine = engine
         self.model_id = model_id
-        self.api_key = api_key
+        # the header value expected; compared as bytes (Starlette decodes headers as latin-1)
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
         self.default_max_tokens = default_max_tokens
+        self.limits = limits
         self.tok = engine.generator.tok
         config = engine.generator.model.config
         self.context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
+    def key_ok(self, request: Request) -> bool:
+        if self.expected is None:
+            return True
+        given = request.headers.get("authorization", "").encode("latin-1")
+        return hmac.compare_digest(given, self.expected)  # constant time: the key is not guessable by timing
+
     def check_key(self, request: Request) -> None:
-        if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
+        if not self.key_ok(request):
             raise HTTPException(401, "invalid or missing API key (send Authorization: Bearer KEY)")
+
+    def check_limits(self, req: _Sampling, max_tokens: int | None, field: str) -> None:
+        """The request's own asks against ServeLimits (a 400 naming the field)."""
+        lim = self.limits
+        if max_tokens is not None and max_tokens > lim.max_tokens:
+            raise BadRequest(field, f"{max_tokens} is more than this server allows ({lim.max_tokens})")
+        if req.n > lim.max_n:
+            raise BadRequest("n", f"{req.n} choices asked; this server allows at most {lim.max_n}")
+        stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
+        if len(stops) > lim.max_stop:
+            raise BadRequest("stop", f"{len(stops)} stop strings given; this server allows at most {lim.max_stop}")
+        if any(len(s) > lim.max_stop_length for s in stops):
+            raise BadRequest("stop", f"a stop string is longer than {lim.max_stop_length} characters")
 
     def options(self, req: _Sampling, max_tokens: int | None) -> GenerationOptions:
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
@@ -94,6 +189,9 @@ class Api:
     def jobs(self, req: _Sampling, prompts: list[list[int]], max_tokens: int | None) -> tuple[list[Job], asyncio.Queue]:
         if req.model != self.model_id:
             raise HTTPException(404, f"model {req.model!r} is not served here; this server has {self.model_id!r}")
+        if len(prompts) * req.n > self.limits.max_queue:
+            raise BadRequest("n", f"{len(prompts)} prompts x n={req.n} sequences; the server queues at most "
+                                  f"{self.limits.max_queue}")
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         jobs = []
@@ -109,20 +207,37 @@ class Api:
             for _ in range(req.n):  # choice i of a seeded request samples with seed + i, so the n choices differ
                 jobs.append(Job(p, GenerationOptions(**{**opts.__dict__, "seed": opts.seed + len(jobs)}), loop,
                                 events, index=len(jobs), seeded=req.seed is not None, stream=req.stream))
-        for job in jobs:
-            self.engine.submit(job)
+        try:
+            self.engine.submit_all(jobs)
+        except Busy as e:
+            raise HTTPException(429, str(e), headers={"Retry-After": str(self.limits.retry_after)}) from None
+        except Unavailable as e:
+            raise HTTPException(503, str(e)) from None
         return jobs, events
 
-    async def results(self, jobs: list[Job], events: asyncio.Queue) -> list[Completion]:
+    async def results(self, jobs: list[Job], events: asyncio.Queue, request: Request) -> list[Completion]:
+        """Wait for every job's completion; if the client disconnects first, cancel the jobs (freeing their
+        batch slots) and stop waiting."""
+        gone = asyncio.ensure_future(_disconnected(request))
         out: list[Completion | None] = [None] * len(jobs)
         pending = len(jobs)
-        while pending:
-            index, kind, value = await events.get()
-            if kind == "error":
-                raise HTTPException(503, value)
-            if kind == "done":
-                out[index] = value
-                pending -= 1
+        try:
+            while pending:
+                event = asyncio.ensure_future(events.get())
+                await asyncio.wait({event, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not event.done():
+                    event.cancel()
+                    raise HTTPException(499, "the client closed the connection")  # nobody reads this
+                index, kind, value = event.result()
+                if kind == "error":
+                    raise HTTPException(*value)
+                if kind == "done":
+                    out[index] = value
+                    pending -= 1
+        finally:
+            gone.cancel()
+            if pending:
+                self.engine.cancel(jobs)
         return out  # type: ignore[return-value]
 
 
@@ -132,33 +247,44 @@ def _usage(results: list[Completion], n: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def _sse(jobs: list[Job], events: asyncio.Queue, chunk, final_chunk, include_usage: bool, n: int):
-    """Server-sent events: one chunk per text delta, a last chunk with finish_reason per choice, then [DONE]."""
+async def _sse(engine: Engine, jobs: list[Job], events: asyncio.Queue, chunk, final_chunk, include_usage: bool,
+               n: int):
+    """Server-sent events: one chunk per text delta, a last chunk with finish_reason per choice, then [DONE].
+    Starlette cancels this generator when the client disconnects: the jobs are cancelled then."""
     sent = [""] * len(jobs)
     results: list[Completion] = []
     pending = len(jobs)
-    while pending:
-        index, kind, value = await events.get()
-        if kind == "error":
-            yield f"data: {json.dumps({'error': {'message': value, 'type': 'server_error'}})}\n\n"
-            return
-        if kind == "delta":
-            sent[index] += value
-            yield f"data: {json.dumps(chunk(index, value))}\n\n"
-            continue
-        pending -= 1
-        results.append(value)
-        rest = value.text[len(sent[index]):] if value.text.startswith(sent[index]) else ""
-        if rest:
-            yield f"data: {json.dumps(chunk(index, rest))}\n\n"
-        yield f"data: {json.dumps(final_chunk(index, value.finish_reason))}\n\n"
+    try:
+        while pending:
+            index, kind, value = await events.get()
+            if kind == "error":  # the status line (200) is sent already: the error goes in the stream
+                status, message = value
+                yield f"data: {json.dumps({'error': {'message': message, 'type': _kind(status), 'code': status}})}\n\n"
+                return
+            if kind == "delta":
+                sent[index] += value
+                yield f"data: {json.dumps(chunk(index, value))}\n\n"
+                continue
+            pending -= 1
+            results.append(value)
+            rest = value.text[len(sent[index]):] if value.text.startswith(sent[index]) else ""
+            if rest:
+                yield f"data: {json.dumps(chunk(index, rest))}\n\n"
+            yield f"data: {json.dumps(final_chunk(index, value.finish_reason))}\n\n"
+    finally:
+        if pending:
+            engine.cancel(jobs)
     if include_usage:
         yield f"data: {json.dumps(final_chunk(None, None, _usage(results, n)))}\n\n"
     yield "data: [DONE]\n\n"
 
 
-def create_app(engine: Engine, model_id: str, api_key: str | None = None, default_max_tokens: int = 256) -> FastAPI:
-    api = Api(engine, model_id, api_key, default_max_tokens)
+def create_app(engine: Engine, model_id: str, api_key: str | None = None, default_max_tokens: int = 256,
+               limits: ServeLimits | None = None) -> FastAPI:
+    limits = limits or ServeLimits()
+    if engine.max_queue is None:
+        engine.max_queue = limits.max_queue
+    api = Api(engine, model_id, api_key, default_max_tokens, limits)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -167,11 +293,12 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, defaul
         engine.stop()  # uvicorn gets here after in-flight requests finished (graceful shutdown)
 
     app = FastAPI(title="lmforge", lifespan=lifespan)
+    app.add_middleware(_BodyLimit, limit=limits.max_body_bytes)
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):
-        kind = {401: "authentication_error", 404: "not_found_error"}.get(exc.status_code, "invalid_request_error")
-        return _error(exc.status_code, str(exc.detail), kind)
+        return _error(exc.status_code, str(exc.detail), _kind(exc.status_code), getattr(exc, "param", None),
+                      exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, exc: RequestValidationError):
@@ -186,37 +313,55 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, defaul
         return _error(400, str(exc))
 
     @app.get("/health")
-    async def health():
+    async def health(request: Request):
+        """200 {"status": "ok"} or 503 {"status": "unhealthy"}; the figures and the error only with the key."""
+        if not engine.healthy():
+            body = {"status": "unhealthy"}
+            if api.key_ok(request):
+                body["error"] = engine.failure or "the engine thread has stopped"
+            return JSONResponse(body, status_code=503)
+        if not api.key_ok(request):
+            return {"status": "ok"}
         batches = engine.batches
         return {"status": "ok", "batches": len(batches), "requests": sum(batches),
                 "largest_batch": engine.largest_batch(),
-                "decode_steps": engine.decoder.steps if engine.decoder else None}
+                "decode_steps": engine.decoder.steps if engine.decoder else None,
+                "queued": engine.queue.qsize(), "running": len(engine.held), "cancelled": engine.cancelled,
+                "restarts": engine.restarts}
 
     @app.get("/v1/models", dependencies=[Depends(api.check_key)])
     async def models():
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": "lmforge"}]}
 
     @app.post("/v1/chat/completions", dependencies=[Depends(api.check_key)])
-    async def chat(req: ChatRequest):
+    async def chat(req: ChatRequest, request: Request):
+        if len(req.messages) > limits.max_messages:
+            raise BadRequest("messages", f"{len(req.messages)} messages; this server allows at most "
+                                         f"{limits.max_messages}")
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        api.check_limits(req, max_tokens, "max_completion_tokens" if req.max_completion_tokens else "max_tokens")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": _message_text(m, i)}
                     for i, m in enumerate(req.messages)]
         prompt = encode_prompt({"messages": messages}, api.tok)
-        jobs, events = api.jobs(req, [prompt], req.max_completion_tokens or req.max_tokens)
-        return await _respond(api, req, jobs, events, chat=True)
+        jobs, events = api.jobs(req, [prompt], max_tokens)
+        return await _respond(api, req, jobs, events, request, chat=True)
 
     @app.post("/v1/completions", dependencies=[Depends(api.check_key)])
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if not texts or not all(texts):
             raise HTTPException(400, "prompt: must be a non-empty string or a list of them")
+        if len(texts) > limits.max_messages:
+            raise BadRequest("prompt", f"{len(texts)} prompts; this server allows at most {limits.max_messages}")
+        api.check_limits(req, req.max_tokens, "max_tokens")
         prompts = [encode_prompt({"prompt": t}, api.tok) for t in texts]
         jobs, events = api.jobs(req, prompts, req.max_tokens)
-        return await _respond(api, req, jobs, events, chat=False)
+        return await _respond(api, req, jobs, events, request, chat=False)
 
     return app
 
 
-async def _respond(api: Api, req: _Sampling, jobs: list[Job], events: asyncio.Queue, chat: bool):
+async def _respond(api: Api, req: _Sampling, jobs: list[Job], events: asyncio.Queue, request: Request, chat: bool):
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
     head = {"id": rid, "created": created, "model": api.model_id}
@@ -234,9 +379,9 @@ async def _respond(api: Api, req: _Sampling, jobs: list[Job], events: asyncio.Qu
             return {**head, "object": obj, "choices": [{**choice, "finish_reason": reason}]}
 
         include_usage = bool((req.stream_options or {}).get("include_usage"))
-        return StreamingResponse(_sse(jobs, events, chunk, final_chunk, include_usage, req.n),
+        return StreamingResponse(_sse(api.engine, jobs, events, chunk, final_chunk, include_usage, req.n),
                                  media_type="text/event-stream")
-    results = await api.results(jobs, events)
+    results = await api.results(jobs, events, request)
     if chat:
         choices = [{"index": i, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason}
                    for i, r in enumerate(results)]
