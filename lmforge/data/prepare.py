@@ -116,9 +116,10 @@ def mix(per_source: list[tuple[str, list[Row]]], weights: list[float], seed: int
     """Draw rows from several sources in proportion to their weights, deterministically under the seed.
 
     Each draw picks a source with probability weight/sum(weights); within a source rows come in a seeded
-    permutation, cycling (oversampling) when a source is drawn more often than it has rows.
+    permutation, cycling (oversampling) when a source is drawn more often than it has rows. ``n`` draws
+    (data.num_samples), or by default every row of every source once (a single source: in file order).
     """
-    if len(per_source) == 1:
+    if len(per_source) == 1 and n is None:
         fmt, rows = per_source[0]
         return [(fmt, r) for r in rows]
     rng = random.Random(seed)
@@ -250,6 +251,17 @@ def prepare_split(cfg: Config, tokenizer, role: str, packed: bool):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return load_from_disk(str(target / "data")), stats, target
+
+
+def training_texts_key(cfg: Config) -> str:
+    """What ``training_texts`` reads, as a key: every training source's settings and its files' sizes and times."""
+    parts = []
+    for src in sources_for(cfg, "train"):
+        parts.append(asdict(src))
+        for f in _source_files(src, "train"):
+            st = f.stat()
+            parts.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def training_texts(cfg: Config):

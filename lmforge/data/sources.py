@@ -10,6 +10,7 @@ import csv
 import glob
 import importlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,10 +88,28 @@ def has_split(path: str, role: str) -> bool:
     return p.is_dir() and not is_saved_dataset(p) and bool(_split_files(p, role, None))
 
 
+# Undecodable bytes are read as lone surrogates (errors="surrogateescape"), never as U+FFFD, so that a row
+# holding them is reported as a bad row instead of training on replacement characters.
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
+
+
+def _invalid_utf8(text: str, column: bool = True) -> str | None:
+    """The bad-row reason for text read with surrogateescape, or None when it was valid UTF-8."""
+    m = _UNDECODABLE.search(text)
+    if m is None:
+        return None
+    at = f" at column {m.start() + 1}" if column else ""
+    return f"invalid UTF-8 (byte 0x{ord(m.group()) - 0xDC00:02x}{at}); re-encode the file as UTF-8"
+
+
 def _read_jsonl(path: Path, rows: list[Row], bad: list[BadRow]) -> None:
-    with path.open("r", encoding="utf-8", errors="replace") as fh:
+    with path.open("r", encoding="utf-8", errors="surrogateescape") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
+                continue
+            reason = _invalid_utf8(line)
+            if reason:
+                bad.append(BadRow(f"{path}:{lineno}", reason))
                 continue
             try:
                 obj = json.loads(line)
@@ -102,7 +121,7 @@ def _read_jsonl(path: Path, rows: list[Row], bad: list[BadRow]) -> None:
 
 def _read_json(path: Path, rows: list[Row], bad: list[BadRow]) -> None:
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(path.read_text(encoding="utf-8", errors="surrogateescape"))
     except json.JSONDecodeError as e:
         # A .json file may also be JSON Lines: fall back before reporting.
         if e.msg == "Extra data":
@@ -114,13 +133,22 @@ def _read_json(path: Path, rows: list[Row], bad: list[BadRow]) -> None:
     if not isinstance(obj, list):
         bad.append(BadRow(f"{path}:1", "a .json file must hold a list of row objects"))
         return
-    rows.extend(Row(item, f"{path}:row {i + 1}") for i, item in enumerate(obj))
+    for i, item in enumerate(obj):
+        reason = _invalid_utf8(json.dumps(item, ensure_ascii=False), column=False)
+        if reason:
+            bad.append(BadRow(f"{path}:row {i + 1}", reason))
+        else:
+            rows.append(Row(item, f"{path}:row {i + 1}"))
 
 
 def _read_csv(path: Path, rows: list[Row], bad: list[BadRow]) -> None:
-    with path.open(newline="", encoding="utf-8") as fh:
+    with path.open(newline="", encoding="utf-8", errors="surrogateescape") as fh:
         reader = csv.DictReader(fh)
         for rec in reader:
+            reason = _invalid_utf8(json.dumps(rec, ensure_ascii=False), column=False)
+            if reason:
+                bad.append(BadRow(f"{path}:{reader.line_num}", reason))
+                continue
             rows.append(Row(dict(rec), f"{path}:{reader.line_num}"))
 
 

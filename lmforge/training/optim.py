@@ -31,7 +31,7 @@ class Lamb(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.0):
-        if lr <= 0 or eps <= 0 or not all(0 <= b < 1 for b in betas):
+        if lr < 0 or eps <= 0 or not all(0 <= b < 1 for b in betas):  # lr 0 is allowed: no update
             raise ValueError(f"Lamb: invalid lr={lr}, betas={betas} or eps={eps}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
