@@ -9,7 +9,11 @@ def add_parser(sub, formatter):
                        description="The result loads with transformers.AutoModelForCausalLM.from_pretrained(DIR) and "
                                    "holds the tokenizer too. A QLoRA adapter is merged onto the dequantised base.")
     p.add_argument("--model", required=True, help="adapter directory (with adapter_config.json)")
-    p.add_argument("--output", required=True, help="directory for the merged model (replaced if it exists)")
+    p.add_argument("--output", required=True,
+                   help="directory for the merged model; an existing one is replaced only if it is empty or an "
+                        "earlier lmforge merge output (see --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --output even if it holds something else (everything in it is deleted)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16"],
                    help="dtype of the saved weights (default: the base model's)")
     return p
@@ -18,6 +22,6 @@ def add_parser(sub, formatter):
 def run(args) -> int:
     from lmforge.inference.merge import merge_adapter_to_dir
 
-    out = merge_adapter_to_dir(args.model, args.output, args.dtype)
+    out = merge_adapter_to_dir(args.model, args.output, args.dtype, overwrite=args.overwrite)
     print(f"merged {args.model} into a plain model at {out}")
     return 0

@@ -26,19 +26,40 @@ def _base_dtype(model_dir: Path) -> torch.dtype:
     return getattr(torch, name, torch.float32)
 
 
-def merge_adapter_to_dir(adapter: str, output: str | Path, dtype: str | None = None) -> Path:
-    """Merge the adapter dir ``adapter`` into its base; write the plain model to ``output`` atomically."""
+MARKER = "lmforge_merge.json"  # written into every merged model: what it was merged from
+
+
+def check_output_dir(out: Path, adapter: Path, overwrite: bool) -> None:
+    """Refuse an ``--output`` whose replacement would lose data: a file, or a non-empty directory that is not
+    a model ``lmforge merge`` wrote (``--output runs`` must never delete every run), unless ``overwrite``;
+    and, always, the adapter itself or a directory holding it."""
+    if out.exists() and adapter.resolve().is_relative_to(out.resolve()):
+        raise ConfigError(f"--output: {out} holds the adapter being merged ({adapter}); choose another directory")
+    if overwrite or not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"--output: {out} is a file; choose a directory, or pass --overwrite to replace it")
+    if any(out.iterdir()) and not (out / MARKER).exists():
+        raise ConfigError(f"--output: {out} is not empty and is not a model lmforge merge wrote; choose a new "
+                          "directory, or pass --overwrite to replace it (everything in it is deleted)")
+
+
+def merge_adapter_to_dir(adapter: str, output: str | Path, dtype: str | None = None, overwrite: bool = False) -> Path:
+    """Merge the adapter dir ``adapter`` into its base; write the plain model to ``output`` atomically.
+
+    An existing ``output`` is replaced only when it is empty, a model this function wrote, or ``overwrite``."""
     from lmforge.inference.loading import load_for_inference
 
     path = resolve_model_path(adapter)
     if not is_adapter_dir(path):
         raise ConfigError(f"--model: {adapter} is not a PEFT adapter directory (no adapter_config.json)")
+    out = Path(output)
+    check_output_dir(out, path, overwrite)  # before the (slow) merge
     loaded = load_for_inference(adapter, dtype="float32")
     if hasattr(loaded.model, "peft_config"):
         raise UnsupportedError(f"--model: {adapter} is a prompt-tuning adapter; its virtual tokens cannot be merged "
                                "into weights (use it directly with generate/serve)")
     save_dtype = getattr(torch, dtype) if dtype else _base_dtype(loaded.model_dir)
-    out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.merging-"))
     try:
@@ -48,8 +69,12 @@ def merge_adapter_to_dir(adapter: str, output: str | Path, dtype: str | None = N
         tok = loaded.tokenizer
         tok.padding_side = "right"  # the training default; inference code sets left padding itself
         tok.save_pretrained(tmp)
-        if out.exists():
+        (tmp / MARKER).write_text(json.dumps({"adapter": str(path.resolve()), "base": adapter_base(path),
+                                              "dtype": str(save_dtype).removeprefix("torch.")}, indent=2) + "\n")
+        if out.is_dir():
             shutil.rmtree(out)
+        elif out.exists():
+            out.unlink()
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -68,5 +93,5 @@ def merged_model_dir(model: str) -> Path:
     target = cache_root() / "merged" / f"{path.name}-{key}"
     if not (target / "config.json").exists():
         adapter_base(path)  # fail early on a malformed adapter_config.json
-        merge_adapter_to_dir(model, target)
+        merge_adapter_to_dir(model, target, overwrite=True)  # lmforge's own cache entry
     return target
