@@ -7,21 +7,34 @@ things the stock Trainer gets wrong for us:
   * the training order comes from a seeded per-epoch permutation (``EpochSampler``), so a resumed run
     replays exactly the batches an uninterrupted run would have seen;
   * the resolved config is written beside every checkpoint.
+
+The final model goes the same way (``save_final_atomically``), and a full disk while writing either becomes
+a ``TrainingError`` that says how much space was needed, after removing the partial write.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import torch
 
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, TrainingError
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STAGING = ".staging"
+FINAL = "final"  # output_dir/.staging/final: the final model while it is written
+# A final model's own files: those of an earlier final model that the new one lacks are removed when it is
+# published (a full model replaced by an adapter must not leave config.json + model.safetensors beside it).
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
+               "model.safetensors.index.json", "pytorch_model*.bin", "adapter_config.json", "adapter_model.*")
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_LOW_SPACE = 64 * 2**20  # bytes; less than this free right after a failed write means the disk filled up
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -51,6 +64,26 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()
              and (p / "trainer_state.json").exists()]
     return [p for _, p in sorted(found)]
+
+
+def move_aside_old_run(output_dir: str | Path) -> Path | None:
+    """``train.resume: never`` into a directory that holds checkpoints of an earlier run: move them (complete
+    or not) and that run's metrics.jsonl into ``output_dir/previous-run-TIMESTAMP/``, where nothing reads
+    them, so nothing is lost and a later ``train.resume: auto`` can never resume a stale checkpoint. Returns
+    that directory, or None when there was nothing to move."""
+    root = Path(output_dir)
+    old = sorted(p for p in root.iterdir() if CHECKPOINT_RE.match(p.name) and p.is_dir()) if root.is_dir() else []
+    if not old:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside, n = root / f"previous-run-{stamp}", 1
+    while aside.exists():
+        n += 1
+        aside = root / f"previous-run-{stamp}-{n}"
+    aside.mkdir()
+    for p in old + [p for p in [root / "metrics.jsonl"] if p.exists()]:
+        os.replace(p, aside / p.name)
+    return aside
 
 
 def resolve_resume(resume: str, output_dir: str) -> str | None:
@@ -90,7 +123,11 @@ def write_checkpoint_atomically(root: Path, name: str, write, barrier, is_main: 
     barrier()
     try:
         write(staged)
-    except BaseException:
+    except BaseException as e:
+        previous = complete_checkpoints(root)
+        _raise_if_disk_full(e, f"{name} in {root}", root, staged, is_main,
+                            expected=dir_size(previous[-1]) if previous else None,
+                            kept=f"{previous[-1].name} is intact" if previous else "no earlier checkpoint exists")
         if is_main:
             shutil.rmtree(staged, ignore_errors=True)
         raise
@@ -102,6 +139,115 @@ def write_checkpoint_atomically(root: Path, name: str, write, barrier, is_main: 
                 shutil.rmtree(stale, ignore_errors=True)
     barrier()
     return final
+
+
+def save_final_atomically(root: Path, write, barrier, is_main: bool, expected_bytes: int | None = None) -> Path:
+    """Write the final model (or adapter) and tokenizer through ``write(staging_dir)`` (called on every rank),
+    then move the files to the top of ``root`` only once every rank is done. A crash or a full disk mid-write
+    leaves an earlier final model in ``root`` (and every checkpoint) as it was. Used by both engines.
+
+    Each file arrives by ``os.replace`` (atomic per file, and needs no new space); files of an earlier final
+    model that this one lacks (``MODEL_FILES``) are removed afterwards."""
+    root = Path(root)
+    staged = root / STAGING / FINAL
+    if is_main:
+        shutil.rmtree(staged, ignore_errors=True)  # left over from a crash
+        staged.mkdir(parents=True)
+    barrier()
+    try:
+        write(staged)
+    except BaseException as e:
+        ckpts = complete_checkpoints(root)
+        kept = (f"the final model was not written (an earlier one in {root} is as it was); the newest checkpoint "
+                f"is {ckpts[-1].name}" if ckpts else "the final model was not written and no checkpoint exists")
+        _raise_if_disk_full(e, f"the final model in {root}", root, staged, is_main, expected_bytes, kept)
+        if is_main:
+            shutil.rmtree(staged, ignore_errors=True)
+        raise
+    barrier()  # every rank has written its part
+    if is_main:
+        new = {p.name for p in staged.iterdir()}
+        for p in sorted(staged.iterdir()):
+            if p.is_dir() and (root / p.name).is_dir():
+                shutil.rmtree(root / p.name)
+            os.replace(p, root / p.name)
+        for pattern in MODEL_FILES:
+            for old in root.glob(pattern):
+                if old.name not in new and old.is_file():
+                    old.unlink()
+        shutil.rmtree(root / STAGING, ignore_errors=True)
+    barrier()
+    return root
+
+
+def weights_bytes(model) -> int:
+    """About what a final save of ``model`` writes: its trainable parameters (an adapter's) or all of them
+    (a full model), in fp32 as both engines save them (fp32 masters, PEFT's fp32 adapter weights)."""
+    from peft import PeftModel
+
+    adapter = isinstance(model, PeftModel)
+    return 4 * sum(p.numel() for p in model.parameters() if p.requires_grad or not adapter)
+
+
+def dir_size(path: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _human(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def is_disk_full(exc: BaseException, where: Path) -> bool:
+    """Whether ``exc`` (raised while writing under ``where``) means the disk or quota is full.
+
+    A full disk reaches us in several shapes: ``OSError(ENOSPC)`` from Python, safetensors' SafetensorError
+    "... No space left on device (os error 28)", and ``torch.save``'s RuntimeError "unexpected pos N vs M"
+    with no errno at all (measured on a full tmpfs). So: an errno or its text anywhere in the exception chain,
+    or a write error with (almost) no space left right after it."""
+    e: BaseException | None = exc
+    while e is not None:
+        if getattr(e, "errno", None) in _DISK_FULL_ERRNOS or any(os.strerror(n) in str(e) for n in _DISK_FULL_ERRNOS):
+            return True
+        e = e.__cause__ or e.__context__
+    if not isinstance(exc, (OSError, RuntimeError)):
+        return False
+    try:
+        return shutil.disk_usage(where).free < _LOW_SPACE
+    except OSError:
+        return False
+
+
+def _raise_if_disk_full(exc: BaseException, what: str, root: Path, staged: Path, is_main: bool,
+                        expected: int | None, kept: str) -> None:
+    """If ``exc`` is a full disk: remove the partial write and raise a TrainingError saying what it needs."""
+    if not is_disk_full(exc, staged if staged.exists() else root):
+        return
+    written = dir_size(staged)
+    if is_main:
+        shutil.rmtree(staged, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            staged.parent.rmdir()  # output_dir/.staging, when nothing else is in it
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        free = 0
+    needed = f"about {_human(max(expected, written))}" if expected else f"more than {_human(written)}"
+    raise TrainingError(
+        f"disk full while writing {what}: it needs {needed}, and {_human(free)} are free after removing the "
+        f"partial write ({_human(written)} had been written); {kept}. Free some space (or lower "
+        "train.save_total_limit), then run the same command again: train.resume: auto continues from the newest "
+        "checkpoint") from None
 
 
 class LmforgeTrainerMixin:
@@ -137,6 +283,12 @@ class LmforgeTrainerMixin:
         self._staging = True
         try:
             super()._save_checkpoint(model, trial)
+        except BaseException as e:
+            previous = complete_checkpoints(root)
+            _raise_if_disk_full(e, f"{name} in {root}", Path(root), Path(staged), self.args.should_save,
+                                expected=dir_size(previous[-1]) if previous else None,
+                                kept=f"{previous[-1].name} is intact" if previous else "no earlier checkpoint exists")
+            raise
         finally:
             self._staging = False
         self.accelerator.wait_for_everyone()  # every rank has written its shards
