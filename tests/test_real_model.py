@@ -4,11 +4,13 @@ import json
 
 import pytest
 import torch
-from peft import AutoPeftModelForCausalLM
+from peft import PeftModel
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from conftest import base_config, chat_rows, write_config, write_jsonl
 from lmforge.cli import main
+from lmforge.models import resolve_model_path
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +29,11 @@ def test_lora_sft_on_the_real_model(tmp_path, lmforge_cache, monkeypatch):
     assert all(0 < r["loss"] < 20 for r in rows if "loss" in r)
     adapter = load_file(out / "adapter_model.safetensors")
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)  # B starts at zero: it trained
-    model = AutoPeftModelForCausalLM.from_pretrained(out)
+    # the adapter names its base portably (the alias, not this machine's import cache); plain PEFT then
+    # needs the base directory lmforge resolves the alias to (docs/adapters.md)
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "smollm2-135m-instruct"
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path("smollm2-135m-instruct"))
+    model = PeftModel.from_pretrained(base, out)
     assert model.get_base_model().config.vocab_size == 49152
     ids = torch.tensor([[1, 2, 3]])
     assert model(input_ids=ids).logits.shape == (1, 3, 49152)
