@@ -88,7 +88,8 @@ class DataConfig:
     apply_chat_template: bool = _f(False, "render prompt/completion rows through the chat template as user/assistant")
     on_bad_rows: Literal["error", "skip"] = _f("error", "bad rows stop the run (error) or are dropped and counted (skip)")
     cache_dir: str | None = _f(None, "where prepared data is cached (default ~/.cache/lmforge/data or $LMFORGE_CACHE)")
-    num_samples: int | None = _f(None, "samples drawn when mixing sources (default: the sum of source sizes)")
+    num_samples: int | None = _f(None, "training rows drawn (sources mixed by weight, rows repeated when fewer; "
+                                       "default: every row of every source once)")
     max_prompt_length: int | None = _f(None, "preference methods: truncate prompts to this many tokens")
     mlm_probability: float = _f(0.15, "masked-LM pretraining: fraction of tokens masked")
 
@@ -107,7 +108,8 @@ class TrainConfig:
               "default: native for causal-LM pretrain/sft, hf for everything else")
     max_steps: int = _f(-1, "optimizer steps to run (-1: use num_train_epochs)")
     num_train_epochs: float = _f(1.0, "epochs over the training data when max_steps is -1")
-    learning_rate: float | None = _f(None, "peak learning rate; default 2e-4 with adapters, 2e-5 for full fine-tune")
+    learning_rate: float | None = _f(None, "peak learning rate (0 freezes the weights); unset: 2e-4 with adapters, "
+                                           "2e-5 for full fine-tune")
     lr_scheduler_type: str = _f("linear", "linear, cosine, constant, constant_with_warmup, polynomial, warmup_stable_decay, ...")
     lr_scheduler_kwargs: dict = _f({}, "extra scheduler arguments (e.g. num_decay_steps for warmup_stable_decay)")
     warmup_steps: float = _f(0, "linear warmup steps (an int), or a ratio of all steps if in [0, 1)")
@@ -124,8 +126,12 @@ class TrainConfig:
     seed: int = _f(42, "seed for init, data order, mixing and dropout")
     logging_steps: int = _f(10, "log every N steps")
     save_steps: int = _f(500, "checkpoint every N steps")
+    save_strategy: Literal["steps", "no"] = _f(
+        "steps", "steps: checkpoint every save_steps; no: save only the final model (a signal still checkpoints)")
     save_total_limit: int | None = _f(None, "keep at most N checkpoints")
     eval_steps: int | None = _f(None, "evaluate every N steps (default: save_steps) when eval data exists")
+    eval_strategy: Literal["steps", "no"] = _f("steps", "steps: evaluate every eval_steps when eval data exists; "
+                                                        "no: never evaluate (HF alias: evaluation_strategy)")
     gradient_checkpointing: bool = _f(False, "trade compute for memory")
     torch_compile: bool = _f(False, "compile the model (pays off only for long runs on CPU)")
     report_to: list[str] = _f(["tensorboard"], "trackers: tensorboard, wandb, mlflow, or none")
@@ -204,8 +210,23 @@ _ALIASES: dict[str, str] = {
     "peft.lora_alpha": "peft.alpha",
     "peft.lora_dropout": "peft.dropout",
 }
-# Accepted for compatibility and ignored, because lmforge decides them itself (with the reason shown in help).
-_IGNORED = {"train.eval_strategy", "train.save_strategy", "train.bf16", "train.fp16", "train.do_train", "train.do_eval"}
+# HF TrainingArguments names that users paste from launch scripts but that mean nothing here: refused with
+# the reason and what to write instead (nothing is accepted and ignored).
+_REFUSED = {
+    "train.bf16": "lmforge sets precision from model.dtype (bfloat16 | float32 | float16 | auto); "
+                  "write model.dtype: bfloat16 instead",
+    "train.fp16": "lmforge sets precision from model.dtype (bfloat16 | float32 | float16 | auto); "
+                  "write model.dtype: float16 instead",
+    "train.do_train": "lmforge train always trains; remove the key",
+    "train.do_eval": "lmforge evaluates whenever eval data exists; remove the key, or set train.eval_strategy: no "
+                     "to skip evaluation",
+}
+_YAML_NO = {"train.save_strategy", "train.eval_strategy"}
+_REFUSED_CHOICES = {  # values HF accepts that lmforge does not, with the reason
+    ("train.save_strategy", "epoch"): "lmforge checkpoints by step: set train.save_steps to the steps of an epoch",
+    ("train.save_strategy", "best"): "lmforge keeps the newest checkpoints (train.save_total_limit), not the best",
+    ("train.eval_strategy", "epoch"): "lmforge evaluates by step: set train.eval_steps to the steps of an epoch",
+}
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -300,11 +321,15 @@ def _build(cls: type, data: dict, prefix: str, where: str) -> Any:
     hints = _section_types(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
+        full = f"{prefix}.{key}" if prefix else key
+        if full in _REFUSED:
+            raise ConfigError(f"{where}: {full}: not accepted: {_REFUSED[full]}")
+        if isinstance(data[key], str) and (full, data[key]) in _REFUSED_CHOICES:
+            raise ConfigError(f"{where}: {full}: {data[key]!r} is not accepted: {_REFUSED_CHOICES[full, data[key]]}")
         if key not in names:
-            full = f"{prefix}.{key}" if prefix else key
-            if full in _IGNORED:
-                continue
             raise ConfigError(f"{where}: unknown key {full!r}{_suggest(key, names)}")
+        if full in _YAML_NO and data[key] is False:  # YAML 1.1 reads an unquoted no as false
+            data[key] = "no"
     kwargs = {}
     for f in dataclasses.fields(cls):
         full = f"{prefix}.{f.name}" if prefix else f.name
@@ -405,6 +430,9 @@ def _check(cfg: Config, where: str) -> None:
             raise ConfigError(f"{where}: train.{name}: must be >= 1")
     if t.max_steps == 0 or t.max_steps < -1:
         raise ConfigError(f"{where}: train.max_steps: must be a positive number of steps, or -1 to use epochs")
+    if t.learning_rate is not None and t.learning_rate < 0:
+        raise ConfigError(f"{where}: train.learning_rate: must be >= 0 (0 freezes the weights), got {t.learning_rate}")
+    _check_names(t, where)
     if t.warmup_ratio is not None and not 0 <= t.warmup_ratio < 1:
         raise ConfigError(f"{where}: train.warmup_ratio: must be in [0, 1)")
     if t.profile is not None and (t.profile.start_step < 1 or t.profile.steps < 1):
@@ -426,6 +454,73 @@ def _check(cfg: Config, where: str) -> None:
     from lmforge.distributed.checks import check_distributed
 
     check_distributed(cfg, where)
+
+
+# Names ``train.optim``, ``train.lr_scheduler_type`` and ``train.report_to`` take, checked at load (a typo fails
+# before any model or data loads). They are transformers' own lists (OptimizerNames, SchedulerType and the
+# report_to integrations of transformers 5.24), kept here because importing transformers costs seconds on
+# every command; a name missing here is looked up in the installed transformers before it is refused, and
+# tests/test_no_silent_fallbacks.py checks that every name here still exists there.
+HF_OPTIMIZERS = (
+    "adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused", "adafactor", "adamw_anyprecision",
+    "adamw_torch_4bit", "adamw_torch_8bit", "ademamix", "sgd", "adagrad", "adamw_bnb_8bit", "adamw_8bit",
+    "ademamix_8bit", "lion_8bit", "lion_32bit", "paged_adamw_32bit", "paged_adamw_8bit", "paged_ademamix_32bit",
+    "paged_ademamix_8bit", "paged_lion_32bit", "paged_lion_8bit", "rmsprop", "rmsprop_bnb", "rmsprop_bnb_8bit",
+    "rmsprop_bnb_32bit", "galore_adamw", "galore_adamw_8bit", "galore_adafactor", "galore_adamw_layerwise",
+    "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise", "lomo", "adalomo", "grokadamw",
+    "schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd", "apollo_adamw", "apollo_adamw_layerwise",
+    "stable_adamw",
+)
+_LMFORGE_OPTIMIZERS = ("lamb", "adamw_torch_foreach")  # lmforge's own (training/optim.py, the native engine)
+HF_SCHEDULERS = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
+    "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay", "greedy",
+)
+HF_TRACKERS = (
+    "azure_ml", "comet_ml", "mlflow", "neptune", "tensorboard", "trackio", "wandb", "codecarbon", "clearml",
+    "dagshub", "flyte", "dvclive", "swanlab", "kubeflow",
+)
+
+
+def installed_hf_names(kind: str) -> tuple[str, ...]:
+    """The installed transformers' names of a kind: optim, lr_scheduler_type or report_to."""
+    if kind == "optim":
+        from transformers.training_args import OptimizerNames
+
+        return tuple(o.value for o in OptimizerNames)
+    if kind == "lr_scheduler_type":
+        from transformers.trainer_utils import SchedulerType
+
+        return tuple(s.value for s in SchedulerType)
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    return tuple(INTEGRATION_TO_CALLBACK)
+
+
+def _check_name(value: str, known: tuple[str, ...], kind: str, where: str, hint: str = "") -> None:
+    if value in known:
+        return
+    try:
+        installed = installed_hf_names(kind)
+    except ImportError:
+        installed = ()
+    if value in installed:
+        return
+    options = sorted(set(known) | set(installed))
+    listed = f" (one of {', '.join(options)})" if len(options) <= 20 else ""
+    raise ConfigError(f"{where}: train.{kind}: unknown name {value!r}{_suggest(value, options)}{hint}{listed}")
+
+
+def _check_names(t: TrainConfig, where: str) -> None:
+    """train.optim, train.lr_scheduler_type and train.report_to name things that exist."""
+    _check_name(t.optim, HF_OPTIMIZERS + _LMFORGE_OPTIMIZERS, "optim", where)
+    if t.engine == "hf" and t.optim == "adamw_torch_foreach":
+        raise ConfigError(f"{where}: train.optim: adamw_torch_foreach is the native engine's; on train.engine: hf "
+                          "use adamw_torch")
+    _check_name(t.lr_scheduler_type, HF_SCHEDULERS, "lr_scheduler_type", where)
+    for name in t.report_to:
+        hint = "; transformers 5 has no Aim integration" if name == "aim" else ""
+        _check_name(name, HF_TRACKERS + ("none", "all"), "report_to", where, hint)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

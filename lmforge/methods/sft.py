@@ -22,7 +22,7 @@ from lmforge.training.checkpoint import LmforgeTrainerMixin
 from lmforge.errors import ConfigError
 from lmforge.training.eval_metrics import add_generation_metrics, generation_scorer
 from lmforge.training.run import (
-    load_model_and_tokenizer, log, outputs_callback, prepare_output_dir, run_trainer, training_args,
+    load_model_and_tokenizer, log, log_once, outputs_callback, prepare_output_dir, run_trainer, training_args,
 )
 
 
@@ -35,6 +35,14 @@ def _decoder_and_head(model):
     from torch.distributed.fsdp import FSDPModule
 
     if isinstance(model, FSDPModule):  # FSDP2 gathers the root's weights (embeddings, norm, head) in its forward only
+        log_once("the LM head runs on every position under FSDP: FSDP2 gathers the head's weights only in the "
+                 "model's own forward")
+        return None
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        # calling the decoder and head of model.module would skip DDP's forward, which prepares the gradient
+        # all-reduce; the native engine keeps the head-only path (it all-reduces gradients itself)
+        log_once("the LM head runs on every position under DDP on train.engine: hf (the DDP wrapper's forward "
+                 "must run); train.engine: native keeps running it only where there is loss")
         return None
     base = model
     if hasattr(model, "peft_config"):
