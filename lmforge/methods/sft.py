@@ -10,6 +10,8 @@ What lmforge adds to the stock Trainer, and why:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from transformers import Trainer
@@ -22,8 +24,10 @@ from lmforge.training.checkpoint import LmforgeTrainerMixin
 from lmforge.errors import ConfigError
 from lmforge.training.eval_metrics import add_generation_metrics, generation_scorer
 from lmforge.training.run import (
-    load_model_and_tokenizer, log, log_once, outputs_callback, prepare_output_dir, run_trainer, training_args,
+    load_model_and_tokenizer, log, outputs_callback, prepare_output_dir, run_trainer, training_args,
 )
+
+log_once = functools.cache(log)  # a fallback taken at every step is said once per process
 
 
 def _decoder_and_head(model):
