@@ -177,11 +177,12 @@ def test_skip_batch_is_refused_with_deepspeed(tmp_path, tiny_model_dir, capsys):
 
 # ------------------------------------------------------------------------------------------- 2 processes
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["hf", "native"])
-def test_sigterm_to_a_two_process_run_checkpoints_every_rank_and_resumes_bitwise(tmp_path, tiny_model_dir, engine):
-    """torchrun passes the SIGTERM to both workers; they agree on the step through their all-reduce, both write
-    their part of the checkpoint, both exit 1 saying how to resume, and the resumed run equals an uninterrupted
-    one bitwise."""
+@pytest.mark.parametrize("engine, launcher", [("hf", "lmforge"), ("native", "torchrun")])
+def test_sigterm_to_a_two_process_run_checkpoints_every_rank_and_resumes_bitwise(tmp_path, tiny_model_dir, engine,
+                                                                                 launcher):
+    """The SIGTERM goes to the launcher (`lmforge train --nproc-per-node 2`, or a user's own torchrun), which
+    passes it to both workers; they agree on the step through their all-reduce, both write their part of the
+    checkpoint, both exit 1 saying how to resume, and the resumed run equals an uninterrupted one bitwise."""
     env = {**os.environ, "LMFORGE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     data = write_jsonl(tmp_path / "d.jsonl", chat_rows(96))
@@ -190,8 +191,9 @@ def test_sigterm_to_a_two_process_run_checkpoints_every_rank_and_resumes_bitwise
                     peft={"kind": "lora", "r": 4, "dropout": 0.1})
     stop = write_config(tmp_path / "stop.yaml", base_config(tiny_model_dir, data, tmp_path / "stop", **sections))
     full = write_config(tmp_path / "full.yaml", base_config(tiny_model_dir, data, tmp_path / "full", **sections))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "lmforge", "train"]
+    cmd = ([sys.executable, "-m", "lmforge", "train", "--nproc-per-node", "2"] if launcher == "lmforge" else
+           [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "lmforge",
+            "train"])
     proc = subprocess.Popen(cmd + [str(stop)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "stop" / "metrics.jsonl"
     deadline = time.monotonic() + 180

@@ -8,6 +8,7 @@ watches them. A user's own ``torchrun ... -m lmforge train CONFIG`` reaches the 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -67,4 +68,18 @@ def relaunch(args, cfg) -> int:
         # torchrun's default is 1 thread per worker; share this node's cores between the workers instead
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.nproc_per_node))
     print(f"[lmforge] launching: {' '.join(cmd[1:])}", flush=True)
-    return subprocess.run(cmd, env=env).returncode
+    # torchrun gets each stop signal exactly once, from here: a scheduler's SIGTERM to this process would
+    # otherwise leave torchrun training on, and a Ctrl-C, which the terminal sends to the whole foreground
+    # group, would reach it twice; torchrun passes a second signal on as a second SIGTERM, on which the
+    # workers leave at once, without their checkpoint (training/stopping.py)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def forward(signum, frame):
+        proc.send_signal(signum)  # torchrun passes it to every worker: they checkpoint and exit (stopping.py)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        return proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
