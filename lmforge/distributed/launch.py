@@ -64,6 +64,9 @@ def relaunch(args, cfg) -> int:
     argv = [args.config, *args.overrides] + (["--debug"] if args.debug else [])
     cmd = torchrun_command(args, argv)
     env = {**os.environ, EXPECTED_WORLD_ENV: str(total)}
+    # after a stop signal torchrun SIGKILLs workers still running after this many seconds (its default, 30, is
+    # too short for the checkpoint of a large model); the scheduler's own grace period must be longer too
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")
     if not any(k in os.environ for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")):
         # torchrun's default is 1 thread per worker; share this node's cores between the workers instead
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.nproc_per_node))
