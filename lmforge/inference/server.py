@@ -189,9 +189,9 @@ class Api:
     def jobs(self, req: _Sampling, prompts: list[list[int]], max_tokens: int | None) -> tuple[list[Job], asyncio.Queue]:
         if req.model != self.model_id:
             raise HTTPException(404, f"model {req.model!r} is not served here; this server has {self.model_id!r}")
-        if len(prompts) * req.n > self.limits.max_queue:
-            raise BadRequest("n", f"{len(prompts)} prompts x n={req.n} sequences; the server queues at most "
-                                  f"{self.limits.max_queue}")
+        most = self.engine.max_queue
+        if most is not None and len(prompts) * req.n > most:  # it would never fit: a 400, not an endless 429
+            raise BadRequest("n", f"{len(prompts)} prompts x n={req.n} sequences; the server queues at most {most}")
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         jobs = []
