@@ -130,6 +130,28 @@ def test_a_second_signal_exits_at_once_leaving_the_last_checkpoint(tmp_path, tin
     assert max(r["step"] for r in _metrics(out)) == 2
 
 
+def test_a_signal_acts_only_once_every_rank_knows_it(tmp_path):
+    """A signal that lands after the step's all-reduce waits for the next step: acting on it at once would send
+    this rank alone into the checkpoint's barriers (a deadlock under DDP)."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl
+
+    from lmforge.training.stopping import StepGuard
+
+    guard = StepGuard("stop", str(tmp_path))
+    args, state = SimpleNamespace(device="cpu", output_dir=str(tmp_path)), SimpleNamespace(global_step=4, max_steps=9)
+    with guard.signals():
+        guard.on_pre_optimizer_step(args, state, TrainerControl())  # step 5's all-reduce: nothing pending
+        os.kill(os.getpid(), signal.SIGTERM)  # then the signal, during the optimizer step
+        control = TrainerControl()
+        guard.on_step_end(args, state, control)
+        assert not control.should_save and not control.should_training_stop
+        guard.on_pre_optimizer_step(args, state, TrainerControl())  # step 6's all-reduce carries it
+        guard.on_step_end(args, state, control)
+        assert control.should_save and control.should_training_stop
+
+
 # ------------------------------------------------------------------------------------------- NaN
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, tiny_model_dir, lmforge_cache,
                                                                       at_step, capsys):

@@ -75,13 +75,14 @@ class StepGuard(TrainerCallback, ExportableState):
 
     def __init__(self, on_nan: str, output_dir: str):
         self.on_nan, self.output_dir = on_nan, output_dir
-        self.signum: int | None = None  # a stop signal, on this rank or (after the all-reduce) another
+        self.pending: int | None = None  # a stop signal this process received, for the next all-reduce
+        self.signum: int | None = None  # the stop signal every rank has agreed on (the all-reduce's result)
         self.finite = True  # every micro-batch loss of the current step on this rank was finite
         self.skipped = 0  # steps skipped for a non-finite loss, since step 0 (kept in checkpoints)
 
     def signals(self):
         def first(signum: int) -> None:
-            self.signum = signum
+            self.pending = signum
             from lmforge.training.run import log
 
             log(f"{signal.Signals(signum).name}: finishing this step, then writing a checkpoint")
@@ -103,12 +104,12 @@ class StepGuard(TrainerCallback, ExportableState):
         self.skipped = saved["attributes"]["skipped"] if isinstance(saved, dict) else 0
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kw):
-        flags = torch.tensor([0.0 if self.finite else 1.0, float(self.signum or 0)], device=args.device)
+        flags = torch.tensor([0.0 if self.finite else 1.0, float(self.pending or 0)], device=args.device)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         self.finite = True
-        if flags[1].item() and self.signum is None:
-            self.signum = int(flags[1].item())  # another rank got the signal: every rank stops at this step
+        if flags[1].item():  # this rank or another got a signal: every rank stops at the end of this step
+            self.signum = int(flags[1].item())
         if flags[0].item():
             step = state.global_step + 1
             if self.on_nan == "stop":
@@ -121,7 +122,7 @@ class StepGuard(TrainerCallback, ExportableState):
                 f"{self.skipped} skipped so far)")
 
     def on_step_end(self, args, state, control, **kw):
-        if self.signum is not None:
+        if self.signum is not None:  # agreed, never just this rank's: a lone rank would wait in the save's barriers
             control.should_save = True
             control.should_training_stop = True
 
