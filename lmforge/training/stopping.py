@@ -69,7 +69,7 @@ class StepGuard(TrainerCallback, ExportableState):
     Before each optimizer step the ranks all-reduce (max) two numbers: "some loss was not finite" and "a stop
     signal arrived". A non-finite loss stops the run there (``on_nan: stop``) or drops every gradient, so the
     optimizer, which skips parameters without a gradient, changes neither weights nor its state
-    (``skip_batch``; the step still counts, with its rows and learning rate, as in the native engine). A
+    (``skip_batch``; the step still counts, with its rows and learning rate). A
     signal marks the step's end for a checkpoint and a stop; once it is written, ``on_save`` raises.
     """
 
@@ -85,7 +85,7 @@ class StepGuard(TrainerCallback, ExportableState):
             self.pending = signum
             from lmforge.training.run import log
 
-            log(f"{signal.Signals(signum).name}: finishing this step, then writing a checkpoint")
+            log(f"{signal.Signals(signum).name}: writing a checkpoint at the end of a step (every rank), then stopping")
 
         return stop_signals(first)
 
