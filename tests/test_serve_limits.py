@@ -58,8 +58,8 @@ def wait_until(condition, what: str, timeout: float = WAIT):
 def start_cli_server(model_dir, log_path, *flags: str):
     port = _free_port()
     with open(log_path, "w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", "--model", str(model_dir), "--port", str(port),
-                                 "--dtype", "float32", "--served-model-name", "tiny", *flags],
+        proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", "--model", str(model_dir),
+                                 "--port", str(port), "--dtype", "float32", "--served-model-name", "tiny", *flags],
                                 stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "LMFORGE_API_KEY": ""})
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90  # imports + model load on a busy machine
@@ -394,9 +394,9 @@ def test_vllm_backend_gets_the_key_by_environment_not_argv(tiny_model_dir, tmp_p
         f"json.dump({{'argv': sys.argv, 'key': os.environ.get('VLLM_API_KEY')}}, open({str(record)!r}, 'w'))\n")
     env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'fake'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "LMFORGE_API_KEY": ""}
-    proc = subprocess.run([sys.executable, "-m", "lmforge", "serve", "--backend", "vllm", "--model", str(tiny_model_dir),
-                           "--api-key", "s3cret-key", "--port", "1"], env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "lmforge", "serve", "--backend", "vllm",
+                           "--model", str(tiny_model_dir), "--api-key", "s3cret-key", "--port", "1"],
+                          env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     got = json.loads(record.read_text())
     assert got["key"] == "s3cret-key"
