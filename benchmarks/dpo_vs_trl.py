@@ -3,13 +3,16 @@
 Both train the same generated preference pairs (record -> JSON extraction; chosen = the right JSON,
 rejected = a corrupted one) for the same number of steps, batch size, LoRA (or full fine-tune), beta,
 max_length and precision. Throughput is pairs trained divided by the summed duration of the training steps
-(model loading and data preparation excluded for both). Each run is a subprocess, so peak RSS is measured
+(model loading and data preparation excluded for both). lmforge's native engine scores the reference once
+per row: inside the steps with an adapter (the adapter disabled), before the first step for a full
+fine-tune; that scoring time is added to its step time, so both sides pay for their reference forwards. Each run is a subprocess, so peak RSS is measured
 per run: with LoRA both should hold one copy of the base weights (the reference is the adapter disabled);
 with --peft none TRL and lmforge both keep a frozen reference copy. TRL's configs turn gradient
 checkpointing on by default and lmforge's do not; the benchmark sets it explicitly for both (off unless
 --gradient-checkpointing), so the comparison is like for like.
 
     .venv/bin/python benchmarks/dpo_vs_trl.py [--pairs 32] [--steps 8] [--peft lora|none] [--gradient-checkpointing]
+                                              [--engines native,hf]
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 import resource
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -63,9 +67,10 @@ def run_trl(data: Path, peft: str, steps: int, gc: bool, out: Path) -> dict:
             "ref_model_copy": trainer.ref_model is not None}
 
 
-def run_lmforge(data: Path, peft: str, steps: int, gc: bool, out: Path) -> dict:
+def run_lmforge(data: Path, peft: str, steps: int, gc: bool, out: Path, engine: str) -> dict:
     from lmforge.config import load_config
     from lmforge.methods import dpo
+    from lmforge.training import native
 
     timer = StepTimer()
     tree = {
@@ -74,26 +79,40 @@ def run_lmforge(data: Path, peft: str, steps: int, gc: bool, out: Path) -> dict:
         "data": {"train": [{"path": str(data)}], "max_length": MAX_LENGTH}, "dpo": {"beta": BETA},
         "train": {"output_dir": str(out), "max_steps": steps, "per_device_train_batch_size": BATCH,
                   "learning_rate": _lr(peft), "logging_steps": 5, "save_steps": 10_000, "report_to": ["none"],
-                  "seed": SEED, "gradient_checkpointing": gc},
+                  "seed": SEED, "gradient_checkpointing": gc, "engine": engine, "resume": "never"},
     }
     cfg = load_config(None, tree=tree)
-    found = {}
-    real_build = dpo.build_trainer
+    found = {"ref": False}
+    real_build, real_step, real_start = dpo.build_trainer, native.NativeTrainer.train_step, dpo.DPOObjective.start
 
-    def timed_build(cfg, run):  # attach the same step timer the TRL run uses
+    def timed_build(cfg, run):  # the hf engine: attach the same step timer the TRL run uses
         trainer = real_build(cfg, run)
         trainer.add_callback(timer)
         found["ref"] = trainer.ref_model is not None
         return trainer
 
+    def timed(real, count_step):  # the native engine: one optimizer step, or the reference scoring before it
+        def run(self, *a):
+            t0 = time.perf_counter()
+            result = real(self, *a)
+            timer.seconds += time.perf_counter() - t0
+            timer.steps += count_step
+            return result
+        return run
+
     dpo.build_trainer = timed_build
+    native.NativeTrainer.train_step = timed(real_step, 1)
+    dpo.DPOObjective.start = timed(real_start, 0)
     dpo.train(cfg)
     return {"pairs": timer.steps * BATCH, "seconds": timer.seconds, "steps": timer.steps,
             "ref_model_copy": found["ref"]}
 
 
 def child(which: str, data: str, peft: str, steps: str, gc: str, out: str) -> None:
-    result = (run_trl if which == "trl" else run_lmforge)(Path(data), peft, int(steps), gc == "1", Path(out))
+    if which == "trl":
+        result = run_trl(Path(data), peft, int(steps), gc == "1", Path(out))
+    else:  # lmforge-native, lmforge-hf
+        result = run_lmforge(Path(data), peft, int(steps), gc == "1", Path(out), which.split("-")[1])
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -104,31 +123,37 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--peft", default="lora", choices=["none", "lora"])
     ap.add_argument("--gradient-checkpointing", action="store_true", help="on for both runs")
+    ap.add_argument("--engines", default="native", help="lmforge engines to run, comma-separated: native,hf")
     ap.add_argument("--child", nargs=6, metavar=("WHICH", "DATA", "PEFT", "STEPS", "GC", "OUT"))
     args = ap.parse_args()
     if args.child:
         return child(*args.child)
+    from lmforge.models import pick_dtype
     from lmforge.synthetic import preference_rows, write_jsonl
+    from lmforge.training.flops import cpu_kind
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-dpo-"))
     data = write_jsonl(preference_rows(args.pairs, seed=0), tmp / "train.jsonl")
     env = dict(os.environ, LMFORGE_CACHE=os.environ.get("LMFORGE_CACHE", str(Path.home() / ".cache" / "lmforge")))
     results = {}
-    for which in ("lmforge", "trl"):
+    for which in [f"lmforge-{e}" for e in args.engines.split(",")] + ["trl"]:
         gc = "1" if args.gradient_checkpointing else "0"
         results[which], proc = child_result([sys.executable, __file__, "--child", which, str(data), args.peft,
                                              str(args.steps), gc, str(tmp / which)], env)
         if results[which] is None:
             sys.exit(f"{which} run failed:\n{proc.stderr[-3000:]}")
-    print(f"\nDPO, SmolLM2-135M, {args.pairs} pairs, {args.steps} steps, batch {BATCH}, max_length {MAX_LENGTH}, "
+    print(f"\nCPU: {cpu_kind()}; compute dtype (auto): {pick_dtype('auto')}")
+    print(f"DPO, SmolLM2-135M, {args.pairs} pairs, {args.steps} steps, batch {BATCH}, max_length {MAX_LENGTH}, "
           f"peft={args.peft}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}")
-    print(f"{'':10}{'steps':>7}{'pairs':>7}{'train s':>10}{'pairs/s':>10}{'peak RSS MB':>13}{'ref copy':>10}")
+    print(f"{'':16}{'steps':>7}{'pairs':>7}{'train s':>10}{'pairs/s':>10}{'peak RSS MB':>13}{'ref copy':>10}")
     for which, r in results.items():
         r["pps"] = r["pairs"] / r["seconds"]
-        print(f"{which:10}{r['steps']:>7}{r['pairs']:>7}{r['seconds']:>10.1f}{r['pps']:>10.2f}"
+        print(f"{which:16}{r['steps']:>7}{r['pairs']:>7}{r['seconds']:>10.1f}{r['pps']:>10.2f}"
               f"{r['peak_rss_mb']:>13.0f}{str(r['ref_model_copy']):>10}")
-    print(f"ratio lmforge / TRL pairs/s: {results['lmforge']['pps'] / results['trl']['pps']:.2f}x; "
-          f"peak RSS lmforge / TRL: {results['lmforge']['peak_rss_mb'] / results['trl']['peak_rss_mb']:.2f}x")
+    for which, r in results.items():
+        if which != "trl":
+            print(f"ratio {which} / TRL pairs/s: {r['pps'] / results['trl']['pps']:.2f}x; "
+                  f"peak RSS {which} / TRL: {r['peak_rss_mb'] / results['trl']['peak_rss_mb']:.2f}x")
 
 
 if __name__ == "__main__":

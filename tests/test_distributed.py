@@ -369,3 +369,27 @@ def test_data_preparation_runs_on_rank_0_first(tmp_path):
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
           str(events)], tmp_path / "cache")
     assert events.read_text().split("\n")[:4] == ["start 0", "end 0", "start 1", "end 1"]
+
+
+@pytest.mark.slow
+def test_native_dpo_ddp_two_processes_equal_one_process(tmp_path, tiny_model_dir, lmforge_cache):
+    """DPO on the native engine: 2 processes x 2 pairs == 1 process x 4 pairs (each rank scores the reference
+    of its own rows before the first step and keeps them in its checkpoint)."""
+    from lmforge.synthetic import preference_rows
+
+    data = write_jsonl(tmp_path / "data" / "train.jsonl", preference_rows(32, 0))
+
+    def tree(out, **train):
+        return base_config(tiny_model_dir, data, tmp_path / out, method="dpo",
+                           train={"max_steps": STEPS, "save_steps": 2, "lr_scheduler_type": "constant",
+                                  "engine": "native", **train})
+
+    two = write_config(tmp_path / "two.yaml", tree("two", distributed="ddp", per_device_train_batch_size=2))
+    proc = _run(_lmforge("train", "--nproc-per-node", "2", str(two)), tmp_path / "cache")
+    assert "distributed: ddp on 2 processes, backend gloo, native engine" in proc.stdout
+    one = write_config(tmp_path / "one.yaml", tree("one", per_device_train_batch_size=4))
+    assert main(["train", str(one)]) == 0
+    _assert_close_losses(_losses(tmp_path / "two"), _losses(tmp_path / "one"), rel=1e-5)
+    _assert_close_weights(_weights(tmp_path / "two"), _weights(tmp_path / "one"), atol=1e-5)
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoint-2").glob("objective_*.pt")) == \
+        ["objective_0.pt", "objective_1.pt"]

@@ -262,3 +262,28 @@ def test_native_engine_is_the_default_and_trains(peft, tmp_path, tiny_model_dir,
         assert key in train_rows[-1], key
     assert any("eval_rewards/accuracies" in r for r in rows)
     assert (out / ("adapter_model.safetensors" if peft == "lora" else "model.safetensors")).exists()
+
+
+def _losses(out):
+    return [r["loss"] for r in _metrics(out) if "loss" in r]
+
+
+def test_native_dpo_follows_trl_and_accumulation_equals_a_large_batch(tmp_path, tiny_model_dir, lmforge_cache):
+    """The whole native loop against TRL's DPOTrainer (same rows per step, same reference, same optimizer):
+    the same losses and weights; and 1 x 4 pairs per step == 4 x 1 with gradient accumulation."""
+    from transformers import AutoModelForCausalLM
+
+    runs = {"trl": {"engine": "hf"}, "native": {"engine": "native"},
+            "accumulated": {"engine": "native", "per_device_train_batch_size": 1, "gradient_accumulation_steps": 4}}
+    for name, train in runs.items():
+        tree = _tree(tmp_path, tiny_model_dir, out=name, train={"lr_scheduler_type": "constant", **train})
+        dpo.train(load_config(None, tree=tree))
+    weights = {name: AutoModelForCausalLM.from_pretrained(tmp_path / name).state_dict() for name in runs}
+    assert len(_losses(tmp_path / "trl")) == 4
+    for name in ("native", "accumulated"):
+        assert _losses(tmp_path / name) == pytest.approx(_losses(tmp_path / "trl"), rel=1e-4), name
+        for k, v in weights["trl"].items():
+            torch.testing.assert_close(weights[name][k], v, rtol=0, atol=1e-4, msg=f"{name} {k}")
+    start = load_file(tiny_model_dir / "model.safetensors")
+    assert not torch.allclose(weights["native"]["model.layers.0.self_attn.q_proj.weight"],
+                              start["model.layers.0.self_attn.q_proj.weight"])

@@ -84,7 +84,9 @@ def test_a_checkpoint_resumes_only_in_its_own_engine(tmp_path, tiny_model_dir, l
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["method=dpo"], "the native engine runs pretrain and sft"),
+    (["method=orpo"], "the native engine runs pretrain, sft and dpo"),
+    (["method=dpo", "dpo.loss_type=aot"], "dpo.loss_type: aot runs on train.engine: hf"),
+    (["train.torch_compile=true"], "train.torch_compile runs on train.engine: hf"),
     (["train.distributed=deepspeed", "train.deepspeed=zero2"], "runs on train.engine: hf"),
     (["train.optim=adamw_bnb_8bit"], "the native engine has adamw_torch"),
     (["train.report_to=[wandb]"], "reports to tensorboard"),
@@ -181,3 +183,22 @@ def test_bf16_updates_fp32_master_weights_and_resumes_bitwise(tmp_path, tiny_mod
     assert main(["train", str(write_config(tmp_path / "b.yaml", base_config(tiny_model_dir, data, crashed, **sections)))]) == 0
     resumed = load_file(crashed / fname)
     assert after.keys() == resumed.keys() and all(torch.equal(after[k], resumed[k]) for k in after)
+
+
+def test_gradient_checkpointing_recomputes_and_changes_nothing(tmp_path, tiny_model_dir, lmforge_cache, monkeypatch):
+    import transformers.modeling_utils as modeling_utils
+
+    calls = []
+    real = modeling_utils.checkpoint  # what gradient_checkpointing_enable binds the layers to
+    monkeypatch.setattr(modeling_utils, "checkpoint", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(16))
+    losses = {}
+    for gc in (False, True):
+        cfg = write_config(tmp_path / f"{gc}.yaml", base_config(
+            tiny_model_dir, data, tmp_path / f"out-{gc}",
+            train={"engine": "native", "max_steps": 2, "gradient_checkpointing": gc}))
+        assert main(["train", str(cfg)]) == 0
+        losses[gc] = [json.loads(x)["loss"] for x in (tmp_path / f"out-{gc}" / "metrics.jsonl").read_text().splitlines()
+                      if "loss" in json.loads(x)]
+        assert bool(calls) == gc  # the decoder layers were checkpointed only when asked
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6)

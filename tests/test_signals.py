@@ -29,25 +29,32 @@ from lmforge.cli import main
 # ------------------------------------------------------------------------------------------- helpers
 @pytest.fixture()
 def at_step(monkeypatch):
-    """``at_step[k] = action`` runs ``action(loss)`` in training step k's loss (HF engine, no accumulation);
+    """``at_step[k] = action`` runs ``action(loss)`` in training step k's loss (either engine, no accumulation);
     it returns the loss to use. Any SIGTERM that nothing else handles fails the test instead of killing pytest."""
-    from lmforge.methods.sft import CausalLMTrainer
+    from lmforge.methods.sft import CausalLMObjective, CausalLMTrainer
 
     actions = StepActions()
-    real = CausalLMTrainer.compute_loss
+    real, real_native = CausalLMTrainer.compute_loss, CausalLMObjective.loss
 
-    def hooked(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss = real(self, model, inputs, return_outputs, num_items_in_batch)
+    def act(model, loss):
         if model.training:  # a training step (evaluation runs in eval mode)
             actions.calls += 1
             if actions.calls in actions:
                 loss = actions[actions.calls](loss)
         return loss
 
+    def hooked(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return act(model, real(self, model, inputs, return_outputs, num_items_in_batch))
+
+    def hooked_native(self, model, batch):
+        loss, stats = real_native(self, model, batch)
+        return act(model, loss), stats
+
     def unhandled(signum, frame):
         raise AssertionError(f"{signal.Signals(signum).name} reached no lmforge handler")
 
     monkeypatch.setattr(CausalLMTrainer, "compute_loss", hooked)
+    monkeypatch.setattr(CausalLMObjective, "loss", hooked_native)
     old = signal.signal(signal.SIGTERM, unhandled)
     yield actions
     signal.signal(signal.SIGTERM, old)
@@ -87,9 +94,9 @@ def _equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _sections(**train) -> dict:
+def _sections(engine="hf", **train) -> dict:
     # LoRA dropout: the RNG state must survive the stop too
-    return dict(train={"engine": "hf", "max_steps": 6, "save_steps": 4, "per_device_train_batch_size": 2, **train},
+    return dict(train={"engine": engine, "max_steps": 6, "save_steps": 4, "per_device_train_batch_size": 2, **train},
                 peft={"kind": "lora", "r": 4, "dropout": 0.1})
 
 
@@ -153,11 +160,12 @@ def test_a_signal_acts_only_once_every_rank_knows_it(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- NaN
-def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, tiny_model_dir, lmforge_cache,
+@pytest.mark.parametrize("engine", ["hf", "native"])
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(engine, tmp_path, tiny_model_dir, lmforge_cache,
                                                                       at_step, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", chat_rows(24))
     cfg = write_config(tmp_path / "c.yaml", base_config(tiny_model_dir, data, tmp_path / "out",
-                                                        **_sections(save_steps=2)))
+                                                        **_sections(engine, save_steps=2)))
     at_step[3] = _nan
     assert main(["train", str(cfg)]) == 1
     err = capsys.readouterr().err
@@ -169,14 +177,16 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, 
     assert max(r["step"] for r in _metrics(out)) == 2
 
 
-def test_skip_batch_makes_no_update_and_counts_the_skips(tmp_path, tiny_model_dir, lmforge_cache, at_step):
+@pytest.mark.parametrize("engine", ["hf", "native"])
+def test_skip_batch_makes_no_update_and_counts_the_skips(engine, tmp_path, tiny_model_dir, lmforge_cache, at_step):
     data = write_jsonl(tmp_path / "d.jsonl", chat_rows(24))
     cfg = write_config(tmp_path / "c.yaml", base_config(tiny_model_dir, data, tmp_path / "out",
-                                                        **_sections(max_steps=5, save_steps=1, on_nan="skip_batch")))
+                                                        **_sections(engine, max_steps=5, save_steps=1,
+                                                                    on_nan="skip_batch")))
     at_step[3] = _nan
     assert main(["train", str(cfg)]) == 0
     out = tmp_path / "out"
-    rows = {r["step"]: r for r in _metrics(out) if "loss" in r}
+    rows = {r["step"]: r for r in _metrics(out) if "skipped_batches" in r}
     assert [rows[s]["skipped_batches"] for s in range(1, 6)] == [0, 0, 1, 1, 1]
     w = {s: load_file(out / f"checkpoint-{s}" / "adapter_model.safetensors") for s in (2, 3, 4)}
     assert _equal(w[2], w[3])  # step 3 changed nothing ...
@@ -186,7 +196,7 @@ def test_skip_batch_makes_no_update_and_counts_the_skips(tmp_path, tiny_model_di
     # the count survives a resume
     at_step.reset()
     assert main(["train", str(cfg), "train.max_steps=6"]) == 0
-    assert {r["step"]: r for r in _metrics(out) if "loss" in r}[6]["skipped_batches"] == 1
+    assert {r["step"]: r for r in _metrics(out) if "skipped_batches" in r}[6]["skipped_batches"] == 1
 
 
 def test_skip_batch_is_refused_with_deepspeed(tmp_path, tiny_model_dir, capsys):

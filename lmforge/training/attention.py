@@ -19,6 +19,8 @@ once (``data/preference.py:SharedPromptCollator``): its entry is the tuple ``(P,
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -40,13 +42,11 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     groups = H // key.shape[1]  # grouped-query attention: query heads per key/value head
     scale = scaling if scaling is not None else D ** -0.5
     p = dropout if module.training else 0.0
-    longest = max(sum(n) if isinstance(n, tuple) else n for lens in packed_seq_lens for n in lens)
-    future = torch.ones(longest, longest, dtype=torch.bool, device=query.device).triu_(1)  # (n, n) True = masked
     rows = []
     for b, lens in enumerate(packed_seq_lens):
         pieces, start = [], 0
         for n in lens:
-            masked = ~shared_prompt_mask(*n).to(query.device) if isinstance(n, tuple) else future[:n, :n]
+            masked = _masked(n, query.device)  # (n, n) True = masked
             n = masked.shape[0]
             end = start + n
             q = query[b, :, start:end]  # (H, n, D)
@@ -60,6 +60,14 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
             pieces.append(query.new_zeros(H, T - start, D))
         rows.append(torch.cat(pieces, dim=1))
     return torch.stack(rows).transpose(1, 2).contiguous(), None
+
+
+@functools.lru_cache(maxsize=4096)
+def _masked(sample: int | tuple[int, int, int], device: torch.device) -> torch.Tensor:
+    """The masked-out positions of one sample, built once per shape (every layer and step reuses it)."""
+    if isinstance(sample, tuple):
+        return ~shared_prompt_mask(*sample).to(device)
+    return torch.ones(sample, sample, dtype=torch.bool, device=device).triu_(1)
 
 
 def use_packed_attention(model) -> bool:

@@ -89,7 +89,7 @@ def refresh_plot(output_dir: Path) -> None:
 
 def progress_postfix(row: dict) -> dict[str, str]:
     """What the progress bar shows of a logged training row: loss, tokens/s, MFU."""
-    post = {"loss": f"{row['loss']:.4f}"}
+    post = {"loss": f"{row['loss']:.4f}"} if "loss" in row else {}
     if "tokens_per_second" in row:
         post["tok/s"] = f"{row['tokens_per_second']:.0f}"
     if "mfu" in row:

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from lmforge.config import Config
 from lmforge.errors import ConfigError, TrainingError
 from lmforge.training import flops
-from lmforge.training.checkpoint import STAGING, EpochSampler, write_checkpoint_atomically
+from lmforge.training.checkpoint import EpochSampler, write_checkpoint_atomically
 from lmforge.training.run import log
 from lmforge.training import stopping
 
@@ -66,6 +66,8 @@ def unsupported(cfg: Config) -> str | None:
     if other:
         return (f"train.report_to: {', '.join(other)} runs on train.engine: hf; the native engine reports to "
                 "tensorboard (and metrics.jsonl)")
+    if t.torch_compile:
+        return "train.torch_compile runs on train.engine: hf; the native engine does not compile the model yet"
     if t.dataloader_num_workers:
         return "train.dataloader_num_workers runs on train.engine: hf; the native engine collates in the loop"
     return None
@@ -131,6 +133,8 @@ class NativeTrainer:
             from lmforge.training.precision import MasterWeights
 
             self.master = MasterWeights(model, prec.compute, trainable_only=cfg.peft.kind != "none")
+        if cfg.train.gradient_checkpointing:  # recompute each decoder layer's activations in the backward
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         named = self.master.named_trainable() if self.master else [
             (n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in named]
@@ -140,7 +144,9 @@ class NativeTrainer:
         self.scheduler = scheduler_for(cfg, self.optimizer, self.max_steps)
         self.step = 0
         self.tokens_seen = 0  # non-padding tokens trained on, all ranks, since step 0 (kept across a resume)
-        self.stop_signal: int | None = None
+        self.pending_signal: int | None = None  # a stop signal this process received, for the next all-reduce
+        self.stop_signal: int | None = None  # the stop signal every rank agreed on in a step's all-reduce
+        self.skipped = 0  # steps whose loss was not finite and whose update was dropped (train.on_nan: skip_batch)
         self.tracker = Tracker(self.out, cfg.train.report_to) if self.rank == 0 else None
         self.flops_per_token: float | None = None
         self.peak = flops.peak_flops(prec.compute)
@@ -170,18 +176,21 @@ class NativeTrainer:
                     profiler.before_step(self.step + 1)
                 t0 = time.perf_counter()
                 loss, n_tokens, grad_norm, stats = self.train_step()
-                window.add(loss, n_tokens, time.perf_counter() - t0, stats)
                 self.step += 1
-                self.tokens_seen += n_tokens
+                if math.isfinite(loss):
+                    window.add(loss, n_tokens, time.perf_counter() - t0, stats)
+                    self.tokens_seen += n_tokens
                 if profiler:
                     profiler.after_step(self.step)
                 if bar is not None:
                     bar.update(1)
                 if self.step % self.t.logging_steps == 0 or self.step in (1, self.max_steps):
                     self.log_train(window.take(), grad_norm, bar)
-                if self.eval_ds is not None and self.step % (self.t.eval_steps or self.t.save_steps) == 0:
+                if (self.eval_ds is not None and self.t.eval_strategy != "no"
+                        and self.step % (self.t.eval_steps or self.t.save_steps) == 0):
                     self.evaluate()
-                if self.step % self.t.save_steps == 0 or self.stop_signal is not None:
+                if ((self.t.save_strategy != "no" and self.step % self.t.save_steps == 0)
+                        or self.stop_signal is not None):  # a signal checkpoints whatever save_strategy says
                     self.save_checkpoint()
                 if self.stop_signal is not None:
                     raise TrainingError(self.interrupted_message())
@@ -199,7 +208,7 @@ class NativeTrainer:
         total = self.all_reduce(torch.tensor([float(local_units)]))
         denominator = max(total.item(), 1.0)
         keys = self.objective.stat_keys
-        sums = torch.zeros(3 + len(keys), dtype=torch.float64)  # loss, tokens, signal, metric sums
+        sums = torch.zeros(4 + len(keys), dtype=torch.float64)  # loss, tokens, SIGTERM, SIGINT, metric sums
         for batch in micro:
             if batch is None:
                 continue
@@ -210,18 +219,19 @@ class NativeTrainer:
             if self.master:
                 self.master.collect_grads()
             sums[0] += loss.item()
-            sums[3:] += torch.tensor([stats[k] for k in keys], dtype=torch.float64)
-        # one all-reduce for every gradient, the loss, the token count, a pending signal and the metrics
-        sums[2] = float(self.stop_signal or 0)
+            sums[4:] += torch.tensor([stats[k] for k in keys], dtype=torch.float64)
+        # one all-reduce for every gradient, the loss, the token count, the ranks with a pending signal (counted
+        # per signal, so a sum names it) and the metrics. A signal that arrives after this all-reduce waits for
+        # the next step: every rank must decide to checkpoint on the same step, or one would wait alone.
+        if self.pending_signal is not None:
+            sums[2 if self.pending_signal == signal.SIGTERM else 3] = 1.0
         extra = self.all_reduce_grads(sums)
         loss_value, n_tokens = extra[0].item() / denominator, int(extra[1].item())
-        step_stats = {k: v / denominator for k, v in zip(keys, extra[3:].tolist())}
-        if extra[2].item() and self.stop_signal is None:
-            self.stop_signal = int(extra[2].item())  # another rank got the signal: every rank stops here
-        if not math.isfinite(loss_value):
-            raise TrainingError(f"step {self.step + 1}: the loss is {loss_value}; stopping before the update so "
-                                f"the last checkpoint in {self.out} stays the last good state (lower "
-                                "train.learning_rate, or check the data of this step)")
+        step_stats = {k: v / denominator for k, v in zip(keys, extra[4:].tolist())}
+        if (extra[2].item() or extra[3].item()) and self.stop_signal is None:
+            self.stop_signal = signal.SIGTERM if extra[2].item() else signal.SIGINT
+        if not math.isfinite(loss_value):  # the same summed value on every rank: they all decide alike
+            return self.non_finite(loss_value), n_tokens, float("nan"), step_stats
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.t.max_grad_norm or float("inf")))
         self.optimizer.step()
         if self.master:
@@ -229,6 +239,18 @@ class NativeTrainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_value, n_tokens, grad_norm, step_stats
+
+    def non_finite(self, loss_value: float) -> float:
+        """A NaN/inf step loss, before any update: stop (``train.on_nan: stop``) or drop the step's update."""
+        if self.t.on_nan == "stop":
+            raise TrainingError(stopping.nan_message(self.step + 1, self.out))
+        self.optimizer.zero_grad(set_to_none=True)  # the masters' gradients (or the model's): nothing is applied
+        self.model.zero_grad(set_to_none=True)
+        self.scheduler.step()  # the step still counts: its rows and learning rate, as on the hf engine
+        self.skipped += 1
+        log(f"step {self.step + 1}: the loss is not finite; its update is skipped (train.on_nan: skip_batch, "
+            f"{self.skipped} skipped so far)")
+        return loss_value
 
     # ------------------------------------------------------------------------------------------ pieces
     def count_flops(self) -> float | None:
@@ -296,9 +318,11 @@ class NativeTrainer:
         return flat[offset:]
 
     def log_train(self, window: dict, grad_norm: float, bar) -> None:
-        row = {"step": self.step, "loss": round(window["loss"], 6), "grad_norm": round(grad_norm, 6),
-               "learning_rate": self.scheduler.get_last_lr()[0], "epoch": round(self.step / self.rows.steps_per_epoch, 4)}
-        row.update({k: round(window[k], 6) for k in self.objective.stat_keys})
+        row = {"step": self.step}  # a window of skipped steps only (train.on_nan: skip_batch) has no loss
+        row.update({k: round(window[k], 6) for k in ("loss",) + self.objective.stat_keys if window[k] is not None})
+        if math.isfinite(grad_norm):
+            row["grad_norm"] = round(grad_norm, 6)
+        row.update(learning_rate=self.scheduler.get_last_lr()[0], epoch=round(self.step / self.rows.steps_per_epoch, 4))
         if window["seconds"] > 0 and window["tokens"] > 0:
             tps = window["tokens"] / window["seconds"]
             row["tokens_per_second"] = round(tps, 2)
@@ -306,6 +330,8 @@ class NativeTrainer:
                 row["flops_per_token"] = round(self.flops_per_token)
                 row["mfu"] = round(flops.mfu(self.flops_per_token, tps, self.peak, self.world), 4)
         row["tokens_seen"] = self.tokens_seen
+        if self.t.on_nan == "skip_batch":
+            row["skipped_batches"] = self.skipped
         if self.tracker:
             self.tracker.write(row)
         if bar is not None:
@@ -356,7 +382,7 @@ class NativeTrainer:
             (tmp / "config.yaml").write_text((self.out / "config.yaml").read_text())
             state = {"global_step": self.step, "max_steps": self.max_steps, "engine": ENGINE,
                      "world_size": self.world, "epoch": self.step / self.rows.steps_per_epoch,
-                     "tokens_seen": self.tokens_seen}
+                     "tokens_seen": self.tokens_seen, "skipped_batches": self.skipped}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
 
         write_checkpoint_atomically(self.out, name, write, self.barrier, is_main=self.rank == 0,
@@ -379,17 +405,21 @@ class NativeTrainer:
         if hasattr(self.objective, "load_state_dict"):
             self.objective.load_state_dict(torch.load(ckpt / f"objective_{self.rank}.pt", weights_only=True))
         self.step, self.tokens_seen = state["global_step"], state["tokens_seen"]
+        self.skipped = state.get("skipped_batches", 0)
 
     def save_final(self) -> Path:
         from lmforge.training.callbacks import write_report
+        from lmforge.training.checkpoint import save_final_atomically, weights_bytes
 
-        self.barrier()
+        def write(staged: Path) -> None:
+            if self.rank == 0:
+                self.save_model(staged)
+                self.tokenizer.save_pretrained(staged)
+
+        # staged in output_dir/.staging/final, then moved into place (the .staging dir goes with it)
+        save_final_atomically(self.out, write, self.barrier, is_main=self.rank == 0,
+                              expected_bytes=weights_bytes(self.model))
         if self.rank == 0:
-            import shutil
-
-            shutil.rmtree(self.out / STAGING, ignore_errors=True)
-            self.save_model(self.out)
-            self.tokenizer.save_pretrained(self.out)
             self.tracker.close()
             write_report(self.out, {"method": self.cfg.method, "model": self.cfg.model.name_or_path or "from scratch",
                                     "adapter": self.cfg.peft.kind, "engine": ENGINE, "max_steps": self.step},
@@ -413,7 +443,7 @@ class NativeTrainer:
         """SIGTERM/SIGINT: finish the step, checkpoint, exit (see ``train``); a second signal stops at once."""
 
         def first(signum: int) -> None:
-            self.stop_signal = signum  # train_step's all-reduce tells the other ranks
+            self.pending_signal = signum  # train_step's all-reduce tells every rank, itself included
             log(f"{signal.Signals(signum).name}: finishing step {self.step + 1}, then writing a checkpoint")
 
         return stopping.stop_signals(first)
@@ -439,7 +469,7 @@ class Window:
         self.seconds += seconds
 
     def take(self) -> dict:
-        out = {k: sum(v) / max(len(v), 1) for k, v in self.values.items()}
+        out = {k: sum(v) / len(v) if v else None for k, v in self.values.items()}
         out.update(tokens=self.tokens, seconds=self.seconds)
         self.values = {k: [] for k in self.keys}
         self.tokens, self.seconds = 0, 0.0
