@@ -32,11 +32,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def request(base: str, path: str, body=None, key: str | None = KEY, raw: bytes | None = None,
-            headers: dict | None = None) -> tuple[int, dict, http.client.HTTPMessage]:
-    """(status, JSON body, headers) of one request."""
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    h = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
+def request(base: str, path: str, body=None, key: str | None = KEY) -> tuple[int, dict, http.client.HTTPMessage]:
+    """(status, JSON body, headers) of one request: a POST of ``body`` as JSON, or a GET without one."""
+    data = json.dumps(body).encode() if body is not None else None
+    h = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
     req = urllib.request.Request(f"{base}{path}", data=data, headers=h, method="POST" if data is not None else "GET")
     try:
         with urllib.request.urlopen(req, timeout=WAIT) as r:
@@ -102,7 +101,8 @@ class Fault:
 
     def _hook(self, module, args):
         if self.fail:
-            self.fail -= self.fail > 0
+            if self.fail > 0:
+                self.fail -= 1
             raise RuntimeError("injected fault")
         if self.gate is not None:
             gate, self.gate = self.gate, None
@@ -380,6 +380,18 @@ def test_cli_limit_defaults_are_the_servers():
     defaults = asdict(ServeLimits())
     defaults.pop("retry_after")
     assert LIMIT_DEFAULTS == defaults
+
+
+def test_cli_refuses_limits_below_one_before_loading_the_model():
+    from lmforge.cli import build_parser
+    from lmforge.commands.serve import run
+    from lmforge.errors import ConfigError
+
+    for flags, message in [(["--max-queue", "0"], "--max-queue"), (["--max-tokens-limit", "0"], "--max-tokens-limit"),
+                           (["--max-new-tokens", "300", "--max-tokens-limit", "200"], "above --max-tokens-limit")]:
+        args = build_parser().parse_args(["serve", "--model", "/nonexistent", *flags])
+        with pytest.raises(ConfigError, match=message):
+            run(args)
 
 
 def test_vllm_backend_gets_the_key_by_environment_not_argv(tiny_model_dir, tmp_path):
