@@ -259,7 +259,8 @@ async def _sse(engine: Engine, jobs: list[Job], events: asyncio.Queue, chunk, fi
             index, kind, value = await events.get()
             if kind == "error":  # the status line (200) is sent already: the error goes in the stream
                 status, message = value
-                yield f"data: {json.dumps({'error': {'message': message, 'type': _kind(status), 'code': status}})}\n\n"
+                error = {"message": message, "type": _kind(status), "param": None, "code": None}
+                yield f"data: {json.dumps({'error': error})}\n\n"
                 return
             if kind == "delta":
                 sent[index] += value
