@@ -152,6 +152,9 @@ def train_native(cfg: Config, run):
     from lmforge.training.attention import NAME, use_packed_attention
     from lmforge.training.native import NativeTrainer
 
+    from trl.trainer.utils import disable_dropout_in_model
+
+    disable_dropout_in_model(run.model)  # as the hf engine's DPOConfig(disable_dropout=True): logps without noise
     attn = NAME if use_packed_attention(run.model) else "sdpa"  # else a dense mask of the pair layout
     fresh_adapter = cfg.peft.kind != "none" and not run.continues_adapter
     sizes = {"train": len(run.train_ds), "eval": len(run.eval_ds) if run.eval_ds is not None else 0}
