@@ -202,3 +202,34 @@ def test_gradient_checkpointing_recomputes_and_changes_nothing(tmp_path, tiny_mo
                       if "loss" in json.loads(x)]
         assert bool(calls) == gc  # the decoder layers were checkpointed only when asked
     assert losses[True] == pytest.approx(losses[False], rel=1e-6)
+
+
+def test_fast_dropout_drops_p_and_keeps_the_mean():
+    from lmforge.training.dropout import FastDropout, use_fast_lora_dropout
+
+    torch.manual_seed(0)
+    d = FastDropout(0.1)
+    x = torch.ones(1000, 1000, requires_grad=True)
+    y = d(x)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 0.1) < 0.002  # 1e6 draws: the standard error is 3e-4
+    assert y.mean().item() == pytest.approx(1.0, abs=0.005)  # kept inputs are scaled by 1 / keep-probability
+    assert torch.allclose(y[y != 0], torch.tensor(65536 / (65536 - round(0.1 * 65536))))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # the gradient is the same mask and scale
+    d.eval()
+    assert d(x) is x
+    torch.manual_seed(1)
+    a = FastDropout(0.5)(torch.ones(7, 9))
+    torch.manual_seed(1)
+    assert torch.equal(a, FastDropout(0.5)(torch.ones(7, 9)))  # seeded: resume stays bitwise
+    assert FastDropout(1.0)(torch.ones(3)).eq(0).all()
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = get_peft_model(LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
+                                                        num_hidden_layers=1, num_attention_heads=2)),
+                           LoraConfig(r=2, lora_dropout=0.1, target_modules="all-linear"))
+    assert use_fast_lora_dropout(model) == 7  # q, k, v, o, gate, up, down
+    assert not any(type(m) is torch.nn.Dropout and m.p > 0 for m in model.modules())
