@@ -5,6 +5,7 @@ Nothing here downloads: a name that is not a local path or a known alias is an e
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -13,7 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -78,69 +79,162 @@ def resolve_model_path(name_or_path: str) -> Path:
     return path
 
 
+IMPORTED = "lmforge_import.json"  # written last into an imported model: the entry is complete
+
+
 def import_gguf(gguf: Path) -> Path:
     """Dequantise a GGUF file into a normal safetensors model directory, once; later calls reuse it.
 
-    The Trainer refuses models flagged as gguf-quantised, so the quantizer flags are cleared and the
-    plain weights saved. The directory appears atomically (built aside, then renamed).
+    Safe when several processes start at once (every rank of a multi-process run, or two runs): one imports
+    while the others wait on a file lock (``fcntl.flock``; released by the kernel even when its holder is
+    killed), then they reuse its result. The entry is built in a temporary directory and renamed into place
+    with ``IMPORTED`` written last, so a crashed import never leaves a half-written entry that is used later;
+    an entry without ``IMPORTED`` is rebuilt.
     """
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     target = cache_root() / "models" / f"{gguf.stem}-{key}"
-    if (target / "config.json").exists():
+    if (target / IMPORTED).exists():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils.quantization_config import GgufConfig
-
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".import-"))
-    try:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
-            quantization_config=GgufConfig(gguf_file=gguf.name, dequantize=True),
-        )
-        model.hf_quantizer = None
-        model.is_quantized = False
-        model.quantization_method = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.config.dtype = "bfloat16"
-        model.to(torch.bfloat16).save_pretrained(tmp)  # bf16 halves the cache; GGUF Q4 has no more precision
-        model.generation_config.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        if target.exists():  # another process imported it first
-            shutil.rmtree(tmp)
-        else:
+    with _file_lock(target.parent / f".{target.name}.lock", f"importing {gguf.name}"):
+        if (target / IMPORTED).exists():  # another process imported it while this one waited
+            return target
+        for stale in [target, *target.parent.glob(f".import-{target.name}-*")]:  # crashed imports
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".import-{target.name}-"))
+        try:
+            _dequantise_gguf(gguf, tmp)
+            (tmp / IMPORTED).write_text(json.dumps({"gguf": str(gguf.resolve()), "size": stat.st_size}) + "\n")
             os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return target
 
 
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int, out_dir: Path):
-    """Train a byte-level BPE tokenizer (HF `tokenizers`) and wrap it as a transformers tokenizer."""
+@contextlib.contextmanager
+def _file_lock(path: Path, what: str):
+    """An exclusive ``flock`` on ``path`` for the block; says once that it waits for another process."""
+    import fcntl
+
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[lmforge] waiting for another process {what} ({path})", flush=True)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _dequantise_gguf(gguf: Path, out: Path) -> None:
+    """Load a GGUF file dequantised and save it into ``out`` as a plain bf16 safetensors model + tokenizer.
+
+    The Trainer refuses models flagged as gguf-quantised, so the quantizer flags are cleared first."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils.quantization_config import GgufConfig
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+        quantization_config=GgufConfig(gguf_file=gguf.name, dequantize=True),
+    )
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.dtype = "bfloat16"
+    model.to(torch.bfloat16).save_pretrained(out)  # bf16 halves the cache; GGUF Q4 has no more precision
+    model.generation_config.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+# The special tokens of a tokenizer lmforge trains, by architecture (``seq2seq.architecture``): the tokens in
+# id order, and the roles they play.
+TOKENIZER_SPECIALS = {
+    # causal LMs: ChatML turns, EOS ends every completion and assistant turn
+    "decoder": (["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"],
+                {"eos_token": "<|endoftext|>", "pad_token": "<|pad|>"}),
+    # masked LM (BERT's layout): [MASK] to mask, each piece framed [CLS] ... [SEP], [PAD] = 0
+    "encoder-only": (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+                     {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
+                      "mask_token": "[MASK]"}),
+    # encoder-decoder (T5's layout): <pad> = 0 also starts the decoder, </s> ends every sequence
+    "encoder-decoder": (["<pad>", "</s>", "<unk>"], {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}),
+}
+TOKENIZER_VERSION = "2"  # part of a trained tokenizer's key: bump when training or the specials change
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int, out_dir: Path,
+                        architecture: str = "decoder"):
+    """Train a byte-level BPE tokenizer (HF `tokenizers`) with the special tokens ``architecture`` needs, wrap it
+    as a transformers tokenizer and save it in ``out_dir``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
+    specials, roles = TOKENIZER_SPECIALS[architecture]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>", bos_token=None,
-    )
-    fast.chat_template = CHATML_TEMPLATE
+    byte_level = processors.ByteLevel(trim_offsets=False)
+    ids = {t: tok.token_to_id(t) for t in specials}
+    if architecture == "encoder-only":  # tokenizer(text) gives [CLS] text [SEP], as BERT's does
+        frame = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                              special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])])
+        tok.post_processor = processors.Sequence([byte_level, frame])
+    elif architecture == "encoder-decoder":  # tokenizer(text) ends with </s>, as T5's does
+        frame = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                              special_tokens=[("</s>", ids["</s>"])])
+        tok.post_processor = processors.Sequence([byte_level, frame])
+    else:
+        tok.post_processor = byte_level
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=None, **roles)
+    if architecture == "decoder":
+        fast.chat_template = CHATML_TEMPLATE
     out_dir.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(out_dir)
     return fast
+
+
+def trained_tokenizer(texts: Callable[[], Iterable[str]], vocab_size: int, min_frequency: int, architecture: str,
+                      root: Path, data_key: str):
+    """``model.train_tokenizer``: the tokenizer trained on this data for this run, trained once and then reused.
+
+    It lives in ``root/.tokenizer-KEY`` (KEY: the data, the settings and the architecture), so a resumed run,
+    the other ranks and ``lmforge prepare``/``inspect`` all load the one already trained. Training holds a file
+    lock (processes that start together train it once, whatever the launcher) and writes to a temporary
+    directory renamed into place, so a crash never leaves a half-written tokenizer that a later run would use.
+    """
+    from transformers import AutoTokenizer
+
+    from lmforge.training.run import log
+
+    key = hashlib.sha256(json.dumps([data_key, vocab_size, min_frequency, architecture, TOKENIZER_VERSION])
+                         .encode()).hexdigest()[:16]
+    target = root / f".tokenizer-{key}"
+    root.mkdir(parents=True, exist_ok=True)
+    with _file_lock(root / ".tokenizer.lock", "training the tokenizer"):
+        if target.exists():
+            log(f"model.train_tokenizer: reusing the tokenizer trained in {target}")
+        else:
+            log(f"model.train_tokenizer: training a byte-level BPE tokenizer ({architecture}, vocab {vocab_size})")
+            tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tokenizer-tmp-"))
+            try:
+                train_bpe_tokenizer(texts(), vocab_size, min_frequency, tmp, architecture)
+                os.replace(tmp, target)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    return AutoTokenizer.from_pretrained(str(target))
 
 
 # ChatML, used for tokenizers lmforge trains itself (ends every turn with the EOS token).
@@ -223,11 +317,21 @@ def load_model(cfg: ModelConfig, model_dir: Path | None, tokenizer, auto_class=N
                 model = auto_class.from_pretrained(
                     model_dir, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **kwargs
                 )
+                _log_once(f"model.attn_implementation: {attn} is not available for this model "
+                          f"({str(e).splitlines()[0][:200]}); using {model.config._attn_implementation} instead")
             else:
                 raise ConfigError(f"model.name_or_path: cannot load {model_dir} ({e})") from None
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     return model
+
+
+@functools.cache
+def _log_once(msg: str) -> None:
+    """Say a fallback once per process (a model may load more than once: DPO's reference)."""
+    from lmforge.training.run import log  # run imports this module
+
+    log(msg)
 
 
 def is_adapter_dir(path: Path) -> bool:
@@ -236,3 +340,27 @@ def is_adapter_dir(path: Path) -> bool:
 
 def adapter_base(path: Path) -> str:
     return json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
+def architecture(cfg) -> str:
+    """"encoder-decoder" (T5, BART), "encoder-only" (BERT-style, masked LM) or "decoder" (causal LM), from the
+    configured model's config (directory, an adapter's base, or model.config)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    if cfg.model.name_or_path is None:
+        keys = dict(cfg.model.config)
+        try:
+            config = AutoConfig.for_model(keys.pop("model_type"), **keys)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ConfigError(f"model.config: {str(e)[:300]}") from None  # transformers lists every model type
+    else:
+        path = resolve_model_path(cfg.model.name_or_path)
+        if is_adapter_dir(path):
+            path = resolve_model_path(adapter_base(path))
+        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    if getattr(config, "is_encoder_decoder", False):
+        return "encoder-decoder"
+    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        return "encoder-only"
+    return "decoder"

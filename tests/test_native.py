@@ -84,7 +84,7 @@ def test_a_checkpoint_resumes_only_in_its_own_engine(tmp_path, tiny_model_dir, l
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["method=orpo"], "the native engine runs pretrain, sft and dpo"),
+    (["method=orpo"], "the native engine runs pretrain, sft, dpo"),
     (["method=dpo", "dpo.loss_type=aot"], "dpo.loss_type: aot runs on train.engine: hf"),
     (["train.torch_compile=true"], "train.torch_compile runs on train.engine: hf"),
     (["train.distributed=deepspeed", "train.deepspeed=zero2"], "runs on train.engine: hf"),

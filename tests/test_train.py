@@ -155,3 +155,18 @@ def test_crash_during_checkpoint_write_keeps_last_good(tmp_path, tiny_model_dir,
     assert main(["train", str(tmp_path / "c.yaml")]) == 0  # resume: auto picks checkpoint-2
     steps = [r["step"] for r in _metrics(out) if "loss" in r]
     assert steps == [1, 2, 3, 4]
+
+
+def test_causal_lm_loss_by_hand():
+    import math
+
+    from lmforge.methods.sft import causal_lm_loss
+
+    head = torch.nn.Linear(2, 3, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0]]))  # logits = (0, x, 2x) for h = (x, .)
+    hidden = torch.tensor([[[9.0, 9.0], [1.0, 0.0], [7.0, 7.0]]])  # (1, 3, 2)
+    labels = torch.tensor([[5, -100, 2]])  # only position 1 carries loss: it predicts token 2 from h = (1, 0)
+    loss, n = causal_lm_loss(hidden, head, labels)
+    assert n == 1
+    assert math.isclose(loss.item(), math.log(1 + math.e + math.e ** 2) - 2, rel_tol=1e-6)

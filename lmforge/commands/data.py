@@ -26,9 +26,11 @@ def add_parser(sub, formatter):
 def _tokenizer_and_packing(cfg):
     from lmforge.training.run import resolve_model_and_tokenizer
 
+    from lmforge.methods import packing
+    from lmforge.models import architecture
+
     _, _, tok = resolve_model_and_tokenizer(cfg)
-    packed = cfg.data.packing is not False and cfg.method in ("pretrain", "sft") and cfg.peft.kind != "prompt_tuning"
-    return tok, packed
+    return tok, packing(cfg, architecture(cfg))
 
 
 def run(args) -> int:
@@ -79,9 +81,10 @@ def run_inspect(args) -> int:
         return 0
     color = sys.stdout.isatty()
     legend = "green" if color else "[[ ]]"
-    from lmforge.data.preference import PREFERENCE_METHODS, show_records
+    from lmforge.data.preference import show_records
+    from lmforge.methods import METHODS
 
-    if cfg.method in PREFERENCE_METHODS:
+    if METHODS[cfg.method].pairs:
         print(f"{len(ds)} {'records' if cfg.method == 'kto' else 'pairs'}; answer tokens (they carry the loss) "
               f"are marked {legend}")
         show_records(tok, ds, args.n, lambda ids, labels: _marked(tok, ids, labels, color))

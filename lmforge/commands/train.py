@@ -30,6 +30,6 @@ def run(args) -> int:
         return launch.relaunch(args, cfg)
     from lmforge.distributed import strategy
 
-    get_method(cfg.method)(cfg)
+    get_method(cfg)(cfg)  # the method's module for this model's architecture (methods/__init__.py)
     strategy.teardown()
     return 0

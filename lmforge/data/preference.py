@@ -23,9 +23,10 @@ import torch
 from lmforge.data.packing import PACKED_ATTENTION, shared_prompt_mask
 from lmforge.data.tokenize import IGNORE, Encoder
 from lmforge.errors import DataError
+from lmforge.methods import PAIR_METHODS
 
 VERSION = "1"  # part of the cache fingerprint: bump when the encoding below changes
-PREFERENCE_METHODS = ("dpo", "orpo", "kto")
+PREFERENCE_METHODS = PAIR_METHODS  # the methods that read these records (methods/__init__.py)
 
 
 def _as_messages(value, role: str) -> list[dict]:

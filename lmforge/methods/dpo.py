@@ -86,8 +86,7 @@ def dpo_args(cfg: Config, prec, has_eval: bool) -> DPOConfig:
 
 def build_trainer(cfg: Config, run) -> LmforgeDPOTrainer:
     args = dpo_args(cfg, run.prec, has_eval=run.eval_ds is not None)
-    trainer_ref: list = []
-    callback, counter = outputs_callback(cfg, trainer_ref)
+    callback, counter = outputs_callback(cfg)
     trainer = LmforgeDPOTrainer(
         model=run.model, ref_model=reference_model(cfg, run, cfg.dpo.precompute_ref_log_probs), args=args,
         train_dataset=run.train_ds, eval_dataset=run.eval_ds, processing_class=run.tokenizer,
@@ -95,7 +94,6 @@ def build_trainer(cfg: Config, run) -> LmforgeDPOTrainer:
     )
     drop_fresh_reference_adapter(trainer, run)
     trainer.token_counter = counter
-    trainer_ref.append(trainer)
     return trainer
 
 

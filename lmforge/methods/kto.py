@@ -59,8 +59,7 @@ def kto_args(cfg: Config, prec, has_eval: bool) -> KTOConfig:
 
 
 def build_trainer(cfg: Config, run) -> LmforgeKTOTrainer:
-    trainer_ref: list = []
-    callback, counter = outputs_callback(cfg, trainer_ref)
+    callback, counter = outputs_callback(cfg)
     trainer = LmforgeKTOTrainer(
         model=run.model, ref_model=reference_model(cfg, run, cfg.kto.precompute_ref_log_probs),
         args=kto_args(cfg, run.prec, has_eval=run.eval_ds is not None), train_dataset=run.train_ds,
@@ -68,7 +67,6 @@ def build_trainer(cfg: Config, run) -> LmforgeKTOTrainer:
     )
     drop_fresh_reference_adapter(trainer, run)
     trainer.token_counter = counter
-    trainer_ref.append(trainer)
     return trainer
 
 

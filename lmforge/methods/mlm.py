@@ -31,7 +31,7 @@ class MaskedLMTrainer(LmforgeTrainerMixin, Trainer):
 
 
 def _check(cfg: Config) -> None:
-    from lmforge.methods.seq2seq import architecture
+    from lmforge.models import architecture
 
     if cfg.method == "sft":
         raise UnsupportedError("method: sft on an encoder-only model; encoder-only models support masked-LM "
@@ -77,13 +77,11 @@ def train(cfg: Config):
         raise ConfigError("model.tokenizer: masked-LM pretraining needs a tokenizer with a mask token")
     train_ds, eval_ds = encode_texts(cfg, tokenizer, "train"), encode_texts(cfg, tokenizer, "eval")
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=cfg.data.mlm_probability)
-    trainer_ref: list = []
-    callback, counter = outputs_callback(cfg, trainer_ref)
+    callback, counter = outputs_callback(cfg)
     args = training_args(cfg, prec, has_eval=eval_ds is not None)
     trainer = MaskedLMTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
         processing_class=tokenizer, callbacks=[callback], token_counter=counter,
     )
-    trainer_ref.append(trainer)
     return run_trainer(trainer, cfg, tokenizer, resume, [f"{len(train_ds)} text pieces, mlm_probability "
                                                          f"{cfg.data.mlm_probability}"])

@@ -47,15 +47,13 @@ def orpo_args(cfg: Config, prec, has_eval: bool) -> ORPOConfig:
 
 
 def build_trainer(cfg: Config, run) -> LmforgeORPOTrainer:
-    trainer_ref: list = []
-    callback, counter = outputs_callback(cfg, trainer_ref)
+    callback, counter = outputs_callback(cfg)
     trainer = LmforgeORPOTrainer(
         model=run.model, args=orpo_args(cfg, run.prec, has_eval=run.eval_ds is not None),
         train_dataset=run.train_ds, eval_dataset=run.eval_ds, processing_class=run.tokenizer,
         callbacks=[callback],
     )
     trainer.token_counter = counter
-    trainer_ref.append(trainer)
     return trainer
 
 

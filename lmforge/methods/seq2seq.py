@@ -1,7 +1,7 @@
 """Encoder-decoder SFT (T5, BART, ...): input/output rows through transformers' ``Seq2SeqTrainer``.
 
-``method: sft`` lands here when the model's config says ``is_encoder_decoder`` (``sft.train`` dispatches
-through ``architecture``).
+``method: sft`` lands here when the model's config says ``is_encoder_decoder`` (``models.architecture``; the
+registry in ``methods/__init__.py`` routes it).
 The input goes to the encoder and the output is the decoder's target, so there is no prompt masking or
 packing to do: the stock trainer and ``DataCollatorForSeq2Seq`` are used as they are. lmforge adds its
 checkpoints and outputs (``LmforgeTrainerMixin``, ``OutputsCallback``), and with ``eval.metrics`` evaluates
@@ -17,37 +17,12 @@ from lmforge.config import Config
 from lmforge.data.tokenize import IGNORE
 from lmforge.errors import ConfigError, DataError
 from lmforge.evaluation.metrics import compute_metrics
+from lmforge.models import architecture  # noqa: F401  (was defined here; kept importable)
 from lmforge.training.checkpoint import LmforgeTrainerMixin
 from lmforge.training.eval_metrics import generation_metric_names
 from lmforge.training.run import (
     load_model_and_tokenizer, log, outputs_callback, prepare_output_dir, run_trainer, training_args,
 )
-
-
-def architecture(cfg: Config) -> str:
-    """"encoder-decoder" (T5, BART), "encoder-only" (BERT-style, masked LM) or "decoder" (causal LM), from the
-    configured model's config (directory, an adapter's base, or model.config)."""
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
-    from lmforge.models import adapter_base, is_adapter_dir, resolve_model_path
-
-    if cfg.model.name_or_path is None:
-        keys = dict(cfg.model.config)
-        try:
-            config = AutoConfig.for_model(keys.pop("model_type"), **keys)
-        except (ValueError, TypeError, KeyError) as e:
-            raise ConfigError(f"model.config: {str(e)[:300]}") from None  # transformers lists every model type
-    else:
-        path = resolve_model_path(cfg.model.name_or_path)
-        if is_adapter_dir(path):
-            path = resolve_model_path(adapter_base(path))
-        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
-    if getattr(config, "is_encoder_decoder", False):
-        return "encoder-decoder"
-    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
-        return "encoder-only"
-    return "decoder"
 
 
 class Seq2SeqLMTrainer(LmforgeTrainerMixin, Seq2SeqTrainer):
@@ -118,8 +93,7 @@ def train(cfg: Config):
     train_ds = encode_split(cfg, tokenizer, "train")
     # generating is slow: with generation metrics, evaluate on the first eval.max_samples rows only
     eval_ds = encode_split(cfg, tokenizer, "eval", limit=cfg.eval.max_samples if generate else None)
-    trainer_ref: list = []
-    callback, counter = outputs_callback(cfg, trainer_ref)
+    callback, counter = outputs_callback(cfg)
     args = training_args(cfg, prec, has_eval=eval_ds is not None, args_cls=Seq2SeqTrainingArguments,
                          predict_with_generate=generate, generation_max_length=cfg.eval.max_new_tokens + 1)
     trainer = Seq2SeqLMTrainer(
@@ -128,5 +102,4 @@ def train(cfg: Config):
         processing_class=tokenizer, callbacks=[callback], token_counter=counter,
         compute_metrics=metrics_fn(tokenizer, names) if generate and names else None,
     )
-    trainer_ref.append(trainer)
     return run_trainer(trainer, cfg, tokenizer, resume, [f"{len(train_ds)} input/output rows"])

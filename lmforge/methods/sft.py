@@ -21,7 +21,6 @@ from lmforge.data.packing import CausalCollator
 from lmforge.data.prepare import prepare_split
 from lmforge.data.tokenize import IGNORE
 from lmforge.training.checkpoint import LmforgeTrainerMixin
-from lmforge.errors import ConfigError
 from lmforge.training.eval_metrics import add_generation_metrics, generation_scorer
 from lmforge.training.run import (
     load_model_and_tokenizer, log, outputs_callback, prepare_output_dir, run_trainer, training_args,
@@ -63,22 +62,26 @@ def _decoder_and_head(model):
     return decoder, head
 
 
+def causal_lm_loss(hidden: torch.Tensor, head, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(B, T, C) hidden states, the LM head, (B, T) labels -> (the sum of next-token cross-entropy over the
+    positions whose next label is not IGNORE, how many there were). The head runs only on those positions: on
+    a 49k vocabulary it is a large share of the compute, and SFT masks most prompt tokens."""
+    targets = labels[:, 1:]  # (B, T-1): position t predicts token t + 1
+    sel = targets != IGNORE
+    logits = head(hidden[:, :-1][sel])  # (N, V)
+    return F.cross_entropy(logits.float(), targets[sel], reduction="sum"), int(sel.sum())
+
+
 def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over positions whose label is not IGNORE; and how many there were."""
+    """``causal_lm_loss`` of ``model`` on ``batch`` (a collated batch with ``labels``)."""
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    targets = labels[:, 1:]  # (B, T-1)
-    sel = targets != IGNORE
     parts = _decoder_and_head(model)
     if parts is not None:
         decoder, head = parts
-        hidden = decoder(**inputs).last_hidden_state  # (B, T, C)
-        logits = head(hidden[:, :-1][sel])  # (N, V): the head runs only where there is loss
-    else:
-        logits = model(**inputs).logits
-        logits = logits[:, -labels.shape[1]:][:, :-1][sel]  # prompt tuning prepends virtual positions
-    loss = F.cross_entropy(logits.float(), targets[sel], reduction="sum")
-    return loss, int(sel.sum())
+        return causal_lm_loss(decoder(**inputs).last_hidden_state, head, labels)
+    logits = model(**inputs).logits[:, -labels.shape[1]:]  # prompt tuning prepends virtual positions
+    return causal_lm_loss(logits, torch.nn.Identity(), labels)  # the logits are the head's output already
 
 
 class CausalLMTrainer(LmforgeTrainerMixin, Trainer):
@@ -143,34 +146,14 @@ class CountingCollator(CausalCollator):
         return batch
 
 
-def packing_enabled(cfg: Config, model) -> bool:
-    if cfg.data.packing is False:
-        return False
-    if cfg.peft.kind == "prompt_tuning":
-        if cfg.data.packing:
-            log("packing is off for prompt tuning: PEFT prepends virtual tokens, which a packed 4D mask cannot cover")
-        return False
-    return True
-
-
 def train(cfg: Config):
-    from lmforge.methods import seq2seq
-
-    arch = seq2seq.architecture(cfg)  # T5/BART train through Seq2SeqTrainer; BERT-style models by masked LM
-    if arch != "decoder" and cfg.train.engine == "native":
-        raise ConfigError(f"train.engine: native trains causal LMs; this is an {arch} model: use train.engine: hf")
-    if arch == "encoder-decoder":
-        return seq2seq.train(cfg)
-    if arch == "encoder-only":
-        from lmforge.methods import mlm
-
-        return mlm.train(cfg)
+    from lmforge.methods import packing
     from lmforge.training.native import choose_engine
 
     choose_engine(cfg)  # the faster engine where it can run this config (docs/training.md)
     resume = prepare_output_dir(cfg)
     model, tokenizer, prec = load_model_and_tokenizer(cfg)
-    packed = packing_enabled(cfg, model)
+    packed = packing(cfg, "decoder", log)
     train_ds, train_stats, _ = prepare_split(cfg, tokenizer, "train", packed)
     eval_ds, eval_stats, _ = prepare_split(cfg, tokenizer, "eval", packed)
     for line in train_stats.lines():
@@ -193,13 +176,11 @@ def train(cfg: Config):
         return trainer.train(resume)
     from lmforge.training import flops
 
-    trainer_ref: list = []
-    callback, counter = outputs_callback(cfg, trainer_ref, flops.per_token(model, collator([train_ds[0]])), prec)
+    callback, counter = outputs_callback(cfg, flops.per_token(model, collator([train_ds[0]])), prec)
     args = training_args(cfg, prec, has_eval=eval_ds is not None)
     trainer = CausalLMTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
         processing_class=tokenizer, callbacks=[callback], token_counter=counter,
     )
-    trainer_ref.append(trainer)
     add_generation_metrics(trainer, cfg, tokenizer, log)  # eval.metrics: rouge/bleu/exact_match at each eval
     return run_trainer(trainer, cfg, tokenizer, resume, train_stats.lines())

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from transformers import TrainerCallback
 
 PLOT_EVERY_SECONDS = 20.0
@@ -26,11 +27,18 @@ class TokenCounter:
     def add(self, n: int) -> None:
         self.local += int(n)
 
-    def total(self, accelerator=None) -> int:
-        if accelerator is None or accelerator.num_processes == 1:
+    def total(self) -> int:
+        """Summed over every rank (a collective: every rank must call it)."""
+        if world_size() == 1:
             return self.local
-        t = torch.tensor([self.local], device=accelerator.device)
-        return int(accelerator.reduce(t, reduction="sum").item())
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        t = torch.tensor([self.local], device=device)
+        dist.all_reduce(t)
+        return int(t.item())
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -100,13 +108,12 @@ def progress_postfix(row: dict) -> dict[str, str]:
 class OutputsCallback(TrainerCallback):
     """Writes metrics.jsonl (one object per log), refreshes plots/loss.png, shows a progress bar."""
 
-    def __init__(self, output_dir: str, counter: TokenCounter, accelerator_getter, show_progress: bool = True,
+    def __init__(self, output_dir: str, counter: TokenCounter, show_progress: bool = True,
                  perplexity: bool = True, flops_per_token: float | None = None, peak_flops: float | None = None):
         self.dir = Path(output_dir)
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops  # for mfu (training/flops.py)
         self.perplexity = perplexity
         self.counter = counter
-        self.get_acc = accelerator_getter
         self.show_progress = show_progress
         self.bar = None
         self.train_seconds = 0.0
@@ -129,12 +136,12 @@ class OutputsCallback(TrainerCallback):
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", dynamic_ncols=True)
-        tokens = self.counter.total(self.get_acc())
+        tokens = self.counter.total()
         self._last = (tokens, self.train_seconds)
 
     def on_log(self, args, state, control, logs=None, **kw):
         logs = dict(logs or {})
-        tokens = self.counter.total(self.get_acc())  # collective: every rank takes part
+        tokens = self.counter.total()  # collective: every rank takes part
         if not state.is_world_process_zero:
             return
         row = {"step": state.global_step}
@@ -145,10 +152,8 @@ class OutputsCallback(TrainerCallback):
                 if self.flops_per_token and self.peak_flops:
                     from lmforge.training.flops import mfu
 
-                    acc = self.get_acc()
                     logs["flops_per_token"] = round(self.flops_per_token)
-                    logs["mfu"] = round(mfu(self.flops_per_token, d_tok / d_sec, self.peak_flops,
-                                            acc.num_processes if acc is not None else 1), 4)
+                    logs["mfu"] = round(mfu(self.flops_per_token, d_tok / d_sec, self.peak_flops, world_size()), 4)
             self._last = (tokens, self.train_seconds)
         if self.perplexity and "eval_loss" in logs and "eval_perplexity" not in logs:
             logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))

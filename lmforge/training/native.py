@@ -48,8 +48,11 @@ NATIVE_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_torch_foreach", 
 def unsupported(cfg: Config) -> str | None:
     """Why the native engine cannot run ``cfg`` (and what to use instead), or None when it can."""
     t = cfg.train
-    if cfg.method not in ("pretrain", "sft", "dpo"):
-        return f"method {cfg.method} trains on train.engine: hf; the native engine runs pretrain, sft and dpo"
+    from lmforge.methods import METHODS
+
+    if not METHODS[cfg.method].native:
+        runs = ", ".join(name for name, m in METHODS.items() if m.native)
+        return f"method {cfg.method} trains on train.engine: hf; the native engine runs {runs}"
     if cfg.method == "dpo":
         from lmforge.methods.dpo import NATIVE_LOSSES
 

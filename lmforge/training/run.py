@@ -16,16 +16,21 @@ from pathlib import Path
 import torch
 import yaml
 
-from lmforge.adapters import apply_peft, count_parameters, freeze_except, quantization_kwargs
+from lmforge.adapters import (
+    apply_peft, count_parameters, freeze_except, quantization_kwargs, record_portable_base,
+)
 from lmforge.config import Config
 from lmforge.distributed import strategy
 from lmforge.errors import ConfigError
 from lmforge.models import (
     adapter_base, finalize_tokenizer, is_adapter_dir, load_model, load_tokenizer, pick_dtype, resolve_model_path,
-    train_bpe_tokenizer,
+    trained_tokenizer,
 )
 from lmforge.training.callbacks import OutputsCallback, TokenCounter, truncate_metrics_after, write_report
-from lmforge.training.checkpoint import STAGING, resolve_resume
+from lmforge.training.checkpoint import (
+    STAGING, move_aside_old_run, resolve_resume, save_final_atomically, weights_bytes,
+)
+from lmforge.methods import METHODS
 from lmforge.training.optim import hf_optim_name
 from lmforge.training.stopping import StepGuard
 
@@ -77,12 +82,14 @@ def resolve_model_and_tokenizer(cfg: Config):
     adapter_dir = None
     if model_dir is not None and is_adapter_dir(model_dir):
         adapter_dir, model_dir = model_dir, resolve_model_path(adapter_base(model_dir))
-    if cfg.model.train_tokenizer is not None:
-        from lmforge.data.prepare import training_texts
+    if cfg.model.train_tokenizer is not None:  # trained once per output_dir and data, then reused (resume, ranks)
+        from lmforge.data.prepare import training_texts, training_texts_key
+        from lmforge.models import architecture
 
         tt = cfg.model.train_tokenizer
-        tokenizer = finalize_tokenizer(train_bpe_tokenizer(
-            training_texts(cfg), tt.vocab_size, tt.min_frequency, Path(cfg.train.output_dir) / ".tokenizer"))
+        tokenizer = finalize_tokenizer(trained_tokenizer(
+            lambda: training_texts(cfg), tt.vocab_size, tt.min_frequency, architecture(cfg),
+            Path(cfg.train.output_dir), training_texts_key(cfg)))
     else:
         tokenizer = load_tokenizer(cfg.model, adapter_dir if adapter_dir and not cfg.model.tokenizer and
                                    (adapter_dir / "tokenizer_config.json").exists() else model_dir)
@@ -106,6 +113,8 @@ def load_model_and_tokenizer(cfg: Config, auto_class=None, task_type: str = "CAU
     else:
         torch.manual_seed(cfg.train.seed)  # adapter init (LoRA A, prompt embeddings) is part of "seed for init"
         model = apply_peft(model, cfg.peft, task_type=task_type, tokenizer_path=str(model_dir) if model_dir else None)
+    # the alias (not this machine's import cache path) goes into every adapter_config.json this run writes
+    record_portable_base(model, adapter_base(adapter_dir) if adapter_dir is not None else cfg.model.name_or_path)
     if cfg.train.trainable:
         freeze_except(model, cfg.train.trainable)
     trainable, total = count_parameters(model)
@@ -115,7 +124,10 @@ def load_model_and_tokenizer(cfg: Config, auto_class=None, task_type: str = "CAU
 
 # ------------------------------------------------------------------------------------ arguments
 def default_learning_rate(cfg: Config) -> float:
-    return cfg.train.learning_rate or (2e-4 if cfg.peft.kind != "none" else 2e-5)
+    """train.learning_rate as given (0 included); only an unset one gets the method default."""
+    if cfg.train.learning_rate is not None:
+        return cfg.train.learning_rate
+    return 2e-4 if cfg.peft.kind != "none" else 2e-5
 
 
 def training_args(cfg: Config, prec: Precision, has_eval: bool, args_cls=None, **method_kwargs):
@@ -134,35 +146,37 @@ def training_args(cfg: Config, prec: Precision, has_eval: bool, args_cls=None, *
         adam_epsilon=t.adam_epsilon, per_device_train_batch_size=t.per_device_train_batch_size,
         per_device_eval_batch_size=t.per_device_eval_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps, seed=t.seed, data_seed=t.seed,
-        logging_steps=t.logging_steps, logging_first_step=True, save_strategy="steps", save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit, eval_strategy="steps" if has_eval else "no",
+        logging_steps=t.logging_steps, logging_first_step=True, save_strategy=t.save_strategy, save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit, eval_strategy="steps" if has_eval and t.eval_strategy != "no" else "no",
         eval_steps=t.eval_steps or t.save_steps, gradient_checkpointing=t.gradient_checkpointing,
         torch_compile=t.torch_compile, report_to=report or "none", run_name=t.run_name,
         dataloader_num_workers=t.dataloader_num_workers, bf16=prec.bf16, fp16=prec.fp16,
         use_cpu=not torch.cuda.is_available(), remove_unused_columns=False, disable_tqdm=True,
-        logging_dir=str(Path(t.output_dir) / "runs"),
-    )
+    )  # tensorboard writes to output_dir/runs/ (transformers 5's default; it has no logging_dir)
     kwargs.update(strategy.trainer_kwargs(cfg, prec))  # ddp / fsdp / deepspeed (lmforge/distributed)
     kwargs.update(method_kwargs)
     names = {f.name for f in dataclasses.fields(args_cls)}
     if "activation_checkpointing" in names:  # transformers 5 renamed it; the old name only warns
         kwargs["activation_checkpointing"] = kwargs.pop("gradient_checkpointing")
-    kwargs = {k: v for k, v in kwargs.items() if k in names}
+    unknown = sorted(set(kwargs) - names)
+    if unknown:  # every keyword is lmforge's own mapping, never a user's key: a mismatch is a bug here
+        raise TypeError(f"training_args: {args_cls.__name__} has no field {', '.join(unknown)}; lmforge passes a "
+                        "keyword this transformers/trl version does not know")
     try:
         return args_cls(**kwargs)
     except (ValueError, ImportError) as e:
         raise ConfigError(f"train: {e}") from None
 
 
-def outputs_callback(cfg: Config, trainer_ref: list, flops_per_token: float | None = None,
+def outputs_callback(cfg: Config, flops_per_token: float | None = None,
                      prec: Precision | None = None) -> tuple[OutputsCallback, TokenCounter]:
     """metrics.jsonl, plots and progress; with ``flops_per_token`` (``flops.per_token``) also mfu."""
     from lmforge.training import flops
 
     counter = TokenCounter()
     peak = flops.peak_flops(prec.compute) if flops_per_token and prec is not None else None
-    cb = OutputsCallback(cfg.train.output_dir, counter, lambda: trainer_ref[0].accelerator if trainer_ref else None,
-                         perplexity=cfg.method in ("pretrain", "sft", "mlm"),  # eval_loss is a token NLL only there
+    cb = OutputsCallback(cfg.train.output_dir, counter,
+                         perplexity=METHODS[cfg.method].token_loss,  # eval_loss is a token NLL only there
                          flops_per_token=flops_per_token, peak_flops=peak)
     return cb, counter
 
@@ -190,6 +204,9 @@ def prepare_output_dir(cfg: Config) -> str | None:
             step = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"]
             truncate_metrics_after(out, step)
             log(f"resuming from {resume} (step {step})")
+        elif cfg.train.resume == "never" and (aside := move_aside_old_run(out)):
+            log(f"train.resume: never: the earlier run's checkpoints and metrics.jsonl in {out} were moved to "
+                f"{aside}, so train.resume: auto can only find this run's checkpoints")
         else:
             (out / "metrics.jsonl").unlink(missing_ok=True)
     return resume
@@ -212,9 +229,15 @@ def run_trainer(trainer, cfg: Config, tokenizer, resume: str | None, data_lines:
         shutil.rmtree(Path(cfg.train.output_dir) / STAGING, ignore_errors=True)
     out = Path(cfg.train.output_dir)
     strategy.before_final_save(trainer)  # sharded FSDP state is gathered into a plain model
-    trainer.save_model(str(out))
+
+    def write(staged: Path) -> None:
+        trainer.save_model(str(staged))  # every rank: FSDP / ZeRO-3 gather collectively; process 0 writes
+        if trainer.args.should_save:
+            tokenizer.save_pretrained(staged)
+
+    save_final_atomically(out, write, trainer.accelerator.wait_for_everyone, trainer.args.should_save,
+                          expected_bytes=weights_bytes(trainer.model))
     if trainer.args.should_save:
-        tokenizer.save_pretrained(out)
         write_report(out, {"method": cfg.method, "model": cfg.model.name_or_path or "from scratch",
                            "adapter": cfg.peft.kind, "max_steps": trainer.state.global_step}, data_lines)
         log(f"final {'adapter' if hasattr(trainer.model, 'peft_config') else 'model'} saved to {out}")
