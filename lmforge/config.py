@@ -19,6 +19,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from lmforge.errors import ConfigError
+from lmforge.methods import NAMES as METHOD_NAMES
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -183,7 +184,7 @@ class EvalConfig:
 
 @dataclass
 class Config:
-    method: Literal["pretrain", "sft", "dpo", "orpo", "kto", "mlm"] = _f("sft", "training method")
+    method: Literal[METHOD_NAMES] = _f("sft", "training method")  # the registry: lmforge/methods/__init__.py
     model: ModelConfig = _f(None, "model section", section=True)
     peft: PeftConfig = _f(None, "adapter section", section=True)
     data: DataConfig = _f(None, "data section", section=True)

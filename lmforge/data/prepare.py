@@ -25,18 +25,12 @@ from lmforge.data.sources import BadRow, Row, has_split, is_saved_dataset, read_
 from lmforge.data.tokenize import IGNORE, Encoder, chunk
 from lmforge.distributed.ranks import main_process_first
 from lmforge.errors import DataError
+from lmforge.methods import METHODS
 from lmforge.models import cache_root
 
 CACHE_VERSION = "1"
-# which row formats each method trains on
-METHOD_FORMATS = {
-    "pretrain": ("text",),
-    "mlm": ("text",),
-    "sft": ("prompt_completion", "chat", "text"),
-    "dpo": ("preference",),
-    "orpo": ("preference",),
-    "kto": ("kto", "preference"),
-}
+# which row formats each method trains on (the registry, methods/__init__.py)
+METHOD_FORMATS = {name: m.formats for name, m in METHODS.items()}
 
 
 @dataclass
