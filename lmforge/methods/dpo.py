@@ -29,7 +29,7 @@ from lmforge.training.preference import (
     DropReferenceAdapterAtEnd, ReferenceLogps, TokenCountingMixin, answer_logps, drop_fresh_reference_adapter,
     reference_model, setup,
 )
-from lmforge.training.run import outputs_callback, run_trainer, training_args
+from lmforge.training.run import run_trainer, trainer_hooks, training_args
 
 
 # --------------------------------------------------------------------------------------------- the loss
@@ -86,14 +86,12 @@ def dpo_args(cfg: Config, prec, has_eval: bool) -> DPOConfig:
 
 def build_trainer(cfg: Config, run) -> LmforgeDPOTrainer:
     args = dpo_args(cfg, run.prec, has_eval=run.eval_ds is not None)
-    callback, counter = outputs_callback(cfg)
     trainer = LmforgeDPOTrainer(
         model=run.model, ref_model=reference_model(cfg, run, cfg.dpo.precompute_ref_log_probs), args=args,
         train_dataset=run.train_ds, eval_dataset=run.eval_ds, processing_class=run.tokenizer,
-        callbacks=[callback, DropReferenceAdapterAtEnd()],
+        callbacks=[DropReferenceAdapterAtEnd()], lmforge=trainer_hooks(cfg),
     )
     drop_fresh_reference_adapter(trainer, run)
-    trainer.token_counter = counter
     return trainer
 
 

@@ -19,7 +19,7 @@ from lmforge.training.checkpoint import EpochSampler, LmforgeTrainerMixin
 from lmforge.training.preference import (
     DropReferenceAdapterAtEnd, TokenCountingMixin, drop_fresh_reference_adapter, reference_model, setup,
 )
-from lmforge.training.run import outputs_callback, log, run_trainer, training_args
+from lmforge.training.run import log, run_trainer, trainer_hooks, training_args
 
 
 def add_kl_completions(dataset, batch_size: int):
@@ -59,14 +59,13 @@ def kto_args(cfg: Config, prec, has_eval: bool) -> KTOConfig:
 
 
 def build_trainer(cfg: Config, run) -> LmforgeKTOTrainer:
-    callback, counter = outputs_callback(cfg)
     trainer = LmforgeKTOTrainer(
         model=run.model, ref_model=reference_model(cfg, run, cfg.kto.precompute_ref_log_probs),
         args=kto_args(cfg, run.prec, has_eval=run.eval_ds is not None), train_dataset=run.train_ds,
-        eval_dataset=run.eval_ds, processing_class=run.tokenizer, callbacks=[callback, DropReferenceAdapterAtEnd()],
+        eval_dataset=run.eval_ds, processing_class=run.tokenizer, callbacks=[DropReferenceAdapterAtEnd()],
+        lmforge=trainer_hooks(cfg),
     )
     drop_fresh_reference_adapter(trainer, run)
-    trainer.token_counter = counter
     return trainer
 
 

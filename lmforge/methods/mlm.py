@@ -15,18 +15,14 @@ from lmforge.config import Config
 from lmforge.errors import ConfigError, DataError, UnsupportedError
 from lmforge.training.checkpoint import LmforgeTrainerMixin
 from lmforge.training.run import (
-    load_model_and_tokenizer, log, outputs_callback, prepare_output_dir, run_trainer, training_args,
+    load_model_and_tokenizer, log, prepare_output_dir, run_trainer, trainer_hooks, training_args,
 )
 
 
 class MaskedLMTrainer(LmforgeTrainerMixin, Trainer):
-    def __init__(self, *args, token_counter=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.token_counter = token_counter
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if model.training and self.token_counter is not None:
-            self.token_counter.add(int(inputs["attention_mask"].sum()))
+        if model.training:
+            self.lmforge.counter.add(int(inputs["attention_mask"].sum()))
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
@@ -77,11 +73,10 @@ def train(cfg: Config):
         raise ConfigError("model.tokenizer: masked-LM pretraining needs a tokenizer with a mask token")
     train_ds, eval_ds = encode_texts(cfg, tokenizer, "train"), encode_texts(cfg, tokenizer, "eval")
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=cfg.data.mlm_probability)
-    callback, counter = outputs_callback(cfg)
     args = training_args(cfg, prec, has_eval=eval_ds is not None)
     trainer = MaskedLMTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
-        processing_class=tokenizer, callbacks=[callback], token_counter=counter,
+        processing_class=tokenizer, lmforge=trainer_hooks(cfg),
     )
     return run_trainer(trainer, cfg, tokenizer, resume, [f"{len(train_ds)} text pieces, mlm_probability "
                                                          f"{cfg.data.mlm_probability}"])

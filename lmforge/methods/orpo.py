@@ -17,7 +17,7 @@ from lmforge.config import Config  # noqa: E402
 from lmforge.data.tokenize import IGNORE  # noqa: E402
 from lmforge.training.checkpoint import LmforgeTrainerMixin  # noqa: E402
 from lmforge.training.preference import TokenCountingMixin, setup  # noqa: E402
-from lmforge.training.run import outputs_callback, run_trainer, training_args  # noqa: E402
+from lmforge.training.run import run_trainer, trainer_hooks, training_args  # noqa: E402
 
 
 def orpo_columns(record: dict) -> dict:
@@ -47,13 +47,11 @@ def orpo_args(cfg: Config, prec, has_eval: bool) -> ORPOConfig:
 
 
 def build_trainer(cfg: Config, run) -> LmforgeORPOTrainer:
-    callback, counter = outputs_callback(cfg)
     trainer = LmforgeORPOTrainer(
         model=run.model, args=orpo_args(cfg, run.prec, has_eval=run.eval_ds is not None),
         train_dataset=run.train_ds, eval_dataset=run.eval_ds, processing_class=run.tokenizer,
-        callbacks=[callback],
+        lmforge=trainer_hooks(cfg),
     )
-    trainer.token_counter = counter
     return trainer
 
 

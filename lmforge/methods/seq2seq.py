@@ -21,18 +21,14 @@ from lmforge.models import architecture  # noqa: F401  (was defined here; kept i
 from lmforge.training.checkpoint import LmforgeTrainerMixin
 from lmforge.training.eval_metrics import generation_metric_names
 from lmforge.training.run import (
-    load_model_and_tokenizer, log, outputs_callback, prepare_output_dir, run_trainer, training_args,
+    load_model_and_tokenizer, log, prepare_output_dir, run_trainer, trainer_hooks, training_args,
 )
 
 
 class Seq2SeqLMTrainer(LmforgeTrainerMixin, Seq2SeqTrainer):
-    def __init__(self, *args, token_counter=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.token_counter = token_counter
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if model.training and self.token_counter is not None:  # encoder + decoder tokens, for tokens/s
-            self.token_counter.add(int(inputs["attention_mask"].sum()) + int((inputs["labels"] != IGNORE).sum()))
+        if model.training:  # encoder + decoder tokens, for tokens/s
+            self.lmforge.counter.add(int(inputs["attention_mask"].sum()) + int((inputs["labels"] != IGNORE).sum()))
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
@@ -93,13 +89,12 @@ def train(cfg: Config):
     train_ds = encode_split(cfg, tokenizer, "train")
     # generating is slow: with generation metrics, evaluate on the first eval.max_samples rows only
     eval_ds = encode_split(cfg, tokenizer, "eval", limit=cfg.eval.max_samples if generate else None)
-    callback, counter = outputs_callback(cfg)
     args = training_args(cfg, prec, has_eval=eval_ds is not None, args_cls=Seq2SeqTrainingArguments,
                          predict_with_generate=generate, generation_max_length=cfg.eval.max_new_tokens + 1)
     trainer = Seq2SeqLMTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
         data_collator=DataCollatorForSeq2Seq(tokenizer, model=base, label_pad_token_id=IGNORE),
-        processing_class=tokenizer, callbacks=[callback], token_counter=counter,
+        processing_class=tokenizer, lmforge=trainer_hooks(cfg),
         compute_metrics=metrics_fn(tokenizer, names) if generate and names else None,
     )
     return run_trainer(trainer, cfg, tokenizer, resume, [f"{len(train_ds)} input/output rows"])

@@ -23,7 +23,7 @@ from lmforge.data.tokenize import IGNORE
 from lmforge.training.checkpoint import LmforgeTrainerMixin
 from lmforge.training.eval_metrics import add_generation_metrics, generation_scorer
 from lmforge.training.run import (
-    load_model_and_tokenizer, log, outputs_callback, prepare_output_dir, run_trainer, training_args,
+    load_model_and_tokenizer, log, prepare_output_dir, run_trainer, trainer_hooks, training_args,
 )
 
 log_once = functools.cache(log)  # a fallback taken at every step is said once per process
@@ -87,9 +87,8 @@ def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
 class CausalLMTrainer(LmforgeTrainerMixin, Trainer):
     loss_is_scaled_for_ga = True  # compute_loss divides by the loss tokens of the whole accumulated batch
 
-    def __init__(self, *args, token_counter=None, **kwargs):
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.token_counter = token_counter
         self.model_accepts_loss_kwargs = True  # makes the Trainer count num_items_in_batch for us
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -101,8 +100,8 @@ class CausalLMTrainer(LmforgeTrainerMixin, Trainer):
             loss = loss_sum / num_items_in_batch
             if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
                 loss = loss * self.accelerator.num_processes  # DDP averages gradients; undo it (global token mean)
-        if model.training and self.token_counter is not None and n_tokens is not None:
-            self.token_counter.add(n_tokens)
+        if model.training and n_tokens is not None:
+            self.lmforge.counter.add(n_tokens)
         return (loss, None) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -176,11 +175,11 @@ def train(cfg: Config):
         return trainer.train(resume)
     from lmforge.training import flops
 
-    callback, counter = outputs_callback(cfg, flops.per_token(model, collator([train_ds[0]])), prec)
+    hooks = trainer_hooks(cfg, flops.per_token(model, collator([train_ds[0]])), prec)
     args = training_args(cfg, prec, has_eval=eval_ds is not None)
     trainer = CausalLMTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
-        processing_class=tokenizer, callbacks=[callback], token_counter=counter,
+        processing_class=tokenizer, lmforge=hooks,
     )
     add_generation_metrics(trainer, cfg, tokenizer, log)  # eval.metrics: rouge/bleu/exact_match at each eval
     return run_trainer(trainer, cfg, tokenizer, resume, train_stats.lines())

@@ -14,6 +14,8 @@ a ``TrainingError`` that says how much space was needed, after removing the part
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import contextlib
 import errno
 import os
@@ -250,23 +252,35 @@ def _raise_if_disk_full(exc: BaseException, what: str, root: Path, staged: Path,
         "checkpoint") from None
 
 
-class LmforgeTrainerMixin:
-    """Atomic checkpoints + exact-resume sampler for any transformers.Trainer subclass."""
+@dataclass
+class TrainerHooks:
+    """What lmforge hands a Transformers/TRL trainer, in its constructor (``run.trainer_hooks`` builds it)."""
 
-    lmforge_config_yaml: str | None = None  # the resolved config, written into each checkpoint
-    lmforge_optim: str | None = None  # train.optim; lmforge's own optimizers (lamb) are built here, see optim.py
-    lmforge_guard = None  # stopping.StepGuard: sees every micro-batch loss (train.on_nan) and adds to the logs
+    config_yaml: str  # the resolved config, written into each checkpoint
+    optim: str  # train.optim; lmforge's own optimizers (lamb) are built here, see optim.py
+    guard: object  # stopping.StepGuard: sees every micro-batch loss (train.on_nan), stop signals, adds to the logs
+    counter: object  # callbacks.TokenCounter: the trainer adds the tokens it trains on (tokens/s)
+    callbacks: list  # OutputsCallback (metrics.jsonl, plots, progress) and the guard
+
+
+class LmforgeTrainerMixin:
+    """Atomic checkpoints + exact-resume sampler for any transformers.Trainer subclass; ``lmforge=`` (a
+    ``TrainerHooks``) is a constructor argument, and its callbacks go before the caller's."""
+
     _staging = False
+
+    def __init__(self, *args, lmforge: TrainerHooks, **kwargs):
+        self.lmforge = lmforge
+        kwargs["callbacks"] = [*lmforge.callbacks, *(kwargs.get("callbacks") or [])]
+        super().__init__(*args, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if self.lmforge_guard is not None:
-            self.lmforge_guard.add_loss(loss)
+        self.lmforge.guard.add_loss(loss)
         return loss
 
     def log(self, logs, *args, **kwargs):
-        if self.lmforge_guard is not None:
-            self.lmforge_guard.add_to_log(logs)
+        self.lmforge.guard.add_to_log(logs)
         super().log(logs, *args, **kwargs)
 
     def _get_output_dir(self, trial):
@@ -293,8 +307,7 @@ class LmforgeTrainerMixin:
             self._staging = False
         self.accelerator.wait_for_everyone()  # every rank has written its shards
         if self.args.should_save:
-            if self.lmforge_config_yaml:
-                Path(staged, "config.yaml").write_text(self.lmforge_config_yaml)
+            Path(staged, "config.yaml").write_text(self.lmforge.config_yaml)
             publish(Path(staged), Path(final))
             from transformers.trainer_utils import rotate_checkpoints
 
@@ -306,7 +319,7 @@ class LmforgeTrainerMixin:
         from lmforge.training.optim import optimizer_cls_and_kwargs
 
         if self.optimizer is None and getattr(self, "optimizer_cls_and_kwargs", None) is None:
-            self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs(self.lmforge_optim, self.args)
+            self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs(self.lmforge.optim, self.args)
         return super().create_optimizer(model)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):

@@ -82,12 +82,11 @@ class DropReferenceAdapterAtEnd(TrainerCallback):
 class TokenCountingMixin:
     """Counts non-padding tokens of training batches for ``tokens_per_second`` (TRL's trainers do not)."""
 
-    token_counter = None
     MASK_KEYS = ("attention_mask", "chosen_attention_mask", "rejected_attention_mask")
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if model.training and self.token_counter is not None:
-            self.token_counter.add(sum(int(inputs[k].sum()) for k in self.MASK_KEYS if k in inputs))
+        if model.training:
+            self.lmforge.counter.add(sum(int(inputs[k].sum()) for k in self.MASK_KEYS if k in inputs))
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
 

@@ -28,7 +28,7 @@ from lmforge.models import (
 )
 from lmforge.training.callbacks import OutputsCallback, TokenCounter, truncate_metrics_after, write_report
 from lmforge.training.checkpoint import (
-    STAGING, move_aside_old_run, resolve_resume, save_final_atomically, weights_bytes,
+    STAGING, TrainerHooks, move_aside_old_run, resolve_resume, save_final_atomically, weights_bytes,
 )
 from lmforge.methods import METHODS
 from lmforge.training.optim import hf_optim_name
@@ -168,6 +168,15 @@ def training_args(cfg: Config, prec: Precision, has_eval: bool, args_cls=None, *
         raise ConfigError(f"train: {e}") from None
 
 
+def trainer_hooks(cfg: Config, flops_per_token: float | None = None, prec: Precision | None = None) -> TrainerHooks:
+    """What an HF/TRL trainer gets from lmforge in its constructor (``LmforgeTrainerMixin``): the outputs callback
+    (metrics.jsonl, plots, progress; with ``flops_per_token`` also mfu), the signal/NaN guard, the token counter,
+    the resolved config and train.optim."""
+    callback, counter = outputs_callback(cfg, flops_per_token, prec)
+    guard = StepGuard(cfg.train.on_nan, cfg.train.output_dir)  # signals and NaN losses (stopping.py)
+    return TrainerHooks(config_yaml(cfg), cfg.train.optim, guard, counter, callbacks=[callback, guard])
+
+
 def outputs_callback(cfg: Config, flops_per_token: float | None = None,
                      prec: Precision | None = None) -> tuple[OutputsCallback, TokenCounter]:
     """metrics.jsonl, plots and progress; with ``flops_per_token`` (``flops.per_token``) also mfu."""
@@ -217,13 +226,8 @@ def run_trainer(trainer, cfg: Config, tokenizer, resume: str | None, data_lines:
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # OutputsCallback shows progress and writes metrics instead
-    trainer.lmforge_config_yaml = config_yaml(cfg)
     trainer.add_callback(strategy.StrategyCheck(cfg, trainer))  # fails the run if another strategy is running
-    trainer.lmforge_optim = cfg.train.optim
-    guard = StepGuard(cfg.train.on_nan, cfg.train.output_dir)  # signals and NaN losses (stopping.py)
-    trainer.lmforge_guard = guard
-    trainer.add_callback(guard)
-    with guard.signals():
+    with trainer.lmforge.guard.signals():
         trainer.train(resume_from_checkpoint=resume)
     if trainer.args.should_save:
         shutil.rmtree(Path(cfg.train.output_dir) / STAGING, ignore_errors=True)
