@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import random
 
+import numpy as np
 import torch
 
 from lmforge.data.tokenize import IGNORE
@@ -18,13 +19,19 @@ from lmforge.data.tokenize import IGNORE
 PACKED_ATTENTION = "lmforge_packed_sdpa"  # lmforge.training.attention.NAME
 
 
-def pack(samples: list[tuple[list[int], list[int]]], max_length: int, seed: int) -> list[dict]:
-    """Best-fit-decreasing bins of at most max_length tokens; returns rows with input_ids, labels, seq_lens."""
-    order = sorted(range(len(samples)), key=lambda i: (-len(samples[i][0]), i))
+def pack_bins(lengths, max_length: int, seed: int) -> list[list[int]]:
+    """Best-fit-decreasing bins of at most max_length tokens, as lists of sample indices, in a seeded order.
+
+    Works on lengths only (a numpy array or a list), so a million samples pack without their tokens in memory.
+    """
+    arr = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(-arr, kind="stable").tolist()  # longest first, ties in sample order
+    lengths = arr.tolist()
+    smallest = min(lengths, default=0)
     free: list[tuple[int, int]] = []  # sorted (remaining capacity, bin index)
     bins: list[list[int]] = []
     for i in order:
-        n = len(samples[i][0])
+        n = lengths[i]
         k = bisect.bisect_left(free, (n, -1))
         if k < len(free):
             cap, b = free.pop(k)
@@ -32,11 +39,18 @@ def pack(samples: list[tuple[list[int], list[int]]], max_length: int, seed: int)
             cap, b = max_length, len(bins)
             bins.append([])
         bins[b].append(i)
-        if cap - n > 0:
+        # a bin left with less room than the shortest sample can never take another one: keep it out of the
+        # search list (same bins as keeping it, but the list stays short when samples have similar lengths)
+        if cap - n > 0 and cap - n >= smallest:
             bisect.insort(free, (cap - n, b))
     random.Random(seed).shuffle(bins)
+    return bins
+
+
+def pack(samples: list[tuple[list[int], list[int]]], max_length: int, seed: int) -> list[dict]:
+    """Best-fit-decreasing bins of at most max_length tokens; returns rows with input_ids, labels, seq_lens."""
     rows = []
-    for members in bins:
+    for members in pack_bins([len(s[0]) for s in samples], max_length, seed):
         ids: list[int] = []
         labels: list[int] = []
         for i in members:

@@ -7,7 +7,9 @@ fingerprint of the data files, the tokenizer and the settings, so a second call 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import multiprocessing
 import os
 import random
 import shutil
@@ -16,19 +18,21 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from lmforge.config import Config, DataSource
 from lmforge.data.formats import normalize_rows
-from lmforge.data.packing import pack
+from lmforge.data.packing import pack_bins
 from lmforge.data.preference import PREFERENCE_METHODS, encode_preference_rows
 from lmforge.data.preference import VERSION as PREFERENCE_VERSION
 from lmforge.data.sources import BadRow, Row, has_split, is_saved_dataset, read_source, resolve_files
-from lmforge.data.tokenize import IGNORE, Encoder, chunk
+from lmforge.data.tokenize import FAST, IGNORE, PER_PREFIX, Encoder, chunk
 from lmforge.distributed.ranks import main_process_first
 from lmforge.errors import DataError
 from lmforge.methods import METHODS
 from lmforge.models import cache_root
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: int32 Arrow columns written directly
 # which row formats each method trains on (the registry, methods/__init__.py)
 METHOD_FORMATS = {name: m.formats for name, m in METHODS.items()}
 
@@ -46,6 +50,8 @@ class Stats:
     dropped: dict = field(default_factory=dict)
     packed_rows: int = 0
     formats: dict = field(default_factory=dict)
+    masks: dict = field(default_factory=dict)  # chat source -> {fast: rows, per-prefix: rows, reason: why not fast}
+    processes: int = 1  # tokenising processes
 
     def drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
@@ -64,6 +70,17 @@ class Stats:
             out.append(f"dropped ({reason}): {n}")
         if self.packed_rows:
             out.append(f"packed rows: {self.packed_rows}")
+        for name, m in self.masks.items():
+            fast, slow = m.get(FAST, 0), m.get(PER_PREFIX, 0)
+            if not slow:
+                out.append(f"chat masks, {name}: fast path (one template rendering per conversation) for all {fast} rows")
+            elif not fast:
+                out.append(f"chat masks, {name}: per-prefix rendering for all {slow} rows (fast path off: {m.get('reason')})")
+            else:
+                why = m.get("reason") or "the turns could not be located unambiguously in one rendering"
+                out.append(f"chat masks, {name}: fast path for {fast} rows, per-prefix rendering for {slow} ({why})")
+        if self.processes > 1:
+            out.append(f"tokenised in {self.processes} processes")
         return out
 
 
@@ -82,9 +99,11 @@ def load_rows(cfg: Config, role: str) -> tuple[list[tuple[str, list[Row]]], list
     per_source: list[tuple[str, list[Row]]] = []
     bad_all: list[BadRow] = []
     stats = Stats()
-    for src in sources_for(cfg, role):
+    for index, src in enumerate(sources_for(cfg, role)):
         rows, bad = read_source(src, role)
         fmt, good, bad_fmt = normalize_rows(rows, src)
+        for r in good:
+            r.source = index
         if fmt not in allowed:
             raise DataError(
                 f"{src.path or src.loader}: {fmt} rows cannot train method {cfg.method!r} (expected {' or '.join(allowed)})"
@@ -136,30 +155,162 @@ def mix(per_source: list[tuple[str, list[Row]]], weights: list[float], seed: int
 
 
 # ----------------------------------------------------------------------------------------------- tokens
-def encode_rows(cfg: Config, tokenizer, rows: list[tuple[str, Row]], stats: Stats) -> list[tuple[list[int], list[int]]]:
-    enc = Encoder(tokenizer, apply_chat_template=cfg.data.apply_chat_template)
+PARALLEL_MIN_ROWS = 20_000  # fewer rows are tokenised in this process: starting workers would cost more
+_BATCH = 1000  # rows per call of the fast tokenizer
+
+
+@dataclass
+class Tokens:
+    """Every sample of a split, flat: sample k is ``ids[starts[k]:starts[k] + lengths[k]]`` (and its labels)."""
+
+    ids: np.ndarray  # (N,) int32
+    labels: np.ndarray  # (N,) int32
+    lengths: np.ndarray  # (samples,) int64
+
+    @property
+    def starts(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
+
+    def samples(self) -> list[tuple[list[int], list[int]]]:
+        return [(self.ids[a:a + n].tolist(), self.labels[a:a + n].tolist()) for a, n in zip(self.starts, self.lengths)]
+
+
+def _encode_chunk(cfg: Config, enc: Encoder, rows: list[tuple[str, Row]]) -> tuple[Tokens, dict, dict]:
+    """Tokenise, truncate (or split) and count one chunk of rows; returns its tokens, counts and mask paths."""
+    pretraining = cfg.method in ("pretrain", "mlm")
     max_len = cfg.data.max_length
-    samples = []
-    for fmt, row in rows:
-        e = enc.encode(row.data, fmt)
-        if cfg.method in ("pretrain", "mlm") or fmt == "text":
-            pieces = chunk(e, max_len)
-            stats.split += len(pieces) > 1
-        else:
-            if len(e.input_ids) > max_len:
-                stats.truncated += 1
-                e.input_ids, e.labels = e.input_ids[:max_len], e.labels[:max_len]
-            pieces = [e]
-        for p in pieces:
-            n_loss = sum(1 for x in p.labels if x != IGNORE)
-            if n_loss == 0:
-                stats.drop("no loss-carrying tokens within max_length")
+    counts = {"tokens": 0, "loss_tokens": 0, "truncated": 0, "split": 0, "dropped": {}}
+    masks: dict[int, dict] = {}
+    ids_out, labels_out, lengths = [], [], []
+    for lo in range(0, len(rows), _BATCH):
+        batch = rows[lo:lo + _BATCH]
+        encoded = [None] * len(batch)
+        for source in sorted({r.source for _, r in batch}):  # per source, to report each source's mask path
+            idx = [k for k, (_, r) in enumerate(batch) if r.source == source]
+            before = dict(enc.mask_counts)
+            for k, e in zip(idx, enc.encode_batch([(batch[k][1].data, batch[k][0]) for k in idx])):
+                encoded[k] = e
+            m = masks.setdefault(source, {FAST: 0, PER_PREFIX: 0, "reason": ""})
+            for path in (FAST, PER_PREFIX):
+                m[path] += enc.mask_counts[path] - before[path]
+            if m[FAST] or m[PER_PREFIX]:
+                m["reason"] = enc.chat_path()[1] or m["reason"]
+        for (fmt, _), e in zip(batch, encoded):
+            if pretraining or fmt == "text":
+                pieces = chunk(e, max_len)
+                counts["split"] += len(pieces) > 1
+            else:
+                if len(e.input_ids) > max_len:
+                    counts["truncated"] += 1
+                    e.input_ids, e.labels = e.input_ids[:max_len], e.labels[:max_len]
+                pieces = [e]
+            for p in pieces:
+                n_loss = len(p.labels) - p.labels.count(IGNORE)
+                if n_loss == 0:
+                    reason = "no loss-carrying tokens within max_length"
+                    counts["dropped"][reason] = counts["dropped"].get(reason, 0) + 1
+                    continue
+                ids_out.append(p.input_ids)
+                labels_out.append(p.labels)
+                lengths.append(len(p.input_ids))
+                counts["tokens"] += len(p.input_ids)
+                counts["loss_tokens"] += n_loss
+    total = sum(lengths)
+    flat = lambda parts: np.fromiter(itertools.chain.from_iterable(parts), dtype=np.int32, count=total)  # noqa: E731
+    return Tokens(flat(ids_out), flat(labels_out), np.asarray(lengths, dtype=np.int64)), counts, masks
+
+
+# Set before forking the tokenising workers, which inherit it instead of receiving the rows by pickle.
+_JOB: tuple | None = None
+_WORKER_ENCODER: Encoder | None = None
+
+
+def _encode_range(bounds: tuple[int, int]):
+    global _WORKER_ENCODER
+    cfg, tokenizer, rows = _JOB
+    if _WORKER_ENCODER is None:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already; no threads inside them
+        _WORKER_ENCODER = Encoder(tokenizer, apply_chat_template=cfg.data.apply_chat_template)
+    return _encode_chunk(cfg, _WORKER_ENCODER, rows[bounds[0]:bounds[1]])
+
+
+def tokenising_processes(n_rows: int) -> int:
+    if n_rows < PARALLEL_MIN_ROWS:
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, n_rows // (PARALLEL_MIN_ROWS // 2)))
+
+
+def encode_rows(cfg: Config, tokenizer, rows: list[tuple[str, Row]], stats: Stats,
+                source_names: list[str] | None = None) -> Tokens:
+    """Tokenise and mask every row (in several processes when there are many), filling ``stats``."""
+    global _JOB
+    procs = tokenising_processes(len(rows))
+    size = max(_BATCH, min(20 * _BATCH, -(-len(rows) // (procs * 8))))
+    bounds = [(lo, min(lo + size, len(rows))) for lo in range(0, len(rows), size)]
+    if procs == 1:
+        enc = Encoder(tokenizer, apply_chat_template=cfg.data.apply_chat_template)
+        results = [_encode_chunk(cfg, enc, rows[a:b]) for a, b in bounds]
+    else:
+        _JOB = (cfg, tokenizer, rows)
+        try:  # fork: the workers share the parsed rows and the tokenizer with this process
+            with multiprocessing.get_context("fork").Pool(procs) as pool:
+                results = list(pool.imap(_encode_range, bounds))
+        finally:
+            _JOB = None
+    stats.processes = procs
+    for _, counts, masks in results:
+        stats.tokens += counts["tokens"]
+        stats.loss_tokens += counts["loss_tokens"]
+        stats.truncated += counts["truncated"]
+        stats.split += counts["split"]
+        for reason, n in counts["dropped"].items():
+            stats.dropped[reason] = stats.dropped.get(reason, 0) + n
+        for source, m in masks.items():
+            if not m[FAST] and not m[PER_PREFIX]:
                 continue
-            samples.append((p.input_ids, p.labels))
-            stats.tokens += len(p.input_ids)
-            stats.loss_tokens += n_loss
-    stats.samples = len(samples)
-    return samples
+            name = source_names[source] if source_names else f"source {source}"
+            acc = stats.masks.setdefault(name, {FAST: 0, PER_PREFIX: 0, "reason": ""})
+            acc[FAST] += m[FAST]
+            acc[PER_PREFIX] += m[PER_PREFIX]
+            acc["reason"] = acc["reason"] or m["reason"]
+    parts = [t for t, _, _ in results]
+    tokens = Tokens(np.concatenate([t.ids for t in parts]) if parts else np.zeros(0, np.int32),
+                    np.concatenate([t.labels for t in parts]) if parts else np.zeros(0, np.int32),
+                    np.concatenate([t.lengths for t in parts]) if parts else np.zeros(0, np.int64))
+    stats.samples = len(tokens.lengths)
+    return tokens
+
+
+def _list_array(offsets: np.ndarray, values: np.ndarray):
+    import pyarrow as pa
+
+    if offsets[-1] < 2**31:
+        return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
+    return pa.LargeListArray.from_arrays(pa.array(offsets.astype(np.int64)), pa.array(values))
+
+
+def to_table(tokens: Tokens, bins: list[list[int]] | None):
+    """Arrow rows input_ids, labels, seq_lens: one per bin of samples (packed), or one per sample."""
+    import pyarrow as pa
+
+    n = len(tokens.lengths)
+    if bins is None:
+        order, per_row = np.arange(n, dtype=np.int64), np.ones(n, dtype=np.int64)
+    else:
+        order = np.fromiter(itertools.chain.from_iterable(bins), dtype=np.int64, count=n)
+        per_row = np.fromiter((len(b) for b in bins), dtype=np.int64, count=len(bins))
+    lens = tokens.lengths[order]
+    out_ends = np.cumsum(lens)
+    # token gather index: for each output position, where it sits in the flat arrays
+    gather = np.repeat(tokens.starts[order] - (out_ends - lens), lens) + np.arange(int(out_ends[-1]) if n else 0)
+    sample_bounds = np.concatenate([[0], np.cumsum(per_row)])
+    token_bounds = np.concatenate([[0], out_ends])[sample_bounds]
+    return pa.table({
+        "input_ids": _list_array(token_bounds, tokens.ids[gather]),
+        "labels": _list_array(token_bounds, tokens.labels[gather]),
+        "seq_lens": _list_array(sample_bounds, lens),
+    })
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -208,6 +359,7 @@ def cache_dir(cfg: Config) -> Path:
 def prepare_split(cfg: Config, tokenizer, role: str, packed: bool):
     """Return (datasets.Dataset or None, Stats, cache path). Builds and caches on a miss."""
     from datasets import Dataset, load_from_disk
+    from datasets.table import InMemoryTable
 
     if not sources_for(cfg, role):
         return None, None, None
@@ -220,18 +372,19 @@ def prepare_split(cfg: Config, tokenizer, role: str, packed: bool):
     rows = mix(per_source, weights, cfg.train.seed, cfg.data.num_samples if role == "train" else None)
     if cfg.method in PREFERENCE_METHODS:  # prompt/chosen/rejected ids, never packed (data/preference.py)
         samples = encode_preference_rows(cfg, tokenizer, rows, stats)
+        if not samples:
+            raise DataError(f"no {role} samples left after tokenisation ({stats.dropped or 'all rows were bad'})")
+        ds = Dataset.from_list(samples)
     else:
-        samples = encode_rows(cfg, tokenizer, rows, stats)
-    if not samples:
-        raise DataError(f"no {role} samples left after tokenisation ({stats.dropped or 'all rows were bad'})")
-    if packed:
-        records = pack(samples, cfg.data.max_length, cfg.train.seed)
-        stats.packed_rows = len(records)
-    elif cfg.method in PREFERENCE_METHODS:
-        records = samples
-    else:
-        records = [{"input_ids": i, "labels": l, "seq_lens": [len(i)]} for i, l in samples]
-    ds = Dataset.from_list(records)
+        names = [s.path or s.loader for s in sources_for(cfg, role)]
+        tokens = encode_rows(cfg, tokenizer, rows, stats, names)
+        del rows, per_source
+        if not len(tokens.lengths):
+            raise DataError(f"no {role} samples left after tokenisation ({stats.dropped or 'all rows were bad'})")
+        bins = pack_bins(tokens.lengths, cfg.data.max_length, cfg.train.seed) if packed else None
+        stats.packed_rows = len(bins) if packed else 0
+        ds = Dataset(InMemoryTable(to_table(tokens, bins)))
+        del tokens
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     try:

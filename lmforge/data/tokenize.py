@@ -4,23 +4,58 @@
 loss are ``IGNORE``. Label 0 of every sample is always IGNORE: nothing precedes it, and this keeps packed
 rows from training the last token of one sample to predict the first of the next.
 
-Chat masks come from rendering the conversation prefix by prefix and mapping character spans to tokens
-through the fast tokenizer's offsets, so they do not depend on ``{% generation %}`` markers in the template.
+Chat masks do not depend on ``{% generation %}`` markers in the template. The reference method renders the
+conversation prefix by prefix: an assistant turn's loss span starts where the prefix before it, rendered with
+the generation prompt, ends, and ends at the EOS closing the turn. That costs 2k+1 renderings for k assistant
+turns, so it is used once per template, on probe conversations, to learn the template's *layout*: the text
+just before each loss span (the generation prompt), between the span start and the content, and after the
+content up to the span end. Every conversation is then rendered once and its spans located by searching that
+layout around each assistant content, checked against the per-prefix method on the probes and on the first
+real rows. Templates whose layout is not constant (or rows where the search is ambiguous) fall back to the
+per-prefix method, and ``Encoder.mask_counts`` says how many rows took which path. Character spans become
+token labels through the fast tokenizer's offsets.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
+
+import numpy as np
 
 from lmforge.errors import DataError
 
 IGNORE = -100
+FAST, PER_PREFIX = "fast", "per-prefix"
+VERIFY_ROWS = 8  # real conversations per encoder checked against the per-prefix method before trusting the layout
+
+# Probe conversations for learning a template's layout: contents are distinct, untrimmed-safe words, so the
+# template cannot confuse them with its own markers; roles in the orders real data has.
+_P = "lmforgeprobe"
+PROBES = [
+    [{"role": "user", "content": f"{_P} u1 alpha"}, {"role": "assistant", "content": f"{_P} a1 beta"}],
+    [{"role": "system", "content": f"{_P} s1 gamma"}, {"role": "user", "content": f"{_P} u2 delta"},
+     {"role": "assistant", "content": f"{_P} a2 epsilon"}, {"role": "user", "content": f"{_P} u3 zeta"},
+     {"role": "assistant", "content": f"{_P} a3 eta"}],
+    [{"role": "user", "content": f"{_P} u4 theta"}, {"role": "assistant", "content": f"{_P} a4 iota"},
+     {"role": "tool", "content": f"{_P} t1 kappa"}, {"role": "assistant", "content": f"{_P} a5 lambda"}],
+]
 
 
 @dataclass
 class Encoded:
     input_ids: list[int]
     labels: list[int]
+
+
+@dataclass(frozen=True)
+class ChatLayout:
+    """Where a template puts an assistant turn's loss span relative to its content (learned from probes)."""
+
+    anchor: str  # rendered just before the span: the generation prompt
+    gap: str  # between the span start and the content
+    tail: str  # after the content, still in the span (e.g. the end-of-turn token)
+    append_eos: bool  # the span has no EOS: one is appended after the last assistant turn
 
 
 class Encoder:
@@ -36,6 +71,10 @@ class Encoder:
         bos = tokenizer.bos_token_id
         self.bos = [bos] if bos is not None and probe and probe[0] == bos else []
         self.apply_chat_template = apply_chat_template
+        self._layout: ChatLayout | None = None
+        self._layout_reason: str | None = None  # why the fast path is off (None: not decided yet)
+        self._verified = 0
+        self.mask_counts = {FAST: 0, PER_PREFIX: 0}  # chat rows masked by each path
 
     # ----------------------------------------------------------------------------------------- helpers
     def _ids(self, text: str) -> list[int]:
@@ -59,13 +98,19 @@ class Encoder:
 
     def prompt_completion(self, prompt: str, completion: str) -> Encoded:
         if self.apply_chat_template:
-            return self.chat([{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}])
+            return self.chat(self._pc_messages(prompt, completion))
         p = self.bos + self._ids(prompt)
         c = self._ids(completion) + [self.eos_id]
         return self._finish(p + c, [IGNORE] * len(p) + c)
 
+    @staticmethod
+    def _pc_messages(prompt: str, completion: str) -> list[dict]:
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+
+    # ----------------------------------------------------------------------------------------- chat spans
     def assistant_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]], bool]:
-        """Render the chat; return the text, the character spans that carry loss, and whether EOS is missing."""
+        """The reference (per-prefix) method: render the chat; return the text, the character spans that carry
+        loss, and whether EOS is missing."""
         text = self.render(messages)
         spans = []
         needs_eos = False
@@ -88,23 +133,123 @@ class Encoder:
             spans.append((len(before), end))
         return text, spans, needs_eos
 
-    def chat(self, messages: list[dict]) -> Encoded:
-        text, spans, needs_eos = self.assistant_spans(messages)
-        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = list(enc.input_ids)
-        labels = [IGNORE] * len(ids)
-        j = 0
-        for t, (a, b) in enumerate(enc.offset_mapping):
-            while j < len(spans) and a >= spans[j][1]:
-                j += 1
-            if j < len(spans) and spans[j][0] <= a < spans[j][1] and b > a:
-                labels[t] = ids[t]
+    def _learn_layout(self) -> None:
+        """Learn the template's layout from the probes (per-prefix spans), then check it reproduces them."""
+        layouts = set()
+        try:
+            cases = []
+            for probe in PROBES:
+                try:
+                    cases.append((probe, self.assistant_spans(probe)))
+                except DataError as e:  # e.g. not prefix-consistent: the per-prefix method will say so per row
+                    raise _NoLayout(str(e)) from None
+                except Exception:  # the template refuses this role order (e.g. no tool role): not probed
+                    continue
+            for probe, (text, spans, needs_eos) in cases:
+                turns = [m for m in probe if m["role"] == "assistant"]
+                for i, (m, (s, e)) in zip([j for j, m in enumerate(probe) if m["role"] == "assistant"], zip(turns, spans)):
+                    c = text.find(m["content"], s)
+                    if c < 0 or c + len(m["content"]) > e:
+                        raise _NoLayout("the assistant content is not inside its loss span")
+                    gen = self.render(probe[:i], add_generation_prompt=True) if i else ""
+                    plain = self.render(probe[:i]) if i else ""
+                    anchor = gen[len(plain):] if gen.startswith(plain) else ""
+                    layouts.add(ChatLayout(anchor, text[s:c], text[c + len(m["content"]):e], needs_eos))
+            if len(layouts) != 1:
+                raise _NoLayout("the text around assistant turns varies between turns" if layouts
+                                else "no probe conversation renders")
+            layout = layouts.pop()
+            if not layout.anchor:
+                raise _NoLayout("the template has no generation prompt to anchor assistant turns")
+            for probe, ref in cases:
+                if self._fast_spans(probe, layout, ref[0]) != ref[1:]:
+                    raise _NoLayout("one rendering does not reproduce the per-prefix spans")
+        except _NoLayout as e:
+            self._layout, self._layout_reason = None, str(e)
+            return
+        self._layout, self._layout_reason = layout, ""
+
+    def _fast_spans(self, messages: list[dict], layout: ChatLayout, text: str):
+        """Spans located in one rendering by the layout; None when the search is not unambiguous for this row."""
+        spans = []
+        cursor = 0
+        eos = self.eos_text or "\0"
+        for m in messages:
+            content = m["content"]
+            if layout.anchor in content or eos in content:
+                return None  # the content could fake a marker: let the per-prefix method decide
+            if m["role"] != "assistant":
+                continue
+            k = text.find(layout.anchor + layout.gap + content, cursor)
+            if k < 0:
+                return None
+            start = k + len(layout.anchor)
+            end = start + len(layout.gap) + len(content)
+            if not text.startswith(layout.tail, end):
+                return None
+            end += len(layout.tail)
+            spans.append((start, end))
+            cursor = end
+        return spans, layout.append_eos
+
+    def chat_path(self) -> tuple[str, str]:
+        """(path, reason): which method masks chat rows under this tokenizer's template, and why not the fast one."""
+        if self._layout_reason is None:
+            self._learn_layout()
+        return (FAST, "") if self._layout is not None else (PER_PREFIX, self._layout_reason or "")
+
+    def chat_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]], bool]:
+        """Like ``assistant_spans``, with one rendering whenever the template's layout allows."""
+        if self.chat_path()[0] == FAST:
+            text = self.render(messages)
+            found = self._fast_spans(messages, self._layout, text)
+            if found is not None and self._verified < VERIFY_ROWS:
+                self._verified += 1
+                ref = self.assistant_spans(messages)
+                if ref != (text, *found):
+                    self._layout, self._layout_reason = None, "one rendering disagreed with the per-prefix spans on a real row"
+                    self.mask_counts[PER_PREFIX] += 1
+                    return ref
+            if found is not None:
+                self.mask_counts[FAST] += 1
+                return (text, *found)
+        self.mask_counts[PER_PREFIX] += 1
+        return self.assistant_spans(messages)
+
+    @staticmethod
+    def _labels(ids: list[int], offsets, spans: list[tuple[int, int]]) -> list[int]:
+        """Tokens whose first character lies in a span (and that cover any character) carry loss."""
+        n = len(ids)
+        if not n or not spans:
+            return [IGNORE] * n
+        off = np.fromiter(itertools.chain.from_iterable(offsets), dtype=np.int64, count=2 * n).reshape(n, 2)
+        a, b = off[:, 0], off[:, 1]
+        sp = np.asarray(spans, dtype=np.int64)
+        j = np.minimum(np.searchsorted(sp[:, 1], a, side="right"), len(sp) - 1)  # the first span ending after a
+        inside = (sp[j, 0] <= a) & (a < sp[j, 1]) & (b > a)
+        return np.where(inside, np.asarray(ids, dtype=np.int64), IGNORE).tolist()
+
+    def _chat_encoded(self, ids: list[int], offsets, spans, needs_eos: bool) -> Encoded:
+        ids = list(ids)
+        labels = self._labels(ids, offsets, spans)
         if needs_eos:
             # The template does not end assistant turns with EOS: append it so the model learns to stop.
             ids.append(self.eos_id)
             labels.append(self.eos_id)
         return self._finish(ids, labels)
 
+    def chat(self, messages: list[dict]) -> Encoded:
+        text, spans, needs_eos = self.chat_spans(messages)
+        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        return self._chat_encoded(enc.input_ids, enc.offset_mapping, spans, needs_eos)
+
+    def chat_per_prefix(self, messages: list[dict]) -> Encoded:
+        """The reference method, kept callable for tests and comparisons."""
+        text, spans, needs_eos = self.assistant_spans(messages)
+        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        return self._chat_encoded(enc.input_ids, enc.offset_mapping, spans, needs_eos)
+
+    # ----------------------------------------------------------------------------------------- rows
     def encode(self, row: dict, fmt: str) -> Encoded:
         if fmt == "text":
             return self.text(row["text"])
@@ -113,6 +258,43 @@ class Encoder:
         if fmt == "chat":
             return self.chat(row["messages"])
         raise DataError(f"format {fmt!r} is not used for language-model training (method needs another format)")
+
+    def encode_batch(self, rows: list[tuple[dict, str]]) -> list[Encoded]:
+        """``encode`` for many rows, with one batched call of the fast tokenizer per format (same results)."""
+        out: list[Encoded | None] = [None] * len(rows)
+        chat, texts, pcs = [], [], []
+        for k, (row, fmt) in enumerate(rows):
+            if fmt == "chat" or (fmt == "prompt_completion" and self.apply_chat_template):
+                msgs = row["messages"] if fmt == "chat" else self._pc_messages(row["prompt"], row["completion"])
+                chat.append((k, self.chat_spans(msgs)))
+            elif fmt == "text":
+                texts.append((k, row["text"]))
+            elif fmt == "prompt_completion":
+                pcs.append((k, row["prompt"], row["completion"]))
+            else:
+                self.encode(row, fmt)  # raises the format error
+        if chat:
+            # the Rust tokenizer directly: what tok(texts, add_special_tokens=False) calls, without converting
+            # every offset pair into a BatchEncoding
+            encs = self.tok.backend_tokenizer.encode_batch([t for _, (t, _, _) in chat], add_special_tokens=False)
+            for (k, (_, spans, needs_eos)), e in zip(chat, encs):
+                out[k] = self._chat_encoded(e.ids, e.offsets, spans, needs_eos)
+        if texts:
+            ids = self.tok([t for _, t in texts], add_special_tokens=False).input_ids
+            for (k, _), i in zip(texts, ids):
+                full = self.bos + i + [self.eos_id]
+                out[k] = self._finish(full, list(full))
+        if pcs:
+            ps = self.tok([p for _, p, _ in pcs], add_special_tokens=False).input_ids
+            cs = self.tok([c for _, _, c in pcs], add_special_tokens=False).input_ids
+            for (k, _, _), p, c in zip(pcs, ps, cs):
+                p, c = self.bos + p, c + [self.eos_id]
+                out[k] = self._finish(p + c, [IGNORE] * len(p) + c)
+        return out  # type: ignore[return-value]
+
+
+class _NoLayout(Exception):
+    """The template's assistant turns cannot be located from one rendering (the reason is the message)."""
 
 
 def chunk(enc: Encoded, max_length: int) -> list[Encoded]:
