@@ -1,7 +1,12 @@
 """From config to training-ready data: read, validate, mix, tokenise, mask, truncate, pack, cache.
 
 ``prepare_split`` is what ``lmforge prepare`` runs and what ``train`` reuses: the result is cached under a
-fingerprint of the data files, the tokenizer and the settings, so a second call is a directory read.
+fingerprint of the data files (path, size, mtime), the tokenizer and the settings, so a second call stats the
+files and memory-maps the cached Arrow data (``datasets.load_from_disk``) without reading its rows.
+
+Many rows are tokenised in forked worker processes (``PARALLEL_MIN_ROWS``); bad rows are found before that,
+while reading, so they keep their file:line. Samples travel as flat int32 numpy arrays, are packed on their
+lengths alone, and become Arrow list columns without a Python list per sample.
 """
 
 from __future__ import annotations
@@ -170,9 +175,6 @@ class Tokens:
     @property
     def starts(self) -> np.ndarray:
         return np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
-
-    def samples(self) -> list[tuple[list[int], list[int]]]:
-        return [(self.ids[a:a + n].tolist(), self.labels[a:a + n].tolist()) for a, n in zip(self.starts, self.lengths)]
 
 
 def _encode_chunk(cfg: Config, enc: Encoder, rows: list[tuple[str, Row]]) -> tuple[Tokens, dict, dict]:
