@@ -57,27 +57,6 @@ def apply_peft(model, peft: PeftConfig, task_type: str = "CAUSAL_LM", tokenizer_
         raise ConfigError(f"peft.target_modules: {e}") from None
 
 
-def record_portable_base(model, name_or_path: str | None) -> None:
-    """Make a PEFT model's adapter_config.json name its base as the user did when that name is what lmforge
-    resolves on any machine: the built-in alias or a ``.gguf`` file. PEFT would record the directory the
-    weights were loaded from, here the machine-local GGUF import cache (``~/.cache/lmforge/models/...``),
-    which another machine does not have. Every save (checkpoints, the final adapter, both engines) then
-    writes the portable name. Plain model directories keep the path PEFT records."""
-    from peft import PeftModel
-
-    from lmforge.models import ALIASES
-
-    if not isinstance(model, PeftModel) or not name_or_path or not (name_or_path in ALIASES or
-                                                                     name_or_path.endswith(".gguf")):
-        return
-    base = model.get_base_model()
-    if base.get_input_embeddings().weight.shape[0] != json.loads(
-            (Path(base.name_or_path) / "config.json").read_text()).get("vocab_size"):
-        return  # resized embeddings: PEFT reads the base's config at save time to know it must save them
-    for config in model.peft_config.values():
-        config.base_model_name_or_path = name_or_path
-
-
 def freeze_except(model, patterns: list[str]) -> int:
     """Full fine-tune with only parameters matching a glob trainable; returns how many tensors stay trainable."""
     n = 0

@@ -339,7 +339,18 @@ def is_adapter_dir(path: Path) -> bool:
 
 
 def adapter_base(path: Path) -> str:
-    return json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    """The base an adapter names. PEFT records the directory its base was loaded from: for the built-in alias
+    or a .gguf file that is the machine-local import cache (``models/<gguf stem>-<key>``), which keeps
+    ``AutoPeftModelForCausalLM.from_pretrained(adapter)`` working where it was trained (CONTRACT.md). On a
+    machine without that directory, an import-cache path of an alias's GGUF file is read as the alias, so
+    lmforge imports the GGUF there and loads the adapter on any machine."""
+    base = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    if base in ALIASES or Path(base).expanduser().exists():
+        return base
+    for alias, (_, filename) in ALIASES.items():
+        if Path(base).name.startswith(Path(filename).stem + "-") and Path(base).parent.name == "models":
+            return alias
+    return base
 
 
 def architecture(cfg) -> str:

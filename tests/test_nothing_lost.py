@@ -283,7 +283,8 @@ def test_a_crashed_gguf_import_is_never_used(fake_gguf, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------ portable base
-def test_an_adapter_trained_from_the_alias_records_the_alias(tmp_path, tiny_model_dir, fake_gguf, monkeypatch):
+def test_an_adapter_trained_from_the_alias_loads_on_another_machine(tmp_path, tiny_model_dir, fake_gguf,
+                                                                   monkeypatch):
     from lmforge import models
 
     gguf, calls = fake_gguf
@@ -294,8 +295,10 @@ def test_an_adapter_trained_from_the_alias_records_the_alias(tmp_path, tiny_mode
                        train={"max_steps": 2, "save_steps": 2, "engine": "native"})
     assert main(["train", str(write_config(tmp_path / "c.yaml", tree))]) == 0
     out = tmp_path / "out"
-    for d in (out, out / "checkpoint-2"):
-        assert json.loads((d / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-alias"
+    for d in (out, out / "checkpoint-2"):  # PEFT's own record: plain PEFT loads it on this machine (CONTRACT.md)
+        recorded = json.loads((d / "adapter_config.json").read_text())["base_model_name_or_path"]
+        assert Path(recorded).parent == models.cache_root() / "models" and Path(recorded).is_dir()
+        assert models.adapter_base(d) == recorded
     # another machine: a different cache, this one's import gone; lmforge finds the base from the alias
     shutil.rmtree(models.cache_root())
     monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "other-machine-cache"))
@@ -303,3 +306,4 @@ def test_an_adapter_trained_from_the_alias_records_the_alias(tmp_path, tiny_mode
     assert main(["generate", "--model", str(out), "--input", str(prompts), "--output", str(tmp_path / "g.jsonl"),
                  "--max-new-tokens", "2", "--no-progress"]) == 0
     assert len(calls) == 2  # imported again on the "other machine"
+    assert models.adapter_base(out) == "tiny-alias"  # the missing import-cache path is read as the alias

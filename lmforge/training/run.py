@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from lmforge.adapters import (
-    apply_peft, count_parameters, freeze_except, quantization_kwargs, record_portable_base,
+    apply_peft, count_parameters, freeze_except, quantization_kwargs,
 )
 from lmforge.config import Config
 from lmforge.distributed import strategy
@@ -113,8 +113,6 @@ def load_model_and_tokenizer(cfg: Config, auto_class=None, task_type: str = "CAU
     else:
         torch.manual_seed(cfg.train.seed)  # adapter init (LoRA A, prompt embeddings) is part of "seed for init"
         model = apply_peft(model, cfg.peft, task_type=task_type, tokenizer_path=str(model_dir) if model_dir else None)
-    # the alias (not this machine's import cache path) goes into every adapter_config.json this run writes
-    record_portable_base(model, adapter_base(adapter_dir) if adapter_dir is not None else cfg.model.name_or_path)
     if cfg.train.trainable:
         freeze_except(model, cfg.train.trainable)
     trainable, total = count_parameters(model)
