@@ -217,3 +217,13 @@ def test_cached_rerun_does_not_tokenise(tmp_path, tiny_model_dir, lmforge_cache,
     os.utime(data, ns=(os.stat(data).st_atime_ns, os.stat(data).st_mtime_ns + 10**9))  # the file changed: rebuild
     _, _, path3 = prepare.prepare_split(cfg, tok, "train", packed=True)
     assert sum(calls) == 96 and path3 != path
+
+
+@pytest.mark.parametrize("chat_template", [False, True])
+def test_batched_encoding_equals_one_row_at_a_time(tiny_tokenizer_dir, chat_template):
+    tok = _tok(tiny_tokenizer_dir, CHATML_TEMPLATE)
+    rows = [({"text": "the quick brown fox"}, "text"), ({"prompt": "name the fox:", "completion": " the quick fox"},
+            "prompt_completion"), ({"messages": CHAT}, "chat"), ({"text": "a lazy dog"}, "text")]
+    batched = Encoder(tok, apply_chat_template=chat_template).encode_batch(rows)
+    one = Encoder(tok, apply_chat_template=chat_template)
+    assert batched == [one.encode(row, fmt) for row, fmt in rows]
