@@ -112,13 +112,9 @@ def publish(staged: Path, final: Path) -> None:
         os.replace(staged, final)
 
 
-def write_checkpoint_atomically(root: Path, name: str, write, barrier, is_main: bool,
-                                save_total_limit: int | None = None) -> Path:
-    """Write checkpoint ``name`` through ``write(staging_dir)`` (called on every rank), then rename it into
-    ``root/name`` only once every rank is done: a crash or a full disk mid-write leaves the previous
-    checkpoints as they were and no half-written one under a checkpoint name. Used by the native engine;
-    ``LmforgeTrainerMixin`` does the same around the Trainer's own writer."""
-    staged, final = root / STAGING / name, root / name
+def _write_staged(staged: Path, write, barrier, is_main: bool, disk_full) -> None:
+    """Empty ``staged`` and ``write`` into it on every rank. On a failure ``disk_full(e)`` raises its clear
+    error if the disk is full; either way the partial write is removed and nothing takes a real name."""
     if is_main:
         shutil.rmtree(staged, ignore_errors=True)  # left over from a crash
         staged.mkdir(parents=True)
@@ -126,14 +122,28 @@ def write_checkpoint_atomically(root: Path, name: str, write, barrier, is_main: 
     try:
         write(staged)
     except BaseException as e:
-        previous = complete_checkpoints(root)
-        _raise_if_disk_full(e, f"{name} in {root}", root, staged, is_main,
-                            expected=dir_size(previous[-1]) if previous else None,
-                            kept=f"{previous[-1].name} is intact" if previous else "no earlier checkpoint exists")
+        disk_full(e)
         if is_main:
             shutil.rmtree(staged, ignore_errors=True)
         raise
     barrier()  # every rank has written its part
+
+
+def write_checkpoint_atomically(root: Path, name: str, write, barrier, is_main: bool,
+                                save_total_limit: int | None = None) -> Path:
+    """Write checkpoint ``name`` through ``write(staging_dir)`` (called on every rank), then rename it into
+    ``root/name`` only once every rank is done: a crash or a full disk mid-write leaves the previous
+    checkpoints as they were and no half-written one under a checkpoint name. Used by the native engine;
+    ``LmforgeTrainerMixin`` does the same around the Trainer's own writer."""
+    staged, final = root / STAGING / name, root / name
+
+    def disk_full(e: BaseException) -> None:
+        previous = complete_checkpoints(root)
+        _raise_if_disk_full(e, f"{name} in {root}", root, staged, is_main,
+                            expected=dir_size(previous[-1]) if previous else None,
+                            kept=f"{previous[-1].name} is intact" if previous else "no earlier checkpoint exists")
+
+    _write_staged(staged, write, barrier, is_main, disk_full)
     if is_main:
         publish(staged, final)
         if save_total_limit:
@@ -152,21 +162,14 @@ def save_final_atomically(root: Path, write, barrier, is_main: bool, expected_by
     model that this one lacks (``MODEL_FILES``) are removed afterwards."""
     root = Path(root)
     staged = root / STAGING / FINAL
-    if is_main:
-        shutil.rmtree(staged, ignore_errors=True)  # left over from a crash
-        staged.mkdir(parents=True)
-    barrier()
-    try:
-        write(staged)
-    except BaseException as e:
+
+    def disk_full(e: BaseException) -> None:
         ckpts = complete_checkpoints(root)
         kept = (f"the final model was not written (an earlier one in {root} is as it was); the newest checkpoint "
                 f"is {ckpts[-1].name}" if ckpts else "the final model was not written and no checkpoint exists")
         _raise_if_disk_full(e, f"the final model in {root}", root, staged, is_main, expected_bytes, kept)
-        if is_main:
-            shutil.rmtree(staged, ignore_errors=True)
-        raise
-    barrier()  # every rank has written its part
+
+    _write_staged(staged, write, barrier, is_main, disk_full)
     if is_main:
         new = {p.name for p in staged.iterdir()}
         for p in sorted(staged.iterdir()):
