@@ -6,7 +6,6 @@ import pytest
 import torch
 from peft import AutoPeftModelForCausalLM
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
 from conftest import base_config, chat_rows, write_config, write_jsonl
 from lmforge.cli import main
