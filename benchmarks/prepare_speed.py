@@ -20,7 +20,7 @@ import json
 import os
 import random
 import resource
-import subprocess
+import shutil
 import sys
 import tempfile
 import time
@@ -139,6 +139,7 @@ def main() -> None:
           f"{trl['rss_mb']:>20}/{trl['worker_rss_mb']}   (data part {trl['prep_s']:.1f} s, {trl['tokens']:,} tokens)")
     print(f"lmforge cached re-run (whole command): {cached_wall:.1f} s wall")
     print(f"ratio TRL wall / lmforge wall: {trl_wall / lm_wall:.2f}x; load after: {os.getloadavg()[0]:.2f}")
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
