@@ -146,15 +146,16 @@ class Encoder:
                 except Exception:  # the template refuses this role order (e.g. no tool role): not probed
                     continue
             for probe, (text, spans, needs_eos) in cases:
-                turns = [m for m in probe if m["role"] == "assistant"]
-                for i, (m, (s, e)) in zip([j for j, m in enumerate(probe) if m["role"] == "assistant"], zip(turns, spans)):
-                    c = text.find(m["content"], s)
-                    if c < 0 or c + len(m["content"]) > e:
+                turns = [i for i, m in enumerate(probe) if m["role"] == "assistant"]
+                for i, (s, e) in zip(turns, spans):
+                    content = probe[i]["content"]
+                    c = text.find(content, s)
+                    if c < 0 or c + len(content) > e:
                         raise _NoLayout("the assistant content is not inside its loss span")
-                    gen = self.render(probe[:i], add_generation_prompt=True) if i else ""
-                    plain = self.render(probe[:i]) if i else ""
+                    gen = self.render(probe[:i], add_generation_prompt=True)  # i > 0: every probe opens with a user
+                    plain = self.render(probe[:i])
                     anchor = gen[len(plain):] if gen.startswith(plain) else ""
-                    layouts.add(ChatLayout(anchor, text[s:c], text[c + len(m["content"]):e], needs_eos))
+                    layouts.add(ChatLayout(anchor, text[s:c], text[c + len(content):e], needs_eos))
             if len(layouts) != 1:
                 raise _NoLayout("the text around assistant turns varies between turns" if layouts
                                 else "no probe conversation renders")
