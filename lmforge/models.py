@@ -375,3 +375,26 @@ def architecture(cfg) -> str:
     if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
         return "encoder-only"
     return "decoder"
+
+
+def resolve_model_and_tokenizer(cfg):
+    """(model_dir, adapter_dir, tokenizer) for a config, without loading weights (also used by prepare/inspect,
+    which import this module and not the training plumbing: a cached ``prepare`` stays a few seconds).
+
+    An adapter directory as model.name_or_path continues that adapter on its base; its own tokenizer wins.
+    """
+    model_dir = resolve_model_path(cfg.model.name_or_path) if cfg.model.name_or_path else None
+    adapter_dir = None
+    if model_dir is not None and is_adapter_dir(model_dir):
+        adapter_dir, model_dir = model_dir, resolve_model_path(adapter_base(model_dir))
+    if cfg.model.train_tokenizer is not None:  # trained once per output_dir and data, then reused (resume, ranks)
+        from lmforge.data.prepare import training_texts, training_texts_key
+
+        tt = cfg.model.train_tokenizer
+        tokenizer = finalize_tokenizer(trained_tokenizer(
+            lambda: training_texts(cfg), tt.vocab_size, tt.min_frequency, architecture(cfg),
+            Path(cfg.train.output_dir), training_texts_key(cfg)))
+    else:
+        tokenizer = load_tokenizer(cfg.model, adapter_dir if adapter_dir and not cfg.model.tokenizer and
+                                   (adapter_dir / "tokenizer_config.json").exists() else model_dir)
+    return model_dir, adapter_dir, tokenizer

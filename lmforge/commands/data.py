@@ -24,10 +24,8 @@ def add_parser(sub, formatter):
 
 
 def _tokenizer_and_packing(cfg):
-    from lmforge.training.run import resolve_model_and_tokenizer
-
     from lmforge.methods import packing
-    from lmforge.models import architecture
+    from lmforge.models import architecture, resolve_model_and_tokenizer
 
     _, _, tok = resolve_model_and_tokenizer(cfg)
     return tok, packing(cfg, architecture(cfg))

@@ -22,9 +22,8 @@ from lmforge.adapters import (
 from lmforge.config import Config
 from lmforge.distributed import strategy
 from lmforge.errors import ConfigError
-from lmforge.models import (
-    adapter_base, finalize_tokenizer, is_adapter_dir, load_model, load_tokenizer, pick_dtype, resolve_model_path,
-    trained_tokenizer,
+from lmforge.models import (  # resolve_model_and_tokenizer lives in models.py (prepare/inspect load no trainer)
+    load_model, pick_dtype, resolve_model_and_tokenizer,
 )
 from lmforge.training.callbacks import OutputsCallback, TokenCounter, truncate_metrics_after, write_report
 from lmforge.training.checkpoint import (
@@ -73,29 +72,6 @@ def precision_for(cfg: Config) -> Precision:
 
 
 # ------------------------------------------------------------------------------------ model + tokenizer
-def resolve_model_and_tokenizer(cfg: Config):
-    """(model_dir, adapter_dir, tokenizer) for a config, without loading weights (also used by prepare/inspect).
-
-    An adapter directory as model.name_or_path continues that adapter on its base; its own tokenizer wins.
-    """
-    model_dir = resolve_model_path(cfg.model.name_or_path) if cfg.model.name_or_path else None
-    adapter_dir = None
-    if model_dir is not None and is_adapter_dir(model_dir):
-        adapter_dir, model_dir = model_dir, resolve_model_path(adapter_base(model_dir))
-    if cfg.model.train_tokenizer is not None:  # trained once per output_dir and data, then reused (resume, ranks)
-        from lmforge.data.prepare import training_texts, training_texts_key
-        from lmforge.models import architecture
-
-        tt = cfg.model.train_tokenizer
-        tokenizer = finalize_tokenizer(trained_tokenizer(
-            lambda: training_texts(cfg), tt.vocab_size, tt.min_frequency, architecture(cfg),
-            Path(cfg.train.output_dir), training_texts_key(cfg)))
-    else:
-        tokenizer = load_tokenizer(cfg.model, adapter_dir if adapter_dir and not cfg.model.tokenizer and
-                                   (adapter_dir / "tokenizer_config.json").exists() else model_dir)
-    return model_dir, adapter_dir, tokenizer
-
-
 def load_model_and_tokenizer(cfg: Config, auto_class=None, task_type: str = "CAUSAL_LM"):
     """Returns (model with adapters applied, tokenizer, precision). Starting from an adapter dir continues it."""
     prec = precision_for(cfg)
