@@ -153,7 +153,7 @@ def _dequantise_gguf(gguf: Path, out: Path) -> None:
     tok.save_pretrained(out)
 
 
-# The special tokens of a tokenizer lmforge trains, by architecture (``seq2seq.architecture``): the tokens in
+# The special tokens of a tokenizer lmforge trains, by architecture (``models.architecture``): the tokens in
 # id order, and the roles they play.
 TOKENIZER_SPECIALS = {
     # causal LMs: ChatML turns, EOS ends every completion and assistant turn

@@ -15,9 +15,8 @@ from transformers import AutoModelForSeq2SeqLM, DataCollatorForSeq2Seq, Seq2SeqT
 
 from lmforge.config import Config
 from lmforge.data.tokenize import IGNORE
-from lmforge.errors import ConfigError, DataError
+from lmforge.errors import DataError
 from lmforge.evaluation.metrics import compute_metrics
-from lmforge.models import architecture  # noqa: F401  (was defined here; kept importable)
 from lmforge.training.checkpoint import LmforgeTrainerMixin
 from lmforge.training.eval_metrics import generation_metric_names
 from lmforge.training.run import (

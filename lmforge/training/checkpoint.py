@@ -19,11 +19,13 @@ from dataclasses import dataclass
 import contextlib
 import errno
 import os
+import random
 import re
 import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lmforge.errors import ConfigError, TrainingError
@@ -336,3 +338,45 @@ class LmforgeTrainerMixin:
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         return EpochSampler(len(dataset), self.args.seed)
+
+
+# ------------------------------------------------------------------------------ native engine checkpoints
+def read_weights(model, ckpt: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's saved tensors: a PEFT adapter's, or a full model's (all its safetensors shards)."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    files = [ckpt / "adapter_model.safetensors"] if isinstance(model, PeftModel) else \
+        sorted(ckpt.glob("model*.safetensors"))
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
+
+
+def load_weights(model, state: dict[str, torch.Tensor], ckpt: Path) -> None:
+    """Load ``read_weights`` output into ``model`` in place; names that do not match are an error."""
+    from peft import PeftModel, set_peft_model_state_dict
+
+    if isinstance(model, PeftModel):
+        set_peft_model_state_dict(model, state)
+        return
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(model.config, "tie_word_embeddings",
+                                                                           False) else set()
+    if set(missing) - tied or unexpected:
+        raise TrainingError(f"{ckpt}: the checkpoint does not match the model (missing {sorted(missing)[:5]}, "
+                            f"unexpected {sorted(unexpected)[:5]})")
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["cpu"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

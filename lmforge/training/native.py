@@ -6,7 +6,7 @@ because speed and exact promises need control of every step (the Trainer's per-s
 autocast of fp32 master weights and its DDP wrapper cost time on CPU; see docs/training.md). It shares
 everything else with that engine: model/tokenizer/PEFT loading and the output directory (``run.py``), data
 (``prepare_split``), the checkpoint layout (``checkpoint-STEP/`` with ``trainer_state.json``, written
-atomically) and the outputs (metrics.jsonl, plots, report.md, tensorboard).
+atomically) and the outputs (metrics.jsonl, plots, report.md, tensorboard: ``tracking.py``).
 
 What a method contributes is an *objective* (``sft.CausalLMObjective``, ``dpo.DPOObjective``): how it
 collates its rows, the units its loss is averaged over (loss tokens, pairs), the loss sum of a micro-batch
@@ -25,20 +25,22 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import random
 import signal
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from lmforge.config import Config
 from lmforge.errors import ConfigError, TrainingError
 from lmforge.training import flops
-from lmforge.training.checkpoint import EpochSampler, write_checkpoint_atomically
+from lmforge.training.checkpoint import (
+    EpochSampler, load_weights, read_weights, rng_state, set_rng_state, write_checkpoint_atomically,
+)
+from lmforge.training.optim import build_optimizer
 from lmforge.training.run import log
+from lmforge.training.tracking import Profiler, Tracker, Window, progress_bar
 from lmforge.training import stopping
 
 ENGINE = "native"
@@ -457,157 +459,3 @@ class NativeTrainer:
 
     def interrupted_message(self) -> str:
         return stopping.interrupted_message(self.stop_signal, self.step, self.max_steps, self.out)
-
-
-# ---------------------------------------------------------------------------------------------- helpers
-class Window:
-    """Loss, metrics and tokens/s over the steps since the last log (loss and metrics averaged per step, as
-    the HF engine)."""
-
-    def __init__(self, keys: tuple[str, ...] = ()):
-        self.keys = ("loss",) + tuple(keys)
-        self.values: dict[str, list[float]] = {k: [] for k in self.keys}
-        self.tokens, self.seconds = 0, 0.0
-
-    def add(self, loss: float, tokens: int, seconds: float, stats: dict[str, float] | None = None) -> None:
-        for k, v in {"loss": loss, **(stats or {})}.items():
-            self.values[k].append(v)
-        self.tokens += tokens
-        self.seconds += seconds
-
-    def take(self) -> dict:
-        out = {k: sum(v) / len(v) if v else None for k, v in self.values.items()}
-        out.update(tokens=self.tokens, seconds=self.seconds)
-        self.values = {k: [] for k in self.keys}
-        self.tokens, self.seconds = 0, 0.0
-        return out
-
-
-class Tracker:
-    """metrics.jsonl + plots/loss.png + tensorboard (``report_to``), written by rank 0 only."""
-
-    def __init__(self, out: Path, report_to: list[str]):
-        from lmforge.training.callbacks import PLOT_EVERY_SECONDS
-
-        self.out, self.every, self.last_plot = out, PLOT_EVERY_SECONDS, 0.0
-        self.tb = None
-        if "tensorboard" in report_to:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out / "runs"))
-
-    def write(self, row: dict, plot: bool = False) -> None:
-        with open(self.out / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            prefix = "eval/" if any(k.startswith("eval_") for k in row) else "train/"
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(prefix + k.removeprefix("eval_"), v, row["step"])
-        if plot or time.monotonic() - self.last_plot > self.every:
-            self.plot()
-
-    def plot(self) -> None:
-        from lmforge.training.callbacks import refresh_plot
-
-        self.last_plot = time.monotonic()
-        refresh_plot(self.out)
-
-    def close(self) -> None:
-        self.plot()
-        if self.tb is not None:
-            self.tb.close()
-
-
-class Profiler:
-    """``train.profile: {start_step, steps}``: a torch.profiler trace of those steps in output_dir/profiler."""
-
-    def __init__(self, cfg: Config, out: Path):
-        p = cfg.train.profile
-        self.first, self.last = (p.start_step, p.start_step + p.steps - 1) if p else (0, -1)
-        self.dir, self.prof = out / "profiler", None
-
-    def before_step(self, step: int) -> None:
-        if step == self.first:
-            from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
-
-            self.prof = profile(activities=[ProfilerActivity.CPU], record_shapes=True,
-                                on_trace_ready=tensorboard_trace_handler(str(self.dir)))
-            self.prof.__enter__()
-
-    def after_step(self, step: int) -> None:
-        if self.prof is not None and step == self.last:
-            self.prof.__exit__(None, None, None)
-            log(f"profile of steps {self.first}-{self.last} written to {self.dir}")
-            self.prof = None
-
-
-def progress_bar(total: int, initial: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
-
-
-def build_optimizer(cfg: Config, model, named: list) -> torch.optim.Optimizer:
-    """AdamW (fused by default on CPU: one kernel for every tensor), LAMB or SGD over ``named`` (name,
-    parameter) pairs; no weight decay on biases and norms (the same groups as the HF Trainer)."""
-    from transformers import Trainer
-
-    from lmforge.training.optim import Lamb
-    from lmforge.training.run import default_learning_rate
-
-    t = cfg.train
-    decay = set(Trainer.get_decay_parameter_names(None, model))
-    groups = [{"params": [p for n, p in named if n in decay], "weight_decay": t.weight_decay},
-              {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    lr = default_learning_rate(cfg)
-    if t.optim == "lamb":
-        return Lamb(groups, lr=lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
-    if t.optim == "sgd":
-        return torch.optim.SGD(groups, lr=lr)
-    fused = t.optim in ("adamw_torch", "adamw_torch_fused")  # measured faster than foreach on CPU
-    return torch.optim.AdamW(groups, lr=lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
-                             fused=fused, foreach=not fused)
-
-
-def read_weights(model, ckpt: Path) -> dict[str, torch.Tensor]:
-    """A checkpoint's saved tensors: a PEFT adapter's, or a full model's (all its safetensors shards)."""
-    from peft import PeftModel
-    from safetensors.torch import load_file
-
-    files = [ckpt / "adapter_model.safetensors"] if isinstance(model, PeftModel) else \
-        sorted(ckpt.glob("model*.safetensors"))
-    state = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    return state
-
-
-def load_weights(model, state: dict[str, torch.Tensor], ckpt: Path) -> None:
-    """Load ``read_weights`` output into ``model`` in place; names that do not match are an error."""
-    from peft import PeftModel, set_peft_model_state_dict
-
-    if isinstance(model, PeftModel):
-        set_peft_model_state_dict(model, state)
-        return
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(model.config, "tie_word_embeddings",
-                                                                           False) else set()
-    if set(missing) - tied or unexpected:
-        raise TrainingError(f"{ckpt}: the checkpoint does not match the model (missing {sorted(missing)[:5]}, "
-                            f"unexpected {sorted(unexpected)[:5]})")
-
-
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["cpu"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
