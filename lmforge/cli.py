@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     except LmforgeError as e:
         if args.debug:
             raise
-        print(f"lmforge: error: {e}", file=sys.stderr)
+        # one write, not print's two: the ranks of a multi-process run share stderr, and their lines must not merge
+        sys.stderr.write(f"lmforge: error: {e}\n")
+        sys.stderr.flush()
         return e.exit_code
     except KeyboardInterrupt:
         print("lmforge: interrupted", file=sys.stderr)

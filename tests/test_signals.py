@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -237,8 +238,7 @@ def test_sigterm_to_a_two_process_run_checkpoints_every_rank_and_resumes_bitwise
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode != 0, err[-3000:]
-    stopped = [int(line.split("stopped by SIGTERM at step ")[1].split()[0]) for line in err.splitlines()
-               if "lmforge: error: stopped by SIGTERM at step" in line]
+    stopped = [int(n) for n in re.findall(r"lmforge: error: stopped by SIGTERM at step (\d+)", err)]
     assert len(stopped) == 2 and stopped[0] == stopped[1], err[-3000:]  # both ranks, at the same step
     step = stopped[0]
     assert 3 <= step < 40, "the run ended before the signal; nothing was tested"
