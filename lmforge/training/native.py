@@ -40,7 +40,7 @@ from lmforge.training.checkpoint import (
 )
 from lmforge.training.optim import build_optimizer
 from lmforge.training.run import log
-from lmforge.training.tracking import Profiler, Tracker, Window, progress_bar
+from lmforge.training.tracking import NATIVE_TRACKERS, Profiler, Tracker, Window, progress_bar
 from lmforge.training import stopping
 
 ENGINE = "native"
@@ -67,10 +67,10 @@ def unsupported(cfg: Config) -> str | None:
         return f"train.distributed: {t.distributed} runs on train.engine: hf; the native engine runs ddp (or none)"
     if t.optim not in NATIVE_OPTIMIZERS:
         return f"train.optim: {t.optim} runs on train.engine: hf; the native engine has {', '.join(NATIVE_OPTIMIZERS)}"
-    other = [r for r in t.report_to if r not in ("tensorboard", "none")]
+    other = [r for r in t.report_to if r not in NATIVE_TRACKERS + ("none",)]
     if other:
         return (f"train.report_to: {', '.join(other)} runs on train.engine: hf; the native engine reports to "
-                "tensorboard (and metrics.jsonl)")
+                f"{', '.join(NATIVE_TRACKERS)} (and metrics.jsonl)")
     if t.torch_compile:
         return "train.torch_compile runs on train.engine: hf; the native engine does not compile the model yet"
     if t.dataloader_num_workers:

@@ -11,6 +11,8 @@ from pathlib import Path
 from lmforge.config import Config
 from lmforge.training.run import log
 
+NATIVE_TRACKERS = ("tensorboard",)  # train.report_to names the native engine's Tracker writes to
+
 
 class Window:
     """Loss, metrics and tokens/s over the steps since the last log (loss and metrics averaged per step, as
