@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "lmforge.commands.data",
     "lmforge.commands.generate",
     "lmforge.commands.serve",
+    "lmforge.commands.chat",
     "lmforge.commands.eval",
     "lmforge.commands.merge",
     "lmforge.commands.consolidate",
