@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "lmforge.commands.eval",
     "lmforge.commands.merge",
     "lmforge.commands.consolidate",
+    "lmforge.commands.export",
 ]
 
 
