@@ -135,7 +135,9 @@ class TrainConfig:
                                                         "no: never evaluate (HF alias: evaluation_strategy)")
     gradient_checkpointing: bool = _f(False, "trade compute for memory")
     torch_compile: bool = _f(False, "compile the model (pays off only for long runs on CPU)")
-    report_to: list[str] = _f(["tensorboard"], "trackers: tensorboard, wandb, mlflow, or none")
+    report_to: list[str] = _f(["tensorboard"], "trackers: tensorboard, wandb (offline without an API key), mlflow "
+                                               "(file store output_dir/mlruns unless MLFLOW_TRACKING_URI), aim, or none")
+    aim_repo: str | None = _f(None, "report_to: aim: the Aim repository directory (default output_dir/aim)")
     run_name: str | None = _f(None, "run name shown by trackers")
     resume: str = _f("auto", "auto = newest complete checkpoint in output_dir, never, or a checkpoint path")
     on_nan: Literal["stop", "skip_batch"] = _f(
@@ -477,6 +479,9 @@ HF_SCHEDULERS = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
     "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay", "greedy",
 )
+# report_to names lmforge writes itself on both engines (training/tracking.py), fed the rows of metrics.jsonl;
+# transformers' own integration of the same name is not used (no duplicates). transformers 5 has no Aim.
+LMFORGE_TRACKERS = ("tensorboard", "wandb", "mlflow", "aim")
 HF_TRACKERS = (
     "azure_ml", "comet_ml", "mlflow", "neptune", "tensorboard", "trackio", "wandb", "codecarbon", "clearml",
     "dagshub", "flyte", "dvclive", "swanlab", "kubeflow",
@@ -520,8 +525,10 @@ def _check_names(t: TrainConfig, where: str) -> None:
                           "use adamw_torch")
     _check_name(t.lr_scheduler_type, HF_SCHEDULERS, "lr_scheduler_type", where)
     for name in t.report_to:
-        hint = "; transformers 5 has no Aim integration" if name == "aim" else ""
-        _check_name(name, HF_TRACKERS + ("none", "all"), "report_to", where, hint)
+        _check_name(name, LMFORGE_TRACKERS + HF_TRACKERS + ("none", "all"), "report_to", where)
+    if t.aim_repo is not None and not {"aim", "all"} & set(t.report_to):
+        raise ConfigError(f"{where}: train.aim_repo: set, but train.report_to has no aim (it would be ignored); "
+                          "add aim to train.report_to or remove train.aim_repo")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -89,7 +89,7 @@ def test_a_checkpoint_resumes_only_in_its_own_engine(tmp_path, tiny_model_dir, l
     (["train.torch_compile=true"], "train.torch_compile runs on train.engine: hf"),
     (["train.distributed=deepspeed", "train.deepspeed=zero2"], "runs on train.engine: hf"),
     (["train.optim=adamw_bnb_8bit"], "the native engine has adamw_torch"),
-    (["train.report_to=[wandb]"], "reports to tensorboard"),
+    (["train.report_to=[comet_ml]"], "reports to tensorboard"),
 ])
 def test_what_native_cannot_run_is_refused(tmp_path, tiny_model_dir, capsys, overrides, message):
     data = write_jsonl(tmp_path / "d.jsonl", chat_rows(4))

@@ -106,11 +106,14 @@ def progress_postfix(row: dict) -> dict[str, str]:
 
 
 class OutputsCallback(TrainerCallback):
-    """Writes metrics.jsonl (one object per log), refreshes plots/loss.png, shows a progress bar."""
+    """Writes metrics.jsonl (one object per log), refreshes plots/loss.png, shows a progress bar, and sends each
+    row to the ``report_to`` trackers lmforge writes itself (``tracking.Trackers``, as the native engine)."""
 
     def __init__(self, output_dir: str, counter: TokenCounter, show_progress: bool = True,
-                 perplexity: bool = True, flops_per_token: float | None = None, peak_flops: float | None = None):
+                 perplexity: bool = True, flops_per_token: float | None = None, peak_flops: float | None = None,
+                 report_to: list[str] = ()):
         self.dir = Path(output_dir)
+        self.report_to, self.trackers = list(report_to), None  # opened on rank 0 when training begins
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops  # for mfu (training/flops.py)
         self.perplexity = perplexity
         self.counter = counter
@@ -136,6 +139,10 @@ class OutputsCallback(TrainerCallback):
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", dynamic_ncols=True)
+        if state.is_world_process_zero and self.trackers is None:
+            from lmforge.training.tracking import Trackers
+
+            self.trackers = Trackers(self.dir, self.report_to)
         tokens = self.counter.total()
         self._last = (tokens, self.train_seconds)
 
@@ -165,6 +172,8 @@ class OutputsCallback(TrainerCallback):
         self.dir.mkdir(parents=True, exist_ok=True)
         with open(self.dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
+        if self.trackers is not None:
+            self.trackers.log(row)
         if self.bar is not None and "loss" in logs:
             self.bar.set_postfix(progress_postfix(logs), refresh=False)
         if time.monotonic() - self._last_plot > PLOT_EVERY_SECONDS or "eval_loss" in logs:
@@ -180,6 +189,9 @@ class OutputsCallback(TrainerCallback):
             self.bar = None
         if state.is_world_process_zero:
             self.refresh_plot()
+        if self.trackers is not None:
+            self.trackers.close()
+            self.trackers = None
 
 
 def truncate_metrics_after(output_dir: str | Path, step: int) -> None:

@@ -108,10 +108,11 @@ def training_args(cfg: Config, prec: Precision, has_eval: bool, args_cls=None, *
     """Map lmforge's train section onto TrainingArguments (or a TRL config class) with lmforge's defaults."""
     from transformers import TrainingArguments
 
+    from lmforge.training.tracking import hf_report_to  # tracking.py imports this module
+
     args_cls = args_cls or TrainingArguments
     t = cfg.train
     warmup = t.warmup_ratio if t.warmup_ratio is not None else t.warmup_steps
-    report = [r for r in t.report_to if r != "none"]
     kwargs = dict(
         output_dir=t.output_dir, max_steps=t.max_steps, num_train_epochs=t.num_train_epochs,
         learning_rate=default_learning_rate(cfg), lr_scheduler_type=t.lr_scheduler_type,
@@ -123,10 +124,10 @@ def training_args(cfg: Config, prec: Precision, has_eval: bool, args_cls=None, *
         logging_steps=t.logging_steps, logging_first_step=True, save_strategy=t.save_strategy, save_steps=t.save_steps,
         save_total_limit=t.save_total_limit, eval_strategy="steps" if has_eval and t.eval_strategy != "no" else "no",
         eval_steps=t.eval_steps or t.save_steps, gradient_checkpointing=t.gradient_checkpointing,
-        torch_compile=t.torch_compile, report_to=report or "none", run_name=t.run_name,
+        torch_compile=t.torch_compile, report_to=hf_report_to(t.report_to), run_name=t.run_name,
         dataloader_num_workers=t.dataloader_num_workers, bf16=prec.bf16, fp16=prec.fp16,
         use_cpu=not torch.cuda.is_available(), remove_unused_columns=False, disable_tqdm=True,
-    )  # tensorboard writes to output_dir/runs/ (transformers 5's default; it has no logging_dir)
+    )  # lmforge writes tensorboard (output_dir/runs/), wandb, mlflow, aim itself (OutputsCallback, tracking.py)
     kwargs.update(strategy.trainer_kwargs(cfg, prec))  # ddp / fsdp / deepspeed (lmforge/distributed)
     kwargs.update(method_kwargs)
     names = {f.name for f in dataclasses.fields(args_cls)}
@@ -160,7 +161,7 @@ def outputs_callback(cfg: Config, flops_per_token: float | None = None,
     peak = flops.peak_flops(prec.compute) if flops_per_token and prec is not None else None
     cb = OutputsCallback(cfg.train.output_dir, counter,
                          perplexity=METHODS[cfg.method].token_loss,  # eval_loss is a token NLL only there
-                         flops_per_token=flops_per_token, peak_flops=peak)
+                         flops_per_token=flops_per_token, peak_flops=peak, report_to=cfg.train.report_to)
     return cb, counter
 
 
