@@ -244,3 +244,16 @@ def test_aim_repo_setting_is_used(tmp_path, monkeypatch):
     metrics = {m.name: m.data.items_list() for m in Repo(str(tmp_path / "elsewhere")).get_run(run_hash).metrics()}
     assert list(metrics) == ["loss"] and metrics["loss"][0] == [1] and metrics["loss"][1][0] == [2.5]
     assert not (tmp_path / "aim").exists()
+
+
+def test_wandb_is_offline_unless_an_api_key_is_set_up(tmp_path, monkeypatch):
+    from lmforge.training.tracking import _wandb_api_key
+
+    assert not _wandb_api_key()  # the fixture's empty home, no WANDB_API_KEY: offline
+    netrc = tmp_path / "home" / ".netrc"
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password 0123456789abcdef\n")
+    netrc.chmod(0o600)
+    assert _wandb_api_key()  # `wandb login` wrote ~/.netrc
+    netrc.unlink()
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef")
+    assert _wandb_api_key()
