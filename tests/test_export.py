@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -141,6 +139,21 @@ def test_export_refuses_to_overwrite_a_file(tiny_model_dir, tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["model.gguf"]  # no temporary file left beside it
 
 
+def test_a_failed_export_leaves_the_old_file_and_no_partial_one(tiny_model_dir, tmp_path, monkeypatch):
+    from lmforge.inference import export as export_module
+
+    out = tmp_path / "model.gguf"
+    out.write_text("previous export")
+
+    def fail(name, data, quant):
+        raise KeyboardInterrupt  # as a user's Ctrl-C while the tensors are written
+
+    monkeypatch.setattr(export_module, "_encode", fail)
+    assert export(tiny_model_dir, out, "--overwrite") == 130
+    assert out.read_text() == "previous export"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.gguf"]
+
+
 @pytest.fixture(scope="module")
 def tiny_gpt2_dir(tiny_tokenizer_dir, tmp_path_factory):
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
@@ -258,4 +271,4 @@ def test_llama_cpp_loads_the_file_and_agrees(tiny_model_dir, tmp_path):
     want = logits(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval(),
                   torch.tensor([ids]))[0]
     assert (got - want).abs().max() < 1e-2
-    assert json.loads(json.dumps(llm.metadata))["tokenizer.ggml.pre"] == "gpt-2"
+    assert llm.metadata["tokenizer.ggml.pre"] == "gpt-2"

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import gguf
@@ -86,8 +85,7 @@ def export_gguf(model: str, output: str | Path, quant: str = "f16", overwrite: b
         raise UnsupportedError(f"--model: {model} is a prompt-tuning adapter; its virtual tokens cannot be merged "
                                "into weights, so it has no GGUF form")
     name = (loaded.adapter_dir or loaded.model_dir).name
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".exporting")
-    os.close(fd)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.exporting")  # created by the writer, with the umask's mode
     try:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
         _add_hparams(writer, loaded.model.config, name, QUANTS[quant][1])
@@ -101,7 +99,7 @@ def export_gguf(model: str, output: str | Path, quant: str = "f16", overwrite: b
         writer.close()
         os.replace(tmp, out)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return out
 
