@@ -61,6 +61,13 @@ def _losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+def _grad_norms(out: Path) -> list[float]:
+    """Adam's update barely depends on the gradients' scale: a run whose gradients were averaged where they
+    should be summed would train alike. The logged norms show it."""
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["grad_norm"] for r in rows if "grad_norm" in r]
+
+
 def _weights(path: Path) -> dict[str, torch.Tensor]:
     from transformers import AutoModelForCausalLM
 
@@ -227,7 +234,7 @@ def test_two_nodes_one_command_each_with_hybrid_fsdp(ddp_run, tiny_model_dir):
 
     root = ddp_run.root
     cfg = write_config(root / "nodes.yaml", _tree(tiny_model_dir, ddp_run.data, root / "nodes", distributed="fsdp",
-                                                  fsdp_sharding="hybrid", per_device_train_batch_size=2))
+                                                  fsdp_sharding="hybrid", per_device_train_batch_size=2, engine="hf"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -245,7 +252,8 @@ def test_two_nodes_one_command_each_with_hybrid_fsdp(ddp_run, tiny_model_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, overrides, marker", [
-    ("fsdp", ["train.distributed=fsdp"], "pytorch_model_fsdp_0"),
+    ("fsdp", ["train.distributed=fsdp", "train.engine=hf"], "pytorch_model_fsdp_0"),
+    ("fsdp-native", ["train.distributed=fsdp", "train.engine=native"], "optimizer/.metadata"),
     ("zero2", ["train.distributed=deepspeed", "train.deepspeed=zero2"], "global_step4"),
     ("zero3_offload", ["train.distributed=deepspeed", "train.deepspeed=zero3_offload"], "global_step4"),
 ])
@@ -253,18 +261,21 @@ def test_sharded_strategy_trains_resumes_and_consolidates(ddp_run, tiny_model_di
     root, out = ddp_run.root, ddp_run.root / name
     cfg = write_config(root / f"{name}.yaml", _tree(tiny_model_dir, ddp_run.data, out, per_device_train_batch_size=4))
     # FSDP under the user's own torchrun; DeepSpeed through lmforge's launcher
-    cmd = _torchrun("train", str(cfg), *overrides) if name == "fsdp" else \
+    cmd = _torchrun("train", str(cfg), *overrides) if name.startswith("fsdp") else \
         _lmforge("train", "--nproc-per-node", "2", str(cfg), *overrides)
     kind = overrides[0].split("=")[1]
     # a run that stops after step 2 (its checkpoint is sharded), then is resumed to step 4
     proc = _run(cmd + ["train.max_steps=2"], root / "cache")
     assert f"distributed: {kind} on 2 processes, backend gloo" in proc.stdout
     assert (out / "checkpoint-2" / marker.replace("4", "2")).exists()
+    if name == "fsdp-native":  # the weights are gathered into a plain model; the optimizer state stays sharded
+        assert "mesh {'shard': 2}" in proc.stdout and (out / "checkpoint-2" / "model.safetensors").exists()
     proc = _run(cmd, root / "cache")
     assert "resuming from" in proc.stdout and "checkpoint-2" in proc.stdout
     assert (out / "checkpoint-4" / marker).exists()
     # same trajectory as DDP; the final model is a plain HF model
     _assert_close_losses(_losses(out), _losses(ddp_run.out), rel=1e-4)
+    torch.testing.assert_close(_grad_norms(out), _grad_norms(ddp_run.out), rtol=1e-4, atol=0)
     final = _weights(out)
     _assert_close_weights(final, _weights(ddp_run.out), atol=1e-4)
 
@@ -272,6 +283,44 @@ def test_sharded_strategy_trains_resumes_and_consolidates(ddp_run, tiny_model_di
     assert main(["consolidate", str(out / "checkpoint-4"), "--output", str(root / f"{name}-plain")]) == 0
     _assert_close_weights(_weights(root / f"{name}-plain"), final, atol=1e-6)
     assert (root / f"{name}-plain" / "tokenizer_config.json").exists()
+
+
+@pytest.mark.slow
+def test_native_fsdp_lora_in_bf16_equals_one_process_and_resumes_bitwise(ddp_run, tiny_model_dir, lmforge_cache):
+    """FSDP2 on the native engine with a LoRA adapter in bf16 (FSDP casts the fp32 adapter shards as it gathers
+    them): 2 processes x 2 rows x 2 micro-batches follow 1 process x 8 rows; a run stopped at step 2 and
+    resumed ends bitwise equal to an uninterrupted one; the final adapter loads with PEFT."""
+    from peft import AutoPeftModelForCausalLM
+    from safetensors.torch import load_file
+
+    root = ddp_run.root
+    fsdp = dict(distributed="fsdp", per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    for name, train in (("lora-one", dict(per_device_train_batch_size=8)), ("lora-fsdp", fsdp),
+                        ("lora-fsdp-stop", fsdp)):
+        tree = _tree(tiny_model_dir, ddp_run.data, root / name, engine="native", **train)
+        tree.update(model={**tree["model"], "dtype": "bfloat16"}, peft={"kind": "lora", "r": 4, "alpha": 8,
+                                                                         "dropout": 0.0})
+        cfg = write_config(root / f"{name}.yaml", tree)
+        if name == "lora-one":
+            assert main(["train", str(cfg)]) == 0
+        elif name == "lora-fsdp-stop":
+            _run(_torchrun("train", str(cfg), "train.max_steps=2"), root / "cache")
+            _run(_torchrun("train", str(cfg)), root / "cache")
+        else:
+            proc = _run(_torchrun("train", str(cfg)), root / "cache")
+            assert "distributed: fsdp on 2 processes, backend gloo, native engine" in proc.stdout
+    _assert_close_losses(_losses(root / "lora-fsdp"), _losses(root / "lora-one"), rel=1e-4)
+    torch.testing.assert_close(_grad_norms(root / "lora-fsdp"), _grad_norms(root / "lora-one"), rtol=2e-2, atol=0)
+    adapters = {n: load_file(root / n / "adapter_model.safetensors") for n in ("lora-one", "lora-fsdp", "lora-fsdp-stop")}
+    assert adapters["lora-fsdp"].keys() == adapters["lora-one"].keys()
+    for k, one in adapters["lora-one"].items():
+        fsdp = adapters["lora-fsdp"][k]
+        assert fsdp.dtype == torch.float32  # the fp32 shards, not their bf16 casts
+        assert (fsdp - one).abs().max() <= 5e-2 * one.abs().max(), k  # bf16 sums in another order
+        assert torch.equal(fsdp, adapters["lora-fsdp-stop"][k]), k
+    assert _losses(root / "lora-fsdp") == _losses(root / "lora-fsdp-stop")
+    model = AutoPeftModelForCausalLM.from_pretrained(root / "lora-fsdp")
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
 
 
 @pytest.mark.slow

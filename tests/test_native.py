@@ -88,6 +88,7 @@ def test_a_checkpoint_resumes_only_in_its_own_engine(tmp_path, tiny_model_dir, l
     (["method=dpo", "dpo.loss_type=aot"], "dpo.loss_type: aot runs on train.engine: hf"),
     (["train.torch_compile=true"], "train.torch_compile runs on train.engine: hf"),
     (["train.distributed=deepspeed", "train.deepspeed=zero2"], "runs on train.engine: hf"),
+    (["method=dpo", "train.distributed=fsdp"], "method dpo with train.distributed: fsdp runs on train.engine: hf"),
     (["train.optim=adamw_bnb_8bit"], "the native engine has adamw_torch"),
     (["train.report_to=[comet_ml]"], "reports to tensorboard"),
 ])

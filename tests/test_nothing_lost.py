@@ -46,8 +46,8 @@ def _fail_writes(monkeypatch, engine, when) -> None:
 
         real = NativeTrainer.save_model
 
-        def save_model(self, directory):
-            return _enospc(directory) if when(Path(directory), self.step) else real(self, directory)
+        def save_model(self, directory, weights=None):
+            return _enospc(directory) if when(Path(directory), self.step) else real(self, directory, weights)
 
         monkeypatch.setattr(NativeTrainer, "save_model", save_model)
     else:

@@ -8,6 +8,8 @@ everything else with that engine: model/tokenizer/PEFT loading and the output di
 (``prepare_split``), the checkpoint layout (``checkpoint-STEP/`` with ``trainer_state.json``, written
 atomically) and the outputs (metrics.jsonl, plots, report.md, tensorboard: ``tracking.py``).
 
+Several processes run DDP (gradients summed in one all-reduce per step, here) or FSDP2 (``sharding.py``).
+
 What a method contributes is an *objective* (``sft.CausalLMObjective``, ``dpo.DPOObjective``): how it
 collates its rows, the units its loss is averaged over (loss tokens, pairs), the loss sum of a micro-batch
 and the sums of its metrics. The loop, the averaging over a whole step and everything around it are here.
@@ -63,8 +65,12 @@ def unsupported(cfg: Config) -> str | None:
                     f"{', '.join(NATIVE_LOSSES)}")
         if cfg.peft.kind not in ("none", "lora", "dora", "qlora"):
             return f"peft.kind: {cfg.peft.kind} with dpo runs on train.engine: hf"
-    if t.distributed in ("deepspeed", "fsdp"):
-        return f"train.distributed: {t.distributed} runs on train.engine: hf; the native engine runs ddp (or none)"
+    if t.distributed == "deepspeed":
+        return "train.distributed: deepspeed runs on train.engine: hf; the native engine runs ddp and fsdp"
+    if t.distributed == "fsdp":
+        why = fsdp_unsupported(cfg)
+        if why:
+            return f"{why} with train.distributed: fsdp runs on train.engine: hf"
     if t.optim not in NATIVE_OPTIMIZERS:
         return f"train.optim: {t.optim} runs on train.engine: hf; the native engine has {', '.join(NATIVE_OPTIMIZERS)}"
     other = [r for r in t.report_to if r not in NATIVE_TRACKERS + ("none",)]
@@ -75,6 +81,19 @@ def unsupported(cfg: Config) -> str | None:
         return "train.torch_compile runs on train.engine: hf; the native engine does not compile the model yet"
     if t.dataloader_num_workers:
         return "train.dataloader_num_workers runs on train.engine: hf; the native engine collates in the loop"
+    return None
+
+
+def fsdp_unsupported(cfg: Config) -> str | None:
+    """What of ``cfg`` the native engine's FSDP2 (``sharding.py``) cannot run, or None."""
+    from lmforge.training.eval_metrics import generation_metric_names
+
+    if cfg.method not in ("pretrain", "sft"):
+        return f"method {cfg.method}"  # its reference model and log-probs run outside the sharded loss
+    if cfg.peft.kind == "qlora":
+        return "peft.kind: qlora"  # 4-bit weights cannot be split into DTensor shards
+    if generation_metric_names(cfg) and cfg.data.eval:
+        return "eval.metrics with generation metrics"  # rank 0 generates alone, the weights are sharded
     return None
 
 
@@ -134,7 +153,9 @@ class NativeTrainer:
                           else math.ceil(cfg.train.num_train_epochs * self.rows.steps_per_epoch))
         # full fine-tune in bf16: the model computes in bf16, the optimizer updates fp32 masters (precision.py)
         self.master = None
-        if prec.compute != torch.float32 and cfg.peft.kind in ("none", "lora", "dora"):
+        self.sharded = None  # train.distributed: fsdp: a sharding.Sharded, made in train() after any resume weights
+        self.fsdp = cfg.train.distributed == "fsdp"
+        if prec.compute != torch.float32 and cfg.peft.kind in ("none", "lora", "dora") and not self.fsdp:
             from lmforge.training.precision import MasterWeights
 
             self.master = MasterWeights(model, prec.compute, trainable_only=cfg.peft.kind != "none")
@@ -144,13 +165,8 @@ class NativeTrainer:
             use_fast_lora_dropout(model)
         if cfg.train.gradient_checkpointing:  # recompute each decoder layer's activations in the backward
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        named = self.master.named_trainable() if self.master else [
-            (n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.params = [p for _, p in named]
-        self.optimizer = build_optimizer(cfg, model, named)
-        from lmforge.training.optim import scheduler_for
-
-        self.scheduler = scheduler_for(cfg, self.optimizer, self.max_steps)
+        self.params: list[torch.nn.Parameter] = []  # what the optimizer updates; set in train()
+        self.optimizer = self.scheduler = None
         self.step = 0
         self.tokens_seen = 0  # non-padding tokens trained on, all ranks, since step 0 (kept across a resume)
         self.pending_signal: int | None = None  # a stop signal this process received, for the next all-reduce
@@ -162,20 +178,26 @@ class NativeTrainer:
 
     # ------------------------------------------------------------------------------------------ the loop
     def train(self, resume: str | None) -> Path:
-        if resume:
-            self.load_checkpoint(Path(resume))
+        ckpt = Path(resume) if resume else None
+        self.model.train()  # before the FLOP count too: bitsandbytes repacks 4-bit weights for inference in eval mode
+        if ckpt:
+            self.load_weights(ckpt)  # into the whole model, before FSDP would shard it
+        self.flops_per_token = self.count_flops()  # on the whole model too
+        self.build_optimizer()
+        if ckpt:
+            self.load_checkpoint(ckpt)
         else:
             if hasattr(self.objective, "start"):
                 self.objective.start(self)  # e.g. DPO: reference log-probs of the starting weights
             torch.manual_seed(self.t.seed)
-        self.model.train()
         log(f"native engine: {self.max_steps} steps, {self.rows.global_batch} rows per step "
             f"({self.t.per_device_train_batch_size} x {self.t.gradient_accumulation_steps} accumulation x "
             f"{self.world} process{'es' if self.world > 1 else ''}), compute {self.prec.compute}")
         if self.world > 1:
-            log(f"distributed: ddp on {self.world} processes, backend {dist.get_backend()}, native engine "
-                "(gradients summed in one all-reduce per step)")
-        self.flops_per_token = self.count_flops()
+            log(f"distributed: {self.t.distributed} on {self.world} processes, backend {dist.get_backend()}, native "
+                "engine (" + (f"parameters sharded per decoder layer, mesh {self.sharded.describe()}, gradients "
+                              "reduce-scattered once per step" if self.sharded
+                              else "gradients summed in one all-reduce per step") + ")")
         window = Window(self.objective.stat_keys)
         profiler = Profiler(self.cfg, self.out) if self.rank == 0 else None
         with self.signals():
@@ -207,6 +229,23 @@ class NativeTrainer:
                 bar.close()
         return self.save_final()
 
+    def build_optimizer(self) -> None:
+        """Shard the model (train.distributed: fsdp), then the optimizer and schedule over what trains."""
+        if self.fsdp:
+            from lmforge.training.sharding import Sharded
+
+            from lmforge.distributed.ranks import nodes
+
+            hybrid = self.t.fsdp_sharding == "hybrid" and nodes() > 1  # on one node hybrid is full sharding
+            self.sharded = Sharded(self.model, self.objective, self.prec.compute, nodes() if hybrid else 1)
+        named = self.master.named_trainable() if self.master else [
+            (n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
+        self.optimizer = build_optimizer(self.cfg, self.model, named)
+        from lmforge.training.optim import scheduler_for
+
+        self.scheduler = scheduler_for(self.cfg, self.optimizer, self.max_steps)
+
     def train_step(self) -> tuple[float, int, float, dict[str, float]]:
         """One optimizer step over this step's micro-batches; returns (loss, tokens trained, grad norm, the
         objective's metrics averaged over the step's units)."""
@@ -218,17 +257,18 @@ class NativeTrainer:
         denominator = max(total.item(), 1.0)
         keys = self.objective.stat_keys
         sums = torch.zeros(4 + len(keys), dtype=torch.float64)  # loss, tokens, SIGTERM, SIGINT, metric sums
-        for batch in micro:
-            if batch is None:
+        for m, batch in enumerate(micro):
+            if batch is None and not self.sharded:
                 continue
-            sums[1] += int(batch.pop("num_tokens"))
-            with self.autocast():
-                loss, stats = self.objective.loss(self.model, batch)
-            (loss / denominator).backward()
+            weight = 1.0 if batch is not None else 0.0  # FSDP: every rank runs every micro-batch's forward
+            batch = batch if batch is not None else self.stand_in()
+            sums[1] += int(batch.pop("num_tokens")) * weight
+            loss, stats = self.forward(batch, sync=m == len(micro) - 1)
+            (loss * (weight / denominator)).backward()
             if self.master:
                 self.master.collect_grads()
-            sums[0] += loss.item()
-            sums[4:] += torch.tensor([stats[k] for k in keys], dtype=torch.float64)
+            sums[0] += loss.item() * weight
+            sums[4:] += torch.tensor([stats[k] * weight for k in keys], dtype=torch.float64)
         # one all-reduce for every gradient, the loss, the token count, the ranks with a pending signal (counted
         # per signal, so a sum names it) and the metrics. A signal that arrives after this all-reduce waits for
         # the next step: every rank must decide to checkpoint on the same step, or one would wait alone.
@@ -241,7 +281,9 @@ class NativeTrainer:
             self.stop_signal = signal.SIGTERM if extra[2].item() else signal.SIGINT
         if not math.isfinite(loss_value):  # the same summed value on every rank: they all decide alike
             return self.non_finite(loss_value), n_tokens, float("nan"), step_stats
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.t.max_grad_norm or float("inf")))
+        from lmforge.training.sharding import full_norm
+
+        grad_norm = full_norm(torch.nn.utils.clip_grad_norm_(self.params, self.t.max_grad_norm or float("inf")))
         self.optimizer.step()
         if self.master:
             self.master.copy_to_model()
@@ -262,6 +304,18 @@ class NativeTrainer:
         return loss_value
 
     # ------------------------------------------------------------------------------------------ pieces
+    def forward(self, batch: dict, sync: bool = True) -> tuple[torch.Tensor, dict]:
+        """The objective's (loss sum, metric sums) on ``batch``; through the FSDP root when sharded."""
+        if self.sharded:
+            return self.sharded.loss(batch, sync)
+        with self.autocast():
+            return self.objective.loss(self.model, batch)
+
+    def stand_in(self) -> dict:
+        """A batch for a rank without rows in a micro-batch under FSDP (its loss is weighted 0): the forward
+        must still run, as every rank gathers the sharded weights together."""
+        return self.objective.batch("train", [0], [self.train_ds[0]])
+
     def count_flops(self) -> float | None:
         """FLOPs per token of forward + backward, counted on this step's first row (``flops.per_token``), for
         objectives that are a token loss (pretrain, SFT); None for the others."""
@@ -294,17 +348,17 @@ class NativeTrainer:
     def autocast(self):
         """QLoRA and prompt tuning: PEFT keeps adapter weights in fp32 and autocast runs them in bf16. Full
         fine-tunes, LoRA and DoRA need none: their weights are bf16 with fp32 masters (``MasterWeights``)."""
-        if self.prec.compute == torch.float32 or self.master:
+        if self.prec.compute == torch.float32 or self.master or self.sharded:  # FSDP2 casts as it gathers
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.prec.compute)
 
     @property
     def device(self) -> torch.device:
-        return self.params[0].device
+        return next(self.model.parameters()).device
 
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+    def all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         if self.world > 1:
-            dist.all_reduce(t)
+            dist.all_reduce(t, op=op)
         return t
 
     def all_reduce_grads(self, extra: torch.Tensor) -> torch.Tensor:
@@ -316,6 +370,8 @@ class NativeTrainer:
         """
         if self.world == 1:
             return extra
+        if self.sharded:  # FSDP reduce-scattered the gradients in the last backward
+            return self.all_reduce(extra)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         flat = torch.cat([g.reshape(-1).float() for g in grads] + [extra.float()])
         dist.all_reduce(flat)
@@ -354,13 +410,17 @@ class NativeTrainer:
         self.model.eval()
         keys = self.objective.stat_keys
         sums = torch.zeros(2 + len(keys), dtype=torch.float64)  # loss, units, metric sums
-        for idx in self.eval_batches():
-            batch = self.objective.batch("eval", idx, [self.eval_ds[i] for i in idx])
+        batches: list = self.eval_batches()
+        if self.sharded:  # every rank runs as many forwards (the weights are gathered together); extras count 0
+            most = self.all_reduce(torch.tensor([len(batches)]), dist.ReduceOp.MAX).item()
+            batches += [None] * (most - len(batches))
+        for idx in batches:
+            weight = 1.0 if idx is not None else 0.0
+            batch = self.objective.batch("eval", idx, [self.eval_ds[i] for i in idx]) if idx else self.stand_in()
             batch.pop("num_tokens", None)
             n = self.objective.count(batch)
-            with self.autocast():
-                loss, stats = self.objective.loss(self.model, batch)
-            sums += torch.tensor([loss.item(), float(n)] + [stats[k] for k in keys], dtype=torch.float64)
+            loss, stats = self.forward(batch)
+            sums += weight * torch.tensor([loss.item(), float(n)] + [stats[k] for k in keys], dtype=torch.float64)
         self.all_reduce(sums)
         units = max(sums[1].item(), 1)
         row = {"step": self.step, "eval_loss": round(sums[0].item() / units, 6)}
@@ -383,10 +443,17 @@ class NativeTrainer:
             torch.save(rng_state(), tmp / f"rng_state_{self.rank}.pth")
             if hasattr(self.objective, "state_dict"):  # e.g. DPO's reference log-probs of this rank's rows
                 torch.save(self.objective.state_dict(), tmp / f"objective_{self.rank}.pt")
+            weights = self.gather_weights()  # collective under FSDP
+            if self.sharded:
+                from lmforge.training.sharding import OPTIMIZER_DIR
+
+                self.sharded.save_optimizer(self.optimizer, tmp / OPTIMIZER_DIR)  # collective: each rank its shard
             if self.rank != 0:
                 return
-            self.save_model(tmp)
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            self.save_model(tmp, weights)
+            self.tokenizer.save_pretrained(tmp)  # as the HF engine's checkpoints: each one loads (or consolidates) alone
+            if not self.sharded:
+                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             (tmp / "config.yaml").write_text((self.out / "config.yaml").read_text())
             state = {"global_step": self.step, "max_steps": self.max_steps, "engine": ENGINE,
@@ -398,7 +465,8 @@ class NativeTrainer:
                                     save_total_limit=self.t.save_total_limit)
         log(f"checkpoint {self.out / name}")
 
-    def load_checkpoint(self, ckpt: Path) -> None:
+    def load_weights(self, ckpt: Path) -> None:
+        """A checkpoint's weights into the whole model (and its fp32 masters)."""
         state = json.loads((ckpt / "trainer_state.json").read_text())  # the engine was checked in run.py
         if state["world_size"] != self.world:
             raise ConfigError(f"train.resume: {ckpt} was written by {state['world_size']} process(es), this run "
@@ -408,7 +476,16 @@ class NativeTrainer:
             self.master.load_state_dict(weights)
         else:
             load_weights(self.model, weights, ckpt)
-        self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+
+    def load_checkpoint(self, ckpt: Path) -> None:
+        """Everything but the weights (``load_weights``): optimizer, schedule, RNG, objective, counters."""
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        if self.sharded:
+            from lmforge.training.sharding import OPTIMIZER_DIR
+
+            self.sharded.load_optimizer(self.optimizer, ckpt / OPTIMIZER_DIR)
+        else:
+            self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
         self.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
         set_rng_state(torch.load(ckpt / f"rng_state_{self.rank}.pth", weights_only=False))
         if hasattr(self.objective, "load_state_dict"):
@@ -421,8 +498,9 @@ class NativeTrainer:
         from lmforge.training.checkpoint import save_final_atomically, weights_bytes
 
         def write(staged: Path) -> None:
+            weights = self.gather_weights()  # collective under FSDP
             if self.rank == 0:
-                self.save_model(staged)
+                self.save_model(staged, weights)
                 self.tokenizer.save_pretrained(staged)
 
         # staged in output_dir/.staging/final, then moved into place (the .staging dir goes with it)
@@ -437,11 +515,15 @@ class NativeTrainer:
         self.barrier()
         return self.out
 
-    def save_model(self, directory: Path) -> None:
+    def gather_weights(self) -> dict | None:
+        """Under FSDP the full state dict (on rank 0; every rank must call this), else None."""
+        return self.sharded.full_state_dict() if self.sharded else None
+
+    def save_model(self, directory: Path, weights: dict | None = None) -> None:
         if self.master:
             self.master.save_pretrained(directory)  # the fp32 weights, not their bf16 rounding
-        else:
-            self.model.save_pretrained(directory, safe_serialization=True)
+        else:  # weights: FSDP's gathered state dict (fp32: the sharded parameters are the masters)
+            self.model.save_pretrained(directory, state_dict=weights, safe_serialization=True)
 
     def barrier(self) -> None:
         if self.world > 1:
