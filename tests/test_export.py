@@ -13,7 +13,7 @@ TEXTS = ["the quick brown fox jumps over a lazy dog", "  alpha beta\n\ngamma 123
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "name the fox"},
             {"role": "assistant", "content": "quick brown"}]
 # (quant, max |logit difference| to the source model); the tiny model's logits reach about 0.5
-TOLERANCES = {"f16": 1e-3, "bf16": 1e-2, "q8_0": 5e-2, "q4_0": 0.2}
+TOLERANCES = {"f16": 1e-3, "bf16": 1e-2, "q8_0": 5e-2, "q4_0": 0.1}
 
 
 def export(model, out, *extra) -> int:
