@@ -35,13 +35,13 @@ ARCHITECTURES = {
     "qwen2": (gguf.MODEL_ARCH.QWEN2, False),
 }
 
-Q = gguf.GGMLQuantizationType
+QType = gguf.GGMLQuantizationType
 # --quant -> (type of the weight matrices, general.file_type)
 QUANTS = {
-    "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
-    "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16),
-    "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
-    "q4_0": (Q.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
+    "f16": (QType.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "bf16": (QType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+    "q8_0": (QType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+    "q4_0": (QType.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
 }
 # Under q4_0 the embeddings and the output head keep 8 bits, as llama.cpp's quantize keeps them above 4 bits:
 # they are the layers most hurt by 4-bit rounding.
@@ -84,7 +84,7 @@ def export_gguf(model: str, output: str | Path, quant: str = "f16", overwrite: b
     if hasattr(loaded.model, "peft_config"):
         raise UnsupportedError(f"--model: {model} is a prompt-tuning adapter; its virtual tokens cannot be merged "
                                "into weights, so it has no GGUF form")
-    name = (loaded.adapter_dir or loaded.model_dir).name
+    name = Path(model).name.removesuffix(".gguf")  # general.name: what the user called it
     tmp = out.with_name(f".{out.name}.{os.getpid()}.exporting")  # created by the writer, with the umask's mode
     try:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
@@ -251,11 +251,11 @@ def _encode(name: str, data: np.ndarray, quant: str) -> tuple[np.ndarray, object
     """(bytes, GGML type) of one tensor: 1-D stays float32, matrices take ``quant`` (f16 if their rows do not
     split into whole blocks, as llama.cpp's converter does)."""
     if data.ndim == 1:
-        return data, Q.F32
+        return data, QType.F32
     qtype = QUANTS[quant][0]
     if quant == "q4_0" and name in Q4_KEPT_AT_Q8:
-        qtype = Q.Q8_0
+        qtype = QType.Q8_0
     try:
         return gguf.quants.quantize(data, qtype), qtype
     except gguf.quants.QuantError:
-        return gguf.quants.quantize(data, Q.F16), Q.F16
+        return gguf.quants.quantize(data, QType.F16), QType.F16
