@@ -71,7 +71,8 @@ class PeftConfig:
 class DataSource:
     path: str | None = _f(None, "a .jsonl/.json/.parquet/.csv file, a directory of them, a glob, or a save_to_disk dir")
     loader: str | None = _f(None, "custom loader 'package.module:function' returning rows or a datasets.Dataset")
-    weight: float = _f(1.0, "sampling proportion when several sources are mixed")
+    weight: float | None = _f(None, "training sources: sampling proportion when several are mixed (default 1); "
+                                    "refused on eval sources, which are read once each, in order")
     format: Literal["auto", "text", "prompt_completion", "chat", "preference", "kto"] = _f(
         "auto", "row format; auto detects it from the keys"
     )
@@ -83,7 +84,8 @@ class DataSource:
 @dataclass
 class DataConfig:
     train: list[DataSource] = _f([], "training sources")
-    eval: list[DataSource] = _f([], "evaluation sources (default: the source directory's val split, if any)")
+    eval: list[DataSource] = _f([], "evaluation sources, read in order, every row once (default: the source "
+                                    "directory's val split, if any)")
     max_length: int = _f(1024, "maximum tokens per sample (and per packed row)")
     packing: bool | None = _f(None, "pack samples into rows with no cross-sample attention; default on for pretrain/sft")
     apply_chat_template: bool = _f(False, "render prompt/completion rows through the chat template as user/assistant")
@@ -422,7 +424,10 @@ def _check(cfg: Config, where: str) -> None:
         for i, src in enumerate(getattr(cfg.data, role)):
             if (src.path is None) == (src.loader is None):
                 raise ConfigError(f"{where}: data.{role}[{i}]: give exactly one of path or loader")
-            if src.weight <= 0:
+            if role == "eval" and src.weight is not None:
+                raise ConfigError(f"{where}: data.eval[{i}].weight: eval sources are not mixed by weight: every eval "
+                                  "row is used once, sources in the order given; remove the weight")
+            if src.weight is not None and src.weight <= 0:
                 raise ConfigError(f"{where}: data.{role}[{i}].weight: must be > 0")
     if cfg.data.max_length < 8:
         raise ConfigError(f"{where}: data.max_length: must be at least 8")

@@ -153,4 +153,33 @@ def test_source_options_are_validated():
     with pytest.raises(Exception) as e:
         load_config(None, tree={"model": {"name_or_path": "x"}, "data": {"train": [{"path": "a", "wieght": 2}]}})
     assert "data.train[0].wieght" in str(e.value) or "wieght" in str(e.value)
-    assert DataSource().weight == 1.0
+    assert DataSource().weight is None  # a training source without a weight mixes with weight 1
+
+
+def _numbered(path, tag, n):
+    return write_jsonl(path, [{"prompt": f"{tag} {i}:", "completion": f" {tag} row {i}"} for i in range(n)])
+
+
+def test_eval_sources_are_concatenated_in_order_never_resampled(tmp_path, tiny_model_dir, lmforge_cache):
+    """Every eval row once, sources in config order, rows in file order, whatever data.num_samples says (it
+    draws training rows); the training split of the same config is still mixed."""
+    a, b = _numbered(tmp_path / "a.jsonl", "alpha", 5), _numbered(tmp_path / "b.jsonl", "beta", 3)
+    tree = base_config(tiny_model_dir, a, tmp_path / "out", data={"num_samples": 20})
+    tree["data"]["train"] = [{"path": str(a), "weight": 3.0}, {"path": str(b)}]
+    tree["data"]["eval"] = [{"path": str(b)}, {"path": str(a)}]
+    cfg = load_config(None, tree=tree)
+    tok = finalize_tokenizer(AutoTokenizer.from_pretrained(tiny_model_dir))
+    evals, stats, _ = prepare_split(cfg, tok, "eval", packed=False)
+    prompts = [tok.decode([i for i, lab in zip(r["input_ids"], r["labels"]) if lab == -100]).strip() for r in evals]
+    assert prompts == [f"beta {i}:" for i in range(3)] + [f"alpha {i}:" for i in range(5)]
+    assert stats.samples == 8
+    assert len(prepare_split(cfg, tok, "train", packed=False)[0]) == 20
+
+
+def test_weight_on_an_eval_source_is_refused(tmp_path, tiny_model_dir, lmforge_cache, capsys):
+    a = _numbered(tmp_path / "a.jsonl", "alpha", 2)
+    tree = base_config(tiny_model_dir, a, tmp_path / "out")
+    tree["data"]["eval"] = [{"path": str(a), "weight": 2.0}]
+    assert main(["prepare", str(write_config(tmp_path / "c.yaml", tree))]) == 2
+    err = capsys.readouterr().err
+    assert "data.eval[0].weight" in err and "once" in err and "Traceback" not in err

@@ -97,3 +97,57 @@ def test_mlm_on_a_causal_model_is_unsupported(tmp_path, tiny_model_dir, lmforge_
     tree = base_config(tiny_model_dir, _texts(tmp_path, 8), tmp_path / "run", method="mlm")
     assert main(["train", str(write_config(tmp_path / "cfg.yaml", tree))]) == 2
     assert "encoder-only" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------- the shared data layer
+def _sources(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"text": f"alpha {t}"} for t in corpus(60, seed=4)[:60]])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"text": f"beta {t}"} for t in corpus(60, seed=5)[:60]])
+    return a, b
+
+
+def test_mlm_sources_mix_by_weight_and_num_samples(tmp_path, tiny_bert_dir, lmforge_cache):
+    """Two weighted text sources are drawn 1:3 within sampling error, data.num_samples documents in all, each a
+    block framed by [CLS] ... [SEP] (what encode_texts, and so train, gets from prepare_split)."""
+    from transformers import AutoTokenizer
+
+    from lmforge.config import load_config
+    from lmforge.methods.mlm import encode_texts
+
+    a, b = _sources(tmp_path)
+    tree = base_config(tiny_bert_dir, a, tmp_path / "run", method="mlm", data={"num_samples": 400})
+    tree["data"]["train"] = [{"path": str(a), "weight": 1.0}, {"path": str(b), "weight": 3.0}]
+    tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    ds, stats = encode_texts(load_config(None, tree=tree), tok, "train")
+    blocks = ds.to_dict()["input_ids"]
+    assert ds.column_names == ["input_ids"] and len(blocks) == 400 == stats.samples  # texts shorter than 128
+    assert all(x[0] == tok.cls_token_id and x[-1] == tok.sep_token_id for x in blocks)
+    share = sum(tok.decode(x[1:2]) == "beta" for x in blocks) / 400
+    assert abs(share - 0.75) < 4 * (0.75 * 0.25 / 400) ** 0.5, share
+    assert stats.tokens == sum(map(len, blocks)) and stats.loss_tokens == stats.tokens - 2 * 400
+
+
+def test_mlm_prepare_inspect_and_train_share_one_cache(tmp_path, tiny_bert_dir, lmforge_cache, capsys):
+    """`lmforge prepare` prints the text-block counts and caches them; `inspect` shows the blocks with the maskable
+    tokens marked (which are masked is drawn each step); `train` reuses that cache entry; long texts are split."""
+    long_text = " ".join(corpus(40, seed=6)[:40])
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "the quick fox"}, {"text": long_text}])
+    tree = base_config(tiny_bert_dir, data, tmp_path / "run", method="mlm")
+    tree["train"].update(max_steps=1, save_steps=1)
+    cfg = str(write_config(tmp_path / "cfg.yaml", tree))
+    assert main(["prepare", cfg]) == 0
+    out = capsys.readouterr().out
+    assert "samples (text blocks):" in out and "maskable tokens:" in out
+    assert "long documents split into max_length pieces: 1" in out
+    cached = [p for p in lmforge_cache.rglob("stats.json")]
+    assert len(cached) == 1
+    (cached[0].parent / "marker").write_text("x")
+
+    assert main(["inspect", cfg, "--n", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "text blocks; each step masks a random data.mlm_probability (0.15)" in out
+    assert "[CLS][[the quick fox]][SEP]" in out and "5 tokens, 3 maskable" in out
+
+    assert main(["train", cfg]) == 0
+    assert "samples (text blocks):" in capsys.readouterr().out
+    assert [p for p in lmforge_cache.rglob("stats.json")] == cached and (cached[0].parent / "marker").exists()

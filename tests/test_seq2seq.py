@@ -143,3 +143,68 @@ def test_generate_cli_on_t5_equals_plain_transformers(tmp_path, tiny_t5_dir):
         want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
         assert result["completion"] == tok.decode(want[0], skip_special_tokens=True)
         assert 1 <= result["completion_tokens"] <= 8
+
+
+# ----------------------------------------------------------------------------------- the shared data layer
+def _two_sources(tmp_path, n_a=40, n_b=40):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"input": f"copy: alpha {r['output']}", "output": f"alpha {r['output']}"}
+                                           for r in copy_rows(n_a, 0)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"input": f"copy: beta {r['output']}", "output": f"beta {r['output']}"}
+                                           for r in copy_rows(n_b, 1)])
+    return a, b
+
+
+def test_seq2seq_sources_mix_by_weight_and_num_samples(tmp_path, tiny_t5_dir, lmforge_cache):
+    """Two weighted sources are drawn 3:1 within sampling error, data.num_samples rows in all, each target the
+    completion of its own input (what encode_split, and so train, gets from prepare_split)."""
+    from transformers import AutoTokenizer
+
+    from lmforge.config import load_config
+    from lmforge.methods.seq2seq import encode_split
+
+    a, b = _two_sources(tmp_path)
+    tree = base_config(tiny_t5_dir, a, tmp_path / "run", data={"num_samples": 400})
+    tree["data"]["train"] = [{"path": str(a), "weight": 3.0}, {"path": str(b), "weight": 1.0}]
+    tok = AutoTokenizer.from_pretrained(tiny_t5_dir)
+    ds, stats = encode_split(load_config(None, tree=tree), tok, "train")
+    assert len(ds) == 400 and stats.samples == 400 and sorted(ds.column_names) == ["input_ids", "labels"]
+    cols = ds.to_dict()
+    inputs = tok.batch_decode(cols["input_ids"], skip_special_tokens=True)
+    targets = tok.batch_decode(cols["labels"], skip_special_tokens=True)
+    assert all(i.replace(" ", "") == "copy:" + t.replace(" ", "") for i, t in zip(inputs, targets))
+    share = sum(t.replace(" ", "").startswith("alpha") for t in targets) / 400
+    assert abs(share - 0.75) < 4 * (0.75 * 0.25 / 400) ** 0.5, share
+    assert stats.loss_tokens == sum(map(len, cols["labels"]))
+    assert stats.tokens == stats.loss_tokens + sum(map(len, cols["input_ids"]))
+
+
+def test_seq2seq_prepare_inspect_and_train_share_one_cache(tmp_path, tiny_t5_dir, lmforge_cache, capsys):
+    """`lmforge prepare` prints the input/target counts and caches them; `inspect` shows input and marked target;
+    `train` reuses that cache entry instead of tokenising again."""
+    a, b = _two_sources(tmp_path, 6, 3)
+    tree = base_config(tiny_t5_dir, a, tmp_path / "run")
+    tree["data"]["train"] = [{"path": str(a)}, {"path": str(b)}]
+    tree["train"].update(max_steps=1, save_steps=1)
+    cfg = str(write_config(tmp_path / "cfg.yaml", tree))
+    assert main(["prepare", cfg]) == 0
+    out = capsys.readouterr().out
+    assert "samples (input/target pairs): 9" in out and "target tokens (all carry loss)" in out
+    cached = [p for p in lmforge_cache.rglob("stats.json")]
+    assert len(cached) == 1
+    (cached[0].parent / "marker").write_text("x")
+
+    assert main(["inspect", cfg, "--n", "9"]) == 0
+    out = capsys.readouterr().out
+    assert "input/target pairs" in out and "input:  copy: alpha" in out and "target: [[alpha" in out
+
+    assert main(["train", cfg]) == 0
+    assert "samples (input/target pairs): 9" in capsys.readouterr().out
+    assert [p for p in lmforge_cache.rglob("stats.json")] == cached and (cached[0].parent / "marker").exists()
+
+
+def test_seq2seq_refuses_apply_chat_template(tmp_path, tiny_t5_dir, lmforge_cache, capsys):
+    """An encoder-decoder has no chat template to apply: the key is refused, not ignored."""
+    train = write_jsonl(tmp_path / "train.jsonl", copy_rows(4, 0))
+    tree = base_config(tiny_t5_dir, train, tmp_path / "run", data={"apply_chat_template": True})
+    assert main(["train", str(write_config(tmp_path / "cfg.yaml", tree))]) == 2
+    assert "data.apply_chat_template" in capsys.readouterr().err

@@ -28,16 +28,17 @@ def _tokenizer_and_packing(cfg):
     from lmforge.models import architecture, resolve_model_and_tokenizer
 
     _, _, tok = resolve_model_and_tokenizer(cfg)
-    return tok, packing(cfg, architecture(cfg))
+    arch = architecture(cfg)
+    return tok, packing(cfg, arch), arch
 
 
 def run(args) -> int:
     from lmforge.data.prepare import prepare_split
 
     cfg = load_config(args.config, args.overrides)
-    tok, packed = _tokenizer_and_packing(cfg)
+    tok, packed, arch = _tokenizer_and_packing(cfg)
     for role in ("train", "eval"):
-        ds, stats, path = prepare_split(cfg, tok, role, packed)
+        ds, stats, path = prepare_split(cfg, tok, role, packed, arch)
         if ds is None:
             continue
         print(f"{role}: cached at {path}")
@@ -72,8 +73,8 @@ def run_inspect(args) -> int:
     from lmforge.data.prepare import prepare_split
 
     cfg = load_config(args.config, args.overrides)
-    tok, packed = _tokenizer_and_packing(cfg)
-    ds, stats, _ = prepare_split(cfg, tok, args.split, packed)
+    tok, packed, arch = _tokenizer_and_packing(cfg)
+    ds, stats, _ = prepare_split(cfg, tok, args.split, packed, arch)
     if ds is None:
         print(f"no {args.split} data configured")
         return 0
@@ -87,14 +88,28 @@ def run_inspect(args) -> int:
               f"are marked {legend}")
         show_records(tok, ds, args.n, lambda ids, labels: _marked(tok, ids, labels, color))
         return 0
-    print(f"{len(ds)} {'packed rows' if packed else 'samples'}; tokens that carry loss are marked {legend}")
+    if stats.layout == "seq2seq":  # encoder input and decoder target are separate sequences
+        print(f"{len(ds)} input/target pairs; the target tokens (the decoder's labels, all carry loss) are marked "
+              f"{legend}")
+        for k in range(min(args.n, len(ds))):
+            ids, labels = ds[k]["input_ids"], ds[k]["labels"]
+            print(f"\n--- sample {k}: input {len(ids)} tokens, target {len(labels)} tokens ---")
+            print(f"input:  {tok.decode(ids, skip_special_tokens=False)}")
+            print(f"target: {_marked(tok, labels, labels, color)}")
+        return 0
+    kind = "maskable" if stats.layout == "mlm" else "with loss"
+    if stats.layout == "mlm":
+        print(f"{len(ds)} text blocks; each step masks a random data.mlm_probability ({cfg.data.mlm_probability}) of "
+              f"the tokens marked {legend}, and only those carry loss")
+    else:
+        print(f"{len(ds)} {'packed rows' if packed else 'samples'}; tokens that carry loss are marked {legend}")
     for k in range(min(args.n, len(ds))):
         row = ds[k]
         start = 0
         for j, n in enumerate(row["seq_lens"]):
             ids, labels = row["input_ids"][start:start + n], row["labels"][start:start + n]
             n_loss = sum(1 for x in labels if x != -100)
-            print(f"\n--- row {k} sample {j}: {n} tokens, {n_loss} with loss ---")
+            print(f"\n--- row {k} sample {j}: {n} tokens, {n_loss} {kind} ---")
             print(_marked(tok, ids, labels, color))
             start += n
     return 0

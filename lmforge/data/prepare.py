@@ -4,6 +4,11 @@
 fingerprint of the data files (path, size, mtime), the tokenizer and the settings, so a second call stats the
 files and memory-maps the cached Arrow data (``datasets.load_from_disk``) without reading its rows.
 
+What a sample is depends on what the model trains on (``sample_layout``): a causal LM gets ids with aligned labels
+(packed or not), an encoder-decoder (T5) gets encoder ids and the decoder's labels, an encoder-only model (BERT)
+gets framed text blocks that its collator masks anew each step. The layers before (reading, mixing) and after
+(caching, ``prepare``/``inspect``) are the same for all of them.
+
 Many rows are tokenised in forked worker processes (``PARALLEL_MIN_ROWS``); bad rows are found before that,
 while reading, so they keep their file:line. Samples travel as flat int32 numpy arrays, are packed on their
 lengths alone, and become Arrow list columns without a Python list per sample.
@@ -31,9 +36,9 @@ from lmforge.data.packing import pack_bins
 from lmforge.data.preference import PREFERENCE_METHODS, encode_preference_rows
 from lmforge.data.preference import VERSION as PREFERENCE_VERSION
 from lmforge.data.sources import BadRow, Row, has_split, is_saved_dataset, read_source, resolve_files
-from lmforge.data.tokenize import FAST, IGNORE, PER_PREFIX, Encoder, chunk
+from lmforge.data.tokenize import FAST, IGNORE, PER_PREFIX, Encoder, chunk, encoder_decoder_pairs, text_blocks
 from lmforge.distributed.ranks import main_process_first
-from lmforge.errors import DataError
+from lmforge.errors import ConfigError, DataError, UnsupportedError
 from lmforge.methods import METHODS
 from lmforge.models import cache_root
 
@@ -57,6 +62,7 @@ class Stats:
     formats: dict = field(default_factory=dict)
     masks: dict = field(default_factory=dict)  # chat source -> {fast: rows, per-prefix: rows, reason: why not fast}
     processes: int = 1  # tokenising processes
+    layout: str = "causal"  # what a sample is: see sample_layout
 
     def drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
@@ -65,8 +71,16 @@ class Stats:
         out = [f"rows read: {self.rows} ({', '.join(f'{k}: {v}' for k, v in self.formats.items())})"]
         if self.bad_rows:
             out.append(f"bad rows skipped: {self.bad_rows}")
-        out.append(f"samples: {self.samples}  tokens: {self.tokens}  loss tokens: {self.loss_tokens}")
-        out.append(f"truncated to max_length: {self.truncated}")
+        if self.layout == SEQ2SEQ:
+            out.append(f"samples (input/target pairs): {self.samples}  input tokens: {self.tokens - self.loss_tokens}"
+                       f"  target tokens (all carry loss): {self.loss_tokens}")
+            out.append(f"inputs or targets truncated to max_length: {self.truncated}")
+        elif self.layout == MLM:
+            out.append(f"samples (text blocks): {self.samples}  tokens: {self.tokens}  maskable tokens: "
+                       f"{self.loss_tokens} (data.mlm_probability of them are masked, drawn anew each step)")
+        else:
+            out.append(f"samples: {self.samples}  tokens: {self.tokens}  loss tokens: {self.loss_tokens}")
+            out.append(f"truncated to max_length: {self.truncated}")
         if self.prompt_truncated:
             out.append(f"prompts truncated to max_prompt_length: {self.prompt_truncated}")
         if self.split:
@@ -157,6 +171,48 @@ def mix(per_source: list[tuple[str, list[Row]]], weights: list[float], seed: int
         out.append((fmt, rows[orders[s][cursor[s] % len(rows)]]))
         cursor[s] += 1
     return out
+
+
+def concat(per_source: list[tuple[str, list[Row]]]) -> list[tuple[str, Row]]:
+    """Eval rows: every row of every source once, sources in config order, rows in file order (never resampled)."""
+    return [(fmt, r) for fmt, rows in per_source for r in rows]
+
+
+def split_rows(cfg: Config, role: str, per_source: list[tuple[str, list[Row]]]) -> list[tuple[str, Row]]:
+    """The rows a split trains or evaluates on: training sources mixed by weight (``data.num_samples`` draws),
+    eval sources concatenated."""
+    if role == "eval":
+        return concat(per_source)
+    weights = [1.0 if s.weight is None else s.weight for s in sources_for(cfg, role)]
+    return mix(per_source, weights, cfg.train.seed, cfg.data.num_samples)
+
+
+# ----------------------------------------------------------------------------------------------- layouts
+CAUSAL, SEQ2SEQ, MLM, PAIRS = "causal", "seq2seq", "mlm", "pairs"
+
+
+def sample_layout(cfg: Config, architecture: str = "decoder") -> str:
+    """What one sample is for this method on this kind of model (``models.architecture``), after the registry's
+    module for the pair (methods/__init__.py):
+
+    - ``causal``: ids with aligned labels, loss on completions/assistant turns (decoder-only sft/pretrain);
+    - ``seq2seq``: encoder input ids and decoder labels (sft on an encoder-decoder such as T5);
+    - ``mlm``: framed text blocks, masked by the collator (pretrain/mlm on an encoder-only model such as BERT);
+    - ``pairs``: preference records (data/preference.py).
+    """
+    method = METHODS[cfg.method]
+    module = method.modules.get(architecture)
+    if module is None:
+        raise UnsupportedError(f"method: {cfg.method} trains {' and '.join(method.modules)} models; this model is "
+                               f"{architecture}")
+    if method.pairs:
+        return PAIRS
+    if module == "seq2seq":
+        if cfg.data.apply_chat_template:
+            raise ConfigError("data.apply_chat_template: an encoder-decoder model reads the prompt as encoder input and "
+                              "the completion as the decoder's target; no chat template applies: remove the key")
+        return SEQ2SEQ
+    return MLM if module == "mlm" else CAUSAL
 
 
 # ----------------------------------------------------------------------------------------------- tokens
@@ -284,6 +340,36 @@ def encode_rows(cfg: Config, tokenizer, rows: list[tuple[str, Row]], stats: Stat
     return tokens
 
 
+def encode_seq2seq_rows(cfg: Config, tokenizer, rows: list[tuple[str, Row]], stats: Stats):
+    """Encoder-decoder samples as an Arrow table: ``input_ids`` (encoder) and ``labels`` (decoder), one row each."""
+    import pyarrow as pa
+
+    pairs = encoder_decoder_pairs(tokenizer, [(r.data["prompt"], r.data["completion"]) for _, r in rows],
+                                  cfg.data.max_length)
+    stats.samples = len(pairs)
+    stats.loss_tokens = sum(len(t) for _, t, _ in pairs)
+    stats.tokens = stats.loss_tokens + sum(len(i) for i, _, _ in pairs)
+    stats.truncated = sum(cut for _, _, cut in pairs)
+    ids = pa.list_(pa.int32())
+    return pa.table({"input_ids": pa.array([i for i, _, _ in pairs], type=ids),
+                     "labels": pa.array([t for _, t, _ in pairs], type=ids)})
+
+
+def encode_mlm_rows(cfg: Config, tokenizer, rows: list[tuple[str, Row]], stats: Stats) -> Tokens:
+    """Masked-LM samples: every text cut into framed blocks of at most max_length tokens (tokenize.text_blocks)."""
+    per_text = text_blocks(tokenizer, [r.data["text"] for _, r in rows], cfg.data.max_length)
+    blocks = [b for bs in per_text for b in bs]
+    stats.split = sum(len(bs) > 1 for bs in per_text)
+    stats.samples = len(blocks)
+    stats.tokens = sum(len(b.input_ids) for b in blocks)
+    stats.loss_tokens = sum(len(b.labels) - b.labels.count(IGNORE) for b in blocks)
+    def flat(parts):
+        return np.fromiter(itertools.chain.from_iterable(parts), dtype=np.int32, count=stats.tokens)
+
+    return Tokens(flat(b.input_ids for b in blocks), flat(b.labels for b in blocks),
+                  np.fromiter((len(b.input_ids) for b in blocks), dtype=np.int64, count=len(blocks)))
+
+
 def _list_array(offsets: np.ndarray, values: np.ndarray):
     import pyarrow as pa
 
@@ -333,7 +419,7 @@ def _source_files(src: DataSource, role: str) -> list[Path]:
     return resolve_files(src, role)
 
 
-def fingerprint(cfg: Config, tokenizer, role: str, packed: bool) -> str:
+def fingerprint(cfg: Config, tokenizer, role: str, packed: bool, layout: str = CAUSAL) -> str:
     files = []
     for src in sources_for(cfg, role):
         for f in _source_files(src, role):
@@ -346,8 +432,10 @@ def fingerprint(cfg: Config, tokenizer, role: str, packed: bool) -> str:
     key = {
         "v": CACHE_VERSION, "role": role, "method": cfg.method, "files": files, "tok": tokenizer_fingerprint(tokenizer),
         "max_length": d.max_length, "packed": packed, "chat": d.apply_chat_template, "bad": d.on_bad_rows,
-        "n": d.num_samples, "seed": cfg.train.seed,
+        "n": d.num_samples if role == "train" else None, "seed": cfg.train.seed,
     }
+    if layout in (SEQ2SEQ, MLM):  # (absent for the others, whose caches stay valid)
+        key["layout"] = layout
     if cfg.method in PREFERENCE_METHODS:
         key.update(max_prompt_length=d.max_prompt_length, preference=PREFERENCE_VERSION)
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -358,25 +446,46 @@ def cache_dir(cfg: Config) -> Path:
 
 
 @main_process_first  # with several processes: built once per node, then read by the other ranks
-def prepare_split(cfg: Config, tokenizer, role: str, packed: bool):
-    """Return (datasets.Dataset or None, Stats, cache path). Builds and caches on a miss."""
+def prepare_split(cfg: Config, tokenizer, role: str, packed: bool, architecture: str = "decoder"):
+    """Return (datasets.Dataset or None, Stats, cache path). Builds and caches on a miss.
+
+    The dataset's columns depend on ``sample_layout``: ``input_ids``, ``labels`` and ``seq_lens`` (samples per row)
+    for causal LMs and masked-LM text blocks; ``input_ids`` and ``labels`` for encoder-decoder pairs; the preference
+    columns for preference methods. ``architecture`` is ``models.architecture(cfg)``: the kind of model trained.
+    """
     from datasets import Dataset, load_from_disk
     from datasets.table import InMemoryTable
 
     if not sources_for(cfg, role):
         return None, None, None
-    target = cache_dir(cfg) / fingerprint(cfg, tokenizer, role, packed)
+    layout = sample_layout(cfg, architecture)
+    packed = packed and layout == CAUSAL
+    target = cache_dir(cfg) / fingerprint(cfg, tokenizer, role, packed, layout)
     if (target / "stats.json").exists():
         stats = Stats(**json.loads((target / "stats.json").read_text()))
         return load_from_disk(str(target / "data")), stats, target
     per_source, _, stats = load_rows(cfg, role)
-    weights = [s.weight for s in sources_for(cfg, role)]
-    rows = mix(per_source, weights, cfg.train.seed, cfg.data.num_samples if role == "train" else None)
-    if cfg.method in PREFERENCE_METHODS:  # prompt/chosen/rejected ids, never packed (data/preference.py)
+    stats.layout = layout
+    if layout == SEQ2SEQ:
+        for (fmt, rows), src in zip(per_source, sources_for(cfg, role)):
+            if fmt != "prompt_completion":
+                raise DataError(f"{src.path or src.loader}: encoder-decoder SFT needs input/output (prompt/completion) "
+                                f"rows, got {fmt}")
+    rows = split_rows(cfg, role, per_source)
+    if layout == PAIRS:  # prompt/chosen/rejected ids, never packed (data/preference.py)
         samples = encode_preference_rows(cfg, tokenizer, rows, stats)
         if not samples:
             raise DataError(f"no {role} samples left after tokenisation ({stats.dropped or 'all rows were bad'})")
         ds = Dataset.from_list(samples)
+    elif layout == SEQ2SEQ:
+        ds = Dataset(InMemoryTable(encode_seq2seq_rows(cfg, tokenizer, rows, stats)))
+        if not len(ds):
+            raise DataError(f"no {role} samples: all rows were bad")
+    elif layout == MLM:
+        tokens = encode_mlm_rows(cfg, tokenizer, rows, stats)
+        if not len(tokens.lengths):
+            raise DataError(f"no {role} text left after tokenisation")
+        ds = Dataset(InMemoryTable(to_table(tokens, None)))
     else:
         names = [s.path or s.loader for s in sources_for(cfg, role)]
         tokens = encode_rows(cfg, tokenizer, rows, stats, names)

@@ -309,3 +309,51 @@ def chunk(enc: Encoded, max_length: int) -> list[Encoded]:
             labels[0] = IGNORE
             out.append(Encoded(ids, labels))
     return out
+
+
+# --------------------------------------------------------------------------------------------- other architectures
+def encoder_decoder_pairs(tok, pairs: list[tuple[str, str]], max_length: int
+                          ) -> list[tuple[list[int], list[int], bool]]:
+    """Encoder-decoder rows: (encoder input ids, decoder labels, truncated) per (prompt, completion).
+
+    Both sides end with EOS (T5 tokenizers add it themselves; byte-level BPE ones do not) and are cut to
+    ``max_length`` keeping that EOS. The decoder's target is the completion alone, so every label carries loss.
+    """
+    eos = tok.eos_token_id
+
+    def fit(ids: list[int]) -> tuple[list[int], bool]:
+        if not ids or ids[-1] != eos:
+            ids = ids + [eos]
+        return (ids[: max_length - 1] + [eos], True) if len(ids) > max_length else (ids, False)
+
+    out = []
+    for lo in range(0, len(pairs), 1000):
+        batch = pairs[lo:lo + 1000]
+        inputs = tok([p for p, _ in batch], add_special_tokens=True).input_ids
+        targets = tok([c for _, c in batch], add_special_tokens=True).input_ids
+        for i, t in zip(inputs, targets):
+            (i, cut_i), (t, cut_t) = fit(i), fit(t)
+            out.append((i, t, cut_i or cut_t))
+    return out
+
+
+def text_blocks(tok, texts: list[str], max_length: int) -> list[list[Encoded]]:
+    """Masked-LM: each text cut into blocks of at most ``max_length`` tokens framed by [CLS] ... [SEP] (or BOS/EOS).
+
+    A block's labels are its ids where the masked-LM collator may mask them and IGNORE on special tokens (the frame),
+    which it never masks; which of them carry loss is drawn anew for every batch (``data.mlm_probability``).
+    """
+    start = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
+    end = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
+    head, tail = [start] if start is not None else [], [end] if end is not None else []
+    width = max_length - len(head) - len(tail)
+    special = set(tok.all_special_ids)
+    out = []
+    for lo in range(0, len(texts), 1000):
+        for ids in tok(texts[lo:lo + 1000], add_special_tokens=False).input_ids:
+            blocks = []
+            for i in range(0, len(ids), width):
+                block = head + ids[i:i + width] + tail
+                blocks.append(Encoded(block, [IGNORE if t in special else t for t in block]))
+            out.append(blocks)
+    return out

@@ -1,9 +1,11 @@
 """Masked-LM pretraining for encoder-only models (BERT, RoBERTa, ModernBERT, ...).
 
-``method: mlm``, or ``method: pretrain`` on an encoder-only model (``sft.train`` dispatches here). Text rows
-are tokenised and long documents split into ``data.max_length`` pieces framed by the tokenizer's [CLS]/[SEP]
-(or BOS/EOS); each batch masks ``data.mlm_probability`` of the tokens with transformers'
-``DataCollatorForLanguageModeling`` (80% [MASK], 10% random, 10% kept), and the model learns to restore them.
+``method: mlm``, or ``method: pretrain`` on an encoder-only model (the registry in ``methods/__init__.py`` routes
+it). The shared data layer (``data/prepare.py``: mixing by weight, ``data.num_samples``, the cache, what
+``lmforge prepare``/``inspect`` show) tokenises text rows and splits long documents into ``data.max_length``
+blocks framed by the tokenizer's [CLS]/[SEP] (or BOS/EOS); each batch masks ``data.mlm_probability`` of the
+tokens with transformers' ``DataCollatorForLanguageModeling`` (80% [MASK], 10% random, 10% kept), and the model
+learns to restore them.
 Checkpoints, resume and outputs are the shared ones.
 """
 
@@ -12,7 +14,7 @@ from __future__ import annotations
 from transformers import AutoModelForMaskedLM, DataCollatorForLanguageModeling, Trainer
 
 from lmforge.config import Config
-from lmforge.errors import ConfigError, DataError, UnsupportedError
+from lmforge.errors import ConfigError, UnsupportedError
 from lmforge.training.checkpoint import LmforgeTrainerMixin
 from lmforge.training.run import (
     load_model_and_tokenizer, log, prepare_output_dir, run_trainer, trainer_hooks, training_args,
@@ -41,28 +43,12 @@ def _check(cfg: Config) -> None:
 
 
 def encode_texts(cfg: Config, tokenizer, role: str):
-    """Text rows -> datasets.Dataset of framed pieces of at most data.max_length tokens; None without rows."""
-    from datasets import Dataset
+    """(datasets.Dataset of framed text blocks (``input_ids`` only, what the collator takes), Stats) from the shared
+    data layer (mixed by weight, cached, what ``lmforge prepare``/``inspect`` show); (None, None) without rows."""
+    from lmforge.data.prepare import prepare_split
 
-    from lmforge.data.prepare import load_rows, sources_for
-
-    if not sources_for(cfg, role):
-        return None
-    start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
-    end = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
-    frame = [t for t in (start, end) if t is not None]
-    width = cfg.data.max_length - len(frame)
-    records = []
-    for _, rows in load_rows(cfg, role)[0]:
-        for r in rows:
-            ids = tokenizer(r.data["text"], add_special_tokens=False).input_ids
-            for i in range(0, len(ids), width):
-                piece = ([start] if start is not None else []) + ids[i:i + width] + ([end] if end is not None else [])
-                records.append({"input_ids": piece})
-    if not records:
-        raise DataError(f"no {role} text left after tokenisation")
-    log(f"{role} data: {len(records)} pieces, {sum(len(r['input_ids']) for r in records)} tokens")
-    return Dataset.from_list(records)
+    ds, stats, _ = prepare_split(cfg, tokenizer, role, packed=False, architecture="encoder-only")
+    return (ds.select_columns(["input_ids"]) if ds is not None else None), stats
 
 
 def train(cfg: Config):
@@ -71,12 +57,15 @@ def train(cfg: Config):
     model, tokenizer, prec = load_model_and_tokenizer(cfg, auto_class=AutoModelForMaskedLM, task_type=None)
     if tokenizer.mask_token is None:
         raise ConfigError("model.tokenizer: masked-LM pretraining needs a tokenizer with a mask token")
-    train_ds, eval_ds = encode_texts(cfg, tokenizer, "train"), encode_texts(cfg, tokenizer, "eval")
+    train_ds, train_stats = encode_texts(cfg, tokenizer, "train")
+    eval_ds, _ = encode_texts(cfg, tokenizer, "eval")
+    for line in train_stats.lines():
+        log(f"train data: {line}")
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=cfg.data.mlm_probability)
     args = training_args(cfg, prec, has_eval=eval_ds is not None)
     trainer = MaskedLMTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
         processing_class=tokenizer, lmforge=trainer_hooks(cfg),
     )
-    return run_trainer(trainer, cfg, tokenizer, resume, [f"{len(train_ds)} text pieces, mlm_probability "
-                                                         f"{cfg.data.mlm_probability}"])
+    return run_trainer(trainer, cfg, tokenizer, resume,
+                       train_stats.lines() + [f"mlm_probability: {cfg.data.mlm_probability}"])

@@ -3,9 +3,11 @@
 ``method: sft`` lands here when the model's config says ``is_encoder_decoder`` (``models.architecture``; the
 registry in ``methods/__init__.py`` routes it).
 The input goes to the encoder and the output is the decoder's target, so there is no prompt masking or
-packing to do: the stock trainer and ``DataCollatorForSeq2Seq`` are used as they are. lmforge adds its
-checkpoints and outputs (``LmforgeTrainerMixin``, ``OutputsCallback``), and with ``eval.metrics`` evaluates
-by generating (``predict_with_generate``) and logs ``eval_rouge`` / ``eval_bleu`` / ``eval_exact_match``.
+packing to do. The rows come from the shared data layer (``data/prepare.py``: mixing by weight,
+``data.num_samples``, the cache, what ``lmforge prepare``/``inspect`` show); the stock trainer and
+``DataCollatorForSeq2Seq`` are used as they are. lmforge adds its checkpoints and outputs
+(``LmforgeTrainerMixin``, ``OutputsCallback``), and with ``eval.metrics`` evaluates by generating
+(``predict_with_generate``) and logs ``eval_rouge`` / ``eval_bleu`` / ``eval_exact_match``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from transformers import AutoModelForSeq2SeqLM, DataCollatorForSeq2Seq, Seq2SeqT
 
 from lmforge.config import Config
 from lmforge.data.tokenize import IGNORE
-from lmforge.errors import DataError
 from lmforge.evaluation.metrics import compute_metrics
 from lmforge.training.checkpoint import LmforgeTrainerMixin
 from lmforge.training.eval_metrics import generation_metric_names
@@ -31,33 +32,15 @@ class Seq2SeqLMTrainer(LmforgeTrainerMixin, Seq2SeqTrainer):
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
-def _ids(tokenizer, text: str, max_length: int) -> list[int]:
-    """Token ids ending with EOS (T5 tokenizers add it themselves; byte-level BPE ones do not)."""
-    ids = tokenizer(text, add_special_tokens=True).input_ids
-    if not ids or ids[-1] != tokenizer.eos_token_id:
-        ids.append(tokenizer.eos_token_id)
-    return ids[: max_length - 1] + [tokenizer.eos_token_id] if len(ids) > max_length else ids
-
-
 def encode_split(cfg: Config, tokenizer, role: str, limit: int | None = None):
-    """Input/output rows -> datasets.Dataset of encoder input_ids and decoder labels; None without rows."""
-    from datasets import Dataset
+    """(datasets.Dataset of encoder input_ids and decoder labels, Stats), from the shared data layer (mixed by
+    weight, cached, what ``lmforge prepare``/``inspect`` show); (None, None) without rows. ``limit``: the first rows."""
+    from lmforge.data.prepare import prepare_split
 
-    from lmforge.data.prepare import load_rows, sources_for
-
-    if not sources_for(cfg, role):
-        return None
-    records = []
-    for fmt, rows in load_rows(cfg, role)[0]:
-        if fmt != "prompt_completion":
-            where = rows[0].origin if rows else role
-            raise DataError(f"{where}: encoder-decoder SFT needs input/output (prompt/completion) rows, got {fmt}")
-        for r in rows:
-            records.append({"input_ids": _ids(tokenizer, r.data["prompt"], cfg.data.max_length),
-                            "labels": _ids(tokenizer, r.data["completion"], cfg.data.max_length)})
-    records = records[:limit] if limit else records
-    log(f"{role} data: {len(records)} input/output rows")
-    return Dataset.from_list(records)
+    ds, stats, _ = prepare_split(cfg, tokenizer, role, packed=False, architecture="encoder-decoder")
+    if ds is not None and limit and limit < len(ds):
+        ds = ds.select(range(limit))
+    return ds, stats
 
 
 def metrics_fn(tokenizer, names: list[str]):
@@ -85,9 +68,11 @@ def train(cfg: Config):
         base.generation_config.decoder_start_token_id = tokenizer.pad_token_id
     names = generation_metric_names(cfg)
     generate = cfg.train.predict_with_generate or bool(names)
-    train_ds = encode_split(cfg, tokenizer, "train")
+    train_ds, train_stats = encode_split(cfg, tokenizer, "train")
+    for line in train_stats.lines():
+        log(f"train data: {line}")
     # generating is slow: with generation metrics, evaluate on the first eval.max_samples rows only
-    eval_ds = encode_split(cfg, tokenizer, "eval", limit=cfg.eval.max_samples if generate else None)
+    eval_ds, _ = encode_split(cfg, tokenizer, "eval", limit=cfg.eval.max_samples if generate else None)
     args = training_args(cfg, prec, has_eval=eval_ds is not None, args_cls=Seq2SeqTrainingArguments,
                          predict_with_generate=generate, generation_max_length=cfg.eval.max_new_tokens + 1)
     trainer = Seq2SeqLMTrainer(
@@ -96,4 +81,4 @@ def train(cfg: Config):
         processing_class=tokenizer, lmforge=trainer_hooks(cfg),
         compute_metrics=metrics_fn(tokenizer, names) if generate and names else None,
     )
-    return run_trainer(trainer, cfg, tokenizer, resume, [f"{len(train_ds)} input/output rows"])
+    return run_trainer(trainer, cfg, tokenizer, resume, train_stats.lines())
