@@ -3,6 +3,7 @@ greedy answers equal to `lmforge generate`, Ctrl-C stopping an answer, and the c
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import io
 import json
@@ -12,6 +13,7 @@ import re
 import select
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -72,6 +74,31 @@ CONVERSATIONS = [
 ]
 
 
+class _Recorder(io.StringIO):
+    """An output that keeps each piece of answer written to it (the chat's own lines end with a newline)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pieces: list[str] = []
+
+    def write(self, s):
+        if s and not s.endswith("\n"):
+            self.pieces.append(s)
+        return super().write(s)
+
+
+class _InterruptingOutput(_Recorder):
+    """An output on which the third streamed piece raises KeyboardInterrupt, as Ctrl-C would mid-answer."""
+
+    interrupted = False
+
+    def write(self, s):
+        if len(self.pieces) == 2 and not self.interrupted and s and not s.endswith("\n"):
+            self.interrupted = True
+            raise KeyboardInterrupt
+        return super().write(s)
+
+
 def test_streamed_greedy_answers_equal_lmforge_generate(tmp_path, sharp_model_dir, answers):
     inp = write_jsonl(tmp_path / "in.jsonl", [{"messages": m} for m in CONVERSATIONS])
     out = tmp_path / "out.jsonl"
@@ -81,29 +108,13 @@ def test_streamed_greedy_answers_equal_lmforge_generate(tmp_path, sharp_model_di
     assert len(set(expected)) == len(expected) and all(expected)  # the rows are told apart: a mix-up would show
 
     for messages, want in zip(CONVERSATIONS, expected):
-        stream = io.StringIO()
+        stream = _Recorder()
         chat = _session(answers, messages[:-1], stream)
         result = chat.ask(messages[-1]["content"])
-        assert stream.getvalue() == want + "\n"  # what was streamed, piece by piece, is the whole answer
+        assert stream.getvalue() == want + "\n"  # what was streamed is the whole answer
+        assert len(stream.pieces) > 2  # written piece by piece as it was decoded, not at the end
         assert result.text == want
         assert chat.history[-2:] == [messages[-1], _assistant(want)]
-
-
-class _InterruptingOutput(io.StringIO):
-    """An output on which the third streamed piece raises KeyboardInterrupt, as Ctrl-C would mid-answer."""
-
-    def __init__(self):
-        super().__init__()
-        self.pieces = 0
-        self.armed = True
-
-    def write(self, s):
-        if self.armed and s and not s.endswith("\n"):
-            self.pieces += 1
-            if self.pieces == 3:
-                self.armed = False
-                raise KeyboardInterrupt
-        return super().write(s)
 
 
 def test_ctrl_c_stops_the_answer_and_the_chat_goes_on(answers, reference):
@@ -124,6 +135,13 @@ def test_ctrl_c_stops_the_answer_and_the_chat_goes_on(answers, reference):
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
+def _own_terminal() -> None:
+    """In the child: a new session whose controlling terminal is the pty (its stdin), so that ^C typed there
+    sends SIGINT to the chat, as in a shell."""
+    os.setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
 class Terminal:
     """`lmforge chat` running on a pseudo-terminal: its stdin, stdout and stderr are a real tty."""
 
@@ -131,9 +149,18 @@ class Terminal:
         self.fd, slave = pty.openpty()
         env = dict(os.environ, TERM="dumb", PYTHONUNBUFFERED="1")  # dumb: readline writes no escape codes
         self.proc = subprocess.Popen([sys.executable, "-m", "lmforge", "chat", *args], stdin=slave, stdout=slave,
-                                     stderr=slave, cwd=ROOT, env=env, close_fds=True, start_new_session=True)
+                                     stderr=slave, cwd=ROOT, env=env, close_fds=True, preexec_fn=_own_terminal)
         os.close(slave)
         self.seen = ""
+
+    def read(self, timeout: float = 1.0) -> None:
+        """Add what the program wrote within ``timeout`` seconds to ``seen`` (newlines as \\n)."""
+        if select.select([self.fd], [], [], timeout)[0]:
+            try:
+                data = os.read(self.fd, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                data = b""
+            self.seen += ANSI.sub("", data.decode("utf-8", "replace").replace("\r\n", "\n"))
 
     def until_prompt(self, timeout: float = 180) -> str:
         """Everything written up to the next input prompt (newlines as \\n), the prompt excluded."""
@@ -141,12 +168,7 @@ class Terminal:
         while not self.seen.endswith("\n" + PROMPT):
             left = deadline - time.monotonic()
             assert left > 0 and self.proc.poll() is None, f"no prompt; the terminal shows:\n{self.seen}"
-            if select.select([self.fd], [], [], min(left, 1.0))[0]:
-                try:
-                    data = os.read(self.fd, 4096)
-                except OSError:  # EIO: the child closed the terminal
-                    data = b""
-                self.seen += ANSI.sub("", data.decode("utf-8", "replace").replace("\r\n", "\n"))
+            self.read(min(left, 1.0))
         block, self.seen = self.seen[: -len(PROMPT)], ""
         return block
 
@@ -199,6 +221,50 @@ def test_end_of_input_quits_with_exit_code_0(sharp_model_dir):
     os.write(term.fd, b"\x04")  # the terminal's EOF character
     assert term.proc.wait(timeout=60) == 0
     os.close(term.fd)
+
+
+@pytest.fixture(scope="module")
+def long_context_model_dir(sharp_model_dir, tmp_path_factory):
+    """The sharp tiny model made to talk on: room for 16k positions, and an EOS logit of 0 (its output weights
+    zeroed) under a positive maximum (the largest of ~400 random logits), so greedy answers never end early and
+    one is still being written whenever ^C comes."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(sharp_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(sharp_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        model.lm_head.weight[tok.eos_token_id] = 0
+    model.config.max_position_embeddings = 16384
+    out = tmp_path_factory.mktemp("long-llama")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_ctrl_c_in_the_terminal_stops_the_answer(long_context_model_dir):
+    term = Terminal(["--model", str(long_context_model_dir), "--temperature", "0", "--max-new-tokens", "16000",
+                     "--dtype", "float32"])
+
+    def interrupt(line: str) -> str:
+        """Type ``line``, wait until 20 characters of the answer have streamed, press ^C; what was shown."""
+        os.write(term.fd, line.encode() + b"\n")
+        deadline = time.monotonic() + 60
+        while len(term.seen) < len(line) + 1 + 20:
+            assert time.monotonic() < deadline and term.proc.poll() is None, f"no answer streams:\n{term.seen}"
+            term.read()
+        os.write(term.fd, b"\x03")  # ^C: the terminal sends SIGINT to the chat
+        return term.until_prompt(timeout=60)
+
+    try:
+        term.until_prompt()
+        assert interrupt("the quick brown fox").endswith("\n[answer stopped]\n")  # 16,000 tokens never came
+        # the stopped answer left the engine (one sequence at a time): the next one streams at once
+        assert interrupt("alpha beta").endswith("\n[answer stopped]\n")
+    finally:
+        code = term.close()
+        term.proc.kill()
+    assert code == 0
 
 
 # ------------------------------------------------------------------------------------------- errors

@@ -60,9 +60,9 @@ class EngineAnswers:
         raised meanwhile (KeyboardInterrupt from Ctrl-C, or from ``on_text``) cancels the job."""
         events: asyncio.Queue = asyncio.Queue()
         job = Job(prompt, opts, self._loop, events, seeded=seeded, stream=True)
-        self.engine.submit(job)
         sent = ""
         try:
+            self.engine.submit(job)
             while True:
                 # a task run_until_complete made itself: if Ctrl-C interrupts the wait it is left pending,
                 # unlogged, on this turn's queue, which nothing reads again
@@ -235,18 +235,18 @@ class Chat:
         return True
 
     def run(self) -> int:
-        """Read and answer lines until /exit or end of input; Ctrl-C at the prompt only clears the line."""
+        """Read and answer lines until /exit or end of input. Ctrl-C at the prompt only clears the line;
+        during an answer ``ask`` handles it; a Ctrl-C just before or after the answer drops that turn."""
         while True:
             try:
                 line = self._read()
+                if line is None:
+                    self._say("")
+                    return 0
+                if not self.handle(line):
+                    return 0
             except KeyboardInterrupt:
                 self._say("\n[/exit or Ctrl-D quits]")
-                continue
-            if line is None:
-                self._say("")
-                return 0
-            if not self.handle(line):
-                return 0
 
     def _read(self) -> str | None:
         """One input line without its newline; None at end of input. A terminal on the process's own
