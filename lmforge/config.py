@@ -91,6 +91,9 @@ class DataConfig:
     apply_chat_template: bool = _f(False, "render prompt/completion rows through the chat template as user/assistant")
     on_bad_rows: Literal["error", "skip"] = _f("error", "bad rows stop the run (error) or are dropped and counted (skip)")
     cache_dir: str | None = _f(None, "where prepared data is cached (default ~/.cache/lmforge/data or $LMFORGE_CACHE)")
+    cache_fingerprint: Literal["stat", "content"] = _f(
+        "stat", "how data files enter the cache key: stat (path, size, mtime: costs nothing) or content (SHA-256 of "
+                "every byte: also catches an edit that keeps size and mtime, but reads every file on each run)")
     num_samples: int | None = _f(None, "training rows drawn (sources mixed by weight, rows repeated when fewer; "
                                        "default: every row of every source once)")
     max_prompt_length: int | None = _f(None, "preference methods: truncate prompts to this many tokens")

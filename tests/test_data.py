@@ -183,3 +183,27 @@ def test_weight_on_an_eval_source_is_refused(tmp_path, tiny_model_dir, lmforge_c
     assert main(["prepare", str(write_config(tmp_path / "c.yaml", tree))]) == 2
     err = capsys.readouterr().err
     assert "data.eval[0].weight" in err and "once" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("how", ["stat", "content"])
+def test_cache_fingerprint_stat_misses_a_same_size_same_mtime_edit_content_catches_it(
+        tmp_path, tiny_model_dir, lmforge_cache, how):
+    """An edit that keeps the file's size and mtime: data.cache_fingerprint stat reuses the stale cache (the known
+    limit of the default), content rebuilds with the new rows."""
+    import os
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "name the fox:", "completion": " the quick fox"}])
+    tree = base_config(tiny_model_dir, data, tmp_path / "out", data={"cache_fingerprint": how})
+    cfg = load_config(None, tree=tree)
+    tok = finalize_tokenizer(AutoTokenizer.from_pretrained(tiny_model_dir))
+    before, _, path = prepare_split(cfg, tok, "train", packed=False)
+    st = data.stat()
+    data.write_text(data.read_text().replace("quick fox", "lazy dogs"))  # same length
+    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert data.stat().st_size == st.st_size and data.stat().st_mtime_ns == st.st_mtime_ns
+    after, _, path2 = prepare_split(cfg, tok, "train", packed=False)
+    text = tok.decode(after[0]["input_ids"])
+    if how == "stat":
+        assert path2 == path and "quick fox" in text
+    else:
+        assert path2 != path and "lazy dogs" in text and "quick fox" in tok.decode(before[0]["input_ids"])

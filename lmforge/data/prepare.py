@@ -1,8 +1,9 @@
 """From config to training-ready data: read, validate, mix, tokenise, mask, truncate, pack, cache.
 
 ``prepare_split`` is what ``lmforge prepare`` runs and what ``train`` reuses: the result is cached under a
-fingerprint of the data files (path, size, mtime), the tokenizer and the settings, so a second call stats the
-files and memory-maps the cached Arrow data (``datasets.load_from_disk``) without reading its rows.
+fingerprint of the data files (path, size, mtime; or their content with ``data.cache_fingerprint: content``), the
+tokenizer and the settings, so a second call stats the files and memory-maps the cached Arrow data
+(``datasets.load_from_disk``) without reading its rows.
 
 What a sample is depends on what the model trains on (``sample_layout``): a causal LM gets ids with aligned labels
 (packed or not), an encoder-decoder (T5) gets encoder ids and the decoder's labels, an encoder-only model (BERT)
@@ -419,12 +420,22 @@ def _source_files(src: DataSource, role: str) -> list[Path]:
     return resolve_files(src, role)
 
 
+def _file_identity(f: Path, how: str) -> list:
+    """A data file as the cache key sees it (``data.cache_fingerprint``): path, size and mtime (``stat``), or path,
+    size and a SHA-256 of its bytes (``content``: an edit that keeps size and mtime, e.g. a copy with ``cp -p`` or
+    a tool that restores times, still rebuilds)."""
+    st = f.stat()
+    if how == "content":
+        with open(f, "rb") as fh:
+            return [str(f.resolve()), st.st_size, hashlib.file_digest(fh, "sha256").hexdigest()]
+    return [str(f.resolve()), st.st_size, st.st_mtime_ns]
+
+
 def fingerprint(cfg: Config, tokenizer, role: str, packed: bool, layout: str = CAUSAL) -> str:
     files = []
     for src in sources_for(cfg, role):
         for f in _source_files(src, role):
-            st = f.stat()
-            files.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+            files.append(_file_identity(f, cfg.data.cache_fingerprint))
         files.append(asdict(src))
         if src.loader:  # a custom loader may return different rows each call: never reuse a cache for it
             files.append(uuid.uuid4().hex)
@@ -512,13 +523,12 @@ def prepare_split(cfg: Config, tokenizer, role: str, packed: bool, architecture:
 
 
 def training_texts_key(cfg: Config) -> str:
-    """What ``training_texts`` reads, as a key: every training source's settings and its files' sizes and times."""
+    """What ``training_texts`` reads, as a key: every training source's settings and its files' identities."""
     parts = []
     for src in sources_for(cfg, "train"):
         parts.append(asdict(src))
         for f in _source_files(src, "train"):
-            st = f.stat()
-            parts.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+            parts.append(_file_identity(f, cfg.data.cache_fingerprint))
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
