@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "lmforge.commands.merge",
     "lmforge.commands.consolidate",
     "lmforge.commands.export",
+    "lmforge.commands.launch",
 ]
 
 
