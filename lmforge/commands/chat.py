@@ -24,7 +24,7 @@ def add_parser(sub, formatter):
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop string (repeatable); the answer ends before it")
     p.add_argument("--seed", type=int, default=None,
-                   help="sampling seed (answer k uses seed + k, so a replayed session repeats); default: a fresh "
+                   help="sampling seed (answer k uses seed + k, so a replayed session repeats); none = a fresh "
                         "seed per answer")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
                    help="weights dtype; auto = bfloat16 where the CPU/GPU runs it fast, else float32")

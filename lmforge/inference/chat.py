@@ -28,7 +28,7 @@ from lmforge.inference.generate import Completion, GenerationOptions, Generator,
 
 PROMPT = ">>> "
 HELP = ("/system TEXT sets the system prompt (/system alone clears it), /reset clears the conversation, "
-        "/exit (or Ctrl-D) quits; Ctrl-C stops an answer")
+        "/exit (or Ctrl-D) quits, /help shows this; Ctrl-C stops an answer")
 
 
 class GenerationFailed(Exception):
