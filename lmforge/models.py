@@ -63,6 +63,10 @@ def resolve_model_path(name_or_path: str) -> Path:
     """Turn an alias, a .gguf file or a directory into a local HF model directory (importing GGUF once)."""
     if name_or_path in ALIASES:
         return import_gguf(_alias_file(name_or_path))
+    from lmforge import cloud
+
+    if cloud.is_remote(name_or_path):  # downloaded once into the cache, again when an object changes
+        name_or_path = str(cloud.fetch(name_or_path, "model.name_or_path"))
     path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmforge import cloud
 from lmforge.config import DataSource
 from lmforge.errors import DataError
 
@@ -64,8 +65,11 @@ def _data_files_in(directory: Path) -> list[Path]:
 def resolve_files(src: DataSource, role: str) -> list[Path]:
     """The data files a source path names, in a deterministic (sorted) order."""
     assert src.path is not None
-    path = Path(src.path).expanduser()
-    if any(ch in src.path for ch in "*?["):
+    given = src.path
+    if cloud.is_remote(given):  # a URL: a local copy in the cache, fetched again when an object changes
+        given = str(cloud.fetch(given, f"data source {src.path}"))
+    path = Path(given).expanduser()
+    if any(ch in given for ch in "*?["):
         files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).suffix in DATA_SUFFIXES)
         if not files:
             raise DataError(f"{src.path}: the glob matches no .jsonl/.json/.parquet/.csv file")

@@ -151,8 +151,17 @@ def write_checkpoint_atomically(root: Path, name: str, write, barrier, is_main: 
         if save_total_limit:
             for stale in complete_checkpoints(root)[:-save_total_limit]:
                 shutil.rmtree(stale, ignore_errors=True)
+        mirror_checkpoint(final)
     barrier()
     return final
+
+
+def mirror_checkpoint(ckpt: Path) -> None:
+    """An output_dir URL (``cloud.py``): upload the complete checkpoint, drop the rotated ones from the bucket."""
+    from lmforge import cloud
+
+    cloud.upload_checkpoint(ckpt)
+    cloud.prune_remote(ckpt.parent)
 
 
 def save_final_atomically(root: Path, write, barrier, is_main: bool, expected_bytes: int | None = None) -> Path:
@@ -318,6 +327,7 @@ class LmforgeTrainerMixin:
 
             rotate_checkpoints(output_dir=root, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+            mirror_checkpoint(Path(final))
         self.accelerator.wait_for_everyone()
 
     def create_optimizer(self, model=None):

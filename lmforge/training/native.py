@@ -41,7 +41,7 @@ from lmforge.training.checkpoint import (
     EpochSampler, load_weights, read_weights, rng_state, set_rng_state, write_checkpoint_atomically,
 )
 from lmforge.training.optim import build_optimizer
-from lmforge.training.run import log
+from lmforge.training.run import log, upload_outputs
 from lmforge.training.tracking import NATIVE_TRACKERS, Profiler, Tracker, Window, progress_bar
 from lmforge.training import stopping
 
@@ -512,6 +512,7 @@ class NativeTrainer:
                                     "adapter": self.cfg.peft.kind, "engine": ENGINE, "max_steps": self.step},
                          self.data_lines)
             log(f"final {'adapter' if self.cfg.peft.kind != 'none' else 'model'} saved to {self.out}")
+            upload_outputs(self.out)
         self.barrier()
         return self.out
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from lmforge import cloud
 from lmforge.adapters import (
     apply_peft, count_parameters, freeze_except, quantization_kwargs,
 )
@@ -173,6 +174,16 @@ def config_yaml(cfg: Config) -> str:
 def prepare_output_dir(cfg: Config) -> str | None:
     """Set up train.distributed, create output_dir, save config.yaml, and return the checkpoint to resume from."""
     strategy.setup(cfg)  # first: the process group must exist before data preparation (rank 0 first)
+    saved_config = config_yaml(cfg)  # with the output_dir as the user gave it, a URL included
+    if cloud.is_remote(cfg.train.output_dir):  # train in a local mirror that uploads (cloud.py)
+        if cfg.train.resume not in ("auto", "never"):
+            raise ConfigError(f"train.resume: {cfg.train.resume}: with an output_dir URL, resume is auto or never")
+        url = cfg.train.output_dir
+        cfg.train.output_dir = str(cloud.open_mirror(url, cfg.train.resume, is_main_process()))
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # rank 0 set the mirror up (and downloaded the checkpoint to resume)
+        log(f"train.output_dir {url}: training in {cfg.train.output_dir}, each checkpoint and the final model "
+            "uploaded when complete")
     out = Path(cfg.train.output_dir)
     resume = resolve_resume(cfg.train.resume, str(out))
     if resume:
@@ -183,7 +194,7 @@ def prepare_output_dir(cfg: Config) -> str | None:
                               "or start afresh with train.resume: never")
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(config_yaml(cfg))
+        (out / "config.yaml").write_text(saved_config)
         if resume:
             step = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"]
             truncate_metrics_after(out, step)
@@ -220,4 +231,15 @@ def run_trainer(trainer, cfg: Config, tokenizer, resume: str | None, data_lines:
         write_report(out, {"method": cfg.method, "model": cfg.model.name_or_path or "from scratch",
                            "adapter": cfg.peft.kind, "max_steps": trainer.state.global_step}, data_lines)
         log(f"final {'adapter' if hasattr(trainer.model, 'peft_config') else 'model'} saved to {out}")
+        upload_outputs(out)
     return out
+
+
+def upload_outputs(out: Path) -> None:
+    """An output_dir URL: the final model, report and metrics go up from the local mirror (rank 0)."""
+    from lmforge import cloud
+
+    url = cloud.remote_of(out)
+    if url:
+        cloud.upload_outputs(out)
+        log(f"uploaded to {url}")
