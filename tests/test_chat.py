@@ -117,6 +117,34 @@ def test_streamed_greedy_answers_equal_lmforge_generate(tmp_path, sharp_model_di
         assert chat.history[-2:] == [messages[-1], _assistant(want)]
 
 
+def test_prompt_tuning_adapter_streams_through_generate(tmp_path, sharp_model_dir):
+    """A prompt-tuning adapter dir stays a PEFT model (not merged), which the decode loop does not cover: its
+    answers stream through transformers generate (the engine's static path) and still equal `lmforge generate`."""
+    from peft import PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter = tmp_path / "prompt-adapter"
+    base = AutoModelForCausalLM.from_pretrained(sharp_model_dir)
+    get_peft_model(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).save_pretrained(adapter)
+    AutoTokenizer.from_pretrained(sharp_model_dir).save_pretrained(adapter)
+    messages = CONVERSATIONS[2]
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"messages": messages}])
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--model", str(adapter), "--input", str(inp), "--output", str(out),
+                 "--max-new-tokens", "12", "--dtype", "float32", "--no-progress"]) == 0
+    want = json.loads(out.read_text())["completion"]
+
+    answers = EngineAnswers(Generator(load_for_inference(str(adapter), dtype="float32")))
+    try:
+        assert answers.engine.decoder is None  # so this is the generate path, not the decode loop
+        stream = _Recorder()
+        result = _session(answers, messages[:-1], stream).ask(messages[-1]["content"])
+    finally:
+        answers.close()
+    assert result.text == want and stream.getvalue() == want + "\n"
+    assert len(stream.pieces) > 2
+
+
 def test_ctrl_c_stops_the_answer_and_the_chat_goes_on(answers, reference):
     out = _InterruptingOutput()
     chat = Chat(answers, GREEDY, stdout=out)
