@@ -64,8 +64,8 @@ class EngineAnswers:
         try:
             self.engine.submit(job)
             while True:
-                # a task run_until_complete made itself: if Ctrl-C interrupts the wait it is left pending,
-                # unlogged, on this turn's queue, which nothing reads again
+                # run_until_complete wraps get() in a task of its own: if Ctrl-C interrupts the wait, that task
+                # stays pending (without a warning) on this turn's queue, which nothing reads again
                 _, kind, value = self._loop.run_until_complete(events.get())
                 if kind == "error":
                     raise GenerationFailed(value[1])
