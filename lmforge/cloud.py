@@ -16,11 +16,13 @@ fsspec (``s3fs``, ``gcsfs``: extra ``lmforge[cloud]``) does the transfers with t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 from lmforge.errors import ConfigError
@@ -207,3 +209,34 @@ def upload_outputs(local: Path) -> None:
 def upload_file(local: Path, url: str) -> None:
     fs, path = filesystem(url)
     fs.put(str(local), path)
+
+
+# ------------------------------------------------------------------------------------------ commands' files
+def local_input(path: str, what: str) -> str:
+    """``path`` itself, or for a URL its local copy (``fetch``)."""
+    return str(fetch(path, what)) if is_remote(path) else path
+
+
+@contextlib.contextmanager
+def local_output(path: str, what: str, directory: bool = False, overwrite: bool = True):
+    """Where a command writes ``path``: ``path`` itself, or for a URL a local temporary place uploaded once
+    the command succeeded (a directory gets the marker last). ``overwrite=False`` refuses an existing URL."""
+    if not is_remote(path):
+        yield path
+        return
+    fs, remote = filesystem(path)
+    if not overwrite and fs.exists(remote):
+        raise ConfigError(f"{what}: {path} exists; --overwrite replaces it")
+    tmp = Path(tempfile.mkdtemp(prefix="lmforge-upload-"))
+    local = tmp / (remote.rstrip("/").rsplit("/", 1)[-1] or "output")
+    try:
+        yield str(local)
+        if directory:
+            if fs.exists(remote):
+                fs.rm(remote, recursive=True)
+            fs.put(str(local) + "/", remote.rstrip("/") + "/", recursive=True)
+            fs.pipe(f"{remote.rstrip('/')}/{MARKER}", b"complete\n")
+        else:
+            fs.put(str(local), remote)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

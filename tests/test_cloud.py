@@ -142,3 +142,34 @@ def test_a_missing_object_is_a_clear_error(bucket, tiny_model_dir, tmp_path, mon
     assert main(["train", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert f"s3://{bucket}/nothing.jsonl names no file" in err and "Traceback" not in err
+
+
+def test_eval_merge_and_consolidate_read_and_write_s3(bucket, tiny_model_dir, tmp_path, monkeypatch):
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    _machine(monkeypatch, tmp_path, "one")
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(8))
+    cfg = write_config(tmp_path / "c.yaml", _config(tmp_path, str(tiny_model_dir), str(data), str(tmp_path / "run"),
+                                                    max_steps=2))
+    assert main(["train", str(cfg)]) == 0
+    _upload_dir(tmp_path / "run" / "checkpoint-2", f"s3://{bucket}/ckpt/checkpoint-2")
+    cloud.upload_file(data, f"s3://{bucket}/eval.jsonl")
+
+    assert main(["eval", "--model", str(tmp_path / "run"), "--data", f"s3://{bucket}/eval.jsonl",
+                 "--metrics", "perplexity", "--output", f"s3://{bucket}/reports/eval.json"]) == 0
+    report = json.loads(cloud.filesystem(f"s3://{bucket}")[0].cat(f"{bucket}/reports/eval.json"))
+    assert report["rows"] == 8 and report["metrics"]["perplexity"] > 1
+
+    assert main(["merge", "--model", str(tmp_path / "run"), "--output", f"s3://{bucket}/merged"]) == 0
+    assert main(["merge", "--model", str(tmp_path / "run"), "--output", f"s3://{bucket}/merged"]) == 2  # exists
+    assert main(["consolidate", f"s3://{bucket}/ckpt/checkpoint-2", "--output", f"s3://{bucket}/plain"]) == 0
+    assert ".lmforge-complete" in _keys(bucket, "merged/") and ".lmforge-complete" in _keys(bucket, "plain/")
+
+    merged = AutoModelForCausalLM.from_pretrained(cloud.fetch(f"s3://{bucket}/merged", "test"))
+    reference = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "run").merge_and_unload()
+    ids = torch.tensor([[1, 5, 9, 3]])
+    torch.testing.assert_close(merged(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
+    adapter = load_file(cloud.fetch(f"s3://{bucket}/plain", "test") / "adapter_model.safetensors")
+    saved = load_file(tmp_path / "run" / "checkpoint-2" / "adapter_model.safetensors")
+    assert adapter.keys() == saved.keys() and all(torch.equal(adapter[k], saved[k]) for k in saved)

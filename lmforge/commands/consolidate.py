@@ -16,7 +16,11 @@ def run(args) -> int:
 
     from lmforge.distributed.consolidate import checkpoint_kind, consolidate
 
-    kind = checkpoint_kind(Path(args.checkpoint))
-    out = consolidate(args.checkpoint, args.output)
-    print(f"[lmforge] {kind} checkpoint {args.checkpoint} -> {out}")
+    from lmforge import cloud
+
+    checkpoint = cloud.local_input(args.checkpoint, "CHECKPOINT")  # a URL: downloaded into the cache once
+    kind = checkpoint_kind(Path(checkpoint))
+    with cloud.local_output(args.output, "--output", directory=True) as target:
+        consolidate(checkpoint, target)
+    print(f"[lmforge] {kind} checkpoint {args.checkpoint} -> {args.output}")
     return 0

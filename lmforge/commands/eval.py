@@ -52,16 +52,20 @@ def run(args) -> int:
     if (args.batch_size is not None and args.batch_size < 1) or (args.limit is not None and args.limit < 1):
         raise ConfigError("--batch-size and --limit: must be >= 1")
     opts = options_from_args(args)
-    data = read_eval_data(args.data, args.limit) if args.data else None  # bad rows fail before loading the model
+    from lmforge import cloud
+
+    source = cloud.local_input(args.data, "--data") if args.data else None  # a URL: copied into the cache once
+    data = read_eval_data(source, args.limit) if source else None  # bad rows fail before loading the model
     loaded = load_for_inference(args.model, args.dtype)
     results, samples = evaluate(loaded, data, metrics if data else [], opts, args.batch_size, args.max_length)
     if tasks:
         results.update(lm_eval_tasks(loaded, tasks, args.batch_size or 8, args.limit))
     report = {"model": args.model, "data": args.data, "format": data.fmt if data else None,
               "rows": len(data.rows) if data else 0, "metrics": results, "samples": samples}
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    with cloud.local_output(args.output, "--output") as target:
+        out = Path(target)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     print(_table(results))
-    print(f"report written to {out}")
+    print(f"report written to {args.output}")
     return 0

@@ -20,8 +20,10 @@ def add_parser(sub, formatter):
 
 
 def run(args) -> int:
+    from lmforge import cloud
     from lmforge.inference.merge import merge_adapter_to_dir
 
-    out = merge_adapter_to_dir(args.model, args.output, args.dtype, overwrite=args.overwrite)
-    print(f"merged {args.model} into a plain model at {out}")
+    with cloud.local_output(args.output, "--output", directory=True, overwrite=args.overwrite) as target:
+        merge_adapter_to_dir(args.model, target, args.dtype, overwrite=args.overwrite)
+    print(f"merged {args.model} into a plain model at {args.output}")
     return 0
