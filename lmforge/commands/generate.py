@@ -1,7 +1,16 @@
-"""`lmforge generate --model M --input IN.jsonl --output OUT.jsonl [options]`: batch inference."""
+"""`lmforge generate --model M --input IN.jsonl --output OUT.jsonl [options]`: batch inference.
+
+With ``--nproc-per-node N`` (or under a user's own torchrun) the rows are shared out between processes and
+merged into one output (lmforge/inference/sharded.py); ``--zero-inference`` / ``--kernel-inject`` run the
+model through DeepSpeed (lmforge/inference/zero.py).
+"""
 
 from __future__ import annotations
 
+import argparse
+import os
+
+from lmforge.distributed import launch
 from lmforge.inference.generate import GenerationOptions
 
 
@@ -51,27 +60,124 @@ def add_parser(sub, formatter):
                         "encoder-decoder models always use static)")
     add_generation_options(p)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    ds = p.add_argument_group("DeepSpeed (hf backend)")
+    ds.add_argument("--zero-inference", action="store_true",
+                    help="run the model as a ZeRO-3 engine with its parameters offloaded to CPU memory (or to "
+                         "--offload-dir), fetched layer by layer: for models larger than GPU/CPU memory; one process")
+    ds.add_argument("--offload-dir", default=None, metavar="DIR",
+                    help="with --zero-inference: offload the parameters to files in DIR (DeepSpeed NVMe offload; "
+                         "needs libaio) instead of CPU memory")
+    ds.add_argument("--kernel-inject", action="store_true",
+                    help="DeepSpeed-Inference fused kernels (CUDA GPUs only; static batching)")
+    launch.add_arguments(p)
     return p
 
 
 def run(args) -> int:
     from pathlib import Path
 
+    from lmforge.distributed.ranks import world_size
     from lmforge.errors import ConfigError
+    from lmforge.inference import zero
     from lmforge.inference.batch import completed_rows, generate_file, read_prompt_rows
-    from lmforge.inference.backends import load_backend
 
     opts = options_from_args(args)
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError("--batch-size: must be >= 1")
-    rows = read_prompt_rows(args.input)  # bad rows fail before the model is loaded
-    if completed_rows(Path(args.output)) == len(rows):
+    relaunch = launch.wants_launch(args)
+    world = args.nproc_per_node * args.nnodes if relaunch else world_size()
+    zero.check(args.zero_inference, args.kernel_inject, args.offload_dir, args.backend, world)
+    rows = read_prompt_rows(args.input)  # bad rows fail before the model is loaded or processes start
+    if (relaunch or world == 1) and completed_rows(Path(args.output)) == len(rows):
         print(f"nothing to do: {args.output} already holds all {len(rows)} rows")
         return 0
-    backend = load_backend(args.backend, args.model, args.dtype, args.batching, args.batch_size)
-    # rows are read, generated and written in windows of 16 batches (of 128 rows when the size is automatic)
-    skipped, generated = generate_file(args.input, args.output, opts, args.batch_size or 128, backend.encode,
-                                       backend.generate, progress=not args.no_progress)
-    resumed = f" (resumed: {skipped} rows were already done)" if skipped else ""
-    print(f"wrote {generated} completions to {args.output}{resumed}")
+    if relaunch:  # --nproc-per-node: run this command again under torchrun, one worker per process
+        return _relaunch(args)
+    batch_size = args.batch_size or 128  # rows are generated and written in windows of 16 batches
+    if world > 1:
+        return _run_sharded(args, rows, opts, batch_size)
+    backend = _load(args)
+    try:
+        skipped, generated = generate_file(args.input, args.output, opts, batch_size, backend.encode,
+                                           backend.generate, not args.no_progress, _max_prompt_tokens(backend))
+    finally:
+        zero.close()
+    _report(args.output, skipped, generated)
     return 0
+
+
+def _load(args):
+    """The backend the flags ask for."""
+    from lmforge.inference import zero
+    from lmforge.inference.backends import load_backend
+
+    if args.zero_inference:
+        return zero.ZeroBackend(args.model, args.dtype, args.batching, args.batch_size, args.offload_dir)
+    if args.kernel_inject:
+        return zero.KernelInjectBackend(args.model, args.dtype, args.batch_size)
+    return load_backend(args.backend, args.model, args.dtype, args.batching, args.batch_size)
+
+
+def _max_prompt_tokens(backend) -> int | None:
+    """The model's context for the hf backends (vLLM checks prompt lengths itself)."""
+    from lmforge.inference.backends import HfBackend
+    from lmforge.inference.generate import context_length
+
+    return context_length(backend.loaded.model) if isinstance(backend, HfBackend) else None
+
+
+def _run_sharded(args, rows, opts, batch_size: int) -> int:
+    """This process's part of a multi-process run (a torchrun worker)."""
+    from pathlib import Path
+
+    from lmforge.inference import sharded
+
+    def load():
+        backend = _load(args)
+        return backend.encode, backend.generate, _max_prompt_tokens(backend)
+
+    try:
+        skipped, generated = sharded.run(rows, Path(args.output), opts, batch_size, load, not args.no_progress)
+    except sharded.RankFailed:
+        return 2  # rank 0 reports every rank's error
+    finally:
+        sharded.finish()
+    if os.environ.get("RANK", "0") == "0":
+        _report(args.output, skipped, generated)
+    return 0
+
+
+def _relaunch(args) -> int:
+    import sys
+
+    code = launch.run_torchrun(args, _argv(args), "generate")
+    if code:
+        sys.stderr.write(f"lmforge: error: generate on {args.nproc_per_node * args.nnodes} processes failed (torchrun "
+                         f"exit code {code}; each process's error is above); {args.output} was not changed\n")
+        return code
+    return 0
+
+
+def _argv(args) -> list[str]:
+    """The command line that parsed into ``args``, for the torchrun workers (the launcher flags included: a
+    worker checks them against the processes torchrun started)."""
+    parser = add_parser(argparse.ArgumentParser().add_subparsers(), argparse.HelpFormatter)
+    argv = []
+    for action in parser._actions:  # argparse has no public list of a parser's options
+        value = getattr(args, action.dest, None)
+        if not action.option_strings or value is None or value is False or value == action.default:
+            continue
+        flag = action.option_strings[-1]
+        if isinstance(action, argparse._StoreTrueAction):
+            argv.append(flag)
+        elif isinstance(action, argparse._AppendAction):
+            for v in value:
+                argv += [flag, str(v)]
+        else:
+            argv += [flag, str(value)]
+    return argv + (["--debug"] if args.debug else [])
+
+
+def _report(output: str, skipped: int, generated: int) -> None:
+    resumed = f" (resumed: {skipped} rows were already done)" if skipped else ""
+    print(f"wrote {generated} completions to {output}{resumed}")

@@ -1,4 +1,5 @@
-"""`lmforge train CONFIG --nproc-per-node N [--nnodes M --node-rank R --master-addr A --master-port P]`.
+"""`lmforge train CONFIG --nproc-per-node N [--nnodes M --node-rank R --master-addr A --master-port P]`
+(and `lmforge generate ... --nproc-per-node N`, which shards its rows: lmforge/inference/sharded.py).
 
 lmforge does not start worker processes itself: it re-executes the same command through torchrun
 (``python -m torch.distributed.run``), which spawns the workers, sets RANK/WORLD_SIZE/MASTER_* and
@@ -45,15 +46,15 @@ def wants_launch(args) -> bool:
     return True
 
 
-def torchrun_command(args, argv: list[str]) -> list[str]:
-    """The torchrun command line that re-runs ``lmforge train`` with ``argv`` (the train arguments)."""
+def torchrun_command(args, argv: list[str], command: str = "train") -> list[str]:
+    """The torchrun command line that re-runs ``lmforge COMMAND`` with ``argv`` (the command's arguments)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc_per_node)]
     if args.nnodes == 1 and args.master_port is None:
         cmd += ["--standalone"]  # single node: torchrun picks a free port itself
     else:
         cmd += ["--nnodes", str(args.nnodes), "--node-rank", str(args.node_rank),
                 "--master-addr", args.master_addr, "--master-port", str(args.master_port or 29500)]
-    return cmd + ["-m", "lmforge", "train", *argv]
+    return cmd + ["-m", "lmforge", command, *argv]
 
 
 def relaunch(args, cfg) -> int:
@@ -62,7 +63,13 @@ def relaunch(args, cfg) -> int:
     if total > 1 and cfg.train.distributed == "none":
         raise ConfigError(f"{args.config}: train.distributed: set ddp, fsdp or deepspeed to train on {total} processes")
     argv = [args.config, *args.overrides] + (["--debug"] if args.debug else [])
-    cmd = torchrun_command(args, argv)
+    return run_torchrun(args, argv, "train")
+
+
+def run_torchrun(args, argv: list[str], command: str) -> int:
+    """Run ``lmforge COMMAND argv`` under torchrun on this node and wait for it; returns its exit code."""
+    total = args.nproc_per_node * args.nnodes
+    cmd = torchrun_command(args, argv, command)
     env = {**os.environ, EXPECTED_WORLD_ENV: str(total)}
     # after a stop signal torchrun SIGKILLs workers still running after this many seconds (its default, 30, is
     # too short for the checkpoint of a large model); the scheduler's own grace period must be longer too

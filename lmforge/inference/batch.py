@@ -85,33 +85,55 @@ def output_row(row: dict, c: Completion) -> dict:
 
 def generate_file(input_path: str, output_path: str, opts: GenerationOptions, batch_size: int,
                   encode: Callable[[dict], list[int]], generate: Callable[..., list[Completion]],
-                  progress: bool = True) -> tuple[int, int]:
-    """Generate for every input row not yet in the output; returns (rows skipped, rows generated).
+                  progress: bool = True, max_prompt_tokens: int | None = None) -> tuple[int, int]:
+    """Generate for every input row not yet in the output; returns (rows skipped, rows generated)."""
+    return generate_rows(read_prompt_rows(input_path), Path(output_path), 0, opts, batch_size, encode, generate,
+                         progress, max_prompt_tokens)
 
+
+def generate_rows(rows: list[Row], out: Path, first: int, opts: GenerationOptions, batch_size: int,
+                  encode: Callable[[dict], list[int]], generate: Callable[..., list[Completion]],
+                  progress: bool = True, max_prompt_tokens: int | None = None,
+                  desc: str = "generate") -> tuple[int, int]:
+    """Append to ``out`` the completions of the ``rows`` it does not hold yet; returns (skipped, generated).
+
+    ``rows[0]`` is input row ``first`` (a shard of a multi-process run starts further on: sharded.py).
     ``generate(prompts, opts, on_row)`` gets a window of ``batch_size * WINDOW_BATCHES`` prompts, batches
-    them itself, and calls ``on_row()`` as rows finish. The window's seed is ``opts.seed`` plus its first
-    row's index, so seeded sampling is reproducible run to run, also when resuming."""
+    them itself, and calls ``on_row()`` as rows finish. The window's seed is ``opts.seed`` plus the input
+    index of its first row, so seeded sampling is reproducible run to run, also when resuming or sharding.
+    A prompt longer than ``max_prompt_tokens`` (the model's context) stops the run with its file:line."""
     from dataclasses import replace
 
     from tqdm import tqdm
 
-    rows = read_prompt_rows(input_path)
-    out = Path(output_path)
     done = completed_rows(out)
     if done > len(rows):
-        raise DataError(f"{output_path}: holds {done} rows but {input_path} has only {len(rows)}; "
-                        "use a new output file")
+        raise DataError(f"{out}: holds {done} rows but the input has only {len(rows)}; use a new output file")
     out.parent.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=len(rows), initial=done, unit="row", desc="generate", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=len(rows), initial=done, unit="row", desc=desc, disable=not progress, file=sys.stderr)
     window = batch_size * WINDOW_BATCHES
     with out.open("a", encoding="utf-8") as fh:
         for start in range(done, len(rows), window):
             chunk = rows[start:start + window]
-            results = generate([encode(r.data) for r in chunk], replace(opts, seed=opts.seed + start),
-                               lambda: bar.update(1))
+            prompts = [_encode_row(r, encode, max_prompt_tokens) for r in chunk]
+            results = generate(prompts, replace(opts, seed=opts.seed + first + start), lambda: bar.update(1))
             for r, c in zip(chunk, results):
                 fh.write(json.dumps(output_row(r.data, c), ensure_ascii=False) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
     bar.close()
     return done, len(rows) - done
+
+
+def _encode_row(row: Row, encode: Callable[[dict], list[int]], max_prompt_tokens: int | None) -> list[int]:
+    """The row's prompt ids; a prompt the model cannot take is a DataError naming the row."""
+    from jinja2 import TemplateError
+
+    try:
+        ids = encode(row.data)
+    except TemplateError as e:  # the chat template refused the messages (its raise_exception)
+        raise DataError(f"{row.origin}: the chat template cannot render these messages ({e})") from None
+    if max_prompt_tokens is not None and len(ids) >= max_prompt_tokens:
+        raise DataError(f"{row.origin}: the prompt is {len(ids)} tokens, but the model's context is "
+                        f"{max_prompt_tokens} (no room left to generate); shorten it")
+    return ids

@@ -79,6 +79,12 @@ def needs_equal_lengths(model) -> bool:
     return isinstance(model, PeftModel) and model.active_peft_config.is_prompt_learning
 
 
+def context_length(model) -> int | None:
+    """The most positions ``model`` was built for (``max_position_embeddings``); None where the config names no
+    limit (T5's relative positions)."""
+    return getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+
+
 def length_batches(lengths: list[int], batch_size: int, equal_lengths: bool = False) -> list[list[int]]:
     """Indices grouped into batches of at most ``batch_size``, longest first (a memory problem shows at
     once, and a batch wastes little on padding); with ``equal_lengths`` a batch never mixes lengths."""
