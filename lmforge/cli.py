@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "lmforge.commands.consolidate",
     "lmforge.commands.export",
     "lmforge.commands.launch",
+    "lmforge.commands.estimate",
 ]
 
 

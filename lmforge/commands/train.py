@@ -29,7 +29,9 @@ def run(args) -> int:
     if launch.wants_launch(args):  # --nproc-per-node: run this command again under torchrun
         return launch.relaunch(args, cfg)
     from lmforge.distributed import strategy
+    from lmforge.training.estimate import log_at_start
 
+    log_at_start(cfg)  # one line: predicted peak memory, tokens/s and run time (lmforge estimate gives the detail)
     get_method(cfg)(cfg)  # the method's module for this model's architecture (methods/__init__.py)
     strategy.teardown()
     return 0

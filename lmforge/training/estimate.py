@@ -1,0 +1,905 @@
+"""``lmforge estimate``: memory, tokens/s and run time of a training config, predicted before anything heavy loads.
+
+What it reads: the config, the model's config (``config.json``; for a ``.gguf`` file or the built-in alias its
+GGUF metadata, the weights neither read nor dequantised; for ``model.config`` the given keys), the tokenizer,
+and a sample of the training rows run through lmforge's own data layer (``data/prepare.py``: read, tokenise,
+mask, truncate, pack). The model is built on the ``meta`` device (shapes only, no storage), so parameter counts,
+the LoRA inventory (which modules ``peft.target_modules`` hits, their in/out features) and the decoder layers
+are exactly the model's. Everything after that is arithmetic, below, and checked against hand counts in
+tests/test_estimate.py.
+
+What the engines hold (read from ``native.py``, ``precision.py``, ``sharding.py`` and ``run.py``):
+  * native engine, full fine-tune in bf16: the model in bf16 plus fp32 master weights of every parameter
+    (``MasterWeights``); bf16 gradients from each backward, moved into fp32 master gradients; fused AdamW with
+    two fp32 states per trainable parameter. LoRA/DoRA in bf16: the frozen base in bf16, adapters bf16 + fp32
+    masters. QLoRA: linear weights in 4-bit nf4 (double quantised), every other weight cast to fp32 by
+    ``prepare_model_for_kbit_training``, fp32 adapters under autocast. fp32 compute: plain fp32, no masters.
+  * native DDP: one flat fp32 buffer of every gradient for the all-reduce; FSDP2: fp32 shards (the masters),
+    each decoder layer gathered in the compute dtype as it runs, the root (embeddings, head) gathered for the
+    whole step; gradients and optimizer states sharded.
+  * hf engine: fp32 weights under autocast for a full fine-tune (16 bytes per parameter with AdamW); DeepSpeed
+    ZeRO keeps bf16 weights and shards fp32 masters + states (stage 1), + gradients (2), + weights (3), and
+    offload moves them to host memory (on a CPU-only machine that is the same memory).
+Activations are counted per decoder layer from the tensors a Llama-style layer saves for backward (norm
+inputs, q/k/v before and after rotary, attention output, the MLP's four intermediates), plus attention scores
+where lmforge's per-sample attention stores them, plus the LM head's logits on the loss positions; gradient
+checkpointing keeps each layer's input and recomputes one layer at a time. Time is FLOPs (6N-style linear
+FLOPs on the positions computed, the LM head on loss positions, attention as ``flops.py`` counts it) over this
+machine's measured matmul peak (``flops.peak_flops``) times an efficiency measured on the native and hf engines
+(``EFFICIENCY``; docs/estimate.md; ``benchmarks/estimate_accuracy.py`` re-measures it).
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import json
+import math
+import os
+import random
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lmforge.config import Config
+from lmforge.errors import ConfigError
+
+GB = 1024 ** 3
+SAMPLE_ROWS = 2000  # training rows tokenised to learn the length distribution (all of them when fewer)
+BASELINE_BYTES = int(0.6 * GB)  # a training process before its model loads: python, torch, transformers, peft,
+# datasets, the tokenizer (measured: 523 MB after importing lmforge's training stack, 2026-11-28, + tokenizer/data)
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # nf4 + double quantisation: 8-bit absmax per 64, fp32 per 256 blocks
+INT8_BYTES = 1.0
+OPTIMIZER_BYTES = {  # bytes of state per trainable parameter (fp32 states, as torch and lmforge keep them)
+    "sgd": 0, "adafactor": 1, "adamw_bnb_8bit": 2, "adamw_8bit": 2, "paged_adamw_8bit": 2, "adamw_torch_8bit": 2,
+    "lion_8bit": 1, "lion_32bit": 4, "paged_lion_8bit": 1, "paged_lion_32bit": 4, "rmsprop": 4,
+}  # every other optimizer (AdamW, LAMB, ...): two fp32 states, 8 bytes
+# Achieved fraction of the matmul peak (MFU over the FLOPs counted here), measured on SmolLM2-135M with
+# benchmarks/sft_vs_trl.py (docs/training.md, "Measured"): native full fine-tune 43-48%, native LoRA 30-34%,
+# hf engine 23%. QLoRA dequantises every 4-bit weight in each forward and backward (bitsandbytes on CPU): not
+# measured yet, assumed half of LoRA's. benchmarks/estimate_accuracy.py prints estimated vs measured.
+EFFICIENCY = {("native", "full"): 0.45, ("native", "adapter"): 0.32, ("native", "qlora"): 0.16,
+              ("hf", "full"): 0.23, ("hf", "adapter"): 0.18, ("hf", "qlora"): 0.10}
+GLOO_BYTES_PER_SECOND = 2e9  # gradient all-reduce between processes of one node over gloo (assumed; CPU)
+STRATEGIES = ("none", "ddp", "fsdp", "zero1", "zero2", "zero3", "zero3_offload")
+
+
+# ============================================================================================ the model
+@dataclass
+class ModelShape:
+    """What the estimate knows about the model: counts from its config, built on the meta device."""
+
+    source: str  # where the config came from
+    model_type: str
+    architecture: str  # decoder | encoder-decoder | encoder-only (models.architecture's rule)
+    params: dict[str, int]  # parameter name -> numel (tied weights once)
+    linears: dict[str, tuple[int, int]]  # module name -> (in_features, out_features), the output layer included
+    embeddings: dict[str, tuple[int, int]]  # module name -> (num_embeddings, embedding_dim)
+    output_layer: str | None  # the LM head's module name (PEFT's all-linear skips it)
+    tied: bool
+    layers: int
+    layer_params: int  # parameters of one decoder layer
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+    @property
+    def total(self) -> int:
+        return sum(self.params.values())
+
+    def linear_weights(self, include_head: bool) -> int:
+        """Weights of the linear layers (what runs as a matmul per position), with or without the LM head."""
+        return sum(i * o for n, (i, o) in self.linears.items() if include_head or n != self.output_layer)
+
+
+def _architecture(config) -> str:
+    """models.architecture's rule, on a config already read (models.architecture would import a GGUF file)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    if getattr(config, "is_encoder_decoder", False):
+        return "encoder-decoder"
+    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        return "encoder-only"
+    return "decoder"
+
+
+def _imported_gguf(gguf: Path) -> Path | None:
+    """The import cache entry of a GGUF file, if ``models.import_gguf`` made one (its marker names the file)."""
+    from lmforge.models import IMPORTED, cache_root
+
+    try:
+        size = gguf.stat().st_size
+        for entry in (cache_root() / "models").glob(f"{gguf.stem}-*"):
+            marker = entry / IMPORTED
+            if marker.exists():
+                record = json.loads(marker.read_text())
+                if record.get("gguf") == str(gguf.resolve()) and record.get("size") == size:
+                    return entry
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _gguf_file(name_or_path: str) -> Path | None:
+    from lmforge.models import ALIASES, _alias_file
+
+    if name_or_path in ALIASES:
+        return _alias_file(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ConfigError(f"model.name_or_path: GGUF file {name_or_path} does not exist")
+        return path
+    return None
+
+
+def read_model_config(cfg: Config):
+    """(transformers config, tokenizer, adapter_config dict or None, source description), no weights read.
+
+    A GGUF file (or the alias) gives its config and tokenizer from its metadata; if ``import_gguf`` already made a
+    safetensors copy, that directory's config.json and tokenizer are read instead (same content, faster)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from lmforge.models import adapter_base, finalize_tokenizer, is_adapter_dir, load_tokenizer, resolve_model_path
+
+    m = cfg.model
+    adapter = None
+    name = m.name_or_path
+    if name is not None and not _gguf_file(name) and is_adapter_dir(resolve_model_path(name)):
+        adapter_dir = resolve_model_path(name)
+        adapter = json.loads((adapter_dir / "adapter_config.json").read_text())
+        name = adapter_base(adapter_dir)
+    if name is None:
+        return None, None, None, "model.config"
+    gguf = _gguf_file(name)
+    if gguf is not None and _imported_gguf(gguf) is None:
+        try:
+            config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)  # metadata only
+        except Exception as e:  # noqa: BLE001 - the gguf reader raises many kinds
+            raise ConfigError(f"model.name_or_path: cannot read the GGUF metadata of {gguf} ({e})") from None
+        tok = load_tokenizer(m, None) if m.tokenizer else finalize_tokenizer(
+            AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
+        return config, tok, adapter, f"{name} (GGUF metadata; weights not read)"
+    model_dir = _imported_gguf(gguf) if gguf is not None else resolve_model_path(name)
+    try:
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=m.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.name_or_path: cannot read {model_dir}/config.json ({e})") from None
+    return config, load_tokenizer(m, model_dir), adapter, f"{name} (config.json; weights not read)"
+
+
+def model_shape(config, architecture: str, source: str, vocab_at_least: int = 0,
+                trust_remote_code: bool = False) -> ModelShape:
+    """Build the model on the meta device (no storage) and take its inventory."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
+    from transformers.pytorch_utils import Conv1D
+
+    config = copy.deepcopy(config)
+    if vocab_at_least > getattr(config, "vocab_size", 0):  # load_model resizes the embeddings to the tokenizer
+        config.vocab_size = vocab_at_least
+    auto = {"decoder": AutoModelForCausalLM, "encoder-decoder": AutoModelForSeq2SeqLM,
+            "encoder-only": AutoModelForMaskedLM}[architecture]
+    with torch.device("meta"):
+        model = auto.from_config(config, trust_remote_code=trust_remote_code)
+    params = {n: p.numel() for n, p in model.named_parameters()}  # tied parameters appear once
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linears, embeddings, output_layer = {}, {}, None
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            linears[name] = (mod.in_features, mod.out_features)
+        elif isinstance(mod, Conv1D):  # GPT-2 style: weight (in, out)
+            linears[name] = tuple(mod.weight.shape)
+        elif isinstance(mod, torch.nn.Embedding):
+            embeddings[name] = (mod.num_embeddings, mod.embedding_dim)
+        if head is not None and mod is head:
+            output_layer = name
+    tied = head is not None and head.weight is model.get_input_embeddings().weight
+    from lmforge.training.sharding import decoder_layers
+
+    try:
+        blocks = decoder_layers(model)
+    except ValueError:
+        blocks = []
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = getattr(text, "hidden_size", None) or getattr(text, "d_model", None) or getattr(text, "n_embd", 0)
+    heads = getattr(text, "num_attention_heads", None) or getattr(text, "num_heads", None) or getattr(text, "n_head", 1)
+    kv = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or getattr(text, "d_kv", None) or hidden // max(heads, 1)
+    inter = getattr(text, "intermediate_size", None) or getattr(text, "d_ff", None) or getattr(text, "n_inner", None) \
+        or 4 * hidden
+    return ModelShape(
+        source=source, model_type=config.model_type, architecture=architecture, params=params, linears=linears,
+        embeddings=embeddings, output_layer=output_layer, tied=tied, layers=len(blocks),
+        layer_params=sum(p.numel() for p in blocks[0].parameters()) if blocks else 0, hidden=hidden,
+        intermediate=inter, heads=heads, kv_heads=kv, head_dim=head_dim, vocab=config.vocab_size,
+    )
+
+
+# ============================================================================================ adapters
+@dataclass
+class Trainable:
+    kind: str  # none | lora | dora | qlora | prompt_tuning
+    params: int  # trainable parameters
+    modules: int  # modules given adapters (LoRA/DoRA/QLoRA)
+    module_names: list[str]  # their distinct short names (q_proj, ...)
+    quantised: int  # frozen parameters held in 4/8 bits (QLoRA)
+    describe: str
+
+
+def _peft_targets(shape: ModelShape, target) -> list[str]:
+    """The module names PEFT gives adapters for ``target_modules`` (peft.tuners.tuners_utils'
+    ``check_target_module_exists``: a list matches a name or a dotted suffix; a string is a full-match regex;
+    ``all-linear`` is every linear layer but the output layer)."""
+    candidates = list(shape.linears) + list(shape.embeddings)
+    if target == "all-linear":
+        return [n for n in shape.linears if n != shape.output_layer]
+    if isinstance(target, str):
+        return [n for n in candidates if re.fullmatch(target, n)]
+    return [n for n in candidates if any(n == t or n.endswith(f".{t}") for t in target)]
+
+
+def trainable(shape: ModelShape, cfg: Config, adapter: dict | None = None) -> Trainable:
+    """Trainable parameters for ``peft`` (or a continued adapter's adapter_config.json), counted from shapes:
+    LoRA adds r x (in + out) per targeted linear (r x (num_embeddings + dim) per embedding), DoRA also a magnitude
+    vector of ``out``, prompt tuning num_virtual_tokens x hidden; a full fine-tune trains everything, or the
+    parameters matching ``train.trainable``."""
+    peft = cfg.peft
+    kind, r, target, virtual = peft.kind, peft.r, peft.target_modules, peft.num_virtual_tokens
+    to_save = peft.modules_to_save or []
+    if adapter is not None:  # continuing an adapter: its own config decides
+        ptype = adapter.get("peft_type", "LORA")
+        kind = "prompt_tuning" if ptype == "PROMPT_TUNING" else ("dora" if adapter.get("use_dora") else "lora")
+        r, target = adapter.get("r", r), adapter.get("target_modules", target)
+        virtual = adapter.get("num_virtual_tokens", virtual)
+        to_save = adapter.get("modules_to_save") or []
+        if isinstance(target, list) and len(target) == 1 and target[0] == "all-linear":
+            target = "all-linear"
+    if kind == "none":
+        if cfg.train.trainable:
+            n = sum(v for name, v in shape.params.items()
+                    if any(fnmatch.fnmatch(name, pat) for pat in cfg.train.trainable))
+            return Trainable(kind, n, 0, [], 0, f"full fine-tune of the parameters matching {cfg.train.trainable}")
+        return Trainable(kind, shape.total, 0, [], 0, "full fine-tune")
+    if kind == "prompt_tuning":
+        n = virtual * shape.hidden
+        return Trainable(kind, n, 0, [], 0, f"prompt tuning, {virtual} virtual tokens x hidden {shape.hidden}")
+    names = _peft_targets(shape, target)
+    if not names:
+        raise ConfigError(f"peft.target_modules: {target!r} matches no module of this {shape.model_type} model")
+    n = 0
+    for name in names:
+        if name in shape.linears:
+            fan_in, fan_out = shape.linears[name]
+        else:
+            fan_in, fan_out = shape.embeddings[name]
+        n += r * (fan_in + fan_out) + (fan_out if kind == "dora" else 0)
+    saved = sum(v for pname, v in shape.params.items() if any(f".{m}." in f".{pname}" for m in to_save))
+    quantised = 0
+    if kind == "qlora":  # bitsandbytes quantises every linear weight but the LM head (transformers skips it)
+        quantised = shape.linear_weights(include_head=False)
+    short = sorted({x.rsplit(".", 1)[-1] for x in names})
+    label = {"lora": "LoRA", "dora": "DoRA", "qlora": f"QLoRA ({peft.bits}-bit base)"}[kind]
+    what = f"{label} r={r} on {len(names)} modules ({', '.join(short)})" + (f", + {to_save} in full" if saved else "")
+    return Trainable(kind, n + saved, len(names), short, quantised, what)
+
+
+# ============================================================================================ the data
+@dataclass
+class DataShape:
+    """The training rows, as the engine will batch them (packed rows or samples), from a sample of the data."""
+
+    rows_read: int  # training rows after mixing (data.num_samples or every row)
+    sampled: int  # of them tokenised here
+    rows: int  # training rows of the prepared dataset (packed rows, or samples), extrapolated from the sample
+    tokens: int  # non-padding tokens in the prepared dataset (extrapolated)
+    loss_fraction: float
+    packed: bool
+    row_lengths: list[int]  # of the sample's training rows
+    row_loss: list[int]  # loss tokens per sample row
+    row_attention: list[int]  # per row: the sum of squared attention spans (sample lengths when packed)
+    max_length: int
+    truncated: int = 0
+    dropped: int = 0
+
+    @property
+    def mean_row(self) -> float:
+        return sum(self.row_lengths) / max(len(self.row_lengths), 1)
+
+
+def _sample_texts(per_source) -> list[str]:
+    out = []
+    for _, rows in per_source:
+        for r in rows:
+            for v in r.data.values():
+                if isinstance(v, str):
+                    out.append(v)
+                elif isinstance(v, list):
+                    out += [m["content"] for m in v if isinstance(m, dict) and isinstance(m.get("content"), str)]
+    return out
+
+
+def sample_data(cfg: Config, tokenizer, packed: bool, layout: str, sample_rows: int = SAMPLE_ROWS) -> DataShape:
+    """Read every training row (validated as ``prepare`` does: bad rows stop here too), tokenise a seeded sample
+    of them through the data layer, pack the sample, and scale its counts to the whole data."""
+    import numpy as np
+
+    from lmforge.data.packing import pack_bins
+    from lmforge.data.prepare import PAIRS, Stats, encode_rows, load_rows, split_rows
+    from lmforge.data.tokenize import IGNORE
+
+    per_source, _, _ = load_rows(cfg, "train")
+    rows = split_rows(cfg, "train", per_source)
+    sample = rows if len(rows) <= sample_rows else random.Random(cfg.train.seed).sample(rows, sample_rows)
+    stats = Stats()
+    if layout == PAIRS:
+        from lmforge.data.preference import encode_preference_rows
+
+        records = encode_preference_rows(cfg, tokenizer, sample, stats)
+        lengths, loss, attention = [], [], []
+        for rec in records:
+            answers = [rec[k] for k in ("chosen_ids", "rejected_ids", "completion_ids") if k in rec]
+            p = len(rec["prompt_ids"])
+            lengths.append(p + sum(len(a) for a in answers))  # the native engine's shared-prompt row
+            loss.append(sum(len(a) for a in answers))
+            attention.append(sum((p + len(a)) ** 2 for a in answers))
+        packed = False
+    else:
+        tokens = encode_rows(cfg, tokenizer, sample, stats)
+        lens = tokens.lengths
+        starts = tokens.starts
+        carries = (tokens.labels != IGNORE).astype(np.int64)
+        per_sample_loss = np.add.reduceat(carries, starts) if len(lens) else np.zeros(0, np.int64)
+        if packed:
+            bins = pack_bins(lens, cfg.data.max_length, cfg.train.seed)
+            lengths = [int(sum(lens[i] for i in b)) for b in bins]
+            loss = [int(sum(per_sample_loss[i] for i in b)) for b in bins]
+            attention = [int(sum(int(lens[i]) ** 2 for i in b)) for b in bins]
+        else:
+            lengths, loss = lens.tolist(), per_sample_loss.tolist()
+            attention = [n * n for n in lengths]
+    if not lengths:
+        from lmforge.errors import DataError
+
+        raise DataError(f"no training samples left after tokenisation ({stats.dropped or 'all rows were bad'})")
+    scale = len(rows) / max(len(sample), 1)
+    tokens_total = int(round(sum(lengths) * scale))
+    if len(sample) == len(rows):
+        n_rows = len(lengths)
+    elif packed:  # more samples fill bins at least as well: rows from the whole data's tokens and the sample's fill
+        n_rows = math.ceil(tokens_total / (sum(lengths) / len(lengths)))
+    else:
+        n_rows = int(round(len(lengths) * scale))
+    return DataShape(rows_read=len(rows), sampled=len(sample), rows=n_rows, tokens=tokens_total,
+                     loss_fraction=sum(loss) / max(sum(lengths), 1), packed=packed, row_lengths=lengths,
+                     row_loss=loss, row_attention=attention, max_length=cfg.data.max_length,
+                     truncated=int(round(stats.truncated * scale)),
+                     dropped=int(round(sum(stats.dropped.values()) * scale)))
+
+
+@dataclass
+class MicroBatch:
+    """Positions one micro-batch computes (padding included), its tokens, loss tokens and attention spans."""
+
+    positions: float
+    tokens: float
+    loss_tokens: float
+    attention: float  # sum of squared spans the attention computes
+
+
+def micro_batches(data: DataShape, batch: int, per_sample_attention: bool, seed: int = 0):
+    """(average, worst) micro-batch of ``batch`` rows: rows are padded to the longest in the micro-batch; the
+    average is over seeded random batches of the sample's rows, the worst takes the longest rows."""
+    n = len(data.row_lengths)
+    rng = random.Random(seed)
+    draws = [[rng.randrange(n) for _ in range(batch)] for _ in range(200)]
+
+    def one(idx) -> MicroBatch:
+        T = max(data.row_lengths[i] for i in idx)
+        att = sum(data.row_attention[i] for i in idx) if per_sample_attention else len(idx) * T * T
+        return MicroBatch(len(idx) * T, sum(data.row_lengths[i] for i in idx),
+                          sum(data.row_loss[i] for i in idx), att)
+
+    avg = [one(d) for d in draws]
+    mean = MicroBatch(*(sum(getattr(m, f) for m in avg) / len(avg) for f in ("positions", "tokens", "loss_tokens",
+                                                                               "attention")))
+    longest = sorted(range(n), key=lambda i: data.row_lengths[i], reverse=True)[:batch]
+    worst = one(longest + [longest[0]] * (batch - len(longest)))
+    worst.loss_tokens = sum(sorted(data.row_loss, reverse=True)[:batch])
+    worst.attention = max(worst.attention, sum(sorted(data.row_attention, reverse=True)[:batch])) \
+        if per_sample_attention else worst.attention
+    return mean, worst
+
+
+# ============================================================================================ memory
+@dataclass
+class Memory:
+    """Bytes per process of one strategy. ``device``: what lives where the compute runs (the GPU, or RAM on a
+    CPU-only machine); ``host``: what offload moves to host RAM (on a CPU-only machine the same RAM)."""
+
+    strategy: str
+    engine: str
+    weights: int
+    masters: int
+    gradients: int
+    optimizer: int
+    activations: int
+    activations_checkpointed: int
+    buffers: int  # communication buffers, transient gradient copies, dequantised layers
+    offloaded: int  # bytes moved to host memory
+    peak: int  # of the process, RSS on CPU (baseline included)
+    note: str = ""
+
+
+def _opt_bytes(optim: str) -> int:
+    return OPTIMIZER_BYTES.get(optim, 8)
+
+
+def activation_bytes(shape: ModelShape, mb: MicroBatch, compute_bytes: int, checkpointing: bool,
+                     lora_inputs: int = 0, head_on_all: bool = False, per_sample_attention: bool = True) -> int:
+    """Bytes saved for backward by one micro-batch (module docstring). ``lora_inputs``: elements per position per
+    layer that LoRA dropout copies (the inputs of the adapted modules); ``head_on_all``: the LM head runs on every
+    position (prompt tuning, the hf engine under DDP), not only where there is loss."""
+    b = compute_bytes
+    H, I, q, kv = shape.hidden, shape.intermediate, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    norm_extra = (2 * 2 * H * 4) if b < 4 else 2 * H * 4  # two RMSNorms, each saving fp32 copies
+    per_position = b * (2 * H + 2 * (q + 2 * kv) + q + 2 * H + 4 * I + lora_inputs) + norm_extra
+    scores = shape.heads * (4 + b) * mb.attention if per_sample_attention else 0  # fp32 softmax + its cast
+    one_layer = mb.positions * per_position + scores
+    if checkpointing:
+        layers = shape.layers * mb.positions * H * b + one_layer  # each layer's input, + one layer recomputed
+    else:
+        layers = shape.layers * one_layer
+    head_positions = mb.positions if head_on_all else mb.loss_tokens
+    logits = head_positions * shape.vocab * (b + (4 if b < 4 else 0) + 8)  # logits, fp32 copy, log-softmax, grad
+    final = mb.positions * (H * b + H * 4)  # final norm
+    return int(layers + logits + final)
+
+
+def memory(shape: ModelShape, train: Trainable, cfg: Config, engine: str, strategy: str, world: int,
+           compute_bytes: int, act: int, act_gc: int, qlora_bits: int = 4) -> Memory:
+    """Bytes per process of ``strategy`` on ``world`` processes (module docstring for what each holds)."""
+    N, T = shape.total, train.params
+    b = compute_bytes
+    kind = train.kind
+    opt = _opt_bytes(cfg.train.optim) * T
+    frozen = N - T if kind not in ("lora", "dora", "qlora", "prompt_tuning") else N
+    adapter = kind in ("lora", "dora", "qlora", "prompt_tuning")
+    W = max(world, 1) if strategy != "none" else 1
+    note = ""
+    buffers = offloaded = 0
+    if kind == "qlora":
+        qbytes = NF4_BYTES if qlora_bits == 4 else INT8_BYTES
+        weights = int(train.quantised * qbytes + (N - train.quantised) * 4 + T * 4)  # the rest cast to fp32
+        masters, grads = 0, 4 * T
+        buffers = max(i * o for i, o in shape.linears.values()) * b  # a layer dequantised for its matmul
+    elif engine == "native" and strategy != "fsdp":
+        if b < 4 and kind in ("none", "lora", "dora"):  # bf16 model + fp32 masters (MasterWeights)
+            mastered = N if kind == "none" else T
+            weights, masters = (N if kind == "none" else frozen) * b + (T * b if adapter else 0), 4 * mastered
+            grads = T * b + 4 * T  # each backward's bf16 gradients, then the fp32 master gradients
+        else:
+            weights = (frozen * b + T * 4) if adapter else N * 4
+            masters, grads = 0, 4 * T
+        if strategy == "ddp" and W > 1:
+            buffers = 4 * T  # the flat fp32 buffer of the one all-reduce per step
+    elif strategy == "fsdp":  # fp32 shards (the masters) for a full fine-tune; the frozen base in its dtype
+        shard_bytes = (frozen * b + T * 4) if adapter else N * 4
+        root = N - shape.layers * shape.layer_params
+        gathered = (root + 2 * shape.layer_params) * b  # root for the whole step + a layer (and the next)
+        weights, masters = int(shard_bytes / W) + gathered, 0
+        grads = int(4 * T / W) + (4 * T if cfg.train.gradient_accumulation_steps > 1 else 4 * shape.layer_params)
+        opt = int(opt / W)
+        note = "unsharded gradients accumulate between micro-batches" if cfg.train.gradient_accumulation_steps > 1 \
+            else ""
+    elif strategy.startswith("zero"):  # DeepSpeed: bf16 weights, fp32 masters + states partitioned
+        stage = int(strategy[4])
+        wb = b
+        held = (frozen + T) if adapter else N  # every parameter, in the compute dtype
+        weights = held * wb if stage < 3 else int(held * wb / W)
+        masters = int(4 * T / W) if b < 4 else 0
+        grads = T * wb if stage == 1 else int(T * wb / W)
+        opt = int(opt / W)
+        if strategy == "zero3_offload":  # optimizer states, masters and parameters to host memory
+            offloaded = opt + masters + weights
+            weights = max(shape.layer_params, shape.total - shape.layers * shape.layer_params) * wb  # one module
+            masters = opt = 0
+    else:  # hf engine without sharding: fp32 weights under autocast for a full fine-tune
+        weights = (frozen * b + T * 4) if adapter else N * 4
+        masters, grads = 0, 4 * T
+        if strategy == "ddp" and W > 1:
+            buffers = 4 * T  # DDP's gradient buckets
+    carry = grads if cfg.train.gradient_accumulation_steps > 1 else 0  # gradients kept while the next forward runs
+    chosen_act = act_gc if cfg.train.gradient_checkpointing else act
+    static = weights + masters + opt + offloaded
+    peak = BASELINE_BYTES + static + carry + max(chosen_act, grads + buffers)
+    return Memory(strategy, engine, int(weights), int(masters), int(grads), int(opt), int(act), int(act_gc),
+                  int(buffers), int(offloaded), int(peak), note)
+
+
+# ============================================================================================ the estimate
+@dataclass
+class Machine:
+    cpu: str
+    available: int  # bytes of RAM available now
+    gpu_memory: int | None  # bytes per GPU, None without one
+    peak_flops: float  # matmul FLOP/s of the compute dtype (flops.peak_flops)
+
+
+def this_machine(compute) -> Machine:
+    import torch
+
+    from lmforge.training import flops
+
+    try:
+        import psutil
+
+        available = psutil.virtual_memory().available
+    except ImportError:
+        available = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo")
+                         if line.startswith("MemAvailable"))
+    gpu = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+    return Machine(flops.cpu_kind(), available, gpu, flops.peak_flops(compute))
+
+
+@dataclass
+class Estimate:
+    config: str
+    method: str
+    engine: str
+    strategy: str
+    world: int
+    compute: str
+    model: dict
+    parameters: int
+    trainable: int
+    trainable_describe: str
+    data: dict
+    step: dict
+    memory: dict  # strategy -> Memory as a dict
+    peak: int  # the configured strategy's peak per process
+    time: dict
+    machine: dict
+    fits: bool
+    fit_note: str
+    change: dict | None = None  # the cheapest change that fits, with its estimate (when this config does not fit)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+
+class Estimator:
+    """Holds what was read once (model shape, tokenizer, data sample, machine); ``estimate(cfg)`` is arithmetic,
+    so candidate changes (``cheapest_change``) are estimated without reading anything again."""
+
+    def __init__(self, cfg: Config, world: int = 1, config_name: str = "config", machine: Machine | None = None):
+        from lmforge.methods import METHODS, packing
+        from lmforge.models import from_scratch_config, load_tokenizer, pick_dtype
+
+        self.cfg, self.world, self.config_name = cfg, world, config_name
+        self.compute = pick_dtype(cfg.model.dtype)
+        config, tok, self.adapter, source = read_model_config(cfg)
+        if config is None:  # from scratch: model.config's keys, with the tokenizer's vocabulary
+            if cfg.model.train_tokenizer is not None:
+                tok = self._sample_tokenizer()
+                source = "model.config (tokenizer trained on the data sample)"
+            else:
+                tok = load_tokenizer(cfg.model, None)
+            config = from_scratch_config(cfg.model, tok)
+        self.tokenizer = tok
+        arch = _architecture(config)
+        self.shape = model_shape(config, arch, source, len(tok), cfg.model.trust_remote_code)
+        from lmforge.data.prepare import sample_layout
+
+        self.layout = sample_layout(cfg, arch)
+        self.packed = packing(cfg, arch)
+        self.data = sample_data(cfg, tok, self.packed, self.layout)
+        self.token_loss = METHODS[cfg.method].token_loss
+        self.machine = machine or this_machine(self.compute)
+
+    def _sample_tokenizer(self):
+        """``model.train_tokenizer``: a tokenizer trained on the data here (a temporary one; train trains its own)."""
+        import tempfile
+
+        from lmforge.data.prepare import load_rows
+        from lmforge.models import architecture, finalize_tokenizer, train_bpe_tokenizer
+
+        tt = self.cfg.model.train_tokenizer
+        per_source, _, _ = load_rows(self.cfg, "train")
+        with tempfile.TemporaryDirectory() as d:
+            return finalize_tokenizer(train_bpe_tokenizer(_sample_texts(per_source), tt.vocab_size, tt.min_frequency,
+                                                          Path(d), architecture(self.cfg)))
+
+    # ------------------------------------------------------------------------------------------------ pieces
+    def engine(self, cfg: Config) -> str:
+        from lmforge.training.native import unsupported
+
+        if cfg.train.engine is not None:
+            return cfg.train.engine
+        return "hf" if unsupported(cfg) else "native"
+
+    def strategy_of(self, cfg: Config) -> str:
+        t = cfg.train
+        if t.distributed == "deepspeed":
+            from lmforge.distributed import zero
+
+            ds = zero.load(t.deepspeed)
+            return f"zero{zero.stage(ds)}" + ("_offload" if zero.offloads(ds) else "")
+        return t.distributed
+
+    def _variant(self, cfg: Config, strategy: str) -> Config:
+        c = copy.deepcopy(cfg)
+        if strategy.startswith("zero"):
+            c.train.distributed, c.train.deepspeed = "deepspeed", strategy
+        else:
+            c.train.distributed, c.train.deepspeed = strategy, None
+        c.train.engine = cfg.train.engine if strategy == self.strategy_of(cfg) else None
+        return c
+
+    def estimate(self, cfg: Config | None = None, with_change: bool = True) -> Estimate:
+        cfg = cfg or self.cfg
+        t = cfg.train
+        engine = self.engine(cfg)
+        strategy = self.strategy_of(cfg)
+        if strategy == "none" and self.world > 1:  # as train refuses it (distributed/launch.py)
+            raise ConfigError(f"train.distributed: set ddp, fsdp or deepspeed to train on {self.world} processes")
+        world = self.world
+        b = 2 if self.compute != _float32() else 4
+        train = trainable(self.shape, cfg, self.adapter)
+        per_sample = self.packed and engine == "native"  # lmforge's per-sample attention; else dense over rows
+        mean, worst = micro_batches(self.data, t.per_device_train_batch_size, per_sample, t.seed)
+        head_on_all = train.kind == "prompt_tuning" or not self.token_loss or (engine == "hf" and world > 1)
+        lora_in = self._lora_inputs(train, cfg)
+        act = activation_bytes(self.shape, worst, b, False, lora_in, head_on_all, per_sample)
+        act_gc = activation_bytes(self.shape, worst, b, True, lora_in, head_on_all, per_sample)
+        mems = {}
+        for s in STRATEGIES:
+            variant = self._variant(cfg, s)
+            eng = engine if s == strategy else self.engine(variant)
+            if s == "fsdp" and train.kind == "qlora":
+                continue  # refused at config load (distributed/checks.py)
+            if s == "zero3" and train.kind == "qlora" or s == "zero3_offload" and train.kind == "qlora":
+                continue
+            mems[s] = memory(self.shape, train, cfg, "hf" if s.startswith("zero") else eng, s, world, b, act,
+                             act_gc, cfg.peft.bits)
+        if strategy not in mems:
+            mems[strategy] = memory(self.shape, train, cfg, engine, strategy, world, b, act, act_gc, cfg.peft.bits)
+        mine = mems[strategy]
+        if cfg.method in ("dpo", "orpo", "kto") and engine == "hf" and train.kind == "none":
+            if not getattr(getattr(cfg, cfg.method, None), "precompute_ref_log_probs", False) and cfg.method != "orpo":
+                mine.weights += self.shape.total * b  # TRL keeps a reference copy of the model
+                mine.peak += self.shape.total * b
+                mine.note = "includes TRL's reference model copy"
+        time = self._time(cfg, train, engine, strategy, world, mean)
+        fits, note = self._fits(mine, world)
+        est = Estimate(
+            config=self.config_name, method=cfg.method, engine=engine, strategy=strategy, world=world,
+            compute=str(self.compute).replace("torch.", ""),
+            model={k: getattr(self.shape, k) for k in ("source", "model_type", "architecture", "layers", "hidden",
+                                                       "intermediate", "heads", "kv_heads", "head_dim", "vocab",
+                                                       "tied")},
+            parameters=self.shape.total, trainable=train.params, trainable_describe=train.describe,
+            data={"rows_read": self.data.rows_read, "sampled": self.data.sampled, "rows": self.data.rows,
+                  "tokens": self.data.tokens, "packed": self.data.packed, "max_length": self.data.max_length,
+                  "mean_row_tokens": round(self.data.mean_row, 1), "loss_fraction": round(self.data.loss_fraction, 4),
+                  "truncated": self.data.truncated, "dropped": self.data.dropped},
+            step=time.pop("step"), memory={k: asdict(v) for k, v in mems.items()}, peak=mine.peak, time=time,
+            machine=asdict(self.machine), fits=fits, fit_note=note,
+        )
+        if not fits and with_change:
+            est.change = self.cheapest_change(cfg)
+        return est
+
+    def _lora_inputs(self, train: Trainable, cfg: Config) -> int:
+        """Elements per position per layer that LoRA's dropout copies: the input of each adapted linear."""
+        if train.kind not in ("lora", "dora", "qlora") or cfg.peft.dropout == 0 or not self.shape.layers:
+            return 0
+        targets = _peft_targets(self.shape, cfg.peft.target_modules)
+        return sum(self.shape.linears[n][0] for n in targets if n in self.shape.linears) // self.shape.layers
+
+    def _time(self, cfg: Config, train: Trainable, engine: str, strategy: str, world: int, mb: MicroBatch) -> dict:
+        """FLOPs per step over the peak x efficiency, + the gradient exchange between processes."""
+        t, s = cfg.train, self.shape
+        full = train.kind == "none"
+        decoder = s.linear_weights(include_head=False)
+        head = s.vocab * s.hidden if s.output_layer else 0
+        head_positions = mb.positions if (train.kind == "prompt_tuning" or not self.token_loss
+                                          or (engine == "hf" and world > 1)) else mb.loss_tokens
+        backward = 4 if full else 2  # input gradients always; weight gradients only for trained weights
+        adapters = 6 * train.params if train.kind in ("lora", "dora", "qlora") else 0
+        attention = 4 * s.heads * s.head_dim * mb.attention * s.layers  # forward QK^T and AV, full squares
+        fwd = 2 * decoder * mb.positions + 2 * head * head_positions + attention
+        flops_mb = fwd + backward / 2 * (2 * decoder * mb.positions + 2 * head * head_positions) + 2 * attention \
+            + adapters * mb.positions
+        if t.gradient_checkpointing:
+            flops_mb += 2 * decoder * mb.positions + attention  # each layer's forward runs again in the backward
+        accumulation = t.gradient_accumulation_steps
+        flops_step = flops_mb * accumulation * world  # every process's share of the machine
+        kind = "full" if full else ("qlora" if train.kind == "qlora" else "adapter")
+        eff = EFFICIENCY[(engine if engine in ("native", "hf") else "hf", kind)]
+        compute_s = flops_step / (self.machine.peak_flops * eff)
+        comm = 0.0
+        if world > 1:
+            exchanged = 4 * train.params * 2 * (world - 1) / world
+            if strategy == "fsdp" or strategy.startswith("zero3"):
+                exchanged += 2 * accumulation * s.total * (2 if self.compute != _float32() else 4) * (world - 1) / world
+            comm = exchanged / GLOO_BYTES_PER_SECOND
+        step_s = compute_s + comm
+        tokens_step = mb.tokens * accumulation * world
+        rows_step = t.per_device_train_batch_size * accumulation * world
+        steps_per_epoch = max(1, math.ceil(self.data.rows / rows_step))
+        steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * steps_per_epoch)
+        return {
+            "step": {"rows": rows_step, "tokens": round(tokens_step), "positions": round(mb.positions * accumulation
+                                                                                         * world),
+                     "loss_tokens": round(mb.loss_tokens * accumulation * world), "steps": steps,
+                     "steps_per_epoch": steps_per_epoch, "epochs": round(steps / steps_per_epoch, 3),
+                     "checkpointing": t.gradient_checkpointing},
+            "flops_per_token": round(flops_mb / max(mb.tokens, 1)), "flops_per_step": flops_step,
+            "efficiency": eff, "seconds_per_step": round(step_s, 3), "communication_seconds": round(comm, 3),
+            "tokens_per_second": round(tokens_step / step_s, 1) if step_s else None,
+            "run_seconds": round(steps * step_s, 1),
+        }
+
+    def _fits(self, mem: Memory, world: int) -> tuple[bool, str]:
+        m = self.machine
+        if m.gpu_memory is not None:
+            device = mem.peak - BASELINE_BYTES - mem.offloaded
+            ok = device <= 0.95 * m.gpu_memory
+            return ok, (f"{_gb(device)} per GPU of {_gb(m.gpu_memory)}" + ("" if ok else ": does not fit"))
+        total = mem.peak * (world if mem.strategy != "none" else 1)  # the processes of this node share the RAM
+        ok = total <= 0.9 * m.available
+        procs = f" x {world} processes = {_gb(total)}" if world > 1 and mem.strategy != "none" else ""
+        return ok, f"peak {_gb(mem.peak)} per process{procs}, {_gb(m.available)} RAM available" + \
+            ("" if ok else ": does not fit")
+
+    # ------------------------------------------------------------------------------------------------ advice
+    def candidate_changes(self, cfg: Config) -> list[tuple[str, list[str], Config]]:
+        """Changes in the order of their cost to the run: (description, overrides, changed config)."""
+        out = []
+        t = cfg.train
+
+        def changed(overrides: list[str], what: str) -> None:
+            from lmforge.config import load_config
+
+            tree = cfg.to_dict()
+            out.append((what, overrides, load_config(None, overrides, tree=tree)))
+
+        if not t.gradient_checkpointing:
+            changed(["train.gradient_checkpointing=true"], "gradient checkpointing (recomputes activations, ~30% "
+                                                           "more compute)")
+        B, acc = t.per_device_train_batch_size, t.gradient_accumulation_steps
+        while B > 1:
+            B, acc = B // 2, acc * 2
+            base = ["train.gradient_checkpointing=true"] if not t.gradient_checkpointing else []
+            changed(base + [f"train.per_device_train_batch_size={B}", f"train.gradient_accumulation_steps={acc}"],
+                    f"per-device batch {B} with {acc} accumulation steps (same rows per step)")
+        gc = ["train.gradient_checkpointing=true"]
+        if cfg.peft.kind == "none":
+            changed(gc + ["peft.kind=lora"], "LoRA instead of a full fine-tune")
+        if cfg.peft.kind in ("none", "lora", "dora") and t.distributed != "fsdp":
+            changed(gc + ["peft.kind=qlora"], "QLoRA (4-bit frozen base)")
+        if self.machine.gpu_memory is not None and self.world > 1 and cfg.peft.kind != "qlora":
+            changed(gc + ["train.distributed=deepspeed", "train.deepspeed=zero3_offload", "train.engine=hf"],
+                    "DeepSpeed ZeRO-3 with optimizer and parameter offload to host memory")
+        return out
+
+    def cheapest_change(self, cfg: Config) -> dict | None:
+        from lmforge.errors import LmforgeError
+
+        tried = []
+        for what, overrides, changed in self.candidate_changes(cfg):
+            try:
+                est = self.estimate(changed, with_change=False)
+            except LmforgeError:
+                continue
+            tried.append(what)
+            if est.fits:
+                return {"change": what, "overrides": overrides, "peak": est.peak, "fit_note": est.fit_note,
+                        "seconds_per_step": est.time["seconds_per_step"],
+                        "tokens_per_second": est.time["tokens_per_second"], "run_seconds": est.time["run_seconds"]}
+        return {"change": None, "tried": tried}
+
+
+def _float32():
+    import torch
+
+    return torch.float32
+
+
+def _gb(n: float) -> str:
+    return f"{n / GB:.2f} GB"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+# ============================================================================================ output
+def run_estimate(cfg: Config, world: int = 1, config_name: str = "config") -> Estimate:
+    return Estimator(cfg, world, config_name).estimate()
+
+
+def one_line(est: Estimate) -> str:
+    t = est.time
+    line = (f"estimate: peak {_gb(est.peak)} per process ({est.fit_note.split(', ', 1)[-1]}), "
+            f"{t['tokens_per_second']} tokens/s, {t['seconds_per_step']} s per step, {est.step['steps']} steps in "
+            f"about {_duration(t['run_seconds'])}")
+    if not est.fits:
+        line += "; DOES NOT FIT" + (f": try {' '.join(est.change['overrides'])}" if est.change and
+                                    est.change.get("change") else "")
+    return line
+
+
+def render(est: Estimate) -> str:
+    d, s, t, m = est.data, est.step, est.time, est.model
+    procs = f"{est.world} process{'es' if est.world > 1 else ''}"
+    lines = [
+        f"lmforge estimate: {est.config} ({est.method}, {est.engine} engine, {est.strategy}, {procs}, "
+        f"compute {est.compute})",
+        f"model        {m['source']}",
+        f"             {m['model_type']} ({m['architecture']}), {m['layers']} layers, hidden {m['hidden']}, "
+        f"intermediate {m['intermediate']}, heads {m['heads']}/{m['kv_heads']} kv, vocab {m['vocab']}"
+        + (", tied embeddings" if m["tied"] else ""),
+        f"parameters   {est.parameters:,} ({est.parameters / 1e6:.1f}M); trainable {est.trainable:,} "
+        f"({100 * est.trainable / max(est.parameters, 1):.2f}%): {est.trainable_describe}",
+        f"data         {d['rows_read']:,} rows ({d['sampled']:,} tokenised for this estimate) -> {d['rows']:,} "
+        f"{'packed rows' if d['packed'] else 'samples'} of <= {d['max_length']} tokens, {d['tokens']:,} tokens, "
+        f"{d['mean_row_tokens']} per row, {100 * d['loss_fraction']:.0f}% carry loss"
+        + (f"; {d['truncated']:,} truncated" if d["truncated"] else "") + (f"; {d['dropped']:,} dropped" if d["dropped"]
+                                                                           else ""),
+        f"step         {s['rows']} rows = {s['tokens']:,} tokens ({s['positions']:,} positions with padding, "
+        f"{s['loss_tokens']:,} with loss); {s['steps']:,} steps ({s['epochs']} epochs)",
+        "",
+        f"memory per process, GB ({procs}; * = this config)",
+        f"  {'strategy':<15}{'weights':>9}{'masters':>9}{'grads':>8}{'optim':>8}{'activ.':>8}{'(ckpt)':>8}"
+        f"{'buffers':>9}{'offload':>9}{'peak':>8}",
+    ]
+    for name, mem in est.memory.items():
+        mark = "*" if name == est.strategy else " "
+        g = lambda k: f"{mem[k] / GB:.2f}"  # noqa: E731
+        lines.append(f"{mark} {name:<15}{g('weights'):>9}{g('masters'):>9}{g('gradients'):>8}{g('optimizer'):>8}"
+                     f"{g('activations'):>8}{g('activations_checkpointed'):>8}{g('buffers'):>9}{g('offloaded'):>9}"
+                     f"{g('peak'):>8}" + (f"  ({mem['note']})" if mem["note"] else ""))
+    lines += [
+        f"  peak = {BASELINE_BYTES / GB:.1f} GB runtime + weights + masters + optimizer + offloaded + the larger of "
+        f"activations ({'with' if est.step['checkpointing'] else 'without'} checkpointing) and gradients + buffers",
+        "",
+        f"time         {t['flops_per_token'] / 1e9:.2f} GFLOP per token, {t['flops_per_step'] / 1e12:.2f} TFLOP per "
+        f"step; {est.machine['peak_flops'] / 1e9:.0f} GFLOP/s {est.compute} matmul peak x {t['efficiency']:.0%} "
+        f"efficiency ({est.machine['cpu']})",
+        f"             {t['seconds_per_step']} s per step"
+        + (f" ({t['communication_seconds']} s exchanging gradients)" if t["communication_seconds"] else "")
+        + f", {t['tokens_per_second']} tokens/s; the run: {_duration(t['run_seconds'])} for {s['steps']:,} steps",
+        f"fits         {'yes' if est.fits else 'NO'}: {est.fit_note}",
+    ]
+    if est.change is not None:
+        c = est.change
+        if c.get("change"):
+            lines.append(f"cheapest change that fits: {c['change']}: {' '.join(c['overrides'])}")
+            lines.append(f"             peak {_gb(c['peak'])} per process, {c['tokens_per_second']} tokens/s, "
+                         f"{c['seconds_per_step']} s per step, run {_duration(c['run_seconds'])}")
+        else:
+            lines.append(f"no single change fits (tried: {'; '.join(c.get('tried', []))}): a smaller model or "
+                         "data.max_length, or a machine with more memory")
+    return "\n".join(lines)
+
+
+def log_at_start(cfg: Config) -> None:
+    """``lmforge train``'s one-line estimate (rank 0). An estimate that fails never stops the run."""
+    from lmforge.distributed.ranks import world_size
+    from lmforge.training.run import is_main_process, log
+
+    if not is_main_process() or os.environ.get("LMFORGE_NO_ESTIMATE"):
+        return
+    try:
+        log(one_line(run_estimate(copy.deepcopy(cfg), world_size())))
+    except Exception as e:  # noqa: BLE001 - the estimate is advice; the run reports real errors itself
+        log(f"estimate: unavailable ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")

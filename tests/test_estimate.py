@@ -1,0 +1,249 @@
+"""`lmforge estimate`: the memory arithmetic on the tiny Llama against counts worked out by hand, that nothing
+heavy is loaded (no weights read or dequantised), --json, the cheapest change that fits, and errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import base_config, chat_rows, write_config, write_jsonl
+from lmforge.cli import main
+from lmforge.config import load_config
+from lmforge.training import estimate as est_mod
+from lmforge.training.estimate import GB, Estimator, Machine
+
+# The tiny Llama of conftest.py: hidden 32, intermediate 64, 2 layers, 4 heads of 8 (2 key/value heads), untied.
+H, I, L, KV = 32, 64, 2, 16  # KV: 2 kv heads x head_dim 8
+PER_LAYER = (H * H + H * KV + H * KV + H * H  # q, k, v, o
+             + H * I + H * I + I * H  # gate, up, down
+             + 2 * H)  # two RMSNorms
+assert PER_LAYER == 9280
+
+
+def vocab(model_dir) -> int:
+    return json.loads((model_dir / "config.json").read_text())["vocab_size"]
+
+
+def hand_total(V: int) -> int:
+    return V * H + L * PER_LAYER + H + V * H  # embeddings, layers, final norm, untied LM head
+
+
+def machine(available=20 * GB) -> Machine:
+    return Machine(cpu="test cpu", available=int(available), gpu_memory=None, peak_flops=1e11)
+
+
+@pytest.fixture()
+def setup(tmp_path, tiny_model_dir, lmforge_cache):
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(40))
+
+    def make(**sections):
+        tree = base_config(tiny_model_dir, data, tmp_path / "out", **sections)
+        return load_config(None, tree=tree)
+
+    return make
+
+
+def estimator(cfg, world=1, available=20 * GB) -> Estimator:
+    return Estimator(cfg, world, machine=machine(available))
+
+
+def test_parameters_match_a_hand_count_and_transformers(setup, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    e = estimator(setup())
+    V = vocab(tiny_model_dir)
+    assert e.shape.total == hand_total(V)
+    assert e.shape.total == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
+    est = e.estimate()
+    assert est.parameters == est.trainable == hand_total(V)  # full fine-tune
+
+
+@pytest.mark.parametrize("peft, expected", [
+    # r x (in + out) per adapted linear, per layer, times 2 layers
+    ({"kind": "lora", "r": 4}, L * 4 * ((H + H) + (H + KV) + (H + KV) + (H + H) + (H + I) + (H + I) + (I + H))),
+    ({"kind": "lora", "r": 8, "target_modules": ["q_proj", "v_proj"]}, L * 8 * ((H + H) + (H + KV))),
+    # DoRA: + a magnitude vector of out_features per adapted linear
+    ({"kind": "dora", "r": 4}, L * (4 * ((H + H) + (H + KV) + (H + KV) + (H + H) + (H + I) + (H + I) + (I + H))
+                                    + (H + KV + KV + H + I + I + H))),
+    ({"kind": "prompt_tuning", "num_virtual_tokens": 10}, 10 * H),
+])
+def test_trainable_parameters_by_hand(setup, tiny_model_dir, peft, expected):
+    cfg = setup(peft=peft, data={"packing": False} if peft["kind"] == "prompt_tuning" else {})
+    est = estimator(cfg).estimate()
+    assert est.trainable == expected
+    # and PEFT itself agrees on the real model
+    from transformers import AutoModelForCausalLM
+
+    from lmforge.adapters import apply_peft, count_parameters
+
+    model = apply_peft(AutoModelForCausalLM.from_pretrained(tiny_model_dir), cfg.peft)
+    assert count_parameters(model)[0] == expected
+
+
+def test_train_trainable_globs(setup, tiny_model_dir):
+    est = estimator(setup(train={"trainable": ["*.mlp.*"]})).estimate()
+    assert est.trainable == L * 3 * H * I
+
+
+def test_memory_full_finetune_fp32_and_sharding_by_hand(setup, tiny_model_dir):
+    N = hand_total(vocab(tiny_model_dir))
+    est = estimator(setup(train={"distributed": "ddp"}), world=2).estimate()
+    m = est.memory
+    none = m["none"]
+    assert (none["weights"], none["masters"], none["gradients"], none["optimizer"]) == (4 * N, 0, 4 * N, 8 * N)
+    assert m["ddp"]["optimizer"] == 8 * N and m["ddp"]["buffers"] == 4 * N  # the flat all-reduce buffer
+    # FSDP2: fp32 shards, gradients and AdamW's two fp32 states split over the 2 processes
+    assert m["fsdp"]["optimizer"] == 8 * N // 2
+    assert m["fsdp"]["gradients"] == 4 * N // 2 + 4 * PER_LAYER  # + one layer's unsharded gradients
+    root = N - L * PER_LAYER  # embeddings, final norm, head: gathered for the whole step
+    assert m["fsdp"]["weights"] == 4 * N // 2 + 4 * (root + 2 * PER_LAYER)
+    # ZeRO: stage 1 shards the optimizer, 2 also the gradients, 3 also the weights
+    assert m["zero1"]["optimizer"] == m["zero2"]["optimizer"] == m["zero3"]["optimizer"] == 8 * N // 2
+    assert m["zero1"]["gradients"] == 4 * N and m["zero2"]["gradients"] == 4 * N // 2
+    assert m["zero1"]["weights"] == m["zero2"]["weights"] == 4 * N and m["zero3"]["weights"] == 4 * N // 2
+    assert m["zero3_offload"]["optimizer"] == 0 and m["zero3_offload"]["offloaded"] >= 8 * N // 2
+
+
+def test_memory_bf16_master_weights_and_lora_by_hand(setup, tiny_model_dir):
+    N = hand_total(vocab(tiny_model_dir))
+    full = estimator(setup(model={"dtype": "bfloat16"})).estimate().memory["none"]
+    # native engine: the model in bf16, fp32 masters, bf16 gradients moved into fp32 master gradients, fused AdamW
+    assert (full["weights"], full["masters"], full["gradients"], full["optimizer"]) == (2 * N, 4 * N, 6 * N, 8 * N)
+    lora = estimator(setup(model={"dtype": "bfloat16"}, peft={"kind": "lora", "r": 4})).estimate()
+    T = lora.trainable
+    m = lora.memory["none"]
+    assert (m["weights"], m["masters"], m["gradients"], m["optimizer"]) == (2 * N + 2 * T, 4 * T, 6 * T, 8 * T)
+    sgd = estimator(setup(model={"dtype": "bfloat16"}, train={"optim": "sgd"})).estimate().memory["none"]
+    assert sgd["optimizer"] == 0
+
+
+def test_qlora_base_is_four_bit(setup, tiny_model_dir):
+    V = vocab(tiny_model_dir)
+    est = estimator(setup(peft={"kind": "qlora", "r": 4})).estimate()
+    linear = L * (PER_LAYER - 2 * H)  # every linear weight but the LM head is quantised
+    rest = hand_total(V) - linear  # embeddings, norms, head: fp32 after prepare_model_for_kbit_training
+    expected = linear * est_mod.NF4_BYTES + rest * 4 + est.trainable * 4
+    assert est.memory["none"]["weights"] == int(expected)
+    assert "fsdp" not in est.memory  # refused with qlora (distributed/checks.py)
+
+
+def test_activations_track_saved_tensors_and_checkpointing(setup, tiny_model_dir):
+    """The activation count against the bytes autograd really saves on the tiny model (fp32, one packed batch)."""
+    from transformers import AutoModelForCausalLM
+
+    from lmforge.data.packing import CausalCollator
+    from lmforge.methods.sft import token_loss_sum
+    from lmforge.training.estimate import MicroBatch, activation_bytes
+
+    e = estimator(setup(data={"packing": False}, train={"per_device_train_batch_size": 1}))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    ids = list(range(5, 105))
+    row = {"input_ids": ids, "labels": [-100] * 50 + ids[50:]}
+    batch = CausalCollator(0, packed=False)([row])
+    seen, total = set(), 0
+
+    def pack(t):
+        nonlocal total
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key not in seen and t.device.type == "cpu" and not isinstance(t, torch.nn.Parameter):
+            seen.add(key)
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        token_loss_sum(model, batch)
+    mb = MicroBatch(positions=100, tokens=100, loss_tokens=49, attention=100 * 100)
+    predicted = activation_bytes(e.shape, mb, 4, checkpointing=False, per_sample_attention=False)
+    assert 0.75 * total < predicted < 1.33 * total, (predicted, total)  # measured 1.05
+    checkpointed = activation_bytes(e.shape, mb, 4, checkpointing=True, per_sample_attention=False)
+    assert checkpointed < predicted
+
+
+def test_never_loads_weights(tmp_path, tiny_model_dir, lmforge_cache, monkeypatch, capsys):
+    """A model directory whose weights file is garbage, and from_pretrained made to fail: estimate still works."""
+    from transformers import PreTrainedModel
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "model.safetensors").write_bytes(b"not a safetensors file")
+
+    def refuse(*a, **k):
+        raise AssertionError("estimate loaded weights")
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(refuse))
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(20))
+    cfg = write_config(tmp_path / "c.yaml", base_config(model, data, tmp_path / "out"))
+    assert main(["estimate", str(cfg), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["parameters"] == hand_total(vocab(tiny_model_dir))
+    assert {"weights", "gradients", "optimizer", "activations", "activations_checkpointed", "peak"} <= set(
+        out["memory"]["none"])
+    assert out["time"]["tokens_per_second"] > 0 and out["step"]["steps"] == 4
+    assert out["fits"] is True
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_gguf_read_from_metadata_without_dequantising(tmp_path, tiny_model_dir, lmforge_cache, monkeypatch):
+    from lmforge import models
+
+    gguf = tmp_path / "tiny.gguf"
+    assert main(["export", "--model", str(tiny_model_dir), "--format", "gguf", "--output", str(gguf)]) == 0
+
+    def refuse(*a, **k):
+        raise AssertionError("estimate dequantised the GGUF file")
+
+    monkeypatch.setattr(models, "_dequantise_gguf", refuse)
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(20))
+    cfg = load_config(None, tree=base_config(gguf, data, tmp_path / "out"))
+    est = estimator(cfg).estimate()
+    assert est.parameters == hand_total(vocab(tiny_model_dir))
+    assert "GGUF metadata" in est.model["source"]
+    assert not (lmforge_cache / "models").exists()  # no import cache entry was made
+
+
+def test_text_output_and_train_logs_the_one_line(tmp_path, tiny_model_dir, lmforge_cache, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(20))
+    cfg = write_config(tmp_path / "c.yaml", base_config(tiny_model_dir, data, tmp_path / "out",
+                                                          train={"max_steps": 1, "save_steps": 1}))
+    assert main(["estimate", str(cfg), "train.distributed=ddp", "--nproc-per-node", "2"]) == 0
+    text = capsys.readouterr().out
+    for word in ("parameters", "trainable", "memory per process", "zero3_offload", "tokens/s", "fits"):
+        assert word in text
+    assert main(["train", str(cfg)]) == 0
+    assert "[lmforge] estimate: peak" in capsys.readouterr().out
+
+
+def test_does_not_fit_names_the_cheapest_change(setup):
+    cfg = setup(train={"per_device_train_batch_size": 8})
+    roomy = estimator(cfg).estimate()
+    gc = estimator(setup(train={"per_device_train_batch_size": 8, "gradient_checkpointing": True})).estimate()
+    assert gc.peak < roomy.peak
+    available = (gc.peak + roomy.peak) / 2 / 0.9  # gradient checkpointing fits, the config as given does not
+    tight = estimator(cfg, available=available).estimate()
+    assert not tight.fits
+    assert tight.change["overrides"] == ["train.gradient_checkpointing=true"]
+    assert tight.change["peak"] == gc.peak
+    assert "cheapest change that fits: gradient checkpointing" in est_mod.render(tight)
+    nothing = estimator(cfg, available=1).estimate()
+    assert not nothing.fits and nothing.change["change"] is None and nothing.change["tried"]
+
+
+def test_smaller_batch_when_checkpointing_is_on(setup):
+    cfg = setup(train={"per_device_train_batch_size": 8, "gradient_checkpointing": True})
+    now = estimator(cfg).estimate()
+    half = estimator(setup(train={"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
+                                  "gradient_checkpointing": True})).estimate()
+    assert half.peak < now.peak
+    tight = estimator(cfg, available=(half.peak + now.peak) / 2 / 0.9).estimate()
+    assert tight.change["overrides"][-2:] == ["train.per_device_train_batch_size=4",
+                                              "train.gradient_accumulation_steps=2"]
+
+
+def test_bad_config_key_exits_2(tmp_path, tiny_model_dir, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(4))
+    cfg = write_config(tmp_path / "c.yaml", base_config(tiny_model_dir, data, tmp_path / "out"))
+    assert main(["estimate", str(cfg), "train.learning_rat=1e-4"]) == 2
+    assert "train.learning_rat" in capsys.readouterr().err
