@@ -247,3 +247,19 @@ def test_bad_config_key_exits_2(tmp_path, tiny_model_dir, capsys):
     cfg = write_config(tmp_path / "c.yaml", base_config(tiny_model_dir, data, tmp_path / "out"))
     assert main(["estimate", str(cfg), "train.learning_rat=1e-4"]) == 2
     assert "train.learning_rat" in capsys.readouterr().err
+
+
+def test_prepared_data_gives_the_same_counts(tmp_path, tiny_model_dir, lmforge_cache):
+    """Tokenising every row here (a small data set) and reading `lmforge prepare`'s cache agree exactly."""
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(40))
+    tree = base_config(tiny_model_dir, data, tmp_path / "out")
+    cfg = load_config(None, tree=tree)
+    sampled = estimator(cfg).estimate()
+    assert sampled.data["prepared"] is None and sampled.data["sampled"] == 40
+    assert main(["prepare", str(write_config(tmp_path / "c.yaml", tree))]) == 0
+    stats = json.loads(next((lmforge_cache / "data").glob("*/stats.json")).read_text())
+    cached = estimator(cfg).estimate()
+    assert cached.data["prepared"] is not None
+    assert cached.data["rows"] == sampled.data["rows"] == stats["packed_rows"]
+    assert cached.data["tokens"] == sampled.data["tokens"] == stats["tokens"]
+    assert cached.step == sampled.step and cached.peak == sampled.peak

@@ -304,6 +304,7 @@ class DataShape:
     max_length: int
     truncated: int = 0
     dropped: int = 0
+    prepared: str | None = None  # the prepared data's cache directory, when the counts came from there
 
     @property
     def mean_row(self) -> float:
@@ -331,6 +332,12 @@ def sample_data(cfg: Config, tokenizer, packed: bool, layout: str, sample_rows: 
     from lmforge.data.prepare import PAIRS, Stats, encode_rows, load_rows, split_rows
     from lmforge.data.tokenize import IGNORE
 
+    from lmforge.data.prepare import CAUSAL, cache_dir, fingerprint
+
+    if layout == CAUSAL:  # ``lmforge prepare`` (or an earlier run) cached this data: its exact counts
+        target = cache_dir(cfg) / fingerprint(cfg, tokenizer, "train", packed, layout)
+        if (target / "stats.json").exists():
+            return _from_prepared(target, cfg, packed, sample_rows)
     per_source, _, _ = load_rows(cfg, "train")
     rows = split_rows(cfg, "train", per_source)
     sample = rows if len(rows) <= sample_rows else random.Random(cfg.train.seed).sample(rows, sample_rows)
@@ -378,6 +385,37 @@ def sample_data(cfg: Config, tokenizer, packed: bool, layout: str, sample_rows: 
                      row_loss=loss, row_attention=attention, max_length=cfg.data.max_length,
                      truncated=int(round(stats.truncated * scale)),
                      dropped=int(round(sum(stats.dropped.values()) * scale)))
+
+
+def _from_prepared(target: Path, cfg: Config, packed: bool, sample_rows: int) -> DataShape:
+    """The DataShape of a prepared (cached) split: exact totals, row statistics from a seeded sample of its rows."""
+    import numpy as np
+    import pyarrow.compute as pc
+    from datasets import load_from_disk
+
+    from lmforge.data.tokenize import IGNORE
+
+    stats = json.loads((target / "stats.json").read_text())
+    table = load_from_disk(str(target / "data")).data.table  # memory-mapped Arrow
+    n = table.num_rows
+    keep = sorted(random.Random(cfg.train.seed).sample(range(n), min(n, 10 * sample_rows)))
+    table = table.take(keep)
+
+    def per_row(column: str, values: np.ndarray) -> np.ndarray:
+        col = table.column(column).combine_chunks()
+        return np.bincount(np.asarray(pc.list_parent_indices(col)), weights=values, minlength=len(keep))
+
+    labels = np.asarray(pc.list_flatten(table.column("labels").combine_chunks()))
+    seq_lens = np.asarray(pc.list_flatten(table.column("seq_lens").combine_chunks())).astype(np.float64)
+    lengths = np.asarray(pc.list_value_length(table.column("input_ids").combine_chunks()))
+    loss = per_row("labels", (labels != IGNORE).astype(np.float64))
+    attention = per_row("seq_lens", seq_lens ** 2)
+    return DataShape(rows_read=stats["rows"] - stats.get("bad_rows", 0), sampled=len(keep), rows=n,
+                     tokens=stats["tokens"], loss_fraction=stats["loss_tokens"] / max(stats["tokens"], 1),
+                     packed=packed, row_lengths=[int(x) for x in lengths], row_loss=[int(x) for x in loss],
+                     row_attention=[int(x) for x in attention], max_length=cfg.data.max_length,
+                     truncated=stats.get("truncated", 0), dropped=sum(stats.get("dropped", {}).values()),
+                     prepared=str(target))
 
 
 @dataclass
@@ -609,6 +647,9 @@ class Estimator:
 
         tt = self.cfg.model.train_tokenizer
         per_source, _, _ = load_rows(self.cfg, "train")
+        rng = random.Random(self.cfg.train.seed)
+        per_source = [(fmt, rows if len(rows) <= SAMPLE_ROWS else rng.sample(rows, SAMPLE_ROWS))
+                      for fmt, rows in per_source]
         with tempfile.TemporaryDirectory() as d:
             return finalize_tokenizer(train_bpe_tokenizer(_sample_texts(per_source), tt.vocab_size, tt.min_frequency,
                                                           Path(d), architecture(self.cfg)))
@@ -685,7 +726,7 @@ class Estimator:
             data={"rows_read": self.data.rows_read, "sampled": self.data.sampled, "rows": self.data.rows,
                   "tokens": self.data.tokens, "packed": self.data.packed, "max_length": self.data.max_length,
                   "mean_row_tokens": round(self.data.mean_row, 1), "loss_fraction": round(self.data.loss_fraction, 4),
-                  "truncated": self.data.truncated, "dropped": self.data.dropped},
+                  "truncated": self.data.truncated, "dropped": self.data.dropped, "prepared": self.data.prepared},
             step=time.pop("step"), memory={k: asdict(v) for k, v in mems.items()}, peak=mine.peak, time=time,
             machine=asdict(self.machine), fits=fits, fit_note=note,
         )
@@ -850,7 +891,9 @@ def render(est: Estimate) -> str:
         + (", tied embeddings" if m["tied"] else ""),
         f"parameters   {est.parameters:,} ({est.parameters / 1e6:.1f}M); trainable {est.trainable:,} "
         f"({100 * est.trainable / max(est.parameters, 1):.2f}%): {est.trainable_describe}",
-        f"data         {d['rows_read']:,} rows ({d['sampled']:,} tokenised for this estimate) -> {d['rows']:,} "
+        f"data         {d['rows_read']:,} rows "
+        + (f"(prepared data in {d['prepared']}; {d['sampled']:,} rows read)" if d["prepared"]
+           else f"({d['sampled']:,} tokenised for this estimate)") + f" -> {d['rows']:,} "
         f"{'packed rows' if d['packed'] else 'samples'} of <= {d['max_length']} tokens, {d['tokens']:,} tokens, "
         f"{d['mean_row_tokens']} per row, {100 * d['loss_fraction']:.0f}% carry loss"
         + (f"; {d['truncated']:,} truncated" if d["truncated"] else "") + (f"; {d['dropped']:,} dropped" if d["dropped"]
