@@ -432,6 +432,11 @@ def _check(cfg: Config, where: str) -> None:
                                   "row is used once, sources in the order given; remove the weight")
             if src.weight is not None and src.weight <= 0:
                 raise ConfigError(f"{where}: data.{role}[{i}].weight: must be > 0")
+    from lmforge.methods import METHODS
+
+    if cfg.data.packing and cfg.method in METHODS and not METHODS[cfg.method].packs:
+        raise ConfigError(f"{where}: data.packing: true: method {cfg.method} trains on one row per sample (packing "
+                          "is for causal-LM pretrain and sft); remove the key or set it to false")
     if cfg.data.max_length < 8:
         raise ConfigError(f"{where}: data.max_length: must be at least 8")
     t = cfg.train

@@ -208,3 +208,16 @@ def test_seq2seq_refuses_apply_chat_template(tmp_path, tiny_t5_dir, lmforge_cach
     tree = base_config(tiny_t5_dir, train, tmp_path / "run", data={"apply_chat_template": True})
     assert main(["train", str(write_config(tmp_path / "cfg.yaml", tree))]) == 2
     assert "data.apply_chat_template" in capsys.readouterr().err
+
+
+def test_packing_true_is_refused_for_an_encoder_decoder_and_for_preference_methods(tmp_path, tiny_t5_dir,
+                                                                                   tiny_model_dir, capsys):
+    """data.packing: true is never accepted and ignored: a T5 trains one row per sample, and so does DPO."""
+    train = write_jsonl(tmp_path / "train.jsonl", [{"prompt": f"q {i}", "completion": f"a {i}"} for i in range(4)])
+    cfg = write_config(tmp_path / "t5.yaml", base_config(tiny_t5_dir, train, tmp_path / "t5", data={"packing": True}))
+    assert main(["train", str(cfg)]) == 2
+    assert "data.packing: true: an encoder-decoder model trains on one row per sample" in capsys.readouterr().err
+    cfg = write_config(tmp_path / "dpo.yaml", base_config(tiny_model_dir, train, tmp_path / "dpo", method="dpo",
+                                                          data={"packing": True}))
+    assert main(["train", str(cfg)]) == 2
+    assert "data.packing: true: method dpo trains on one row per sample" in capsys.readouterr().err

@@ -64,6 +64,12 @@ def get_method(cfg):
 def packing(cfg, architecture: str = "decoder", log=None) -> bool:
     """The one rule for packing rows: the method allows it, the model is a causal LM, ``data.packing`` is not
     false, and no prompt-tuning adapter (PEFT prepends virtual tokens, which a packed row cannot take)."""
+    if cfg.data.packing and (not METHODS[cfg.method].packs or architecture != "decoder"):
+        from lmforge.errors import ConfigError
+
+        what = f"method {cfg.method}" if not METHODS[cfg.method].packs else f"an {architecture} model"
+        raise ConfigError(f"data.packing: true: {what} trains on one row per sample (packing is for causal-LM "
+                          "pretrain and sft); remove the key or set it to false")
     if not METHODS[cfg.method].packs or architecture != "decoder" or cfg.data.packing is False:
         return False
     if cfg.peft.kind == "prompt_tuning":

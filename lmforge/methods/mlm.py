@@ -46,8 +46,10 @@ def encode_texts(cfg: Config, tokenizer, role: str):
     """(datasets.Dataset of framed text blocks (``input_ids`` only, what the collator takes), Stats) from the shared
     data layer (mixed by weight, cached, what ``lmforge prepare``/``inspect`` show); (None, None) without rows."""
     from lmforge.data.prepare import prepare_split
+    from lmforge.methods import packing
 
-    ds, stats, _ = prepare_split(cfg, tokenizer, role, packed=False, architecture="encoder-only")
+    packed = packing(cfg, "encoder-only")  # False, or an error for data.packing: true
+    ds, stats, _ = prepare_split(cfg, tokenizer, role, packed=packed, architecture="encoder-only")
     return (ds.select_columns(["input_ids"]) if ds is not None else None), stats
 
 

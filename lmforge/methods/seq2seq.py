@@ -36,8 +36,10 @@ def encode_split(cfg: Config, tokenizer, role: str, limit: int | None = None):
     """(datasets.Dataset of encoder input_ids and decoder labels, Stats), from the shared data layer (mixed by
     weight, cached, what ``lmforge prepare``/``inspect`` show); (None, None) without rows. ``limit``: the first rows."""
     from lmforge.data.prepare import prepare_split
+    from lmforge.methods import packing
 
-    ds, stats, _ = prepare_split(cfg, tokenizer, role, packed=False, architecture="encoder-decoder")
+    packed = packing(cfg, "encoder-decoder")  # False, or an error for data.packing: true
+    ds, stats, _ = prepare_split(cfg, tokenizer, role, packed=packed, architecture="encoder-decoder")
     if ds is not None and limit and limit < len(ds):
         ds = ds.select(range(limit))
     return ds, stats
