@@ -85,7 +85,7 @@ def test_dry_run_prints_the_request_and_submits_nothing(aws, config, capsys):
     assert json.loads(request["HyperParameters"]["lmforge_channels"]) == {
         "train_0": {"data.train.0.path": "train.jsonl"}, "train_1": {"data.train.1.path": "*.jsonl"},
         "eval_0": {"data.eval.0.path": ""}}
-    assert request["CheckpointConfig"] == {"S3Uri": f"s3://{BUCKET}/runs/sm/", "LocalPath": "/opt/ml/checkpoints"}
+    assert "CheckpointConfig" not in request  # lmforge uploads output_dir itself, marker last (cloud.py)
     # nothing submitted, nothing uploaded
     assert aws.client("sagemaker").list_training_jobs()["TrainingJobSummaries"] == []
     assert "Contents" not in aws.client("s3").list_objects_v2(Bucket=BUCKET)
@@ -97,8 +97,8 @@ def test_submit_creates_the_job_and_uploads_the_config(aws, config, capsys):
     assert main(_argv(config, overrides=["train.learning_rate=3e-4"])) == 0
     assert "submitted arn:aws:sagemaker:" in capsys.readouterr().out
     job = aws.client("sagemaker").describe_training_job(TrainingJobName="lmforge-test-job")
-    for key in ("RoleArn", "ResourceConfig", "InputDataConfig", "HyperParameters", "CheckpointConfig",
-                "StoppingCondition", "OutputDataConfig"):
+    for key in ("RoleArn", "ResourceConfig", "InputDataConfig", "HyperParameters", "StoppingCondition",
+                "OutputDataConfig"):
         assert job[key] == request[key], key
     for key in ("TrainingImage", "TrainingInputMode", "ContainerEntrypoint"):
         assert job["AlgorithmSpecification"][key] == request["AlgorithmSpecification"][key], key
@@ -157,6 +157,19 @@ def test_local_output_dir_is_refused(aws, config, tmp_path, capsys):
     assert aws.client("sagemaker").list_training_jobs()["TrainingJobSummaries"] == []
 
 
+@pytest.mark.parametrize("overrides,extra,message", [
+    (["train.distributed=fsdp"], [], "train.distributed: fsdp across 2 instances is not supported"),
+    (["train.distributed=none"], [], "train.distributed: set ddp to train on 2 instances"),
+    (["train.resume=never"], ["--spot", "--instance-count", "1"], "train.resume: never with --spot"),
+    ([], ["--spot"], "--spot with several instances"),
+    (["train.resume=/tmp/ckpt"], [], "train.resume: /tmp/ckpt: with an s3:// output_dir, auto or never"),
+])
+def test_what_cannot_run_on_sagemaker_is_refused(config, capsys, overrides, extra, message):
+    assert main(_argv(config, "--dry-run", *extra, overrides=overrides)) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.out == ""
+
+
 def test_local_data_path_is_refused(config, capsys):
     assert main(_argv(config, "--dry-run", overrides=["data.train=[{path: data/train.jsonl}]"])) == 2
     assert "data.train[0].path: data/train.jsonl is on this machine" in capsys.readouterr().err
@@ -202,18 +215,19 @@ def _job_dirs(tmp_path, config, hosts, current, gpus):
 @pytest.mark.parametrize("current,rank", [("algo-1", 0), ("algo-2", 1)])
 def test_entry_builds_torchrun_arguments_for_each_host(tmp_path, config, current, rank):
     root, env = _job_dirs(tmp_path, config, ["algo-1", "algo-2"], current, gpus=4)
-    cfg, args = sagemaker.plan_entry(env, root / "work")
+    plan = sagemaker.plan_entry(env, root / "work")
+    cfg, args = plan.cfg, plan.args
     cmd = launch.torchrun_command(args, [args.config])
     i = cmd.index("torch.distributed.run")
     assert cmd[i + 1:] == ["--nproc-per-node", "4", "--nnodes", "2", "--node-rank", str(rank),
                            "--master-addr", "algo-1", "--master-port", "29500",
                            "-m", "lmforge", "train", str(root / "work" / "config.yaml")]
-    # the rewritten config reads the channels and writes to the checkpoint dir SageMaker mirrors to S3
+    # the rewritten config reads the channels; output_dir stays in S3
     assert [s.path for s in cfg.data.train] == [str(root / "data" / "train_0" / "train.jsonl"),
                                                 str(root / "data" / "train_1" / "*.jsonl")]
     assert cfg.data.train[0].weight == 2.0
     assert [s.path for s in cfg.data.eval] == [str(root / "data" / "eval_0")]
-    assert cfg.train.output_dir == "/opt/ml/checkpoints"
+    assert cfg.train.output_dir == f"s3://{BUCKET}/runs/sm"
     assert cfg.train.learning_rate == load_config(config).train.learning_rate
 
 
@@ -223,38 +237,94 @@ def test_entry_reads_resourceconfig_without_sm_variables(tmp_path, config):
     (root / "config" / "resourceconfig.json").write_text(json.dumps(
         {"current_host": "algo-3", "hosts": ["algo-1", "algo-2", "algo-3"], "network_interface_name": "eth0"}))
     env = {"SM_INPUT_DIR": str(root), "SM_INPUT_CONFIG_DIR": env["SM_INPUT_CONFIG_DIR"], "SM_NUM_GPUS": "0"}
-    cfg, args = sagemaker.plan_entry(env, root / "work")
+    plan = sagemaker.plan_entry(env, root / "work")
+    args = plan.args
     assert (args.nproc_per_node, args.nnodes, args.node_rank, args.master_addr) == (1, 3, 2, "algo-1")
-    assert cfg.data.eval[0].path == str(root / "data" / "eval_0")  # /opt/ml/input/data/<channel> layout
+    assert plan.cfg.data.eval[0].path == str(root / "data" / "eval_0")  # /opt/ml/input/data/<channel> layout
+    assert plan.env == {"NCCL_SOCKET_IFNAME": "eth0", "GLOO_SOCKET_IFNAME": "eth0"}
+    cmd = launch.torchrun_command(args, [args.config])
+    assert cmd[cmd.index("--nnodes"):cmd.index("-m", 3)] == ["--nnodes", "3", "--node-rank", "2", "--master-addr",
+                                                             "algo-1", "--master-port", "29500"]
 
 
-@pytest.mark.slow
-def test_entry_runs_lmforge_train_on_the_channels(tmp_path, tiny_model_dir, lmforge_cache):
-    """One CPU host end to end: the entry point trains the tiny model from its channel into the checkpoint dir."""
+def _container(root, request, cfg, rows):
+    """An /opt/ml tree as SageMaker lays it out for one host (no SM_* variables: files only)."""
+    (root / "input" / "config").mkdir(parents=True)
+    (root / "input" / "config" / "hyperparameters.json").write_text(json.dumps(request["HyperParameters"]))
+    (root / "input" / "config" / "resourceconfig.json").write_text(json.dumps(
+        {"current_host": "algo-1", "hosts": ["algo-1"]}))
+    (root / "input" / "data" / "lmforge_config").mkdir(parents=True)
+    (root / "input" / "data" / "lmforge_config" / "config.yaml").write_text(sagemaker.config_text(cfg))
+    write_jsonl(root / "input" / "data" / "train_0" / "train.jsonl", rows)
+    (root / "output").mkdir()
+
+
+def _run_entry(root, tmp_path, cache):
     import os
     import subprocess
     import sys
 
+    env = {**os.environ, "SM_NUM_GPUS": "0", "SM_INPUT_DIR": str(root / "input"), "SM_OUTPUT_DIR": str(root / "output"),
+           "LMFORGE_CACHE": str(cache)}
+    return subprocess.run([sys.executable, "-m", "lmforge", "launch", "sagemaker-entry", "--work-dir",
+                           str(tmp_path / "work"), "train"], env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_entry_trains_into_s3_and_a_restarted_job_resumes(aws, tmp_path, tiny_model_dir):
+    """One CPU host end to end, output_dir in the loopback S3: the entry point trains the tiny model from its
+    channel; a restarted job (a new container, nothing local) resumes from the bucket's checkpoint."""
     from conftest import corpus
 
+    s3 = aws.client("s3")
     tree = base_config(tiny_model_dir, f"s3://{BUCKET}/data/train.jsonl", f"s3://{BUCKET}/runs/e2e",
                        method="pretrain", train={"max_steps": 2, "save_steps": 2})
+    rows = [{"text": t} for t in corpus(32)]
     cfg = load_config(None, tree=tree)
     request, _ = sagemaker.build_request(sagemaker.JobSpec(config="e2e.yaml", role=ROLE, image_uri=IMAGE), cfg)
-    root = tmp_path / "opt-ml"
-    (root / "input" / "config").mkdir(parents=True)
-    (root / "input" / "config" / "hyperparameters.json").write_text(json.dumps(
-        {**request["HyperParameters"], "lmforge_output_dir": str(root / "checkpoints")}))
-    (root / "input" / "data" / "lmforge_config").mkdir(parents=True)
-    (root / "input" / "data" / "lmforge_config" / "config.yaml").write_text(sagemaker.config_text(cfg))
-    write_jsonl(root / "input" / "data" / "train_0" / "train.jsonl", [{"text": t} for t in corpus(32)])
-    (root / "output").mkdir()
-    env = {**os.environ, "SM_HOSTS": '["algo-1"]', "SM_CURRENT_HOST": "algo-1", "SM_NUM_GPUS": "0",
-           "SM_INPUT_DIR": str(root / "input"), "SM_OUTPUT_DIR": str(root / "output")}
-    proc = subprocess.run([sys.executable, "-m", "lmforge", "launch", "sagemaker-entry", "--work-dir",
-                           str(tmp_path / "work")], env=env, capture_output=True, text=True, timeout=600)
+    _container(tmp_path / "job1", request, cfg, rows)
+    proc = _run_entry(tmp_path / "job1", tmp_path, tmp_path / "cache1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "--standalone" in proc.stdout  # one host: torchrun picks its own port
-    assert (root / "checkpoints" / "checkpoint-2" / "trainer_state.json").exists()
-    assert (root / "checkpoints" / "config.json").exists()  # the final model, mirrored to output_dir by SageMaker
-    assert not (root / "output" / "failure").exists()
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="runs/e2e/")["Contents"]}
+    assert {"runs/e2e/checkpoint-2/.lmforge-complete", "runs/e2e/.lmforge-complete", "runs/e2e/config.json"} <= keys
+    assert not (tmp_path / "job1" / "output" / "failure").exists()
+
+    # the job restarts (as after a spot interruption) in a fresh container, here with 2 more steps to go
+    cfg = load_config(None, tree={**tree, "train": {**tree["train"], "max_steps": 4}})
+    _container(tmp_path / "job2", request, cfg, rows)
+    proc = _run_entry(tmp_path / "job2", tmp_path, tmp_path / "cache2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming from" in proc.stdout + proc.stderr and "checkpoint-2" in proc.stdout + proc.stderr
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="runs/e2e/")["Contents"]}
+    assert "runs/e2e/checkpoint-4/.lmforge-complete" in keys
+
+
+def test_a_second_host_fetches_the_checkpoint_before_torchrun(aws, tmp_path, config, monkeypatch):
+    """Hosts share no disk: host 2 of a restarted 2-host job gets the bucket's newest complete checkpoint itself."""
+    s3 = aws.client("s3")
+    for step in (2, 4):
+        s3.put_object(Bucket=BUCKET, Key=f"runs/sm/checkpoint-{step}/trainer_state.json", Body=b'{"global_step": 1}')
+    s3.put_object(Bucket=BUCKET, Key="runs/sm/checkpoint-2/.lmforge-complete", Body=b"complete\n")
+    # checkpoint-4 has no marker: its upload was cut off, so it is not taken
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
+    root, env = _job_dirs(tmp_path, config, ["algo-1", "algo-2"], "algo-2", gpus=1)
+    plan = sagemaker.plan_entry(env, root / "work")
+    resumed = sagemaker.prefetch_checkpoint(plan)
+    assert resumed is not None and resumed.endswith("checkpoint-2")
+    fetched = next((tmp_path / "cache" / "outputs").glob("*/checkpoint-2/trainer_state.json"))
+    assert json.loads(fetched.read_text()) == {"global_step": 1}
+    root1, env1 = _job_dirs(tmp_path / "one", config, ["algo-1"], "algo-1", gpus=1)
+    assert sagemaker.prefetch_checkpoint(sagemaker.plan_entry(env1, root1 / "work")) is None  # rank 0 does it
+
+
+def test_entry_reads_the_toolkits_decoded_hyperparameters(tmp_path, config):
+    """The sagemaker-training toolkit's SM_HPS holds hyperparameters JSON-decoded (the channel map as a dict)."""
+    root, env = _job_dirs(tmp_path, config, ["algo-1"], "algo-1", gpus=1)
+    hps = json.loads((root / "config" / "hyperparameters.json").read_text())
+    (root / "config" / "hyperparameters.json").unlink()
+    env["SM_HPS"] = json.dumps({**hps, "lmforge_channels": json.loads(hps["lmforge_channels"])})
+    plan = sagemaker.plan_entry(env, root / "work")
+    assert plan.cfg.data.train[0].path == str(root / "data" / "train_0" / "train.jsonl")
+    cmd = launch.torchrun_command(plan.args, [plan.args.config])
+    assert "--standalone" in cmd and "--nnodes" not in cmd  # one host: torchrun picks its own port

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+import argparse
+
 from lmforge.errors import ConfigError
 
 
@@ -17,23 +19,23 @@ def add_parser(sub, formatter):
     s.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.learning_rate=1e-5")
     s.add_argument("--role", required=True, help="IAM role ARN the job runs as (reads the data, writes output_dir)")
     s.add_argument("--image-uri", default=None,
-                   help="training image with lmforge installed (default: $LMFORGE_SAGEMAKER_IMAGE; required if unset)")
+                   help="training image with lmforge installed; None: $LMFORGE_SAGEMAKER_IMAGE, required when that is unset")
     s.add_argument("--instance-type", default="ml.g5.2xlarge", help="SageMaker instance type")
     s.add_argument("--instance-count", type=int, default=1, help="instances (nodes); one torchrun node each")
     s.add_argument("--volume-size", type=int, default=100, help="EBS volume per instance, GB")
     s.add_argument("--max-run", type=int, default=86400, help="stop the job after this many seconds")
-    s.add_argument("--job-name", default=None, help="training job name (default lmforge-METHOD-YYYYmmdd-HHMMSS)")
+    s.add_argument("--job-name", default=None, help="training job name; None: lmforge-METHOD-YYYYmmdd-HHMMSS")
     s.add_argument("--s3-prefix", default=None,
-                   help="s3://BUCKET/PREFIX for the job's config and SageMaker's output "
-                        "(default s3://<output_dir's bucket>/lmforge-jobs)")
+                   help="s3://BUCKET/PREFIX for the job's config and SageMaker's output"
+                        "; None: s3://<output_dir's bucket>/lmforge-jobs")
     s.add_argument("--input-mode", choices=("File", "FastFile"), default="File",
                    help="data channels: File copies them to the instance first, FastFile streams them on read")
     s.add_argument("--spot", action="store_true", help="managed spot training (resumes from output_dir when restarted)")
-    s.add_argument("--max-wait", type=int, default=None, help="--spot: seconds to wait for capacity plus run "
-                                                              "(default 2 x --max-run)")
+    s.add_argument("--max-wait", type=int, default=None, help="--spot: seconds to wait for capacity plus run; "
+                                                              "None: 2 x --max-run")
     s.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment variable for the container (repeatable), e.g. WANDB_API_KEY=...")
-    s.add_argument("--region", default=None, help="AWS region (default: the AWS configuration's)")
+    s.add_argument("--region", default=None, help="AWS region; None: the AWS configuration's")
     s.add_argument("--dry-run", action="store_true", help="print the create_training_job request; submit nothing")
     s.add_argument("--wait", action="store_true", help="follow the job's status until it ends; exit 1 if it fails")
     s.add_argument("--poll-seconds", type=float, default=30.0, help="--wait: seconds between status checks")
@@ -41,6 +43,8 @@ def add_parser(sub, formatter):
     e = targets.add_parser("sagemaker-entry", formatter_class=formatter,
                            help="inside a SageMaker job: run lmforge train under torchrun across the job's hosts")
     e.add_argument("--work-dir", default="/tmp/lmforge-sagemaker", help="where the rewritten config is written")
+    # SageMaker starts a container with the argument `train` unless the job gives ContainerArguments
+    e.add_argument("container_args", nargs="*", help=argparse.SUPPRESS)
     e.add_argument("--debug", action="store_true", help="show full tracebacks")
     p.set_defaults(_launch_parser=p)
     return p
@@ -95,10 +99,18 @@ def _run_entry(args) -> int:
     from lmforge.errors import LmforgeError
 
     try:
-        cfg, launch_args = sagemaker.plan_entry(dict(os.environ), Path(args.work_dir), debug=args.debug)
-        print(f"[lmforge] SageMaker host {launch_args.node_rank + 1} of {launch_args.nnodes}, "
-              f"{launch_args.nproc_per_node} process(es); config {launch_args.config}", flush=True)
-        code = launch.relaunch(launch_args, cfg)
+        if args.container_args not in ([], ["train"]):
+            raise ConfigError(f"sagemaker-entry: unexpected arguments {args.container_args} (it reads the job's "
+                              "hyperparameters and channels, and takes none)")
+        plan = sagemaker.plan_entry(dict(os.environ), Path(args.work_dir), debug=args.debug)
+        os.environ.update(plan.env)
+        print(f"[lmforge] SageMaker host {plan.args.node_rank + 1} of {plan.args.nnodes}, "
+              f"{plan.args.nproc_per_node} process(es); config {plan.args.config}", flush=True)
+        resumed = sagemaker.prefetch_checkpoint(plan)
+        if resumed:
+            print(f"[lmforge] this host resumes from {resumed} (downloaded from {plan.cfg.train.output_dir})",
+                  flush=True)
+        code = launch.relaunch(plan.args, plan.cfg)
     except LmforgeError as e:
         sagemaker.write_failure(str(e), dict(os.environ))
         raise

@@ -6,15 +6,17 @@ request (boto3 rather than the ``sagemaker`` SDK: one call, no extra dependency 
     container as the ``lmforge_config`` input channel;
   * every ``s3://`` data source becomes an input channel (File or FastFile mode); the hyperparameter
     ``lmforge_channels`` maps each config key to its channel and the path inside it;
-  * ``train.output_dir`` must be ``s3://``: it is the job's CheckpointConfig S3Uri. SageMaker mirrors the
-    container's /opt/ml/checkpoints there while the job runs and restores it when a (spot) job restarts,
-    so ``train.resume: auto`` continues from the newest checkpoint.
+  * ``train.output_dir`` must be ``s3://``, and stays so inside the job: lmforge's own S3 output (cloud.py)
+    uploads each complete checkpoint and the final model with its marker written last, and a restarted
+    (spot) job resumes from the newest complete one. SageMaker's CheckpointConfig is deliberately not used:
+    its sync of /opt/ml/checkpoints copies files as they appear, with no marker, so a job killed mid-upload
+    would restore a partial checkpoint, and lmforge outside the job would not take its uploads for complete.
 
 Inside (the container), ``plan_entry`` reads SageMaker's environment (``SM_HOSTS``, ``SM_CURRENT_HOST``,
 ``SM_NUM_GPUS``, ``SM_CHANNEL_<NAME>``, or /opt/ml/input/config/resourceconfig.json and
 hyperparameters.json where the SM_* variables are absent, as they are without the sagemaker-training
-toolkit), rewrites the config to read the channels and write to /opt/ml/checkpoints, and builds the
-torchrun multi-node command that ``lmforge train`` itself uses (distributed/launch.py).
+toolkit), rewrites the config to read the channels, and builds the torchrun multi-node command that
+``lmforge train`` itself uses (distributed/launch.py).
 """
 
 from __future__ import annotations
@@ -38,7 +40,6 @@ from lmforge.errors import ConfigError, LmforgeError
 ENTRY_POINT = ["python3", "-m", "lmforge", "launch", "sagemaker-entry"]
 CONFIG_CHANNEL = "lmforge_config"
 CONFIG_FILE = "config.yaml"
-CHECKPOINT_DIR = "/opt/ml/checkpoints"
 IMAGE_ENV = "LMFORGE_SAGEMAKER_IMAGE"  # the default --image-uri
 DEFAULT_PREFIX = "lmforge-jobs"  # key prefix for job files when --s3-prefix is not given
 MAX_CHANNELS = 20  # SageMaker's limit on input channels per job
@@ -139,16 +140,25 @@ def check_config(cfg: Config, where: str, instance_count: int) -> None:
     if not out.startswith("s3://") or not split_s3(out)[0]:
         raise ConfigError(
             f"{where}: train.output_dir: {out} is not an s3:// URL. A SageMaker job's disks are deleted when it "
-            "ends, so its checkpoints and final model must go to S3 (the job mirrors /opt/ml/checkpoints there, "
-            "and a restarted spot job resumes from it): set train.output_dir=s3://BUCKET/runs/NAME")
+            "ends, so its checkpoints and final model must go to S3 (uploaded as each completes; a restarted spot "
+            "job resumes from there): set train.output_dir=s3://BUCKET/runs/NAME")
+    if cfg.train.resume not in ("auto", "never"):
+        raise ConfigError(f"{where}: train.resume: {cfg.train.resume}: with an s3:// output_dir, auto or never "
+                          "(auto resumes from the newest complete checkpoint in the bucket)")
     for key in ("name_or_path", "tokenizer"):
         value = getattr(cfg.model, key)
         if value and not _is_url(value) and not Path(value).is_absolute() and Path(value).exists():
             raise ConfigError(f"{where}: model.{key}: {value} is on this machine, which the SageMaker job cannot "
                               "read: upload it to S3 and give its s3:// URL")
     if instance_count > 1 and cfg.train.distributed == "none":
-        raise ConfigError(f"{where}: train.distributed: set ddp, fsdp or deepspeed to train on {instance_count} "
-                          "instances")
+        raise ConfigError(f"{where}: train.distributed: set ddp to train on {instance_count} instances")
+    if instance_count > 1 and cfg.train.distributed in ("fsdp", "deepspeed"):
+        # every process writes its shard of a checkpoint into output_dir's local mirror, which instances do not
+        # share: the shards of instances 2.. would never reach S3, and the uploaded checkpoint could not resume
+        raise ConfigError(f"{where}: train.distributed: {cfg.train.distributed} across {instance_count} instances is "
+                          "not supported: its checkpoints are sharded over every process, and SageMaker instances "
+                          "share no disk to gather them on. Use ddp, or one instance with several GPUs "
+                          "(e.g. ml.g5.12xlarge or ml.p4d.24xlarge)")
 
 
 def default_job_name(cfg: Config, now: _dt.datetime | None = None) -> str:
@@ -201,12 +211,10 @@ def build_request(spec: JobSpec, cfg: Config) -> tuple[dict, str]:
         "HyperParameters": {
             "lmforge_config": CONFIG_FILE,
             "lmforge_channels": json.dumps({c.name: c.keys for c in channels}, sort_keys=True),
-            "lmforge_output_dir": CHECKPOINT_DIR,
         },
         "InputDataConfig": [s3_channel(CONFIG_CHANNEL, config_uri, "File")]
                            + [s3_channel(c.name, c.s3_uri, spec.input_mode) for c in channels],
         "OutputDataConfig": {"S3OutputPath": base},
-        "CheckpointConfig": {"S3Uri": cfg.train.output_dir.rstrip("/") + "/", "LocalPath": CHECKPOINT_DIR},
         "ResourceConfig": {"InstanceType": spec.instance_type, "InstanceCount": spec.instance_count,
                            "VolumeSizeInGB": spec.volume_size},
         "StoppingCondition": {"MaxRuntimeInSeconds": spec.max_run},
@@ -216,6 +224,15 @@ def build_request(spec: JobSpec, cfg: Config) -> tuple[dict, str]:
         raise ConfigError(f"{where}: data: too many sources for one SageMaker job (the channel map exceeds the "
                           "2500-character limit of a hyperparameter); put the sources under fewer S3 folders")
     if spec.spot:
+        if spec.instance_count > 1:
+            # each process writes files of its own into a checkpoint (its RNG state); only instance 1's reach S3,
+            # so the other instances of a restarted job could not resume exactly
+            raise ConfigError("--spot with several instances: a restarted job could not resume exactly (each "
+                              "process's RNG state is in the checkpoint, and only the first instance's are "
+                              "uploaded); use --spot with one instance of several GPUs")
+        if cfg.train.resume == "never":
+            raise ConfigError(f"{where}: train.resume: never with --spot: each spot interruption would start the "
+                              "run over; use resume: auto (the default)")
         max_wait = spec.max_wait or 2 * spec.max_run
         if max_wait < spec.max_run:
             raise ConfigError(f"--max-wait ({max_wait} s) must be >= --max-run ({spec.max_run} s)")
@@ -318,15 +335,18 @@ class SageMakerEnv:
                               f"{config_dir / 'resourceconfig.json'}")
         if current not in hosts:
             raise ConfigError(f"SM_CURRENT_HOST {current!r} is not one of SM_HOSTS {hosts}")
-        if "SM_HPS" in environ:
-            hps = json.loads(environ["SM_HPS"])
-        else:
-            hps = _read_json(config_dir / "hyperparameters.json")
-        names = set(json.loads(hps.get("lmforge_channels", "{}"))) | {CONFIG_CHANNEL}
+        # SageMaker writes hyperparameters.json (values are strings); the toolkit's SM_HPS has them JSON-decoded
+        hps = _read_json(config_dir / "hyperparameters.json") or json.loads(environ.get("SM_HPS", "{}"))
+        names = set(_channel_map(hps)) | {CONFIG_CHANNEL}
         # SM_CHANNEL_<NAME> where the sagemaker-training toolkit set it; else SageMaker's fixed layout
         channel_dirs = {n: Path(environ.get(f"SM_CHANNEL_{n.upper()}", input_dir / "data" / n)) for n in names}
         return cls(hosts=list(hosts), current_host=current, num_gpus=_num_gpus(environ), hyperparameters=hps,
                    channel_dirs=channel_dirs, network_interface=resource.get("network_interface_name"))
+
+
+def _channel_map(hps: dict) -> dict[str, dict[str, str]]:
+    value = hps.get("lmforge_channels", "{}")
+    return json.loads(value) if isinstance(value, str) else value
 
 
 def _read_json(path: Path) -> dict:
@@ -376,16 +396,24 @@ def _channel_path(channel_dir: Path, relative: str) -> str:
 
 
 def rewrite_config(tree: dict, env: SageMakerEnv) -> dict:
-    """The uploaded config with each s3 data source read from its channel and output_dir the local checkpoint dir."""
-    for channel, keys in json.loads(env.hyperparameters.get("lmforge_channels", "{}")).items():
+    """The uploaded config with each s3 data source read from its channel (output_dir stays in S3)."""
+    for channel, keys in _channel_map(env.hyperparameters).items():
         for dotted, relative in keys.items():
             _set_key(tree, dotted, _channel_path(env.channel_dirs[channel], relative))
-    tree.setdefault("train", {})["output_dir"] = env.hyperparameters.get("lmforge_output_dir", CHECKPOINT_DIR)
     return tree
 
 
-def plan_entry(environ: dict[str, str], work_dir: Path, debug: bool = False) -> tuple[Config, argparse.Namespace]:
-    """Inside the job: write the rewritten config to ``work_dir`` and return it with this host's launch flags."""
+@dataclass
+class EntryPlan:
+    """What this host runs: the rewritten config, its ``lmforge train`` launch flags, environment to add."""
+
+    cfg: Config
+    args: argparse.Namespace
+    env: dict[str, str]
+
+
+def plan_entry(environ: dict[str, str], work_dir: Path, debug: bool = False) -> EntryPlan:
+    """Inside the job: write the rewritten config to ``work_dir``; return it with this host's launch flags."""
     env = SageMakerEnv.from_environ(environ)
     source = env.channel_dirs[CONFIG_CHANNEL] / env.hyperparameters.get("lmforge_config", CONFIG_FILE)
     try:
@@ -395,11 +423,25 @@ def plan_entry(environ: dict[str, str], work_dir: Path, debug: bool = False) -> 
     work_dir.mkdir(parents=True, exist_ok=True)
     path = work_dir / CONFIG_FILE
     path.write_text(yaml.safe_dump(rewrite_config(tree, env), sort_keys=False))
-    cfg = load_config(path)
-    if env.network_interface:  # the interface between the job's hosts, for NCCL/gloo's rendezvous
-        os.environ.setdefault("NCCL_SOCKET_IFNAME", env.network_interface)
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", env.network_interface)
-    return cfg, launch_args(env, str(path), debug)
+    extra = {}
+    if env.network_interface:  # the interface between the job's hosts, for NCCL's and gloo's connections
+        extra = {k: env.network_interface for k in ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME") if k not in environ}
+    return EntryPlan(load_config(path), launch_args(env, str(path), debug), extra)
+
+
+def prefetch_checkpoint(plan: EntryPlan) -> str | None:
+    """Several hosts: download the bucket's newest complete checkpoint into this host's output mirror first.
+
+    In ``lmforge train`` only global rank 0 downloads it (one machine's ranks share the mirror); the hosts of a
+    SageMaker job share no disk, so each gets its own copy before torchrun starts, and every rank resumes."""
+    if plan.args.nnodes == 1 or plan.cfg.train.resume != "auto":
+        return None
+    from lmforge import cloud
+
+    from lmforge.training.checkpoint import complete_checkpoints
+
+    found = complete_checkpoints(cloud.open_mirror(plan.cfg.train.output_dir, "auto", is_main=True))
+    return str(found[-1]) if found else None
 
 
 def write_failure(message: str, environ: dict[str, str]) -> None:
