@@ -183,3 +183,159 @@ def test_cli_generate_with_the_real_default_model(tmp_path, capsys):
     chat, raw = _read(out)
     assert "Paris" in chat["completion"] and chat["finish_reason"] == "stop"  # the instruct model answers and stops
     assert raw["completion"].strip() and raw["completion_tokens"] <= 24
+
+
+# ---------------------------------------------------------------- several processes, DeepSpeed (issue 11)
+
+# chat and raw rows of mixed lengths; 7 rows: more than the processes and not divisible by 2
+SHARDED_PROMPTS = [dict(p, id=i) for i, p in enumerate(PROMPTS + [
+    {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "name age city"}]},
+    {"prompt": "beta gamma delta lives works"},
+])]
+
+
+def _generate(model_dir, inp, out, *extra) -> int:
+    return main(["generate", "--model", str(model_dir), "--input", str(inp), "--output", str(out),
+                 "--max-new-tokens", "8", "--batch-size", "2", "--dtype", "float32", "--no-progress", *extra])
+
+
+def _parts(out):
+    return sorted(p.name for p in out.parent.glob(f".{out.name}.*"))
+
+
+def test_shard_is_contiguous_and_balanced():
+    from lmforge.inference.sharded import shard
+
+    assert [shard(7, 2, r) for r in range(2)] == [(0, 4), (4, 7)]
+    assert [shard(10, 4, r) for r in range(4)] == [(0, 3), (3, 6), (6, 8), (8, 10)]
+    assert [shard(1, 3, r) for r in range(3)] == [(0, 1), (1, 1), (1, 1)]
+
+
+def test_worker_command_line_parses_back_to_the_same_options():
+    from lmforge.cli import build_parser
+    from lmforge.commands.generate import _argv
+
+    argv = ["generate", "--model", "m", "--input", "i.jsonl", "--output", "o.jsonl", "--max-new-tokens", "9",
+            "--do-sample", "--top-p", "0.5", "--stop", "x", "--stop", "y z", "--eos-token-id", "3",
+            "--batching", "static", "--zero-inference", "--nproc-per-node", "2", "--debug"]
+    args = build_parser().parse_args(argv)
+    again = build_parser().parse_args(["generate", *_argv(args)])
+    assert {k: v for k, v in vars(again).items() if k != "_run"} == {k: v for k, v in vars(args).items() if k != "_run"}
+
+
+@pytest.mark.slow
+def test_cli_two_processes_equal_one_row_for_row(tmp_path, tiny_model_dir, capfd):
+    inp = write_jsonl(tmp_path / "in.jsonl", SHARDED_PROMPTS)
+    outs = {}
+    for n in (1, 2):
+        outs[n] = tmp_path / f"out{n}.jsonl"
+        assert _generate(tiny_model_dir, inp, outs[n], *(["--nproc-per-node", "2"] if n == 2 else [])) == 0
+    assert "--nproc-per-node 2" in capfd.readouterr().out  # it did run under torchrun
+    one, two = _read(outs[1]), _read(outs[2])
+    assert [r["id"] for r in two] == list(range(len(SHARDED_PROMPTS)))  # input order
+    assert [{k: r[k] for k in p} for r, p in zip(two, SHARDED_PROMPTS)] == SHARDED_PROMPTS
+    assert two == one
+    assert _parts(outs[2]) == []  # the parts were merged and removed
+
+
+@pytest.mark.slow
+def test_cli_two_processes_sample_like_one(tmp_path, tiny_model_dir):
+    """Contiguous shards keep each row's seed (seed + input index): seeded sampling matches one process too."""
+    inp = write_jsonl(tmp_path / "in.jsonl", SHARDED_PROMPTS)
+    sample = ["--do-sample", "--temperature", "1.5", "--seed", "3"]
+    assert _generate(tiny_model_dir, inp, tmp_path / "one.jsonl", *sample) == 0
+    assert _generate(tiny_model_dir, inp, tmp_path / "two.jsonl", *sample, "--nproc-per-node", "2") == 0
+    assert _generate(tiny_model_dir, inp, tmp_path / "greedy.jsonl") == 0
+    assert _read(tmp_path / "two.jsonl") == _read(tmp_path / "one.jsonl") != _read(tmp_path / "greedy.jsonl")
+
+
+@pytest.mark.slow
+def test_cli_one_failing_rank_fails_the_command_and_keeps_the_other_ranks_rows(tmp_path, tiny_model_dir, capfd):
+    rows = [dict(r) for r in SHARDED_PROMPTS]
+    rows[5] = {"prompt": " ".join(["alpha beta gamma"] * 300), "id": 5}  # > 512 tokens, in rank 1's shard (rows 4-6)
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    assert _generate(tiny_model_dir, inp, out, "--nproc-per-node", "2") != 0
+    err = capfd.readouterr().err
+    assert "generate failed on 1 of 2 processes" in err
+    assert "rank 1: " + f"{inp}:6: the prompt is" in err and "the model's context is 512" in err
+    assert not out.exists()  # no partial output
+    kept = tmp_path / ".out.jsonl.from-0.rank-0-of-2.part"
+    assert [r["id"] for r in _read(kept)] == [0, 1, 2, 3]  # rank 0 finished its shard: kept for the re-run
+
+    write_jsonl(inp, SHARDED_PROMPTS)  # fixed: the re-run resumes rank 0's part and does rank 1's shard
+    kept.write_text("".join(json.dumps(dict(r, completion="KEPT")) + "\n" for r in _read(kept)))
+    assert _generate(tiny_model_dir, inp, out, "--nproc-per-node", "2") == 0
+    assert _generate(tiny_model_dir, inp, tmp_path / "one.jsonl") == 0
+    merged, one = _read(out), _read(tmp_path / "one.jsonl")
+    assert [r["completion"] for r in merged[:4]] == ["KEPT"] * 4
+    assert merged[4:] == one[4:] and [r["id"] for r in merged] == list(range(len(SHARDED_PROMPTS)))
+    assert _parts(out) == []
+
+
+def test_cli_prompt_longer_than_the_context_names_the_row(tmp_path, tiny_model_dir, capsys):
+    inp = write_jsonl(tmp_path / "in.jsonl", [PROMPTS[0], {"prompt": " ".join(["alpha beta gamma"] * 300)}])
+    assert _generate(tiny_model_dir, inp, tmp_path / "o.jsonl") == 2
+    err = capsys.readouterr().err
+    assert f"{inp}:2: the prompt is" in err and "context is 512" in err and "Traceback" not in err
+
+
+def test_zero_inference_equals_plain_generation(tmp_path, tiny_model_dir, loaded):
+    import os
+
+    from lmforge.inference import zero
+
+    prompts = [encode_prompt(r, loaded.tokenizer) for r in SHARDED_PROMPTS]
+    opts = GenerationOptions(max_new_tokens=8)
+    plain = Generator(loaded).generate_all(prompts, opts, batch_size=3)
+    backend = zero.ZeroBackend(str(tiny_model_dir), "float32", batch_size=3)
+    try:
+        weights = dict(backend.loaded.model.named_parameters())
+        q = weights["model.layers.0.self_attn.q_proj.weight"]
+        assert hasattr(q, "ds_id") and q.numel() == 0 and tuple(q.ds_shape) == (32, 32)  # partitioned, offloaded
+        assert backend.engine.zero_optimization_stage() == 3
+        ours = backend.generate(prompts, opts)
+    finally:
+        zero.close()
+    assert [c.token_ids for c in ours] == [c.token_ids for c in plain]
+    assert "RANK" not in os.environ and "LOCAL_RANK" not in os.environ  # no torchrun look-alike left behind
+
+    inp = write_jsonl(tmp_path / "in.jsonl", SHARDED_PROMPTS)  # the CLI, twice in one process
+    for mode in ("continuous", "static"):
+        assert _generate(tiny_model_dir, inp, tmp_path / f"zero-{mode}.jsonl", "--zero-inference",
+                         "--batching", mode) == 0
+    assert _generate(tiny_model_dir, inp, tmp_path / "plain.jsonl") == 0
+    assert _read(tmp_path / "zero-continuous.jsonl") == _read(tmp_path / "zero-static.jsonl") == \
+        _read(tmp_path / "plain.jsonl")
+
+
+def test_zero_inference_offload_dir(tmp_path, tiny_model_dir, capsys):
+    """NVMe offload where DeepSpeed's async_io op can be built (it needs libaio), else a clear refusal."""
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    inp = write_jsonl(tmp_path / "in.jsonl", SHARDED_PROMPTS[:3])
+    code = _generate(tiny_model_dir, inp, tmp_path / "nvme.jsonl", "--zero-inference", "--offload-dir",
+                     str(tmp_path / "offload"))
+    if not AsyncIOBuilder().is_compatible(verbose=False):
+        assert code == 2 and "NVMe offload needs its async_io op" in capsys.readouterr().err
+        assert not (tmp_path / "nvme.jsonl").exists()
+        return
+    assert code == 0
+    assert _generate(tiny_model_dir, inp, tmp_path / "plain.jsonl") == 0
+    assert _read(tmp_path / "nvme.jsonl") == _read(tmp_path / "plain.jsonl")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--kernel-inject"], "--kernel-inject: DeepSpeed-Inference kernel injection needs a CUDA GPU"),
+    (["--zero-inference", "--backend", "vllm"], "cannot be combined with --backend vllm"),
+    (["--zero-inference", "--kernel-inject"], "two DeepSpeed engines; choose one"),
+    (["--offload-dir", "x"], "--offload-dir: only used with --zero-inference"),
+    (["--zero-inference", "--nproc-per-node", "2"], "--zero-inference runs in one process"),
+])
+def test_cli_refuses_deepspeed_combinations_that_cannot_run(tmp_path, tiny_model_dir, capsys, flags, message):
+    if flags == ["--kernel-inject"] and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    inp = write_jsonl(tmp_path / "in.jsonl", PROMPTS[:1])
+    assert _generate(tiny_model_dir, inp, tmp_path / "o.jsonl", *flags) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and not (tmp_path / "o.jsonl").exists()

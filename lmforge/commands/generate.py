@@ -139,7 +139,7 @@ def _run_sharded(args, rows, opts, batch_size: int) -> int:
     try:
         skipped, generated = sharded.run(rows, Path(args.output), opts, batch_size, load, not args.no_progress)
     except sharded.RankFailed:
-        return 2  # rank 0 reports every rank's error
+        return 2  # rank 0 has printed every rank's error
     finally:
         sharded.finish()
     if os.environ.get("RANK", "0") == "0":

@@ -57,9 +57,8 @@ def run(rows: list, output: Path, opts: GenerationOptions, batch_size: int, load
     """This rank's share of a sharded ``generate``; returns (rows skipped, rows generated) on rank 0.
 
     ``load()`` loads the model and returns ``(encode, generate, max_prompt_tokens)`` as ``generate_rows``
-    takes them (it is called only by ranks with rows to do). Every rank returns only
-    after all have finished; if any failed, rank 0 raises an LmforgeError naming each failure and the
-    others raise ``RankFailed`` (exit 2, no message: rank 0 speaks for them)."""
+    takes them (it is called only by ranks with rows to do). Every rank returns only after all have
+    finished; if any failed, rank 0 prints each failure and every rank raises ``RankFailed``."""
     import torch
     import torch.distributed as dist
 
@@ -85,7 +84,7 @@ def run(rows: list, output: Path, opts: GenerationOptions, batch_size: int, load
             start = [e]
     dist.broadcast_object_list(start, src=0)
     if not isinstance(start[0], int):
-        raise start[0] if rank == 0 else RankFailed("")
+        _fail(rank, str(start[0]))
     done = start[0]
     parts = [part_path(output, done, r, world) for r in range(world)]
     mine = parts[rank]
@@ -109,12 +108,10 @@ def run(rows: list, output: Path, opts: GenerationOptions, batch_size: int, load
     dist.all_gather_object(status, (rank, error))
     failed = [(r, msg) for r, msg in status if msg is not None]
     if failed:
-        if rank != 0:
-            raise RankFailed("")
         lines = "\n  ".join(f"rank {r}: {msg}" for r, msg in failed)
-        raise GenerateFailed(f"generate failed on {len(failed)} of {world} processes; {output} was not changed, "
-                             "the rows each process finished are kept beside it, and a re-run with the same "
-                             f"number of processes resumes them:\n  {lines}")
+        _fail(rank, f"generate failed on {len(failed)} of {world} processes; {output} was not changed, the rows "
+                    "each process finished are kept beside it, and a re-run with the same number of processes "
+                    f"resumes them:\n  {lines}")
 
     # 3. rank 0 merges the parts into the output; the others send theirs, then hear whether it worked
     verdict: list = [None]
@@ -124,18 +121,27 @@ def run(rows: list, output: Path, opts: GenerationOptions, batch_size: int, load
         _send(mine)
     dist.broadcast_object_list(verdict, src=0)
     if verdict[0] is not None:
-        raise GenerateFailed(f"merging the parts into {output}: {verdict[0]}; the parts are kept, a re-run merges "
-                             "them") if rank == 0 else RankFailed("")
+        _fail(rank, f"merging the parts into {output}: {verdict[0]}; the parts are kept, a re-run merges them")
     mine.unlink()
     return done, len(rows) - done
 
 
-class GenerateFailed(LmforgeError):
-    """One or more ranks of a sharded generate failed; the message lists each."""
-
-
 class RankFailed(LmforgeError):
-    """Raised on ranks other than 0 when the run failed: rank 0 reports for every rank, these exit quietly."""
+    """The sharded run failed; rank 0 has already printed why (for every rank), so the command exits 2 quietly."""
+
+
+def _fail(rank: int, message: str):
+    """Rank 0 prints ``message`` (as the CLI prints an LmforgeError), then every rank raises RankFailed.
+
+    Rank 0 writes before the barrier, and nobody exits before it: torchrun stops all workers as soon as one
+    exits with an error, which would otherwise cut rank 0 off before it had said what went wrong."""
+    import torch.distributed as dist
+
+    if rank == 0:
+        sys.stderr.write(f"lmforge: error: {message}\n")
+        sys.stderr.flush()
+    dist.barrier()
+    raise RankFailed(message)
 
 
 def _describe(e: Exception) -> str:
