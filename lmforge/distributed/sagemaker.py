@@ -281,10 +281,10 @@ def submit(request: dict, config_uri: str, text: str, region: str | None = None)
 
 
 def wait(name: str, region: str | None = None, poll_seconds: float = 30.0, timeout: float | None = None,
-         say: Callable[[str], None] = print, client=None) -> dict:
+         say: Callable[[str], None] = print) -> dict:
     """Poll ``describe_training_job`` until a terminal status, saying each status change; returns the last
     description. Raises JobFailed (exit 1) on Failed/Stopped, with SageMaker's FailureReason."""
-    sm = client or _boto3().client("sagemaker", region_name=region)
+    sm = _boto3().client("sagemaker", region_name=region)
     seen: set[tuple] = set()
     last = None
     start = time.monotonic()
