@@ -263,3 +263,41 @@ def test_prepared_data_gives_the_same_counts(tmp_path, tiny_model_dir, lmforge_c
     assert cached.data["rows"] == sampled.data["rows"] == stats["packed_rows"]
     assert cached.data["tokens"] == sampled.data["tokens"] == stats["tokens"]
     assert cached.step == sampled.step and cached.peak == sampled.peak
+
+
+@pytest.mark.parametrize("case", ["dpo", "dpo_hf", "kto", "prompt_tuning", "from_scratch", "fsdp", "zero3"])
+def test_every_kind_of_run_is_estimated(case, tmp_path, tiny_model_dir, lmforge_cache):
+    """Preference methods (pairs), prompt tuning, a from-scratch model with a tokenizer trained on the data, and
+    the sharded strategies all give an estimate without reading weights."""
+    from lmforge.synthetic import preference_rows
+
+    rows = preference_rows(12, 0) if case.startswith(("dpo", "kto")) else chat_rows(12)
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    tree = base_config(tiny_model_dir, data, tmp_path / "out")
+    world = 1
+    if case.startswith("dpo"):
+        tree["method"] = "dpo"
+        tree["train"]["engine"] = "hf" if case == "dpo_hf" else None
+    elif case == "kto":
+        tree["method"] = "kto"
+    elif case == "prompt_tuning":
+        tree["peft"] = {"kind": "prompt_tuning", "num_virtual_tokens": 4}
+    elif case == "from_scratch":
+        tree["method"] = "pretrain"
+        write_jsonl(data, [{"text": t} for t in __import__("conftest").corpus(60)])
+        tree["model"] = {"config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+                                    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
+                         "train_tokenizer": {"vocab_size": 300}, "dtype": "float32"}
+    else:
+        world = 2
+        tree["train"].update(distributed="fsdp") if case == "fsdp" else tree["train"].update(
+            distributed="deepspeed", deepspeed="zero3")
+    est = estimator(load_config(None, tree=tree), world=world).estimate()
+    assert est.parameters > 0 and est.peak > est_mod.BASELINE_BYTES and est.time["tokens_per_second"] > 0
+    if case == "from_scratch":
+        assert est.parameters == 300 * H * 2 + L * PER_LAYER + H  # vocab 300, untied head
+    if case == "dpo_hf":  # TRL keeps a reference copy of the model for a full fine-tune
+        assert est.memory["none"]["weights"] == 4 * est.parameters + 4 * est.parameters
+    if case == "prompt_tuning":
+        assert est.trainable == 4 * H
+    assert est.strategy == {"fsdp": "fsdp", "zero3": "zero3"}.get(case, "none")

@@ -704,7 +704,9 @@ class Estimator:
                 continue  # refused at config load (distributed/checks.py)
             if s == "zero3" and train.kind == "qlora" or s == "zero3_offload" and train.kind == "qlora":
                 continue
-            mems[s] = memory(self.shape, train, cfg, "hf" if s.startswith("zero") else eng, s, world, b, act,
+            # the other strategies at this run's processes, or at 2 when it has one (sharding over 1 shows nothing)
+            on = world if s == strategy else max(world, 2)
+            mems[s] = memory(self.shape, train, cfg, "hf" if s.startswith("zero") else eng, s, on, b, act,
                              act_gc, cfg.peft.bits)
         if strategy not in mems:
             mems[strategy] = memory(self.shape, train, cfg, engine, strategy, world, b, act, act_gc, cfg.peft.bits)
@@ -901,7 +903,8 @@ def render(est: Estimate) -> str:
         f"step         {s['rows']} rows = {s['tokens']:,} tokens ({s['positions']:,} positions with padding, "
         f"{s['loss_tokens']:,} with loss); {s['steps']:,} steps ({s['epochs']} epochs)",
         "",
-        f"memory per process, GB ({procs}; * = this config)",
+        f"memory per process, GB (* = this config, {procs}; "
+        + (f"the other strategies on {max(est.world, 2)} processes)" if est.world == 1 else "every strategy on as many)"),
         f"  {'strategy':<15}{'weights':>9}{'masters':>9}{'grads':>8}{'optim':>8}{'activ.':>8}{'(ckpt)':>8}"
         f"{'buffers':>9}{'offload':>9}{'peak':>8}",
     ]
