@@ -331,6 +331,7 @@ def test_zero_inference_offload_dir(tmp_path, tiny_model_dir, capsys):
     (["--zero-inference", "--kernel-inject"], "two DeepSpeed engines; choose one"),
     (["--offload-dir", "x"], "--offload-dir: only used with --zero-inference"),
     (["--zero-inference", "--nproc-per-node", "2"], "--zero-inference runs in one process"),
+    (["--backend", "vllm", "--nproc-per-node", "2"], "vLLM schedules all rows itself in one engine"),
 ])
 def test_cli_refuses_deepspeed_combinations_that_cannot_run(tmp_path, tiny_model_dir, capsys, flags, message):
     if flags == ["--kernel-inject"] and torch.cuda.is_available():

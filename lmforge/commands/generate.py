@@ -77,7 +77,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from lmforge.distributed.ranks import world_size
-    from lmforge.errors import ConfigError
+    from lmforge.errors import ConfigError, UnsupportedError
     from lmforge.inference import zero
     from lmforge.inference.batch import completed_rows, generate_file, read_prompt_rows
 
@@ -87,6 +87,9 @@ def run(args) -> int:
     relaunch = launch.wants_launch(args)
     world = args.nproc_per_node * args.nnodes if relaunch else world_size()
     zero.check(args.zero_inference, args.kernel_inject, args.offload_dir, args.backend, world)
+    if world > 1 and args.backend == "vllm":
+        raise UnsupportedError("--backend vllm: vLLM schedules all rows itself in one engine (with its own tensor "
+                               "parallelism); run it in one process, or use --backend hf with --nproc-per-node")
     rows = read_prompt_rows(args.input)  # bad rows fail before the model is loaded or processes start
     if (relaunch or world == 1) and completed_rows(Path(args.output)) == len(rows):
         print(f"nothing to do: {args.output} already holds all {len(rows)} rows")
@@ -96,8 +99,8 @@ def run(args) -> int:
     batch_size = args.batch_size or 128  # rows are generated and written in windows of 16 batches
     if world > 1:
         return _run_sharded(args, rows, opts, batch_size)
-    backend = _load(args)
     try:
+        backend = _load(args)
         skipped, generated = generate_file(args.input, args.output, opts, batch_size, backend.encode,
                                            backend.generate, not args.no_progress, _max_prompt_tokens(backend))
     finally:
@@ -140,10 +143,9 @@ def _run_sharded(args, rows, opts, batch_size: int) -> int:
         skipped, generated = sharded.run(rows, Path(args.output), opts, batch_size, load, not args.no_progress)
     except sharded.RankFailed:
         return 2  # rank 0 has printed every rank's error
-    finally:
-        sharded.finish()
     if os.environ.get("RANK", "0") == "0":
         _report(args.output, skipped, generated)
+    sharded.finish()
     return 0
 
 

@@ -94,8 +94,12 @@ def run(rows: list, output: Path, opts: GenerationOptions, batch_size: int, load
     error = None
     try:
         if local_rank() == 0:
-            for stale in _stale_parts(output, set(parts)):
-                stale.unlink(missing_ok=True)
+            stale = _stale_parts(output, set(parts))
+            for part in stale:
+                part.unlink(missing_ok=True)
+            if stale:
+                sys.stderr.write(f"[lmforge] removed {len(stale)} part file(s) of an earlier run with another number "
+                                 f"of processes beside {output}\n")
         lo, hi = (done + i for i in shard(len(rows) - done, world, rank))
         mine.touch()
         if hi > lo:
@@ -186,6 +190,8 @@ def _merge(output: Path, done: int, total: int, parts: list[Path]) -> str | None
                 os.replace(tmp, output)
     except OSError as e:
         error = f"{e.strerror}: {e.filename}"
+    except LmforgeError as e:  # a part that is not JSON lines
+        error = str(e)
     if error is not None:
         tmp.unlink(missing_ok=True)
     return error
@@ -220,9 +226,8 @@ def _receive(rank: int):
 
 
 def finish() -> None:
-    """Leave the process group (every rank has passed the last broadcast: all files are written)."""
-    import torch.distributed as dist
+    """Leave after a successful run: every rank passes a barrier (the output is in place), then leaves with
+    ``strategy.teardown`` (which skips the interpreter's teardown of the gloo threads: it sometimes aborts)."""
+    from lmforge.distributed.strategy import teardown
 
-    if dist.is_initialized():
-        sys.stdout.flush()
-        dist.destroy_process_group()
+    teardown()
