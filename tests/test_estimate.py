@@ -301,3 +301,31 @@ def test_every_kind_of_run_is_estimated(case, tmp_path, tiny_model_dir, lmforge_
     if case == "prompt_tuning":
         assert est.trainable == 4 * H
     assert est.strategy == {"fsdp": "fsdp", "zero3": "zero3"}.get(case, "none")
+
+
+def test_qlora_weights_against_bitsandbytes(setup, tiny_model_dir):
+    """The 4-bit base as bitsandbytes holds it: nf4 bytes + double-quantised scales per linear weight, everything
+    else fp32 after prepare_model_for_kbit_training, adapters fp32."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    from lmforge.adapters import apply_peft, quantization_kwargs
+
+    cfg = setup(peft={"kind": "qlora", "r": 4})
+    est = estimator(cfg).estimate()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16,
+                                                 **quantization_kwargs(cfg.peft, torch.bfloat16))
+    model = apply_peft(model, cfg.peft)
+    quantised = other = 0
+    for p in model.parameters():
+        qs = getattr(p, "quant_state", None)
+        if qs is None:
+            other += p.numel() * p.element_size()
+            continue
+        quantised += p.numel() * p.element_size() + qs.absmax.numel() * qs.absmax.element_size()
+        if qs.nested:  # the code tables are shared by every layer: not counted
+            quantised += qs.state2.absmax.numel() * qs.state2.absmax.element_size() + qs.offset.element_size()
+    linear = L * (PER_LAYER - 2 * H)
+    assert other == (hand_total(vocab(tiny_model_dir)) - linear) * 4 + est.trainable * 4
+    assert abs(quantised - linear * est_mod.NF4_BYTES) < 0.02 * quantised
+    assert est.memory["none"]["weights"] == int(linear * est_mod.NF4_BYTES + other)
