@@ -38,7 +38,7 @@ import math
 import os
 import random
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lmforge.config import Config
@@ -700,10 +700,8 @@ class Estimator:
         for s in STRATEGIES:
             variant = self._variant(cfg, s)
             eng = engine if s == strategy else self.engine(variant)
-            if s == "fsdp" and train.kind == "qlora":
-                continue  # refused at config load (distributed/checks.py)
-            if s == "zero3" and train.kind == "qlora" or s == "zero3_offload" and train.kind == "qlora":
-                continue
+            if train.kind == "qlora" and (s == "fsdp" or s.startswith("zero3")):
+                continue  # refused at config load: 4-bit weights cannot be sharded (distributed/checks.py)
             # the other strategies at this run's processes, or at 2 when it has one (sharding over 1 shows nothing)
             on = world if s == strategy else max(world, 2)
             mems[s] = memory(self.shape, train, cfg, "hf" if s.startswith("zero") else eng, s, on, b, act,
@@ -713,8 +711,8 @@ class Estimator:
         mine = mems[strategy]
         if cfg.method in ("dpo", "orpo", "kto") and engine == "hf" and train.kind == "none":
             if not getattr(getattr(cfg, cfg.method, None), "precompute_ref_log_probs", False) and cfg.method != "orpo":
-                mine.weights += self.shape.total * b  # TRL keeps a reference copy of the model
-                mine.peak += self.shape.total * b
+                mine.weights += self.shape.total * 4  # a reference copy, loaded as the policy (training/preference.py)
+                mine.peak += self.shape.total * 4
                 mine.note = "includes TRL's reference model copy"
         time = self._time(cfg, train, engine, strategy, world, mean)
         fits, note = self._fits(mine, world)
@@ -898,13 +896,13 @@ def render(est: Estimate) -> str:
            else f"({d['sampled']:,} tokenised for this estimate)") + f" -> {d['rows']:,} "
         f"{'packed rows' if d['packed'] else 'samples'} of <= {d['max_length']} tokens, {d['tokens']:,} tokens, "
         f"{d['mean_row_tokens']} per row, {100 * d['loss_fraction']:.0f}% carry loss"
-        + (f"; {d['truncated']:,} truncated" if d["truncated"] else "") + (f"; {d['dropped']:,} dropped" if d["dropped"]
-                                                                           else ""),
+        + (f"; {d['truncated']:,} truncated" if d["truncated"] else "")
+        + (f"; {d['dropped']:,} dropped" if d["dropped"] else ""),
         f"step         {s['rows']} rows = {s['tokens']:,} tokens ({s['positions']:,} positions with padding, "
         f"{s['loss_tokens']:,} with loss); {s['steps']:,} steps ({s['epochs']} epochs)",
         "",
         f"memory per process, GB (* = this config, {procs}; "
-        + (f"the other strategies on {max(est.world, 2)} processes)" if est.world == 1 else "every strategy on as many)"),
+        + (f"the others on {max(est.world, 2)} processes)" if est.world == 1 else "every strategy on as many)"),
         f"  {'strategy':<15}{'weights':>9}{'masters':>9}{'grads':>8}{'optim':>8}{'activ.':>8}{'(ckpt)':>8}"
         f"{'buffers':>9}{'offload':>9}{'peak':>8}",
     ]
