@@ -309,6 +309,26 @@ def test_zero_inference_equals_plain_generation(tmp_path, tiny_model_dir, loaded
         _read(tmp_path / "plain.jsonl")
 
 
+@pytest.mark.slow
+def test_cli_zero_inference_on_two_processes_equals_plain(tmp_path, tiny_model_dir):
+    """The parameters are partitioned over both ranks, so every forward pass is collective; with one row decoding
+    at a time rank 0 (4 rows) runs 32 forwards and rank 1 (3 rows) 24: LockStep keeps them in step (without it
+    the run aborts). Then a failing rank: the other still finishes and keeps its rows."""
+    inp = write_jsonl(tmp_path / "in.jsonl", SHARDED_PROMPTS)
+    one = ["--batch-size", "1"]
+    assert _generate(tiny_model_dir, inp, tmp_path / "zero.jsonl", *one, "--zero-inference", "--nproc-per-node", "2") == 0
+    assert _generate(tiny_model_dir, inp, tmp_path / "plain.jsonl", *one) == 0
+    assert _read(tmp_path / "zero.jsonl") == _read(tmp_path / "plain.jsonl")
+
+    rows = [dict(r) for r in SHARDED_PROMPTS]
+    rows[5] = {"prompt": " ".join(["alpha beta gamma"] * 300), "id": 5}
+    bad = write_jsonl(tmp_path / "bad.jsonl", rows)
+    assert _generate(tiny_model_dir, bad, tmp_path / "bad-out.jsonl", *one, "--zero-inference",
+                     "--nproc-per-node", "2") != 0
+    assert not (tmp_path / "bad-out.jsonl").exists()
+    assert len(_read(tmp_path / ".bad-out.jsonl.from-0.rank-0-of-2.part")) == 4
+
+
 def test_zero_inference_offload_dir(tmp_path, tiny_model_dir, capsys):
     """NVMe offload where DeepSpeed's async_io op can be built (it needs libaio), else a clear refusal."""
     from deepspeed.ops.op_builder import AsyncIOBuilder
@@ -330,7 +350,6 @@ def test_zero_inference_offload_dir(tmp_path, tiny_model_dir, capsys):
     (["--zero-inference", "--backend", "vllm"], "cannot be combined with --backend vllm"),
     (["--zero-inference", "--kernel-inject"], "two DeepSpeed engines; choose one"),
     (["--offload-dir", "x"], "--offload-dir: only used with --zero-inference"),
-    (["--zero-inference", "--nproc-per-node", "2"], "--zero-inference runs in one process"),
     (["--backend", "vllm", "--nproc-per-node", "2"], "vLLM schedules all rows itself in one engine"),
 ])
 def test_cli_refuses_deepspeed_combinations_that_cannot_run(tmp_path, tiny_model_dir, capsys, flags, message):

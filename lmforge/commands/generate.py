@@ -133,11 +133,13 @@ def _run_sharded(args, rows, opts, batch_size: int) -> int:
     """This process's part of a multi-process run (a torchrun worker)."""
     from pathlib import Path
 
-    from lmforge.inference import sharded
+    from lmforge.inference import sharded, zero
 
-    def load():
+    def load() -> sharded.Worker:
         backend = _load(args)
-        return backend.encode, backend.generate, _max_prompt_tokens(backend)
+        lockstep = backend.lockstep if isinstance(backend, zero.ZeroBackend) else None
+        return sharded.Worker(backend.encode, backend.generate, _max_prompt_tokens(backend),
+                              lockstep.drain if lockstep else None)
 
     try:
         skipped, generated = sharded.run(rows, Path(args.output), opts, batch_size, load, not args.no_progress)

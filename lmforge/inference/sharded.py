@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable
@@ -56,9 +57,9 @@ def run(rows: list, output: Path, opts: GenerationOptions, batch_size: int, load
         progress: bool = True) -> tuple[int, int]:
     """This rank's share of a sharded ``generate``; returns (rows skipped, rows generated) on rank 0.
 
-    ``load()`` loads the model and returns ``(encode, generate, max_prompt_tokens)`` as ``generate_rows``
-    takes them (it is called only by ranks with rows to do). Every rank returns only after all have
-    finished; if any failed, rank 0 prints each failure and every rank raises ``RankFailed``."""
+    ``load()`` loads the model (on every rank, also one without rows: loading may be collective, as under
+    ZeRO-3) and returns a ``Worker``. Every rank returns only after all have finished; if any failed, rank 0
+    prints each failure and every rank raises ``RankFailed``."""
     import torch
     import torch.distributed as dist
 
@@ -102,10 +103,13 @@ def run(rows: list, output: Path, opts: GenerationOptions, batch_size: int, load
                                  f"of processes beside {output}\n")
         lo, hi = (done + i for i in shard(len(rows) - done, world, rank))
         mine.touch()
-        if hi > lo:
-            encode, generate, max_prompt_tokens = load()
-            generate_rows(rows[lo:hi], mine, lo, opts, batch_size, encode, generate, progress and rank == 0,
-                          max_prompt_tokens, desc=f"generate (rank 0 of {world})")
+        worker = load()
+        try:
+            generate_rows(rows[lo:hi], mine, lo, opts, batch_size, worker.encode, worker.generate,
+                          progress and rank == 0, worker.max_prompt_tokens, desc=f"generate (rank 0 of {world})")
+        finally:
+            if worker.drain is not None:
+                worker.drain()  # keep the forward passes of the ranks still generating company
     except Exception as e:
         error = _describe(e)
     status: list = [None] * world
@@ -128,6 +132,18 @@ def run(rows: list, output: Path, opts: GenerationOptions, batch_size: int, load
         _fail(rank, f"merging the parts into {output}: {verdict[0]}; the parts are kept, a re-run merges them")
     mine.unlink()
     return done, len(rows) - done
+
+
+@dataclass
+class Worker:
+    """What a rank generates with: ``generate_rows``'s ``encode``, ``generate`` and ``max_prompt_tokens``, and
+    ``drain()``, called once this rank is done (or has failed), for models whose forward passes are collective
+    (ZeRO-3 over several ranks: zero.LockStep); it returns when every rank is done."""
+
+    encode: Callable[[dict], list[int]]
+    generate: Callable
+    max_prompt_tokens: int | None = None
+    drain: Callable[[], None] | None = None
 
 
 class RankFailed(LmforgeError):

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+import traceback
 from dataclasses import replace
 from pathlib import Path
 
@@ -40,11 +42,6 @@ def check(zero_inference: bool, kernel_inject: bool, offload_dir: str | None, ba
     if kernel_inject and not torch.cuda.is_available():
         raise UnsupportedError("--kernel-inject: DeepSpeed-Inference kernel injection needs a CUDA GPU and this "
                                "machine has none; --zero-inference (ZeRO-3 with offloaded parameters) runs on CPU")
-    if zero_inference and world > 1:
-        # ZeRO-3 partitions the parameters across the ranks, so every forward pass is a collective; ranks decoding
-        # different rows run different numbers of forwards and would wait for each other forever
-        raise UnsupportedError("--zero-inference runs in one process per model copy; drop --nproc-per-node "
-                               "(several processes would each need every forward pass of the others)")
 
 
 def inference_config(model_config, dtype: torch.dtype, offload_dir: str | None = None) -> dict:
@@ -105,6 +102,66 @@ class ZeroBackend(HfBackend):
         self.loaded = replace(loaded, model=engine.module)
         self.generator = Generator(self.loaded)
         self.batching, self.batch_size = batching, batch_size
+        self.lockstep = None
+        if engine.dp_world_size > 1:  # the parameters are partitioned across the ranks (sharded.py)
+            if loaded.is_encoder_decoder:
+                # generate runs the encoder on its own, a forward LockStep does not see
+                raise UnsupportedError("--zero-inference on several processes: encoder-decoder models are not "
+                                       "supported; use one process")
+            self.lockstep = LockStep(engine.module)
+
+
+class LockStep:
+    """Keeps the forward passes of ranks that share one ZeRO-3 model in step.
+
+    Every forward pass gathers each layer's parameters from all ranks, so all ranks must run the same number
+    of them; ranks generating different rows would not (more rows, longer answers). So each forward is one
+    round: first an all-reduce of "still generating" flags, then the forward. A rank with nothing left to
+    generate calls ``drain``, which answers each round with 0 and a one-token forward, until every rank's
+    flag is 0. Written here because DeepSpeed and transformers only offer this within one ``generate`` call
+    (``synced_gpus``), and lmforge's decode loop and windows make many calls per rank."""
+
+    def __init__(self, model):
+        import torch.distributed as dist
+
+        self.model, self.dist = model, dist
+        self.device = next(model.parameters()).device
+        self.draining = False
+        self.inside = False  # a forward pass started and has not returned
+        # first among the pre-hooks: the round's all-reduce must come before ZeRO's own collectives, as in drain
+        model.register_forward_pre_hook(self._before_forward, prepend=True)
+        model.register_forward_hook(self._after_forward)  # not called when the forward raises: inside stays True
+
+    def _round(self, generating: bool) -> bool:
+        """True when any rank is still generating."""
+        flag = torch.tensor([int(generating)])
+        self.dist.all_reduce(flag)
+        return bool(flag.item())
+
+    def _before_forward(self, module, args):
+        if not self.draining:
+            self._round(True)
+        self.inside = True
+
+    def _after_forward(self, module, args, output):
+        self.inside = False
+
+    @torch.inference_mode()
+    def drain(self) -> None:
+        if self.inside:
+            # a forward pass failed halfway through its parameter gathers: the ranks' collectives can no longer be
+            # matched up, so this rank leaves at once and torchrun stops the others (rather than all waiting)
+            traceback.print_exc()
+            sys.stderr.write("lmforge: error: a forward pass failed under --zero-inference on several processes "
+                             "(above); stopping every process\n")
+            sys.stderr.flush()
+            os._exit(1)
+        self.draining = True
+        try:
+            while self._round(False):
+                self.model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), use_cache=False)
+        finally:
+            self.draining = False
 
 
 class KernelInjectBackend(HfBackend):
