@@ -63,7 +63,8 @@ def add_parser(sub, formatter):
     ds = p.add_argument_group("DeepSpeed (hf backend)")
     ds.add_argument("--zero-inference", action="store_true",
                     help="run the model as a ZeRO-3 engine with its parameters offloaded to CPU memory (or to "
-                         "--offload-dir), fetched layer by layer: for models larger than GPU/CPU memory; one process")
+                         "--offload-dir), fetched layer by layer: for models larger than GPU/CPU memory (with "
+                         "--nproc-per-node the processes share one model, partitioned over them)")
     ds.add_argument("--offload-dir", default=None, metavar="DIR",
                     help="with --zero-inference: offload the parameters to files in DIR (DeepSpeed NVMe offload; "
                          "needs libaio) instead of CPU memory")
@@ -86,7 +87,7 @@ def run(args) -> int:
         raise ConfigError("--batch-size: must be >= 1")
     relaunch = launch.wants_launch(args)
     world = args.nproc_per_node * args.nnodes if relaunch else world_size()
-    zero.check(args.zero_inference, args.kernel_inject, args.offload_dir, args.backend, world)
+    zero.check(args.zero_inference, args.kernel_inject, args.offload_dir, args.backend)
     if world > 1 and args.backend == "vllm":
         raise UnsupportedError("--backend vllm: vLLM schedules all rows itself in one engine (with its own tensor "
                                "parallelism); run it in one process, or use --backend hf with --nproc-per-node")

@@ -53,7 +53,7 @@ def _stale_parts(output: Path, keep: set[Path]) -> list[Path]:
     return [p for p in output.parent.glob(f".{output.name}.from-*.part") if p not in keep]
 
 
-def run(rows: list, output: Path, opts: GenerationOptions, batch_size: int, load: Callable[[], object],
+def run(rows: list, output: Path, opts: GenerationOptions, batch_size: int, load: Callable[[], Worker],
         progress: bool = True) -> tuple[int, int]:
     """This rank's share of a sharded ``generate``; returns (rows skipped, rows generated) on rank 0.
 
@@ -103,13 +103,14 @@ def run(rows: list, output: Path, opts: GenerationOptions, batch_size: int, load
                                  f"of processes beside {output}\n")
         lo, hi = (done + i for i in shard(len(rows) - done, world, rank))
         mine.touch()
-        worker = load()
-        try:
-            generate_rows(rows[lo:hi], mine, lo, opts, batch_size, worker.encode, worker.generate,
-                          progress and rank == 0, worker.max_prompt_tokens, desc=f"generate (rank 0 of {world})")
-        finally:
-            if worker.drain is not None:
-                worker.drain()  # keep the forward passes of the ranks still generating company
+        if done < len(rows):  # (the same on every rank)
+            worker = load()
+            try:
+                generate_rows(rows[lo:hi], mine, lo, opts, batch_size, worker.encode, worker.generate,
+                              progress and rank == 0, worker.max_prompt_tokens, desc=f"generate (rank 0 of {world})")
+            finally:
+                if worker.drain is not None:
+                    worker.drain()  # keep the forward passes of the ranks still generating company
     except Exception as e:
         error = _describe(e)
     status: list = [None] * world

@@ -6,7 +6,8 @@ a model larger than the accelerator's (or, with NVMe, the machine's) memory stil
 are loaded already partitioned: transformers' ``HfDeepSpeedConfig`` makes ``from_pretrained`` build the
 model under ``deepspeed.zero.Init``, so the full model never sits in memory at once. No optimizer: nothing
 is trained, so cpu_adam is never compiled. lmforge's decode loop runs on the engine's module unchanged
-(ZeRO's hooks gather each layer's parameters as its forward starts).
+(ZeRO's hooks gather each layer's parameters as its forward starts). On several processes (sharded.py) the
+parameters are partitioned over them and ``LockStep`` keeps their forward passes matched.
 
 Kernel injection (DeepSpeed-Inference's fused CUDA kernels, ``deepspeed.init_inference``) exists only for
 CUDA GPUs; elsewhere it is refused before anything loads.
@@ -29,7 +30,7 @@ from lmforge.inference.generate import Generator
 from lmforge.inference.loading import load_for_inference
 
 
-def check(zero_inference: bool, kernel_inject: bool, offload_dir: str | None, backend: str, world: int) -> None:
+def check(zero_inference: bool, kernel_inject: bool, offload_dir: str | None, backend: str) -> None:
     """Refuse flag combinations that cannot run (ConfigError / UnsupportedError: exit 2)."""
     if kernel_inject and zero_inference:
         raise ConfigError("--kernel-inject and --zero-inference are two DeepSpeed engines; choose one")
