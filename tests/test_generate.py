@@ -240,11 +240,18 @@ def test_cli_two_processes_equal_one_row_for_row(tmp_path, tiny_model_dir, capfd
 
 @pytest.mark.slow
 def test_cli_two_processes_sample_like_one(tmp_path, tiny_model_dir):
-    """Contiguous shards keep each row's seed (seed + input index): seeded sampling matches one process too."""
+    """Contiguous shards keep each row's seed (seed + input index): seeded sampling matches one process too.
+    The two processes are started by the user's own torchrun here (no --nproc-per-node)."""
+    import subprocess
+    import sys
+
     inp = write_jsonl(tmp_path / "in.jsonl", SHARDED_PROMPTS)
     sample = ["--do-sample", "--temperature", "1.5", "--seed", "3"]
     assert _generate(tiny_model_dir, inp, tmp_path / "one.jsonl", *sample) == 0
-    assert _generate(tiny_model_dir, inp, tmp_path / "two.jsonl", *sample, "--nproc-per-node", "2") == 0
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                    "-m", "lmforge", "generate", "--model", str(tiny_model_dir), "--input", str(inp),
+                    "--output", str(tmp_path / "two.jsonl"), "--max-new-tokens", "8", "--batch-size", "2",
+                    "--dtype", "float32", "--no-progress", *sample], check=True, timeout=600)
     assert _generate(tiny_model_dir, inp, tmp_path / "greedy.jsonl") == 0
     assert _read(tmp_path / "two.jsonl") == _read(tmp_path / "one.jsonl") != _read(tmp_path / "greedy.jsonl")
 
