@@ -46,8 +46,12 @@ from lmforge.errors import ConfigError
 
 GB = 1024 ** 3
 SAMPLE_ROWS = 2000  # training rows tokenised to learn the length distribution (all of them when fewer)
-BASELINE_BYTES = int(0.6 * GB)  # a training process before its model loads: python, torch, transformers, peft,
-# datasets, the tokenizer (measured: 523 MB after importing lmforge's training stack, 2026-11-28, + tokenizer/data)
+BASELINE_BYTES = int(0.66 * GB)  # a training process apart from its model: python, torch, transformers, peft,
+# datasets, the tokenizer, the data (measured 2026-11-28: peak RSS 675 MB of `lmforge train` on the 2-layer test model)
+ACTIVATION_OVERHEAD = 1.2  # RSS above the activations' bytes: they are freed and allocated again every step, and
+# glibc's heap keeps freed blocks (fragmentation), plus the backward's transient buffers. Measured on SmolLM2-135M
+# (batch 8 x 256 packed): LoRA 3.49 GB RSS (benchmarks/estimate_accuracy.py) and full fine-tune ~5 GB (README),
+# both 1.19x the live bytes counted here.
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # nf4 + double quantisation: 8-bit absmax per 64, fp32 per 256 blocks
 INT8_BYTES = 1.0
 OPTIMIZER_BYTES = {  # bytes of state per trainable parameter (fp32 states, as torch and lmforge keep them)
@@ -477,14 +481,22 @@ def _opt_bytes(optim: str) -> int:
 
 
 def activation_bytes(shape: ModelShape, mb: MicroBatch, compute_bytes: int, checkpointing: bool,
-                     lora_inputs: int = 0, head_on_all: bool = False, per_sample_attention: bool = True) -> int:
-    """Bytes saved for backward by one micro-batch (module docstring). ``lora_inputs``: elements per position per
-    layer that LoRA dropout copies (the inputs of the adapted modules); ``head_on_all``: the LM head runs on every
-    position (prompt tuning, the hf engine under DDP), not only where there is loss."""
+                     head_on_all: bool = False, per_sample_attention: bool = True, frozen_base: bool = False,
+                     dropout_inputs: int = 0, adapter_outputs: int = 0) -> int:
+    """Bytes saved for backward by one micro-batch (module docstring). ``head_on_all``: the LM head runs on every
+    position (prompt tuning, the hf engine under DDP), not only where there is loss. Adapters: ``frozen_base``
+    (a frozen linear or norm weight keeps no input for its own gradient), ``dropout_inputs`` (elements per
+    position and layer that LoRA's dropout copies, with a 1-byte mask each: the inputs of the adapted modules)
+    and ``adapter_outputs`` (elements per position and layer of LoRA's rank-r outputs)."""
     b = compute_bytes
     H, I, q, kv = shape.hidden, shape.intermediate, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    norm_extra = (2 * 2 * H * 4) if b < 4 else 2 * H * 4  # two RMSNorms, each saving fp32 copies
-    per_position = b * (2 * H + 2 * (q + 2 * kv) + q + 2 * H + 4 * I + lora_inputs) + norm_extra
+    norm_extra = 2 * H * 4  # each RMSNorm also keeps a fp32 tensor (its fp32 input, or x * rsqrt in fp32)
+    per_position = b * (2 * H + 2 * (q + 2 * kv) + q + 2 * H + 4 * I) + norm_extra
+    if frozen_base:
+        per_position -= b * 2 * H  # the norms' normalised input, kept only for the norm weights' gradient
+        if dropout_inputs or not adapter_outputs:  # the linears' inputs: LoRA without dropout reads them itself
+            per_position -= b * (2 * H + q + I)
+        per_position += dropout_inputs * (b + 1) + adapter_outputs * b
     scores = shape.heads * (4 + b) * mb.attention if per_sample_attention else 0  # fp32 softmax + its cast
     one_layer = mb.positions * per_position + scores
     if checkpointing:
@@ -492,7 +504,9 @@ def activation_bytes(shape: ModelShape, mb: MicroBatch, compute_bytes: int, chec
     else:
         layers = shape.layers * one_layer
     head_positions = mb.positions if head_on_all else mb.loss_tokens
-    logits = head_positions * shape.vocab * (b + (4 if b < 4 else 0) + 8)  # logits, fp32 copy, log-softmax, grad
+    # the head's logits, their fp32 copy and the log-softmax (saved) live at once at the end of the forward; at
+    # the start of the backward the log-softmax, its gradient and that gradient cast back: 10 bytes (bf16), 8 (fp32)
+    logits = head_positions * shape.vocab * ((b + 4 + 4) if b < 4 else 8)
     final = mb.positions * (H * b + H * 4)  # final norm
     return int(layers + logits + final)
 
@@ -553,7 +567,7 @@ def memory(shape: ModelShape, train: Trainable, cfg: Config, engine: str, strate
     carry = grads if cfg.train.gradient_accumulation_steps > 1 else 0  # gradients kept while the next forward runs
     chosen_act = act_gc if cfg.train.gradient_checkpointing else act
     static = weights + masters + opt + offloaded
-    peak = BASELINE_BYTES + static + carry + max(chosen_act, grads + buffers)
+    peak = BASELINE_BYTES + static + carry + max(int(chosen_act * ACTIVATION_OVERHEAD), grads + buffers)
     return Memory(strategy, engine, int(weights), int(masters), int(grads), int(opt), int(act), int(act_gc),
                   int(buffers), int(offloaded), int(peak), note)
 
@@ -693,9 +707,9 @@ class Estimator:
         per_sample = self.packed and engine == "native"  # lmforge's per-sample attention; else dense over rows
         mean, worst = micro_batches(self.data, t.per_device_train_batch_size, per_sample, t.seed)
         head_on_all = train.kind == "prompt_tuning" or not self.token_loss or (engine == "hf" and world > 1)
-        lora_in = self._lora_inputs(train, cfg)
-        act = activation_bytes(self.shape, worst, b, False, lora_in, head_on_all, per_sample)
-        act_gc = activation_bytes(self.shape, worst, b, True, lora_in, head_on_all, per_sample)
+        adapters = self._adapter_activations(train, cfg)
+        act = activation_bytes(self.shape, worst, b, False, head_on_all, per_sample, **adapters)
+        act_gc = activation_bytes(self.shape, worst, b, True, head_on_all, per_sample, **adapters)
         mems = {}
         for s in STRATEGIES:
             variant = self._variant(cfg, s)
@@ -734,12 +748,17 @@ class Estimator:
             est.change = self.cheapest_change(cfg)
         return est
 
-    def _lora_inputs(self, train: Trainable, cfg: Config) -> int:
-        """Elements per position per layer that LoRA's dropout copies: the input of each adapted linear."""
-        if train.kind not in ("lora", "dora", "qlora") or cfg.peft.dropout == 0 or not self.shape.layers:
-            return 0
-        targets = _peft_targets(self.shape, cfg.peft.target_modules)
-        return sum(self.shape.linears[n][0] for n in targets if n in self.shape.linears) // self.shape.layers
+    def _adapter_activations(self, train: Trainable, cfg: Config) -> dict:
+        """``activation_bytes``' adapter arguments: a frozen base, and per position and layer the inputs LoRA's
+        dropout copies and the rank-r outputs of the adapted modules."""
+        if train.kind == "none":
+            return {}
+        if train.kind == "prompt_tuning" or not self.shape.layers:
+            return {"frozen_base": True}
+        targets = [n for n in _peft_targets(self.shape, cfg.peft.target_modules) if n in self.shape.linears]
+        inputs = sum(self.shape.linears[n][0] for n in targets) // self.shape.layers if cfg.peft.dropout else 0
+        return {"frozen_base": True, "dropout_inputs": inputs,
+                "adapter_outputs": cfg.peft.r * len(targets) // self.shape.layers}
 
     def _time(self, cfg: Config, train: Trainable, engine: str, strategy: str, world: int, mb: MicroBatch) -> dict:
         """FLOPs per step over the peak x efficiency, + the gradient exchange between processes."""
@@ -913,8 +932,9 @@ def render(est: Estimate) -> str:
                      f"{g('activations'):>8}{g('activations_checkpointed'):>8}{g('buffers'):>9}{g('offloaded'):>9}"
                      f"{g('peak'):>8}" + (f"  ({mem['note']})" if mem["note"] else ""))
     lines += [
-        f"  peak = {BASELINE_BYTES / GB:.1f} GB runtime + weights + masters + optimizer + offloaded + the larger of "
-        f"activations ({'with' if est.step['checkpointing'] else 'without'} checkpointing) and gradients + buffers",
+        f"  peak = {BASELINE_BYTES / GB:.2f} GB runtime + weights + masters + optimizer + offloaded + the larger of "
+        f"{ACTIVATION_OVERHEAD} x activations ({'with' if est.step['checkpointing'] else 'without'} checkpointing) "
+        "and gradients + buffers",
         "",
         f"time         {t['flops_per_token'] / 1e9:.2f} GFLOP per token, {t['flops_per_step'] / 1e12:.2f} TFLOP per "
         f"step; {est.machine['peak_flops'] / 1e9:.0f} GFLOP/s {est.compute} matmul peak x {t['efficiency']:.0%} "
