@@ -96,6 +96,9 @@ class DataConfig:
                 "every byte: also catches an edit that keeps size and mtime, but reads every file on each run)")
     num_samples: int | None = _f(None, "training rows drawn (sources mixed by weight, rows repeated when fewer; "
                                        "default: every row of every source once)")
+    streaming: bool = _f(False, "pretrain/sft on the native engine: read, tokenise and pack the training sources "
+                                "while training (a corpus larger than memory or disk cache); needs train.max_steps")
+    shuffle_buffer: int = _f(1000, "data.streaming: samples held in the shuffle buffer")
     max_prompt_length: int | None = _f(None, "preference methods: truncate prompts to this many tokens")
     mlm_probability: float = _f(0.15, "masked-LM pretraining: fraction of tokens masked")
 
@@ -437,6 +440,8 @@ def _check(cfg: Config, where: str) -> None:
     if cfg.data.packing and cfg.method in METHODS and not METHODS[cfg.method].packs:
         raise ConfigError(f"{where}: data.packing: true: method {cfg.method} trains on one row per sample (packing "
                           "is for causal-LM pretrain and sft); remove the key or set it to false")
+    if cfg.data.streaming:
+        _check_streaming(cfg, where)
     if cfg.data.max_length < 8:
         raise ConfigError(f"{where}: data.max_length: must be at least 8")
     t = cfg.train
@@ -470,6 +475,21 @@ def _check(cfg: Config, where: str) -> None:
     from lmforge.distributed.checks import check_distributed
 
     check_distributed(cfg, where)
+
+
+def _check_streaming(cfg: Config, where: str) -> None:
+    """data.streaming: what it needs and what cannot go with it (data/streaming.py)."""
+    if cfg.method not in ("pretrain", "sft"):
+        raise ConfigError(f"{where}: data.streaming: pretrain and sft stream their data; method {cfg.method} reads "
+                          "it whole (set data.streaming: false)")
+    if cfg.train.max_steps < 1:
+        raise ConfigError(f"{where}: data.streaming: train.max_steps is required (a stream has no epochs to count)")
+    if cfg.train.engine == "hf":
+        raise ConfigError(f"{where}: data.streaming runs on train.engine: native")
+    if cfg.data.num_samples is not None:
+        raise ConfigError(f"{where}: data.num_samples: a stream is read until train.max_steps; remove the key")
+    if cfg.data.shuffle_buffer < 1:
+        raise ConfigError(f"{where}: data.shuffle_buffer: must be >= 1")
 
 
 # Names ``train.optim``, ``train.lr_scheduler_type`` and ``train.report_to`` take, checked at load (a typo fails

@@ -38,6 +38,10 @@ def run(args) -> int:
     cfg = load_config(args.config, args.overrides)
     tok, packed, arch = _tokenizer_and_packing(cfg)
     for role in ("train", "eval"):
+        if role == "train" and cfg.data.streaming:
+            print("train: data.streaming: true: read, tokenised and packed while training (nothing cached); "
+                  "`lmforge inspect` shows samples of the cached mode")
+            continue
         ds, stats, path = prepare_split(cfg, tok, role, packed, arch)
         if ds is None:
             continue

@@ -10,6 +10,8 @@ What lmforge adds to the stock Trainer, and why:
 
 from __future__ import annotations
 
+import os
+
 import functools
 
 import torch
@@ -153,9 +155,19 @@ def train(cfg: Config):
     resume = prepare_output_dir(cfg)
     model, tokenizer, prec = load_model_and_tokenizer(cfg)
     packed = packing(cfg, "decoder", log)
-    train_ds, train_stats, _ = prepare_split(cfg, tokenizer, "train", packed)
+    stream = None
+    if cfg.data.streaming:  # read, tokenised and packed while training (data/streaming.py)
+        from lmforge.data.streaming import PackedStream
+        from lmforge.distributed.ranks import world_size
+
+        stream = PackedStream(cfg, tokenizer, packed, int(os.environ.get("RANK", "0")), world_size())
+        train_ds, train_lines = None, [f"streamed from {len(cfg.data.train)} source(s), shuffle buffer "
+                                       f"{cfg.data.shuffle_buffer} samples, {'packed' if packed else 'one sample per row'}"]
+    else:
+        train_ds, train_stats, _ = prepare_split(cfg, tokenizer, "train", packed)
+        train_lines = train_stats.lines()
     eval_ds, eval_stats, _ = prepare_split(cfg, tokenizer, "eval", packed)
-    for line in train_stats.lines():
+    for line in train_lines:
         log(f"train data: {line}")
     attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
     if cfg.train.engine == "native" and packed:
@@ -171,7 +183,7 @@ def train(cfg: Config):
 
         scorer = generation_scorer(cfg, tokenizer, eval_ds is not None, log)
         trainer = NativeTrainer(cfg, model, tokenizer, prec, train_ds, eval_ds, CausalLMObjective(collator),
-                                train_stats.lines(), scorer)
+                                train_lines, scorer, stream=stream)
         return trainer.train(resume)
     from lmforge.training import flops
 
@@ -182,4 +194,4 @@ def train(cfg: Config):
         processing_class=tokenizer, lmforge=hooks,
     )
     add_generation_metrics(trainer, cfg, tokenizer, log)  # eval.metrics: rouge/bleu/exact_match at each eval
-    return run_trainer(trainer, cfg, tokenizer, resume, train_stats.lines())
+    return run_trainer(trainer, cfg, tokenizer, resume, train_lines)

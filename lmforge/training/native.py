@@ -102,6 +102,8 @@ def choose_engine(cfg: Config) -> str:
     wherever it can run the config, else hf, with one logged line giving the reason (docs/training.md)."""
     if cfg.train.engine is None:
         reason = unsupported(cfg)
+        if reason and cfg.data.streaming:
+            raise ConfigError(f"data.streaming runs on the native engine, which cannot run this config: {reason}")
         if reason:
             log(f"train.engine: hf ({reason})")
         cfg.train.engine = "hf" if reason else ENGINE
@@ -138,7 +140,7 @@ class NativeTrainer:
     """Trains ``model`` on ``train_ds``; ``train(resume)`` runs the loop and returns the output directory."""
 
     def __init__(self, cfg: Config, model, tokenizer, prec, train_ds, eval_ds, objective, data_lines: list[str],
-                 generation=None):
+                 generation=None, stream=None):
         self.cfg, self.t = cfg, cfg.train
         self.model, self.tokenizer, self.prec = model, tokenizer, prec
         self.train_ds, self.eval_ds, self.objective = train_ds, eval_ds, objective
@@ -147,8 +149,10 @@ class NativeTrainer:
         self.out = Path(cfg.train.output_dir)
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.stream = stream  # data.streaming: a streaming.PackedStream of this rank's rows (train_ds is None)
         self.rows = StepRows(len(train_ds), cfg.train.seed, cfg.train.per_device_train_batch_size,
-                             cfg.train.gradient_accumulation_steps, self.world)
+                             cfg.train.gradient_accumulation_steps, self.world) if stream is None else None
+        self.global_batch = cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps * self.world
         self.max_steps = (cfg.train.max_steps if cfg.train.max_steps > 0
                           else math.ceil(cfg.train.num_train_epochs * self.rows.steps_per_epoch))
         # full fine-tune in bf16: the model computes in bf16, the optimizer updates fp32 masters (precision.py)
@@ -182,6 +186,8 @@ class NativeTrainer:
         self.model.train()  # before the FLOP count too: bitsandbytes repacks 4-bit weights for inference in eval mode
         if ckpt:
             self.load_weights(ckpt)  # into the whole model, before FSDP would shard it
+            if self.stream is not None:  # before the FLOP count peeks at it
+                self.stream.load_state_dict(torch.load(ckpt / f"stream_{self.rank}.pt", weights_only=False))
         self.flops_per_token = self.count_flops()  # on the whole model too
         self.build_optimizer()
         if ckpt:
@@ -190,7 +196,7 @@ class NativeTrainer:
             if hasattr(self.objective, "start"):
                 self.objective.start(self)  # e.g. DPO: reference log-probs of the starting weights
             torch.manual_seed(self.t.seed)
-        log(f"native engine: {self.max_steps} steps, {self.rows.global_batch} rows per step "
+        log(f"native engine: {self.max_steps} steps, {self.global_batch} rows per step "
             f"({self.t.per_device_train_batch_size} x {self.t.gradient_accumulation_steps} accumulation x "
             f"{self.world} process{'es' if self.world > 1 else ''}), compute {self.prec.compute}")
         if self.world > 1:
@@ -249,8 +255,8 @@ class NativeTrainer:
     def train_step(self) -> tuple[float, int, float, dict[str, float]]:
         """One optimizer step over this step's micro-batches; returns (loss, tokens trained, grad norm, the
         objective's metrics averaged over the step's units)."""
-        micro = [self.objective.batch("train", idx, [self.train_ds[i] for i in idx]) if idx else None
-                 for idx in self.rows.for_step(self.step, self.rank)]
+        micro = [self.objective.batch("train", idx, records) if records else None
+                 for idx, records in self.step_records()]
         # the step's loss is sum / (units of the whole step: loss tokens or pairs, every micro-batch and rank)
         local_units = sum(self.objective.count(b) for b in micro if b is not None)
         total = self.all_reduce(torch.tensor([float(local_units)]))
@@ -314,15 +320,29 @@ class NativeTrainer:
     def stand_in(self) -> dict:
         """A batch for a rank without rows in a micro-batch under FSDP (its loss is weighted 0): the forward
         must still run, as every rank gathers the sharded weights together."""
-        return self.objective.batch("train", [0], [self.train_ds[0]])
+        return self.objective.batch("train", [0], [self.stream.peek() if self.stream else self.train_ds[0]])
 
     def count_flops(self) -> float | None:
         """FLOPs per token of forward + backward, counted on this step's first row (``flops.per_token``), for
         objectives that are a token loss (pretrain, SFT); None for the others."""
         if not hasattr(self.objective, "flops_batch"):
             return None
-        first = next((idx for idx in self.rows.for_step(self.step, self.rank) if idx), [0])
-        return flops.per_token(self.model, self.objective.flops_batch([self.train_ds[first[0]]]), self.autocast())
+        if self.stream is not None:
+            record = self.stream.peek()
+        else:
+            first = next((idx for idx in self.rows.for_step(self.step, self.rank) if idx), [0])
+            record = self.train_ds[first[0]]
+        return flops.per_token(self.model, self.objective.flops_batch([record]), self.autocast())
+
+    def step_records(self) -> list[tuple[list[int] | None, list[dict]]]:
+        """This rank's micro-batches of the coming step: (dataset row indices, or None from a stream; records)."""
+        if self.stream is not None:
+            return [(None, self.stream.take(self.t.per_device_train_batch_size))
+                    for _ in range(self.t.gradient_accumulation_steps)]
+        return [(idx, [self.train_ds[i] for i in idx]) for idx in self.rows.for_step(self.step, self.rank)]
+
+    def epoch(self) -> float | None:
+        return self.step / self.rows.steps_per_epoch if self.rows else None  # a stream counts no epochs
 
     def planned_batches(self):
         """(split, [(rows, dataset), ...]) of every micro-batch this rank will run: the steps still to come and
@@ -387,7 +407,9 @@ class NativeTrainer:
         row.update({k: round(window[k], 6) for k in ("loss",) + self.objective.stat_keys if window[k] is not None})
         if math.isfinite(grad_norm):
             row["grad_norm"] = round(grad_norm, 6)
-        row.update(learning_rate=self.scheduler.get_last_lr()[0], epoch=round(self.step / self.rows.steps_per_epoch, 4))
+        row["learning_rate"] = self.scheduler.get_last_lr()[0]
+        if self.rows:
+            row["epoch"] = round(self.epoch(), 4)
         if window["seconds"] > 0 and window["tokens"] > 0:
             tps = window["tokens"] / window["seconds"]
             row["tokens_per_second"] = round(tps, 2)
@@ -443,6 +465,8 @@ class NativeTrainer:
             torch.save(rng_state(), tmp / f"rng_state_{self.rank}.pth")
             if hasattr(self.objective, "state_dict"):  # e.g. DPO's reference log-probs of this rank's rows
                 torch.save(self.objective.state_dict(), tmp / f"objective_{self.rank}.pt")
+            if self.stream is not None:  # where this rank's stream stands, and the rows it read ahead
+                torch.save(self.stream.state_dict(), tmp / f"stream_{self.rank}.pt")
             weights = self.gather_weights()  # collective under FSDP
             if self.sharded:
                 from lmforge.training.sharding import OPTIMIZER_DIR
@@ -457,7 +481,7 @@ class NativeTrainer:
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             (tmp / "config.yaml").write_text((self.out / "config.yaml").read_text())
             state = {"global_step": self.step, "max_steps": self.max_steps, "engine": ENGINE,
-                     "world_size": self.world, "epoch": self.step / self.rows.steps_per_epoch,
+                     "world_size": self.world, "epoch": self.epoch(),
                      "tokens_seen": self.tokens_seen, "skipped_batches": self.skipped}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
 

@@ -1,0 +1,233 @@
+"""``data.streaming: true``: training rows read, tokenised and packed while the model trains, so a corpus
+larger than memory or the disk cache trains (pretrain and sft on the native engine; ``train.max_steps`` sets
+the length, as a stream has no epochs to count).
+
+The pipeline, in a background thread that stays a few rows ahead of the training loop:
+  sources (read lazily: JSONL line by line, other files one at a time, epoch after epoch)
+  -> this rank's rows (row k of a source goes to rank k % world: no overlap between ranks)
+  -> weighted mixing (a seeded draw of the source for each row, ``weight`` as in the cached mode)
+  -> format check and tokenisation (the same ``formats`` and ``Encoder`` as the cached mode; long pretraining
+     documents split, long SFT samples truncated, samples without loss dropped)
+  -> a shuffle buffer of ``data.shuffle_buffer`` samples (seeded)
+  -> packing (greedy: samples are appended to the current row until the next one does not fit).
+
+Exact resume: a checkpoint holds this rank's whole stream state (each source's position, the RNG, the shuffle
+buffer, the row being packed, and the rows produced ahead but not yet trained on), taken while the producer
+waits, so a resumed run gets the same rows as an uninterrupted one, bitwise.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import threading
+from pathlib import Path
+
+from lmforge.config import Config, DataSource
+from lmforge.data.formats import normalize_rows
+from lmforge.data.sources import _READERS, Row, _invalid_utf8, is_saved_dataset, resolve_files
+from lmforge.data.tokenize import IGNORE, Encoder, chunk
+from lmforge.errors import ConfigError, DataError
+
+
+def _jsonl_lines(path: Path, start: int):
+    """(1-based line number, raw line) of a JSONL file from line ``start`` + 1: lines are parsed only when used."""
+    with path.open("r", encoding="utf-8", errors="surrogateescape") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if lineno > start:
+                yield lineno, line
+
+
+class _Source:
+    """One config source read lazily and endlessly; its position is (epoch, file index, rows read in file)."""
+
+    def __init__(self, src: DataSource, index: int):
+        if src.loader or is_saved_dataset(Path(src.path).expanduser()):
+            raise ConfigError(f"data.train[{index}]: data.streaming reads files (JSONL, JSON, CSV, Parquet; a "
+                              "directory or glob of them); a loader or a saved dataset needs data.streaming: false")
+        self.src, self.index = src, index
+        self.files = resolve_files(src, "train")
+        self.pos = {"epoch": 0, "file": 0, "line": 0, "seen": 0}
+        self.fmt: str | None = None
+
+    def raw(self):
+        """(origin, parsed row or None, bad-row reason or None), forever, from the current position."""
+        while True:
+            path = self.files[self.pos["file"]]
+            if path.suffix == ".jsonl":
+                for lineno, line in _jsonl_lines(path, self.pos["line"]):
+                    self.pos["line"] = lineno
+                    if line.strip():
+                        yield f"{path}:{lineno}", line, None
+            else:  # one file at a time in memory
+                rows, bad = [], []
+                _READERS[path.suffix](path, rows, bad)
+                items = [(r.origin, r.data, None) for r in rows] + [(b.origin, None, b.reason) for b in bad]
+                for k in range(self.pos["line"], len(items)):
+                    self.pos["line"] = k + 1
+                    yield items[k]
+            self.pos["line"] = 0
+            self.pos["file"] += 1
+            if self.pos["file"] == len(self.files):
+                self.pos["file"], self.pos["epoch"] = 0, self.pos["epoch"] + 1
+
+    def rows(self, rank: int, world: int):
+        """This rank's rows: (origin, normalised row, format) or (origin, None, bad-row reason)."""
+        for origin, data, reason in self.raw():
+            mine = self.pos["seen"] % world == rank
+            self.pos["seen"] += 1
+            if not mine:
+                continue
+            if reason is None and isinstance(data, str):  # a raw JSONL line
+                reason = _invalid_utf8(data)
+                if reason is None:
+                    try:
+                        data = json.loads(data)
+                    except json.JSONDecodeError as e:
+                        reason = f"invalid JSON ({e.msg} at column {e.colno})"
+            if reason is not None:
+                yield origin, None, reason
+                continue
+            fmt, good, bad = normalize_rows([Row(data, origin)], self._forced())
+            self.fmt = self.fmt or fmt
+            yield (origin, good[0].data, fmt) if good else (origin, None, bad[0].reason)
+
+    def _forced(self) -> DataSource:
+        """The source with its format fixed once the first row showed it (each row is checked against it)."""
+        if self.fmt is None or self.src.format != "auto":
+            return self.src
+        return DataSource(**{**self.src.__dict__, "format": self.fmt})
+
+
+class PackedStream:
+    """An endless iterator of this rank's training rows (``input_ids``, ``labels``, ``seq_lens``); ``take(n)``
+    returns the next n, ``peek()`` the next one without taking it; ``state_dict`` / ``load_state_dict``."""
+
+    def __init__(self, cfg: Config, tokenizer, packed: bool, rank: int = 0, world: int = 1, ahead: int = 16):
+        from lmforge.methods import METHODS
+
+        self.cfg, self.packed, self.rank, self.world, self.ahead = cfg, packed, rank, world, ahead
+        self.sources = [_Source(src, i) for i, src in enumerate(cfg.data.train)]
+        self.weights = [src.weight if src.weight is not None else 1.0 for src in cfg.data.train]
+        self.allowed = METHODS[cfg.method].formats
+        self.encoder = Encoder(tokenizer, apply_chat_template=cfg.data.apply_chat_template)
+        self.rng = random.Random(f"{cfg.train.seed}/{rank}")
+        self.buffer: list[tuple[list[int], list[int]]] = []  # the shuffle buffer: (input_ids, labels)
+        self.row: dict = {"input_ids": [], "labels": [], "seq_lens": []}  # the row being packed
+        self.ready: list[dict] = []  # rows produced, not yet taken
+        self.counts = {"rows": 0, "bad_rows": 0, "samples": 0}
+        self.error: BaseException | None = None
+        self.cond = threading.Condition()
+        self.thread: threading.Thread | None = None
+        self._iters = None
+
+    # ------------------------------------------------------------------------------------------ consuming
+    def take(self, n: int) -> list[dict]:
+        rows: list[dict] = []
+        with self.cond:
+            self._start()
+            while len(rows) < n:  # as they come: n may exceed how far the producer reads ahead
+                self.cond.wait_for(lambda: self.ready or self.error is not None)
+                if self.error is not None:
+                    raise self.error
+                k = min(n - len(rows), len(self.ready))
+                rows, self.ready = rows + self.ready[:k], self.ready[k:]
+                self.cond.notify_all()
+        return rows
+
+    def peek(self) -> dict:
+        with self.cond:
+            self._start()
+            self.cond.wait_for(lambda: self.ready or self.error is not None)
+            if self.error is not None:
+                raise self.error
+            return self.ready[0]
+
+    def state_dict(self) -> dict:
+        """Everything the next rows depend on, taken while the producer waits."""
+        with self.cond:
+            return copy.deepcopy({"positions": [s.pos for s in self.sources], "formats": [s.fmt for s in self.sources],
+                                  "rng": self.rng.getstate(), "buffer": self.buffer, "row": self.row,
+                                  "ready": self.ready, "counts": self.counts})
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.thread is not None:
+            raise RuntimeError("load_state_dict before the first take")
+        for s, pos, fmt in zip(self.sources, state["positions"], state["formats"]):
+            s.pos, s.fmt = dict(pos), fmt
+        self.rng.setstate(state["rng"])
+        self.buffer, self.row, self.ready = state["buffer"], state["row"], state["ready"]
+        self.counts = state["counts"]
+
+    # ------------------------------------------------------------------------------------------ producing
+    def _start(self) -> None:
+        if self.thread is None:
+            self._iters = [s.rows(self.rank, self.world) for s in self.sources]
+            self.thread = threading.Thread(target=self._produce, name="lmforge-stream", daemon=True)
+            self.thread.start()
+
+    def _produce(self) -> None:
+        try:
+            while True:
+                with self.cond:  # one row at a time under the lock: state_dict sees a consistent stream
+                    self.cond.wait_for(lambda: len(self.ready) < self.ahead)
+                    self.ready.append(self._next_row())
+                    self.cond.notify_all()
+        except BaseException as e:  # noqa: BLE001 - handed to the training loop, which raises it
+            with self.cond:
+                self.error = e
+                self.cond.notify_all()
+
+    def _next_row(self) -> dict:
+        if not self.packed:
+            ids, labels = self._next_sample()
+            return {"input_ids": ids, "labels": labels}
+        max_len = self.cfg.data.max_length
+        while True:
+            ids, labels = self._next_sample()
+            if self.row["seq_lens"] and len(self.row["input_ids"]) + len(ids) > max_len:
+                done, self.row = self.row, {"input_ids": [], "labels": [], "seq_lens": []}
+                self._append(ids, labels)
+                return done
+            self._append(ids, labels)
+
+    def _append(self, ids: list[int], labels: list[int]) -> None:
+        self.row["input_ids"] += ids
+        self.row["labels"] += labels
+        self.row["seq_lens"].append(len(ids))
+
+    def _next_sample(self) -> tuple[list[int], list[int]]:
+        """The next sample out of the shuffle buffer (filled first, then one in for each one out)."""
+        size = max(1, self.cfg.data.shuffle_buffer)
+        while len(self.buffer) < size:
+            self.buffer.extend(self._encoded_row())
+        k = self.rng.randrange(len(self.buffer))
+        self.buffer[k], self.buffer[-1] = self.buffer[-1], self.buffer[k]
+        return self.buffer.pop()
+
+    def _encoded_row(self) -> list[tuple[list[int], list[int]]]:
+        """The samples of the next row of a source drawn by weight (a pretraining document may give several)."""
+        i = self.rng.choices(range(len(self.sources)), weights=self.weights)[0]
+        origin, row, fmt = next(self._iters[i])
+        self.counts["rows"] += 1
+        if row is None:
+            if self.cfg.data.on_bad_rows == "error":
+                raise DataError(f"bad row in the training stream: {origin}: {fmt}\n"
+                                "Fix it, or set data.on_bad_rows: skip to drop bad rows.")
+            self.counts["bad_rows"] += 1
+            return []
+        if fmt not in self.allowed:
+            raise DataError(f"{origin}: {fmt} rows cannot train method {self.cfg.method!r} "
+                            f"(expected {' or '.join(self.allowed)})")
+        e = self.encoder.encode(row, fmt)
+        max_len = self.cfg.data.max_length
+        if self.cfg.method == "pretrain" or fmt == "text":
+            pieces = chunk(e, max_len)
+        else:
+            pieces = [e]
+            if len(e.input_ids) > max_len:
+                e.input_ids, e.labels = e.input_ids[:max_len], e.labels[:max_len]
+        out = [(p.input_ids, p.labels) for p in pieces if any(x != IGNORE for x in p.labels)]
+        self.counts["samples"] += len(out)
+        return out
