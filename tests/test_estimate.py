@@ -346,3 +346,15 @@ def test_qlora_weights_against_bitsandbytes(setup, tiny_model_dir):
     assert other == (hand_total(vocab(tiny_model_dir)) - linear) * 4 + est.trainable * 4
     assert abs(quantised - linear * est_mod.NF4_BYTES) < 0.02 * quantised
     assert est.memory["none"]["weights"] == int(linear * est_mod.NF4_BYTES + other)
+
+
+def test_continued_adapter_counts_its_own_config(tmp_path, tiny_model_dir, lmforge_cache):
+    """model.name_or_path = an adapter directory: its adapter_config.json (r, targets) decides what trains."""
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(12))
+    tree = base_config(tiny_model_dir, data, tmp_path / "adapter",
+                       peft={"kind": "lora", "r": 2, "target_modules": ["q_proj"]}, train={"max_steps": 1})
+    assert main(["train", str(write_config(tmp_path / "c.yaml", tree))]) == 0
+    cont = base_config(tmp_path / "adapter", data, tmp_path / "out")  # peft section left at its default (none)
+    est = estimator(load_config(None, tree=cont)).estimate()
+    assert est.trainable == L * 2 * (H + H)
+    assert est.parameters == hand_total(vocab(tiny_model_dir))

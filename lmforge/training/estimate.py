@@ -21,7 +21,8 @@ What the engines hold (read from ``native.py``, ``precision.py``, ``sharding.py`
     ZeRO keeps bf16 weights and shards fp32 masters + states (stage 1), + gradients (2), + weights (3), and
     offload moves them to host memory (on a CPU-only machine that is the same memory).
 Activations are counted per decoder layer from the tensors a Llama-style layer saves for backward (norm
-inputs, q/k/v before and after rotary, attention output, the MLP's four intermediates), plus attention scores
+inputs, q/k/v before and after rotary, attention output, the MLP's four intermediates; with a frozen base only
+what the input gradients need, plus LoRA dropout's copies), plus attention scores
 where lmforge's per-sample attention stores them, plus the LM head's logits on the loss positions; gradient
 checkpointing keeps each layer's input and recomputes one layer at a time. Time is FLOPs (6N-style linear
 FLOPs on the positions computed, the LM head on loss positions, attention as ``flops.py`` counts it) over this
