@@ -512,6 +512,24 @@ def activation_bytes(shape: ModelShape, mb: MicroBatch, compute_bytes: int, chec
     return int(layers + logits + final)
 
 
+def flops_per_micro_batch(shape: ModelShape, mb: MicroBatch, train: Trainable, head_on_all: bool = False,
+                          checkpointing: bool = False) -> float:
+    """Matmul FLOPs of one micro-batch's forward + backward, as ``flops.per_token`` counts them: 2 per weight and
+    position forward, 2 more for the input gradients, 2 more for a trained weight's gradient; the LM head on the
+    loss positions only (``head_on_all``: on every position); attention over full squares of each span."""
+    decoder = shape.linear_weights(include_head=False)
+    head = shape.vocab * shape.hidden if shape.output_layer else 0
+    head_positions = mb.positions if head_on_all else mb.loss_tokens
+    backward = 4 if train.kind == "none" else 2  # input gradients always; weight gradients only for trained weights
+    adapters = 6 * train.params if train.kind in ("lora", "dora", "qlora") else 0
+    attention = 4 * shape.heads * shape.head_dim * mb.attention * shape.layers  # forward QK^T and AV
+    linear = 2 * decoder * mb.positions + 2 * head * head_positions  # forward
+    flops = linear * (1 + backward / 2) + 3 * attention + adapters * mb.positions
+    if checkpointing:
+        flops += 2 * decoder * mb.positions + attention  # each layer's forward runs again in the backward
+    return flops
+
+
 def memory(shape: ModelShape, train: Trainable, cfg: Config, engine: str, strategy: str, world: int,
            compute_bytes: int, act: int, act_gc: int, qlora_bits: int = 4) -> Memory:
     """Bytes per process of ``strategy`` on ``world`` processes (module docstring for what each holds)."""
@@ -765,18 +783,8 @@ class Estimator:
         """FLOPs per step over the peak x efficiency, + the gradient exchange between processes."""
         t, s = cfg.train, self.shape
         full = train.kind == "none"
-        decoder = s.linear_weights(include_head=False)
-        head = s.vocab * s.hidden if s.output_layer else 0
-        head_positions = mb.positions if (train.kind == "prompt_tuning" or not self.token_loss
-                                          or (engine == "hf" and world > 1)) else mb.loss_tokens
-        backward = 4 if full else 2  # input gradients always; weight gradients only for trained weights
-        adapters = 6 * train.params if train.kind in ("lora", "dora", "qlora") else 0
-        attention = 4 * s.heads * s.head_dim * mb.attention * s.layers  # forward QK^T and AV, full squares
-        fwd = 2 * decoder * mb.positions + 2 * head * head_positions + attention
-        flops_mb = fwd + backward / 2 * (2 * decoder * mb.positions + 2 * head * head_positions) + 2 * attention \
-            + adapters * mb.positions
-        if t.gradient_checkpointing:
-            flops_mb += 2 * decoder * mb.positions + attention  # each layer's forward runs again in the backward
+        head_on_all = train.kind == "prompt_tuning" or not self.token_loss or (engine == "hf" and world > 1)
+        flops_mb = flops_per_micro_batch(s, mb, train, head_on_all, t.gradient_checkpointing)
         accumulation = t.gradient_accumulation_steps
         flops_step = flops_mb * accumulation * world  # every process's share of the machine
         kind = "full" if full else ("qlora" if train.kind == "qlora" else "adapter")
