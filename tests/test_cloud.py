@@ -173,3 +173,18 @@ def test_eval_merge_and_consolidate_read_and_write_s3(bucket, tiny_model_dir, tm
     adapter = load_file(cloud.fetch(f"s3://{bucket}/plain", "test") / "adapter_model.safetensors")
     saved = load_file(tmp_path / "run" / "checkpoint-2" / "adapter_model.safetensors")
     assert adapter.keys() == saved.keys() and all(torch.equal(adapter[k], saved[k]) for k in saved)
+
+
+def test_generate_reads_and_writes_s3(bucket, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    _machine(monkeypatch, tmp_path, "one")
+    prompts = [{"prompt": f"row {i}"} for i in range(3)]
+    cloud.upload_file(write_jsonl(tmp_path / "in.jsonl", prompts), f"s3://{bucket}/in.jsonl")
+    args = ["generate", "--model", str(tiny_model_dir), "--max-new-tokens", "4", "--no-progress"]
+    assert main(args + ["--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "local.jsonl")]) == 0
+    assert main(args + ["--input", f"s3://{bucket}/in.jsonl", "--output", f"s3://{bucket}/out/gen.jsonl"]) == 0
+    remote = cloud.filesystem(f"s3://{bucket}")[0].cat(f"{bucket}/out/gen.jsonl").decode()
+    assert remote == (tmp_path / "local.jsonl").read_text()  # the same rows, greedy
+    _machine(monkeypatch, tmp_path, "two")  # a rerun elsewhere finds the bucket's output complete
+    capsys.readouterr()
+    assert main(args + ["--input", f"s3://{bucket}/in.jsonl", "--output", f"s3://{bucket}/out/gen.jsonl"]) == 0
+    assert "nothing to do" in capsys.readouterr().out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 from lmforge.distributed import launch
 from lmforge.inference.generate import GenerationOptions
@@ -91,15 +92,17 @@ def run(args) -> int:
     if world > 1 and args.backend == "vllm":
         raise UnsupportedError("--backend vllm: vLLM schedules all rows itself in one engine (with its own tensor "
                                "parallelism); run it in one process, or use --backend hf with --nproc-per-node")
+    remote_output = _local_paths(args)  # s3:// (any fsspec URL) input and output: local copies (cloud.py)
     rows = read_prompt_rows(args.input)  # bad rows fail before the model is loaded or processes start
     if (relaunch or world == 1) and completed_rows(Path(args.output)) == len(rows):
         print(f"nothing to do: {args.output} already holds all {len(rows)} rows")
         return 0
     if relaunch:  # --nproc-per-node: run this command again under torchrun, one worker per process
-        return _relaunch(args)
+        return _uploaded(_relaunch(args), args.output, remote_output)
     batch_size = args.batch_size or 128  # rows are generated and written in windows of 16 batches
     if world > 1:
-        return _run_sharded(args, rows, opts, batch_size)
+        code = _run_sharded(args, rows, opts, batch_size)
+        return _uploaded(code, args.output, remote_output) if os.environ.get("RANK", "0") == "0" else code
     try:
         backend = _load(args)
         skipped, generated = generate_file(args.input, args.output, opts, batch_size, backend.encode,
@@ -107,7 +110,35 @@ def run(args) -> int:
     finally:
         zero.close()
     _report(args.output, skipped, generated)
-    return 0
+    return _uploaded(0, args.output, remote_output)
+
+
+def _local_paths(args) -> str | None:
+    """A URL --input is read from its cached copy; a URL --output is written to a local file (the bucket's
+    earlier output first comes down, so a rerun continues it) and uploaded when done. Returns that URL."""
+    from lmforge import cloud
+
+    if cloud.is_remote(args.input):
+        args.input = cloud.local_input(args.input, "--input")
+    if not cloud.is_remote(args.output):
+        return None
+    url, local = args.output, cloud.local_mirror(args.output) / "output.jsonl"
+    fs, path = cloud.filesystem(url)
+    if not local.exists() and fs.exists(path):
+        local.parent.mkdir(parents=True, exist_ok=True)
+        fs.get(path, str(local))
+    local.parent.mkdir(parents=True, exist_ok=True)
+    args.output = str(local)
+    return url
+
+
+def _uploaded(code: int, local: str, url: str | None) -> int:
+    if code == 0 and url:
+        from lmforge import cloud
+
+        cloud.upload_file(Path(local), url)
+        print(f"uploaded to {url}")
+    return code
 
 
 def _load(args):
