@@ -386,3 +386,12 @@ def test_flops_match_the_counter_of_flops_py(setup, tiny_model_dir, peft):
     predicted = flops_per_micro_batch(e.shape, mb, est_mod.trainable(e.shape, cfg))
     # measured: 1.00 (full), 1.03 (LoRA: with a frozen embedding no gradient flows below the first layer)
     assert abs(predicted - counted) < 0.05 * counted, (predicted, counted)
+
+
+def test_accumulation_keeps_the_master_gradients_through_the_next_forward(setup, tiny_model_dir):
+    N = hand_total(vocab(tiny_model_dir))
+    one = estimator(setup(model={"dtype": "bfloat16"})).estimate().memory["none"]
+    two = estimator(setup(model={"dtype": "bfloat16"}, train={"gradient_accumulation_steps": 2})).estimate()
+    two = two.memory["none"]
+    assert one["activations"] * est_mod.ACTIVATION_OVERHEAD > one["gradients"]  # the forward's end is the peak
+    assert two["peak"] - one["peak"] == 4 * N  # fp32 master gradients (the bf16 ones are moved each micro-batch)

@@ -542,6 +542,7 @@ def memory(shape: ModelShape, train: Trainable, cfg: Config, engine: str, strate
     W = max(world, 1) if strategy != "none" else 1
     note = ""
     buffers = offloaded = 0
+    carry = None  # gradients alive while the next micro-batch runs its forward (with accumulation): all of them
     if kind == "qlora":
         qbytes = NF4_BYTES if qlora_bits == 4 else INT8_BYTES
         weights = int(train.quantised * qbytes + (N - train.quantised) * 4 + T * 4)  # the rest cast to fp32
@@ -549,9 +550,10 @@ def memory(shape: ModelShape, train: Trainable, cfg: Config, engine: str, strate
         buffers = max(i * o for i, o in shape.linears.values()) * b  # a layer dequantised for its matmul
     elif engine == "native" and strategy != "fsdp":
         if b < 4 and kind in ("none", "lora", "dora"):  # bf16 model + fp32 masters (MasterWeights)
-            mastered = N if kind == "none" else T
-            weights, masters = (N if kind == "none" else frozen) * b + (T * b if adapter else 0), 4 * mastered
+            weights = N * b if kind == "none" else (frozen + T) * b
+            masters = 4 * (N if kind == "none" else T)
             grads = T * b + 4 * T  # each backward's bf16 gradients, then the fp32 master gradients
+            carry = 4 * T  # between micro-batches only the master gradients stay
         else:
             weights = (frozen * b + T * 4) if adapter else N * 4
             masters, grads = 0, 4 * T
@@ -568,25 +570,25 @@ def memory(shape: ModelShape, train: Trainable, cfg: Config, engine: str, strate
             else ""
     elif strategy.startswith("zero"):  # DeepSpeed: bf16 weights, fp32 masters + states partitioned
         stage = int(strategy[4])
-        wb = b
         held = (frozen + T) if adapter else N  # every parameter, in the compute dtype
-        weights = held * wb if stage < 3 else int(held * wb / W)
+        weights = held * b if stage < 3 else int(held * b / W)
         masters = int(4 * T / W) if b < 4 else 0
-        grads = T * wb if stage == 1 else int(T * wb / W)
+        grads = T * b if stage == 1 else int(T * b / W)
         opt = int(opt / W)
         if strategy == "zero3_offload":  # optimizer states, masters and parameters to host memory
             offloaded = opt + masters + weights
-            weights = max(shape.layer_params, shape.total - shape.layers * shape.layer_params) * wb  # one module
+            weights = max(shape.layer_params, shape.total - shape.layers * shape.layer_params) * b  # one module
             masters = opt = 0
     else:  # hf engine without sharding: fp32 weights under autocast for a full fine-tune
         weights = (frozen * b + T * 4) if adapter else N * 4
         masters, grads = 0, 4 * T
         if strategy == "ddp" and W > 1:
             buffers = 4 * T  # DDP's gradient buckets
-    carry = grads if cfg.train.gradient_accumulation_steps > 1 else 0  # gradients kept while the next forward runs
+    carry = (grads if carry is None else carry) if cfg.train.gradient_accumulation_steps > 1 else 0
     chosen_act = act_gc if cfg.train.gradient_checkpointing else act
     static = weights + masters + opt + offloaded
-    peak = BASELINE_BYTES + static + carry + max(int(chosen_act * ACTIVATION_OVERHEAD), grads + buffers)
+    # the forward's end (activations, + gradients kept from earlier micro-batches) or the backward's (gradients)
+    peak = BASELINE_BYTES + static + max(carry + int(chosen_act * ACTIVATION_OVERHEAD), grads + buffers)
     return Memory(strategy, engine, int(weights), int(masters), int(grads), int(opt), int(act), int(act_gc),
                   int(buffers), int(offloaded), int(peak), note)
 
