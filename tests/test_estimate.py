@@ -395,3 +395,17 @@ def test_accumulation_keeps_the_master_gradients_through_the_next_forward(setup,
     two = two.memory["none"]
     assert one["activations"] * est_mod.ACTIVATION_OVERHEAD > one["gradients"]  # the forward's end is the peak
     assert two["peak"] - one["peak"] == 4 * N  # fp32 master gradients (the bf16 ones are moved each micro-batch)
+
+
+def test_streaming_data_is_sampled_from_the_stream(tmp_path, tiny_model_dir, lmforge_cache, capsys):
+    """data.streaming: the estimate reads the first rows of the stream (no totals: steps are train.max_steps)."""
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(30))
+    tree = base_config(tiny_model_dir, data, tmp_path / "out", data={"streaming": True, "shuffle_buffer": 8},
+                       train={"max_steps": 7})
+    cfg_path = write_config(tmp_path / "c.yaml", tree)
+    assert main(["estimate", str(cfg_path)]) == 0
+    text = capsys.readouterr().out
+    assert "streamed (data.streaming)" in text and "7 steps (train.max_steps)" in text
+    est = estimator(load_config(None, tree=tree)).estimate()
+    assert est.data["streamed"] and est.step["steps"] == 7 and est.step["epochs"] is None
+    assert 0 < est.data["mean_row_tokens"] <= 128

@@ -310,6 +310,7 @@ class DataShape:
     truncated: int = 0
     dropped: int = 0
     prepared: str | None = None  # the prepared data's cache directory, when the counts came from there
+    streamed: bool = False  # data.streaming: rows taken from the stream; no totals (rows, tokens are 0)
 
     @property
     def mean_row(self) -> float:
@@ -339,6 +340,8 @@ def sample_data(cfg: Config, tokenizer, packed: bool, layout: str, sample_rows: 
 
     from lmforge.data.prepare import CAUSAL, cache_dir, fingerprint
 
+    if getattr(cfg.data, "streaming", False):
+        return _from_stream(cfg, tokenizer, packed)
     if layout == CAUSAL:  # ``lmforge prepare`` (or an earlier run) cached this data: its exact counts
         target = cache_dir(cfg) / fingerprint(cfg, tokenizer, "train", packed, layout)
         if (target / "stats.json").exists():
@@ -390,6 +393,27 @@ def sample_data(cfg: Config, tokenizer, packed: bool, layout: str, sample_rows: 
                      row_loss=loss, row_attention=attention, max_length=cfg.data.max_length,
                      truncated=int(round(stats.truncated * scale)),
                      dropped=int(round(sum(stats.dropped.values()) * scale)))
+
+
+STREAM_ROWS = 64  # data.streaming: training rows taken from the stream to learn their lengths (at least 4 batches)
+
+
+def _from_stream(cfg: Config, tokenizer, packed: bool) -> DataShape:
+    """``data.streaming``: the first rows of the stream itself (``data/streaming.py``, the same reading, mixing,
+    shuffle buffer and packing as training); a stream has no size, so no row or token total (steps are
+    ``train.max_steps``, which streaming requires)."""
+    from lmforge.data.streaming import PackedStream
+    from lmforge.data.tokenize import IGNORE
+
+    stream = PackedStream(cfg, tokenizer, packed)
+    rows = stream.take(max(STREAM_ROWS, 4 * cfg.train.per_device_train_batch_size))
+    lengths = [len(r["input_ids"]) for r in rows]
+    loss = [sum(1 for x in r["labels"] if x != IGNORE) for r in rows]
+    spans = [r.get("seq_lens") or [len(r["input_ids"])] for r in rows]
+    return DataShape(rows_read=stream.counts["rows"], sampled=len(rows), rows=0, tokens=0,
+                     loss_fraction=sum(loss) / max(sum(lengths), 1), packed=packed, row_lengths=lengths,
+                     row_loss=loss, row_attention=[sum(n * n for n in sp) for sp in spans],
+                     max_length=cfg.data.max_length, streamed=True)
 
 
 def _from_prepared(target: Path, cfg: Config, packed: bool, sample_rows: int) -> DataShape:
@@ -761,7 +785,8 @@ class Estimator:
             data={"rows_read": self.data.rows_read, "sampled": self.data.sampled, "rows": self.data.rows,
                   "tokens": self.data.tokens, "packed": self.data.packed, "max_length": self.data.max_length,
                   "mean_row_tokens": round(self.data.mean_row, 1), "loss_fraction": round(self.data.loss_fraction, 4),
-                  "truncated": self.data.truncated, "dropped": self.data.dropped, "prepared": self.data.prepared},
+                  "truncated": self.data.truncated, "dropped": self.data.dropped, "prepared": self.data.prepared,
+                  "streamed": self.data.streamed},
             step=time.pop("step"), memory={k: asdict(v) for k, v in mems.items()}, peak=mine.peak, time=time,
             machine=asdict(self.machine), fits=fits, fit_note=note,
         )
@@ -801,13 +826,14 @@ class Estimator:
         step_s = compute_s + comm
         tokens_step = mb.tokens * accumulation * world
         rows_step = t.per_device_train_batch_size * accumulation * world
-        steps_per_epoch = max(1, math.ceil(self.data.rows / rows_step))
+        steps_per_epoch = None if self.data.streamed else max(1, math.ceil(self.data.rows / rows_step))
         steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * steps_per_epoch)
         return {
             "step": {"rows": rows_step, "tokens": round(tokens_step), "positions": round(mb.positions * accumulation
                                                                                          * world),
                      "loss_tokens": round(mb.loss_tokens * accumulation * world), "steps": steps,
-                     "steps_per_epoch": steps_per_epoch, "epochs": round(steps / steps_per_epoch, 3),
+                     "steps_per_epoch": steps_per_epoch,
+                     "epochs": round(steps / steps_per_epoch, 3) if steps_per_epoch else None,
                      "checkpointing": t.gradient_checkpointing},
             "flops_per_token": round(flops_mb / max(mb.tokens, 1)), "flops_per_step": flops_step,
             "efficiency": eff, "seconds_per_step": round(step_s, 3), "communication_seconds": round(comm, 3),
@@ -909,6 +935,20 @@ def one_line(est: Estimate) -> str:
     return line
 
 
+def _data_line(d: dict) -> str:
+    what = f"{'packed rows' if d['packed'] else 'samples'} of <= {d['max_length']} tokens"
+    if d["streamed"]:
+        return (f"data         streamed (data.streaming): the first {d['sampled']:,} {what} read from the stream "
+                f"({d['rows_read']:,} rows), {d['mean_row_tokens']} tokens per row, {100 * d['loss_fraction']:.0f}% "
+                "carry loss")
+    source = (f"prepared data in {d['prepared']}; {d['sampled']:,} rows read" if d["prepared"]
+              else f"{d['sampled']:,} tokenised for this estimate")
+    return (f"data         {d['rows_read']:,} rows ({source}) -> {d['rows']:,} {what}, {d['tokens']:,} tokens, "
+            f"{d['mean_row_tokens']} per row, {100 * d['loss_fraction']:.0f}% carry loss"
+            + (f"; {d['truncated']:,} truncated" if d["truncated"] else "")
+            + (f"; {d['dropped']:,} dropped" if d["dropped"] else ""))
+
+
 def render(est: Estimate) -> str:
     d, s, t, m = est.data, est.step, est.time, est.model
     procs = f"{est.world} process{'es' if est.world > 1 else ''}"
@@ -921,15 +961,10 @@ def render(est: Estimate) -> str:
         + (", tied embeddings" if m["tied"] else ""),
         f"parameters   {est.parameters:,} ({est.parameters / 1e6:.1f}M); trainable {est.trainable:,} "
         f"({100 * est.trainable / max(est.parameters, 1):.2f}%): {est.trainable_describe}",
-        f"data         {d['rows_read']:,} rows "
-        + (f"(prepared data in {d['prepared']}; {d['sampled']:,} rows read)" if d["prepared"]
-           else f"({d['sampled']:,} tokenised for this estimate)") + f" -> {d['rows']:,} "
-        f"{'packed rows' if d['packed'] else 'samples'} of <= {d['max_length']} tokens, {d['tokens']:,} tokens, "
-        f"{d['mean_row_tokens']} per row, {100 * d['loss_fraction']:.0f}% carry loss"
-        + (f"; {d['truncated']:,} truncated" if d["truncated"] else "")
-        + (f"; {d['dropped']:,} dropped" if d["dropped"] else ""),
+        _data_line(d),
         f"step         {s['rows']} rows = {s['tokens']:,} tokens ({s['positions']:,} positions with padding, "
-        f"{s['loss_tokens']:,} with loss); {s['steps']:,} steps ({s['epochs']} epochs)",
+        f"{s['loss_tokens']:,} with loss); {s['steps']:,} steps"
+        + (f" ({s['epochs']} epochs)" if s["epochs"] is not None else " (train.max_steps)"),
         "",
         f"memory per process, GB (* = this config, {procs}; "
         + (f"the others on {max(est.world, 2)} processes)" if est.world == 1 else "every strategy on as many)"),
