@@ -407,6 +407,8 @@ def _from_stream(cfg: Config, tokenizer, packed: bool) -> DataShape:
 
     stream = PackedStream(cfg, tokenizer, packed)
     rows = stream.take(max(STREAM_ROWS, 4 * cfg.train.per_device_train_batch_size))
+    with stream.cond:  # its reader thread (a daemon) reads no further: it waits for room that never comes
+        stream.ahead = 0
     lengths = [len(r["input_ids"]) for r in rows]
     loss = [sum(1 for x in r["labels"] if x != IGNORE) for r in rows]
     spans = [r.get("seq_lens") or [len(r["input_ids"])] for r in rows]
