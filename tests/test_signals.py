@@ -172,6 +172,9 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(engine, tm
     err = capsys.readouterr().err
     assert err.count("lmforge: error:") == 1 and "Traceback" not in err
     assert "step 3: the loss is not finite" in err and "train.on_nan: skip_batch" in err
+    if engine == "native":  # it knows the step's rows (per_device_train_batch_size 2: two packed rows)
+        rows = err.split("on rows ")[1].split(" of the prepared training data")[0].split(", ")
+        assert len(rows) == 2 and all(0 <= int(r) < 24 for r in rows)
     out = tmp_path / "out"
     assert _checkpoints(out) == ["checkpoint-2"]  # nothing written after the NaN
     assert not (out / "adapter_model.safetensors").exists()

@@ -175,6 +175,7 @@ class NativeTrainer:
         self.tokens_seen = 0  # non-padding tokens trained on, all ranks, since step 0 (kept across a resume)
         self.pending_signal: int | None = None  # a stop signal this process received, for the next all-reduce
         self.stop_signal: int | None = None  # the stop signal every rank agreed on in a step's all-reduce
+        self.step_rows: list[int] = []  # this rank's dataset rows in the current step
         self.skipped = 0  # steps whose loss was not finite and whose update was dropped (train.on_nan: skip_batch)
         self.tracker = Tracker(self.out, cfg.train.report_to) if self.rank == 0 else None
         self.flops_per_token: float | None = None
@@ -255,8 +256,9 @@ class NativeTrainer:
     def train_step(self) -> tuple[float, int, float, dict[str, float]]:
         """One optimizer step over this step's micro-batches; returns (loss, tokens trained, grad norm, the
         objective's metrics averaged over the step's units)."""
-        micro = [self.objective.batch("train", idx, records) if records else None
-                 for idx, records in self.step_records()]
+        records = self.step_records()
+        self.step_rows = sorted(i for idx, _ in records for i in idx or [])  # for a NaN's message
+        micro = [self.objective.batch("train", idx, recs) if recs else None for idx, recs in records]
         # the step's loss is sum / (units of the whole step: loss tokens or pairs, every micro-batch and rank)
         local_units = sum(self.objective.count(b) for b in micro if b is not None)
         total = self.all_reduce(torch.tensor([float(local_units)]))
@@ -300,7 +302,9 @@ class NativeTrainer:
     def non_finite(self, loss_value: float) -> float:
         """A NaN/inf step loss, before any update: stop (``train.on_nan: stop``) or drop the step's update."""
         if self.t.on_nan == "stop":
-            raise TrainingError(stopping.nan_message(self.step + 1, self.out))
+            rows = ", ".join(map(str, self.step_rows[:16])) + (" ..." if len(self.step_rows) > 16 else "")
+            where = f"rows {rows} of the prepared training data (as `lmforge inspect` numbers them)" if rows else ""
+            raise TrainingError(stopping.nan_message(self.step + 1, self.out, where))
         self.optimizer.zero_grad(set_to_none=True)  # the masters' gradients (or the model's): nothing is applied
         self.model.zero_grad(set_to_none=True)
         self.scheduler.step()  # the step still counts: its rows and learning rate, as on the hf engine
