@@ -190,6 +190,7 @@ class EvalConfig:
     metrics: list[str] = _f([], "generation metrics during training evals: rouge, bleu, exact_match")
     max_new_tokens: int = _f(64, "tokens generated per eval sample for generation metrics")
     max_samples: int = _f(64, "eval rows used for generation metrics")
+    report_samples: int = _f(5, "eval prompts whose base and trained answers report.md shows side by side; 0: off")
 
 
 @dataclass
@@ -444,6 +445,8 @@ def _check(cfg: Config, where: str) -> None:
         _check_streaming(cfg, where)
     if cfg.data.max_length < 8:
         raise ConfigError(f"{where}: data.max_length: must be at least 8")
+    if cfg.eval.report_samples < 0:
+        raise ConfigError(f"{where}: eval.report_samples: must be >= 0 (0 leaves the before/after answers out)")
     t = cfg.train
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                  "logging_steps", "save_steps"):

@@ -203,23 +203,8 @@ def truncate_metrics_after(output_dir: str | Path, step: int) -> None:
         path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
-def write_report(output_dir: str | Path, cfg_summary: dict, data_lines: list[str]) -> None:
-    out = Path(output_dir)
-    rows = read_metrics(out / "metrics.jsonl")
-    train = [r for r in rows if "loss" in r]
-    evals = [r for r in rows if "eval_loss" in r]
-    speeds = [r["tokens_per_second"] for r in train if "tokens_per_second" in r]
-    lines = ["# lmforge run report", ""]
-    lines += [f"- {k}: {v}" for k, v in cfg_summary.items()]
-    lines += ["", "## Data", ""] + [f"- {x}" for x in data_lines]
-    lines += ["", "## Training", ""]
-    if train:
-        lines.append(f"- steps: {train[-1]['step']}; first loss {train[0]['loss']:.4f}, last loss {train[-1]['loss']:.4f}")
-    if speeds:
-        lines.append(f"- tokens/s (non-padding, all ranks): median {sorted(speeds)[len(speeds) // 2]:.1f}")
-    if evals:
-        e = evals[-1]
-        ppl = f", perplexity {e['eval_perplexity']:.2f}" if "eval_perplexity" in e else ""
-        lines.append(f"- last eval (step {e['step']}): eval_loss {e['eval_loss']:.4f}{ppl}")
-    lines += ["", "![loss](plots/loss.png)", ""]
-    (out / "report.md").write_text("\n".join(lines))
+def write_report(*args, **kw) -> None:
+    """Moved to ``lmforge.training.report`` (which also writes report.html); kept for existing imports."""
+    from lmforge.training.report import write_report as write
+
+    write(*args, **kw)

@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from lmforge.config import Config
 from lmforge.errors import ConfigError, TrainingError
-from lmforge.training import flops
+from lmforge.training import flops, report
 from lmforge.training.checkpoint import (
     EpochSampler, load_weights, read_weights, rng_state, set_rng_state, write_checkpoint_atomically,
 )
@@ -185,6 +185,7 @@ class NativeTrainer:
     def train(self, resume: str | None) -> Path:
         ckpt = Path(resume) if resume else None
         self.model.train()  # before the FLOP count too: bitsandbytes repacks 4-bit weights for inference in eval mode
+        report.record_base_answers(self.cfg, self.model, self.tokenizer, resumed=ckpt is not None)
         if ckpt:
             self.load_weights(ckpt)  # into the whole model, before FSDP would shard it
             if self.stream is not None:  # before the FLOP count peeks at it
@@ -522,7 +523,7 @@ class NativeTrainer:
         self.skipped = state.get("skipped_batches", 0)
 
     def save_final(self) -> Path:
-        from lmforge.training.callbacks import write_report
+        from lmforge.training.report import write_report
         from lmforge.training.checkpoint import save_final_atomically, weights_bytes
 
         def write(staged: Path) -> None:
@@ -538,7 +539,7 @@ class NativeTrainer:
             self.tracker.close()
             write_report(self.out, {"method": self.cfg.method, "model": self.cfg.model.name_or_path or "from scratch",
                                     "adapter": self.cfg.peft.kind, "engine": ENGINE, "max_steps": self.step},
-                         self.data_lines)
+                         self.data_lines, self.cfg, self.model, self.tokenizer)
             log(f"final {'adapter' if self.cfg.peft.kind != 'none' else 'model'} saved to {self.out}")
             upload_outputs(self.out)
         self.barrier()

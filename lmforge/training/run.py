@@ -26,7 +26,7 @@ from lmforge.errors import ConfigError
 from lmforge.models import (  # resolve_model_and_tokenizer lives in models.py (prepare/inspect load no trainer)
     load_model, pick_dtype, resolve_model_and_tokenizer,
 )
-from lmforge.training.callbacks import OutputsCallback, TokenCounter, truncate_metrics_after, write_report
+from lmforge.training.callbacks import OutputsCallback, TokenCounter, truncate_metrics_after
 from lmforge.training.checkpoint import (
     STAGING, TrainerHooks, move_aside_old_run, resolve_resume, save_final_atomically, weights_bytes,
 )
@@ -213,6 +213,9 @@ def run_trainer(trainer, cfg: Config, tokenizer, resume: str | None, data_lines:
 
     trainer.remove_callback(PrinterCallback)  # OutputsCallback shows progress and writes metrics instead
     trainer.add_callback(strategy.StrategyCheck(cfg, trainer))  # fails the run if another strategy is running
+    from lmforge.training.report import record_base_answers, write_report
+
+    record_base_answers(cfg, trainer.model, tokenizer, resumed=resume is not None)
     with trainer.lmforge.guard.signals():
         trainer.train(resume_from_checkpoint=resume)
     if trainer.args.should_save:
@@ -229,7 +232,8 @@ def run_trainer(trainer, cfg: Config, tokenizer, resume: str | None, data_lines:
                           expected_bytes=weights_bytes(trainer.model))
     if trainer.args.should_save:
         write_report(out, {"method": cfg.method, "model": cfg.model.name_or_path or "from scratch",
-                           "adapter": cfg.peft.kind, "max_steps": trainer.state.global_step}, data_lines)
+                           "adapter": cfg.peft.kind, "max_steps": trainer.state.global_step}, data_lines,
+                     cfg, trainer.accelerator.unwrap_model(trainer.model), tokenizer)
         log(f"final {'adapter' if hasattr(trainer.model, 'peft_config') else 'model'} saved to {out}")
         upload_outputs(out)
     return out
