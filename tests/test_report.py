@@ -130,3 +130,6 @@ def test_html_report_renders_in_headless_chromium(tmp_path, tiny_model_dir, lmfo
         return
     colours = Image.open(shot).convert("RGB").getcolors(maxcolors=1 << 20)
     assert colours is None or len(colours) > 50  # text and the loss plot, not a blank page
+    # the train-loss curve is drawn in matplotlib's first colour (#1f77b4): the inline plot rendered
+    blue = sum(n for n, (r, g, b) in colours or [] if abs(r - 0x1F) < 30 and abs(g - 0x77) < 30 and abs(b - 0xB4) < 30)
+    assert blue > 50
