@@ -32,7 +32,6 @@ def _run(tmp_path, tiny_model_dir, engine, peft="none", report_samples=N_SAMPLES
     if peft != "none":
         sections["peft"] = {"kind": peft, "r": 4, "alpha": 8}
     tree = base_config(tiny_model_dir, data, tmp_path / "out", **sections)
-    tree["data"]["max_length"] = 128  # base_config's data section, with eval added above
     cfg_path = write_config(tmp_path / "c.yaml", tree)
     assert main(["train", str(cfg_path)]) == 0
     return tmp_path / "out", load_config(cfg_path)
