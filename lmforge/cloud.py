@@ -40,8 +40,13 @@ def filesystem(url: str):
     """(fsspec filesystem, path inside it) for ``url``; a clear error when its package is missing."""
     import fsspec
 
+    kwargs = {}
+    if url.startswith(("s3://", "s3a://")) and os.environ.get("AWS_ENDPOINT_URL"):
+        # fsspec reuses a filesystem made with the same arguments: with the endpoint among them, a changed
+        # AWS_ENDPOINT_URL gets a new client instead of one still talking to the old endpoint
+        kwargs["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
     try:
-        fs, path = fsspec.core.url_to_fs(url)
+        fs, path = fsspec.core.url_to_fs(url, **kwargs)
     except ImportError as e:
         raise ConfigError(f"{url}: reading this URL needs {e.name or 'an fsspec backend'} (pip install "
                           "'lmforge[cloud]', which has s3fs and gcsfs)") from None
