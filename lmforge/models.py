@@ -325,7 +325,9 @@ def load_model(cfg: ModelConfig, model_dir: Path | None, tokenizer, auto_class=N
                           f"({str(e).splitlines()[0][:200]}); using {model.config._attn_implementation} instead")
             else:
                 raise ConfigError(f"model.name_or_path: cannot load {model_dir} ({e})") from None
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+    weight = model.get_input_embeddings().weight
+    rows = getattr(weight, "ds_shape", weight.shape)[0]  # under ZeRO-3 the local shape is empty: the full one
+    if len(tokenizer) > rows:
         model.resize_token_embeddings(len(tokenizer))
     return model
 
