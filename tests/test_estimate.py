@@ -13,7 +13,9 @@ from conftest import base_config, chat_rows, write_config, write_jsonl
 from lmforge.cli import main
 from lmforge.config import load_config
 from lmforge.training import estimate as est_mod
-from lmforge.training.estimate import GB, Estimator, Machine
+from lmforge.training import estimate_inputs
+from lmforge.training.estimate import GB, Estimator
+from lmforge.training.estimate_inputs import Machine
 
 # The tiny Llama of conftest.py: hidden 32, intermediate 64, 2 layers, 4 heads of 8 (2 key/value heads), untied.
 H, I, L, KV = 32, 64, 2, 16  # KV: 2 kv heads x head_dim 8
@@ -176,7 +178,7 @@ def test_activations_track_saved_tensors_and_checkpointing(setup, tiny_model_dir
 
 
 def trainable_of(e, cfg):
-    return est_mod.trainable(e.shape, cfg)
+    return estimate_inputs.trainable(e.shape, cfg)
 
 
 def test_never_loads_weights(tmp_path, tiny_model_dir, lmforge_cache, monkeypatch, capsys):
@@ -229,8 +231,35 @@ def test_text_output_and_train_logs_the_one_line(tmp_path, tiny_model_dir, lmfor
     text = capsys.readouterr().out
     for word in ("parameters", "trainable", "memory per process", "zero3_offload", "tokens/s", "fits"):
         assert word in text
+    assert main(["estimate", str(cfg), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
     assert main(["train", str(cfg)]) == 0
     assert "[lmforge] estimate: peak" in capsys.readouterr().out
+    # train wrote the estimate it logged into output_dir: the same as `estimate --json` (but the RAM free now)
+    written = json.loads((tmp_path / "out" / "estimate.json").read_text())
+    for d in (printed, written):
+        d["machine"].pop("available")
+        d.pop("fit_note")
+    assert written == printed
+
+
+def test_a_failing_estimate_never_stops_training(tmp_path, tiny_model_dir, lmforge_cache, monkeypatch, capsys):
+    """The estimate fails: train says why in one line and goes on, and an earlier run's estimate.json goes, so the
+    report does not set it beside this run's figures."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "estimate.json").write_text('{"peak": 1}')
+
+    def fail(self, *a, **k):
+        raise RuntimeError("no estimate today")
+
+    monkeypatch.setattr(Estimator, "estimate", fail)
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(12))
+    cfg = write_config(tmp_path / "c.yaml", base_config(tiny_model_dir, data, out, train={"max_steps": 1}))
+    assert main(["train", str(cfg)]) == 0
+    assert "[lmforge] estimate: unavailable (RuntimeError: no estimate today)" in capsys.readouterr().out
+    assert not (out / "estimate.json").exists()
+    assert "no estimate.json in output_dir" in (out / "report.md").read_text()
 
 
 def test_does_not_fit_names_the_cheapest_change(setup):
@@ -383,7 +412,7 @@ def test_flops_match_the_counter_of_flops_py(setup, tiny_model_dir, peft):
     counted = flops.per_token(model, CountingCollator(0, packed=True, attn_implementation=NAME)([row])) * 100
     loss_tokens = sum(1 for x in labels[1:] if x != -100)  # the LM head runs where the next label carries loss
     mb = MicroBatch(positions=100, tokens=100, loss_tokens=loss_tokens, attention=sum(n * n for n in lens))
-    predicted = flops_per_micro_batch(e.shape, mb, est_mod.trainable(e.shape, cfg))
+    predicted = flops_per_micro_batch(e.shape, mb, estimate_inputs.trainable(e.shape, cfg))
     # measured: 1.00 (full), 1.03 (LoRA: with a frozen embedding no gradient flows below the first layer)
     assert abs(predicted - counted) < 0.05 * counted, (predicted, counted)
 

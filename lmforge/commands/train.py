@@ -31,7 +31,7 @@ def run(args) -> int:
     from lmforge.distributed import strategy
     from lmforge.training.estimate import log_at_start
 
-    log_at_start(cfg)  # one line: predicted peak memory, tokens/s and run time (lmforge estimate gives the detail)
+    log_at_start(cfg, args.config)  # one line: predicted peak memory, tokens/s, run time; output_dir/estimate.json
     get_method(cfg)(cfg)  # the method's module for this model's architecture (methods/__init__.py)
     strategy.teardown()
     return 0
