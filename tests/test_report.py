@@ -4,7 +4,9 @@ self-contained (inline base64 plot, escaped text) and, where Chromium is install
 
 import base64
 import html
+import json
 import re
+import resource
 import shutil
 import subprocess
 
@@ -77,6 +79,7 @@ def test_before_after_answers(tmp_path, tiny_model_dir, lmforge_cache, engine, p
     references = [s.reference for s in eval_samples(cfg, tok)][:N_SAMPLES]
     assert all(f"| {md_cell(r)} |" in row for row, r in zip(rows, references))
     assert "peak RSS" in md and "MFU" in md
+    _check_estimate_table(out)
 
     page = (out / "report.html").read_text()
     assert all(html.escape(a) in page for a in base + trained if a)
@@ -84,6 +87,62 @@ def test_before_after_answers(tmp_path, tiny_model_dir, lmforge_cache, engine, p
     assert png and base64.b64decode(png.group(1)) == (out / "plots" / "loss.png").read_bytes()
     assert not re.search(r'(src|href)="(https?:|//|file:|plots/)', page)  # nothing outside the page
     assert (out / BASE_ANSWERS).exists() == (peft == "none")
+
+
+def _table(md: str, heading: str) -> dict[str, list[str]]:
+    """A report.md table under ``heading``: first cell -> the other cells."""
+    section = md.split(f"## {heading}")[1].split("\n## ")[0]
+    lines = [x for x in section.splitlines() if x.startswith("| ")][1:]  # the header left out
+    return {cells[0]: cells[1:] for cells in ([c.strip() for c in x.strip("|").split(" | ")] for x in lines)}
+
+
+def _check_estimate_table(out):
+    """output_dir/estimate.json is what `train` estimated at start, and report.md sets its figures beside those
+    of metrics.jsonl, computed here by hand (4 steps logged one by one; the first is the warm-up)."""
+    est = json.loads((out / "estimate.json").read_text())
+    assert {"peak", "memory", "step", "time", "machine", "world", "engine", "strategy", "fits"} <= set(est)
+    assert est["world"] == 1 and est["step"]["steps"] == 4 and est["peak"] > 0
+    t = est["time"]
+    train = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    tps = sum(r["tokens_per_second"] for r in train[1:]) / 3
+    seconds = [(r["tokens_seen"] - before) / r["tokens_per_second"]
+               for r, before in zip(train, [0] + [r["tokens_seen"] for r in train[:-1]])]
+    rows = _table((out / "report.md").read_text(), "Estimate vs measured")
+    peak = rows["peak RSS per process (this process), GB"]
+    assert peak[0] == f"{est['peak'] / 2**30:.2f}"
+    assert 0.1 < float(peak[1]) <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20 + 0.01  # this process
+    assert abs(float(peak[2]) - float(peak[1]) / (est["peak"] / 2**30)) < 0.02  # of the unrounded figures
+    assert rows["tokens/s (all processes)"] == [f"{t['tokens_per_second']:.1f}", f"{tps:.1f}",
+                                                f"{tps / t['tokens_per_second']:.2f}"]
+    est_mfu = 100 * t["flops_per_token"] * t["tokens_per_second"] / est["machine"]["peak_flops"]
+    if all("mfu" in r for r in train):
+        mfu = 100 * sum(r["mfu"] for r in train[1:]) / 3
+        assert rows["MFU, %"] == [f"{est_mfu:.1f}", f"{mfu:.1f}", f"{mfu / est_mfu:.2f}"]
+    step = sum(seconds[1:]) / 3
+    assert rows["seconds per step"] == [f"{t['seconds_per_step']:.3f}", f"{step:.3f}",
+                                        f"{step / t['seconds_per_step']:.2f}"]
+    run, est_run = sum(seconds), 4 * t["seconds_per_step"]
+    fmt = "{:.1f}" if max(run, est_run) >= 10 else "{:.3f}"
+    assert rows["seconds in training steps (4 steps logged)"] == [fmt.format(est_run), fmt.format(run),
+                                                                   f"{run / est_run:.2f}"]
+
+
+def test_resume_rewrites_the_estimate(tmp_path, tiny_model_dir, lmforge_cache):
+    """A resumed run writes estimate.json again for its own config (here 6 steps instead of 4), and its report's
+    table covers every logged step, those before the resume included."""
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(32))
+    tree = base_config(tiny_model_dir, data, tmp_path / "out")
+    assert main(["train", str(write_config(tmp_path / "c.yaml", tree))]) == 0
+    out = tmp_path / "out"
+    assert json.loads((out / "estimate.json").read_text())["step"]["steps"] == 4
+    tree["train"].update(max_steps=6, resume="auto")
+    assert main(["train", str(write_config(tmp_path / "c.yaml", tree))]) == 0
+    est = json.loads((out / "estimate.json").read_text())
+    assert est["step"]["steps"] == 6
+    rows = _table((out / "report.md").read_text(), "Estimate vs measured")
+    estimated = float(rows["seconds in training steps (6 steps logged)"][0])
+    assert abs(estimated - 6 * est["time"]["seconds_per_step"]) < 0.05  # printed to 3 decimals, or 1 past 10 s
 
 
 def test_report_samples_zero_leaves_the_section_out(tmp_path, tiny_model_dir, lmforge_cache):

@@ -1,9 +1,11 @@
 """The run report: ``report.md`` and ``report.html`` in ``train.output_dir`` at the end of training (rank 0).
 
 Both hold the same content, built once as a list of blocks (``_Report``) and rendered twice: the run summary,
-data counts, training losses and speed, eval metrics over time, measured resources (peak RSS, tokens/s, MFU),
-the **before/after answers** on up to ``eval.report_samples`` eval prompts, and the plots. report.html has the
-plots inline as base64 PNGs and every text escaped, so it opens offline with nothing else beside it.
+data counts, training losses and speed, measured resources (peak RSS, tokens/s, MFU), **estimated vs measured**
+(the estimate ``train`` wrote at start, ``estimate.json``, beside peak RSS, tokens/s, MFU, step and run time,
+with their ratios), eval metrics over time, the **before/after answers** on up to ``eval.report_samples`` eval
+prompts, and the plots. report.html has the plots inline as base64 PNGs and every text escaped, so it opens
+offline with nothing else beside it.
 
 Before/after answers are greedy, ``eval.max_new_tokens`` long, generated with the eval metrics' decode path
 (``eval_metrics.eval_samples`` / ``generate_completions``). The base answers of an adapter run come from the
@@ -26,7 +28,7 @@ import torch.distributed as dist
 
 from lmforge.config import Config
 from lmforge.training.callbacks import read_metrics
-
+from lmforge.training.estimate import ESTIMATE_FILE, GB
 BASE_ANSWERS = "report_base_answers.json"  # in output_dir: a full fine-tune's base answers, written before step 1
 PROMPT_CHARS = 300  # a long prompt is shown by its last characters (where the question usually is)
 
@@ -174,10 +176,8 @@ class _Report:
 
 
 def _resources(rows: list[dict]) -> list[str]:
-    """Measured peak RSS, tokens/s and MFU. ``lmforge estimate`` writes no file into output_dir (it prints, and
-    ``train`` logs its one line), so there is no estimate here to set beside them."""
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB; this process (rank 0)
-    lines = [f"peak RSS (this process): {peak_kib / 2**20:.2f} GiB"]
+    """Measured peak RSS, tokens/s and MFU, over every logged step."""
+    lines = [f"peak RSS (this process): {_peak_rss() / GB:.2f} GB"]
     speeds = [r["tokens_per_second"] for r in rows if "tokens_per_second" in r]
     mfus = [r["mfu"] for r in rows if "mfu" in r]
     if speeds:
@@ -185,8 +185,91 @@ def _resources(rows: list[dict]) -> list[str]:
                      f"median {sorted(speeds)[len(speeds) // 2]:.1f}")
     if mfus:
         lines.append(f"MFU: mean {100 * sum(mfus) / len(mfus):.2f}%")
-    lines.append("estimate: none in output_dir (`lmforge estimate CONFIG` predicts these before a run)")
     return lines
+
+
+# ---------------------------------------------------------------------------------------- estimate vs measured
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB; this process (rank 0)
+
+
+def measured_speed(rows: list[dict]) -> dict:
+    """Speed from metrics.jsonl's training rows, steady state: ``tokens_per_second`` and ``mfu``, means over the
+    logged windows after the first (it holds the warm-up step; the only window when there is one);
+    ``seconds_per_step`` over those windows; ``train_seconds`` spent in training steps over every window and the
+    ``steps`` they cover. A window's seconds are its tokens (``tokens_seen`` since the row before) over its
+    tokens/s: both engines time training steps only, not evaluation or checkpoints. A window whose token count
+    went back (the hf engine counts from 0 again in a resumed process) is left out of the timings. Keys are
+    missing when no row carries what they need."""
+    train = [r for r in rows if "loss" in r]
+    out = {}
+    speeds = [r for r in train if r.get("tokens_per_second")]
+    steady = speeds[1:] or speeds
+    if steady:
+        out["tokens_per_second"] = sum(r["tokens_per_second"] for r in steady) / len(steady)
+    mfus = [r["mfu"] for r in steady if "mfu" in r]
+    if mfus:
+        out["mfu"] = sum(mfus) / len(mfus)
+    windows, step, seen = [], 0, 0  # (steps, seconds) per training row; step and tokens at the row before
+    for r in rows:
+        tokens = r.get("tokens_seen")
+        if tokens is None:
+            continue
+        if "loss" in r and r.get("tokens_per_second") and tokens > seen and r["step"] > step:
+            windows.append((r["step"] - step, (tokens - seen) / r["tokens_per_second"]))
+        step, seen = r["step"], tokens
+    if windows:
+        later = windows[1:] or windows
+        out["seconds_per_step"] = sum(s for _, s in later) / sum(n for n, _ in later)
+        out["train_seconds"], out["steps"] = sum(s for _, s in windows), sum(n for n, _ in windows)
+    return out
+
+
+def estimate_table(est: dict, rows: list[dict], peak_rss: int) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the report's estimated-vs-measured table: ``est`` is output_dir/estimate.json,
+    ``rows`` metrics.jsonl, ``peak_rss`` this process's peak (bytes). MFU is estimated as the engines log it:
+    FLOPs per token x tokens/s over the machine's matmul peak; the time in training steps as the estimated
+    seconds per step x the steps the measured windows cover."""
+    m, t = measured_speed(rows), est["time"]
+    steps = m.get("steps")
+    est_run = t["seconds_per_step"] * steps if steps and t.get("seconds_per_step") is not None else None
+    est_mfu = t["flops_per_token"] * t["tokens_per_second"] / est["machine"]["peak_flops"] \
+        if t.get("tokens_per_second") and est["machine"].get("peak_flops") else None
+    mfu = m.get("mfu")
+    table = [  # (what, estimated, measured, format)
+        (f"peak RSS per process ({'rank 0' if est['world'] > 1 else 'this process'}), GB", est["peak"] / GB,
+         peak_rss / GB, "{:.2f}"),
+        ("tokens/s (all processes)", t.get("tokens_per_second"), m.get("tokens_per_second"), "{:.1f}"),
+        ("MFU, %", est_mfu and 100 * est_mfu, mfu and 100 * mfu, "{:.1f}"),
+        ("seconds per step", t.get("seconds_per_step"), m.get("seconds_per_step"), "{:.3f}"),
+        (f"seconds in training steps ({steps} steps logged)" if steps else "seconds in training steps", est_run,
+         m.get("train_seconds"), "{:.1f}" if max(est_run or 0, m.get("train_seconds") or 0) >= 10 else "{:.3f}"),
+    ]
+    out = []
+    for what, e, got, fmt in table:
+        ratio = f"{got / e:.2f}" if e and got is not None else ""
+        out.append([what, fmt.format(e) if e is not None else "not estimated",
+                    fmt.format(got) if got is not None else "not logged", ratio])
+    return ["figure", "estimated", "measured", "measured / estimated"], out
+
+
+def _estimate_section(rep: _Report, out: Path, rows: list[dict]) -> None:
+    path = out / ESTIMATE_FILE
+    try:
+        est = json.loads(path.read_text())
+        header, table = estimate_table(est, rows, _peak_rss())
+    except FileNotFoundError:
+        rep.items([f"no {ESTIMATE_FILE} in output_dir (LMFORGE_NO_ESTIMATE was set, or the estimate failed: the "
+                   "log's `estimate:` line says why); `lmforge estimate CONFIG` predicts these before a run"])
+        return
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        rep.items([f"{ESTIMATE_FILE} unreadable ({type(e).__name__}: {e})"])
+        return
+    rep.items([f"estimated at the start of `train` ({ESTIMATE_FILE}): {est['world']} process"
+               f"{'es' if est['world'] > 1 else ''}, {est['engine']} engine, {est['strategy']}, compute "
+               f"{est['compute']}, {est['machine']['cpu']}; measured: peak RSS of this process, the rest from "
+               "metrics.jsonl after the first logged window (warm-up)"])
+    rep.table(header, table)
 
 
 def _eval_table(evals: list[dict]) -> tuple[list[str], list[list[str]]]:
@@ -218,6 +301,8 @@ def write_report(output_dir: str | Path, cfg_summary: dict, data_lines: list[str
     rep.items(lines or ["no training steps logged"])
     rep.heading("Resources (measured)")
     rep.items(_resources(train))
+    rep.heading("Estimate vs measured")
+    _estimate_section(rep, out, rows)
     if evals:
         rep.heading("Eval metrics over time")
         rep.table(*_eval_table(evals))
