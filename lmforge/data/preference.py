@@ -115,16 +115,23 @@ class SharedPromptCollator:
       ``targets``     (N,) those answer tokens;
       ``answer_index`` (N,) which answer each belongs to: 2k chosen, 2k + 1 rejected of pair k;
       ``answer_lengths`` (2B,) tokens per answer; ``num_tokens`` the row's length.
+    With ``prompt_loss`` (ORPO's NLL covers the prompt too, as TRL's ORPOTrainer computes it) also:
+      ``prompt_pred_index`` (M,) the prompt positions that predict the prompt's next token;
+      ``prompt_targets``    (M,) those prompt tokens (every prompt token but the first).
     """
 
-    def __init__(self, attn_implementation: str):
+    def __init__(self, attn_implementation: str, prompt_loss: bool = False):
         self.per_sample = attn_implementation == PACKED_ATTENTION  # else one dense (1, 1, T, T) boolean mask
+        self.prompt_loss = prompt_loss
 
     def __call__(self, records: list[dict]) -> dict:
         ids, positions, shapes, pred, targets, answer = [], [], [], [], [], []
+        prompt_pred, prompt_targets = [], []
         for k, r in enumerate(records):
             prompt, chosen, rejected = r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]
             start, P, C = len(ids), len(prompt), len(chosen)
+            prompt_pred += range(start, start + P - 1)
+            prompt_targets += prompt[1:]
             ids += prompt + chosen + rejected
             positions += list(range(P + C)) + list(range(P, P + len(rejected)))
             shapes.append((P, C, len(rejected)))
@@ -145,6 +152,9 @@ class SharedPromptCollator:
                      answer_lengths=torch.tensor([len(r[f"{side}_ids"]) for r in records
                                                   for side in ("chosen", "rejected")]),
                      num_tokens=len(ids))
+        if self.prompt_loss:
+            batch.update(prompt_pred_index=torch.tensor(prompt_pred, dtype=torch.long),
+                         prompt_targets=torch.tensor(prompt_targets, dtype=torch.long))
         return batch
 
 

@@ -32,7 +32,7 @@ METHODS: dict[str, Method] = {
     "sft": Method(("prompt_completion", "chat", "text"), {"decoder": "sft", "encoder-decoder": "seq2seq"},
                   packs=True, native=True, token_loss=True),
     "dpo": Method(("preference",), {"decoder": "dpo"}, native=True, pairs=True),
-    "orpo": Method(("preference",), {"decoder": "orpo"}, pairs=True),
+    "orpo": Method(("preference",), {"decoder": "orpo"}, native=True, pairs=True),
     "kto": Method(("kto", "preference"), {"decoder": "kto"}, pairs=True),
     "mlm": Method(("text",), {"encoder-only": "mlm"}, token_loss=True),
 }

@@ -1,4 +1,4 @@
-"""lmforge's own training loop (``train.engine: native``) for causal-LM pretraining, SFT and DPO.
+"""lmforge's own training loop (``train.engine: native``) for causal-LM pretraining, SFT, DPO and ORPO.
 
 A plain PyTorch loop, read top to bottom like nanoGPT's ``train.py``: fetch the step's rows, forward,
 loss, backward, all-reduce, clip, step, log, evaluate, checkpoint. It exists beside the HF Trainer engine
@@ -12,11 +12,15 @@ Several processes run DDP (gradients summed in one all-reduce per step, here) or
 
 What a method contributes is an *objective* (``sft.CausalLMObjective``, ``dpo.DPOObjective``): how it
 collates its rows, the units its loss is averaged over (loss tokens, pairs), the loss sum of a micro-batch
-and the sums of its metrics. The loop, the averaging over a whole step and everything around it are here.
+and the sums of its metrics. A loss of several terms, each averaged over its own units (ORPO: the odds-ratio
+term over pairs, the NLL over tokens), names a tuple of units (``unit``), counts a tuple and returns a
+vector of term sums; ``stat_units`` says which units a metric is averaged over (the first by default). The
+loop, the averaging over a whole step and everything around it are here.
 
 The promises, each a test (tests/test_native.py and the invariance tests parametrized over the engine):
   * a step's loss is the sum over its units (loss tokens, pairs) divided by their number in the whole step
-    (all micro-batches, all ranks), so 1 x 8 == 8 x 1 with accumulation == 2 processes x 4;
+    (all micro-batches, all ranks; term by term for a loss of several), so 1 x 8 == 8 x 1 with accumulation
+    == 2 processes x 4;
   * the rows of step k are a function of (seed, k) alone (``EpochSampler``), and a checkpoint holds the
     weights, optimizer, scheduler and every rank's RNG, so a resumed run equals an uninterrupted one bitwise;
   * SIGTERM/SIGINT end the current step, write a checkpoint and exit with a message saying how to resume.
@@ -63,8 +67,8 @@ def unsupported(cfg: Config) -> str | None:
         if cfg.dpo.loss_type not in NATIVE_LOSSES:
             return (f"dpo.loss_type: {cfg.dpo.loss_type} runs on train.engine: hf; the native engine has "
                     f"{', '.join(NATIVE_LOSSES)}")
-        if cfg.peft.kind not in ("none", "lora", "dora", "qlora"):
-            return f"peft.kind: {cfg.peft.kind} with dpo runs on train.engine: hf"
+    if METHODS[cfg.method].pairs and cfg.peft.kind not in ("none", "lora", "dora", "qlora"):
+        return f"peft.kind: {cfg.peft.kind} with {cfg.method} runs on train.engine: hf"  # no virtual tokens in a pair
     if t.distributed == "deepspeed":
         return "train.distributed: deepspeed runs on train.engine: hf; the native engine runs ddp and fsdp"
     if t.distributed == "fsdp":
@@ -144,6 +148,8 @@ class NativeTrainer:
         self.cfg, self.t = cfg, cfg.train
         self.model, self.tokenizer, self.prec = model, tokenizer, prec
         self.train_ds, self.eval_ds, self.objective = train_ds, eval_ds, objective
+        self.terms = len(objective.unit) if isinstance(objective.unit, tuple) else 1  # loss terms, each its units
+        self.stat_units = getattr(objective, "stat_units", {})  # metric -> index of the units it is averaged over
         self.data_lines = data_lines
         self.generation = generation  # eval.metrics: a GenerationScorer, or None
         self.out = Path(cfg.train.output_dir)
@@ -261,33 +267,37 @@ class NativeTrainer:
         self.step_rows = sorted(i for idx, _ in records for i in idx or [])  # for a NaN's message
         micro = [self.objective.batch("train", idx, recs) if recs else None for idx, recs in records]
         # the step's loss is sum / (units of the whole step: loss tokens or pairs, every micro-batch and rank)
-        local_units = sum(self.objective.count(b) for b in micro if b is not None)
-        total = self.all_reduce(torch.tensor([float(local_units)]))
-        denominator = max(total.item(), 1.0)
-        keys = self.objective.stat_keys
-        sums = torch.zeros(4 + len(keys), dtype=torch.float64)  # loss, tokens, SIGTERM, SIGINT, metric sums
+        local_units = [0.0] * self.terms
+        for b in micro:
+            if b is not None:
+                local_units = [u + c for u, c in zip(local_units, self.units(b))]
+        total = self.all_reduce(torch.tensor(local_units))
+        denominators = [max(u, 1.0) for u in total.tolist()]
+        keys, K = self.objective.stat_keys, self.terms
+        sums = torch.zeros(K + 3 + len(keys), dtype=torch.float64)  # loss terms, tokens, SIGTERM, SIGINT, metrics
         for m, batch in enumerate(micro):
             if batch is None and not self.sharded:
                 continue
             weight = 1.0 if batch is not None else 0.0  # FSDP: every rank runs every micro-batch's forward
             batch = batch if batch is not None else self.stand_in()
-            sums[1] += int(batch.pop("num_tokens")) * weight
+            sums[K] += int(batch.pop("num_tokens")) * weight
             loss, stats = self.forward(batch, sync=m == len(micro) - 1)
-            (loss * (weight / denominator)).backward()
+            self.share(loss, weight, denominators).backward()
             if self.master:
                 self.master.collect_grads()
-            sums[0] += loss.item() * weight
-            sums[4:] += torch.tensor([stats[k] * weight for k in keys], dtype=torch.float64)
+            sums[:K] += loss.detach().double().reshape(-1) * weight
+            sums[K + 3:] += torch.tensor([stats[k] * weight for k in keys], dtype=torch.float64)
         # one all-reduce for every gradient, the loss, the token count, the ranks with a pending signal (counted
         # per signal, so a sum names it) and the metrics. A signal that arrives after this all-reduce waits for
         # the next step: every rank must decide to checkpoint on the same step, or one would wait alone.
         if self.pending_signal is not None:
-            sums[2 if self.pending_signal == signal.SIGTERM else 3] = 1.0
+            sums[K + 1 if self.pending_signal == signal.SIGTERM else K + 2] = 1.0
         extra = self.all_reduce_grads(sums)
-        loss_value, n_tokens = extra[0].item() / denominator, int(extra[1].item())
-        step_stats = {k: v / denominator for k, v in zip(keys, extra[4:].tolist())}
-        if (extra[2].item() or extra[3].item()) and self.stop_signal is None:
-            self.stop_signal = signal.SIGTERM if extra[2].item() else signal.SIGINT
+        loss_value = sum(extra[i].item() / denominators[i] for i in range(K))
+        n_tokens, sigterm, sigint = int(extra[K].item()), extra[K + 1].item(), extra[K + 2].item()
+        step_stats = {k: v / denominators[self.stat_units.get(k, 0)] for k, v in zip(keys, extra[K + 3:].tolist())}
+        if (sigterm or sigint) and self.stop_signal is None:
+            self.stop_signal = signal.SIGTERM if sigterm else signal.SIGINT
         if not math.isfinite(loss_value):  # the same summed value on every rank: they all decide alike
             return self.non_finite(loss_value), n_tokens, float("nan"), step_stats
         from lmforge.training.sharding import full_norm
@@ -315,6 +325,18 @@ class NativeTrainer:
         return loss_value
 
     # ------------------------------------------------------------------------------------------ pieces
+    def units(self, batch: dict) -> list[float]:
+        """The units of each loss term in ``batch`` (an objective with one term counts one number)."""
+        n = self.objective.count(batch)
+        return [float(c) for c in n] if isinstance(n, tuple) else [float(n)]
+
+    @staticmethod
+    def share(loss: torch.Tensor, weight: float, denominators: list[float]) -> torch.Tensor:
+        """A micro-batch's share of the step loss: each term's sum over that term's units in the whole step."""
+        if loss.dim() == 0:
+            return loss * (weight / denominators[0])
+        return (loss * loss.new_tensor([weight / d for d in denominators])).sum()
+
     def forward(self, batch: dict, sync: bool = True) -> tuple[torch.Tensor, dict]:
         """The objective's (loss sum, metric sums) on ``batch``; through the FSDP root when sharded."""
         if self.sharded:
@@ -435,8 +457,8 @@ class NativeTrainer:
     def evaluate(self) -> None:
         """eval_loss (and eval_ metrics): sums over every eval row (rows split across ranks) over their units."""
         self.model.eval()
-        keys = self.objective.stat_keys
-        sums = torch.zeros(2 + len(keys), dtype=torch.float64)  # loss, units, metric sums
+        keys, K = self.objective.stat_keys, self.terms
+        sums = torch.zeros(2 * K + len(keys), dtype=torch.float64)  # loss terms, their units, metric sums
         batches: list = self.eval_batches()
         if self.sharded:  # every rank runs as many forwards (the weights are gathered together); extras count 0
             most = self.all_reduce(torch.tensor([len(batches)]), dist.ReduceOp.MAX).item()
@@ -445,13 +467,15 @@ class NativeTrainer:
             weight = 1.0 if idx is not None else 0.0
             batch = self.objective.batch("eval", idx, [self.eval_ds[i] for i in idx]) if idx else self.stand_in()
             batch.pop("num_tokens", None)
-            n = self.objective.count(batch)
+            n = self.units(batch)
             loss, stats = self.forward(batch)
-            sums += weight * torch.tensor([loss.item(), float(n)] + [stats[k] for k in keys], dtype=torch.float64)
+            sums += weight * torch.tensor(loss.detach().double().reshape(-1).tolist() + n + [stats[k] for k in keys],
+                                          dtype=torch.float64)
         self.all_reduce(sums)
-        units = max(sums[1].item(), 1)
-        row = {"step": self.step, "eval_loss": round(sums[0].item() / units, 6)}
-        row.update({f"eval_{k}": round(v / units, 6) for k, v in zip(keys, sums[2:].tolist())})
+        units = [max(u, 1) for u in sums[K:2 * K].tolist()]
+        row = {"step": self.step, "eval_loss": round(sum(v / u for v, u in zip(sums[:K].tolist(), units)), 6)}
+        row.update({f"eval_{k}": round(v / units[self.stat_units.get(k, 0)], 6)
+                    for k, v in zip(keys, sums[2 * K:].tolist())})
         if self.objective.perplexity:  # a token NLL: pretrain and sft
             row["eval_perplexity"] = math.exp(min(row["eval_loss"], 50.0))
         if self.generation is not None and self.rank == 0:

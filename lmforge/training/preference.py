@@ -1,7 +1,8 @@
-"""What DPO, ORPO and KTO share on top of ``training/run.py``: data set-up, the reference model, token counting.
+"""What DPO, ORPO and KTO share on top of ``training/run.py``: data set-up, the reference model, token counting,
+and for the native engine the answers' log-probs of a packed pair layout and the reference's cache.
 
-The losses, metrics and collators are TRL's; lmforge supplies the model (PEFT/QLoRA applied, or an SFT
-output directory continued), pre-tokenised data (``data/preference.py``), atomic checkpoints and the
+On the hf engine the losses, metrics and collators are TRL's; lmforge supplies the model (PEFT/QLoRA applied,
+or an SFT output directory continued), pre-tokenised data (``data/preference.py``), atomic checkpoints and the
 seeded sampler (``LmforgeTrainerMixin``), and its outputs (``OutputsCallback``).
 """
 
@@ -92,9 +93,9 @@ class TokenCountingMixin:
 
 
 # ------------------------------------------------------------------------------------ native engine
-def answer_logps(model, batch: dict) -> torch.Tensor:
-    """(2B,) summed log-probabilities of each answer of a ``SharedPromptCollator`` batch (chosen, rejected of
-    pair 0, then pair 1, ...). The LM head runs only on the positions that predict answer tokens."""
+def token_logps(model, batch: dict, pred_index: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(N,) log-probabilities of ``targets`` as predicted at the row positions ``pred_index`` of a
+    ``SharedPromptCollator`` batch. The LM head runs only on those positions."""
     from lmforge.methods.sft import _decoder_and_head
 
     inputs = {k: batch[k] for k in ("input_ids", "position_ids", "packed_seq_lens", "attention_mask") if k in batch}
@@ -102,13 +103,23 @@ def answer_logps(model, batch: dict) -> torch.Tensor:
     if parts is not None:
         decoder, head = parts
         hidden = decoder(**inputs, use_cache=False).last_hidden_state[0]  # (T, C): the micro-batch is one row
-        logits = head(hidden[batch["pred_index"]])  # (N, V)
+        logits = head(hidden[pred_index])  # (N, V)
     else:
-        logits = model(**inputs, use_cache=False).logits[0, batch["pred_index"]]
+        logits = model(**inputs, use_cache=False).logits[0, pred_index]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # log-softmax in fp32 (or fp64) at least
-    token_logps = -F.cross_entropy(logits, batch["targets"], reduction="none")  # (N,)
-    sums = torch.zeros(len(batch["answer_lengths"]), dtype=token_logps.dtype, device=token_logps.device)
-    return sums.index_add_(0, batch["answer_index"], token_logps)
+    return -F.cross_entropy(logits, targets, reduction="none")  # (N,)
+
+
+def answer_sums(batch: dict, answer_token_logps: torch.Tensor) -> torch.Tensor:
+    """(2B,) per-answer sums of the (N,) log-probs of a batch's answer tokens (chosen, rejected of pair 0, ...)."""
+    sums = torch.zeros(len(batch["answer_lengths"]), dtype=answer_token_logps.dtype, device=answer_token_logps.device)
+    return sums.index_add_(0, batch["answer_index"], answer_token_logps)
+
+
+def answer_logps(model, batch: dict) -> torch.Tensor:
+    """(2B,) summed log-probabilities of each answer of a ``SharedPromptCollator`` batch (chosen, rejected of
+    pair 0, then pair 1, ...). The LM head runs only on the positions that predict answer tokens."""
+    return answer_sums(batch, token_logps(model, batch, batch["pred_index"], batch["targets"]))
 
 
 class ReferenceLogps:
