@@ -1,12 +1,16 @@
-"""How close `lmforge estimate` comes: for several configs on the real SmolLM2-135M, the estimate (`--json`) against a
-short real `lmforge train` of the same config: peak RSS per process (psutil, sampled over the process tree) and
-tokens/s (metrics.jsonl, the first step left out as warm-up).
+"""How close `lmforge estimate` comes: for several configs on the real SmolLM2-135M, a short real `lmforge train`
+(the CLI, in its own process tree), then the estimate that run wrote at start (``output_dir/estimate.json``, the
+same as `lmforge estimate --json` for that config and process count) against what it measured: peak RSS per
+process (psutil, sampled over the process tree: the largest any one process reached) and, from metrics.jsonl,
+tokens/s, MFU and seconds per step, read the way the run report reads them (``report.measured_speed``: the
+first logged step left out as warm-up).
 
-    python benchmarks/estimate_accuracy.py                      # all configs, 20 steps each
-    python benchmarks/estimate_accuracy.py --steps 2 --configs lora   # a quick check that it runs
+    python benchmarks/estimate_accuracy.py                                      # all configs, 20 steps each
+    python benchmarks/estimate_accuracy.py --configs lora --steps 3 --rows 40   # a quick check that it runs
 
 Run it on an idle machine: the measured tokens/s falls with the load (the load average is printed). The figures
-go in docs/estimate.md with the CPU kind printed here (``flops.cpu_kind``).
+go in docs/estimate.md with the CPU kind printed here (``flops.cpu_kind``: the model name and which of
+avx512_bf16 / amx_bf16 / avx512f it has; without the bf16 ones bf16 is ~5x slower than fp32, NOTES.md).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 LMFORGE = [sys.executable, "-m", "lmforge"]
+GB = 2 ** 30  # as `lmforge estimate` prints
 
 # name -> (overrides, processes): full, LoRA, QLoRA, each with and without gradient checkpointing, 2-process DDP
 CONFIGS = {
@@ -59,14 +64,12 @@ def write_config(work: Path, rows: int, steps: int, batch: int, max_length: int)
     return path
 
 
-def estimate(config: Path, overrides: list[str], procs: int) -> dict:
-    cmd = LMFORGE + ["estimate", str(config), *overrides, "--json", "--nproc-per-node", str(procs)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return json.loads(proc.stdout)
-
-
 def train(config: Path, overrides: list[str], procs: int, out: Path) -> dict:
-    """Run `lmforge train`; the largest RSS any one process of its tree reached, and its metrics."""
+    """Run `lmforge train`; the largest RSS any one process of its tree reached, the estimate it wrote, and
+    the speed its metrics show."""
+    from lmforge.training.estimate import ESTIMATE_FILE
+    from lmforge.training.report import measured_speed
+
     cmd = LMFORGE + ["train", str(config), *overrides, f"train.output_dir={out}"]
     if procs > 1:
         cmd += ["--nproc-per-node", str(procs)]
@@ -86,11 +89,28 @@ def train(config: Path, overrides: list[str], procs: int, out: Path) -> dict:
     output = proc.stdout.read()
     if proc.returncode != 0:
         raise RuntimeError(f"lmforge train failed ({proc.returncode}):\n{output[-3000:]}")
+    if not (out / ESTIMATE_FILE).exists():
+        raise RuntimeError(f"lmforge train wrote no {ESTIMATE_FILE}; its log:\n{output[-3000:]}")
     rows = [json.loads(x) for x in open(out / "metrics.jsonl") if x.strip()]
-    speeds = [r["tokens_per_second"] for r in rows if "tokens_per_second" in r]
-    steady = [r["tokens_per_second"] for r in rows if "tokens_per_second" in r and r["step"] > 1] or speeds
-    return {"peak_rss": peak, "tokens_per_second": sum(steady) / len(steady), "seconds": time.perf_counter() - start,
-            "mfu": next((r["mfu"] for r in reversed(rows) if "mfu" in r), None)}
+    return {"estimate": json.loads((out / ESTIMATE_FILE).read_text()), "peak_rss": peak,
+            "seconds": time.perf_counter() - start, **measured_speed(rows)}
+
+
+def ratio(measured: float | None, estimated: float | None) -> str:
+    return f"{measured / estimated:.2f}" if measured is not None and estimated else "-"
+
+
+def row(name: str, procs: int, got: dict) -> str:
+    est = got["estimate"]
+    t = est["time"]
+    est_mfu = t["flops_per_token"] * t["tokens_per_second"] / est["machine"]["peak_flops"]
+    mfu = got.get("mfu")
+    tps, step = got.get("tokens_per_second"), got.get("seconds_per_step")
+    return (f"| {name} | {procs} | {est['compute']} | {est['peak'] / GB:.2f} / {got['peak_rss'] / GB:.2f} | "
+            f"{ratio(got['peak_rss'], est['peak'])} | {t['tokens_per_second']:.0f} / {tps or 0:.0f} | "
+            f"{ratio(tps, t['tokens_per_second'])} | {100 * est_mfu:.1f} / "
+            f"{'-' if mfu is None else f'{100 * mfu:.1f}'} | {t['seconds_per_step']:.2f} / "
+            f"{'-' if step is None else f'{step:.2f}'} | {ratio(step, t['seconds_per_step'])} |")
 
 
 def main() -> int:
@@ -113,22 +133,22 @@ def main() -> int:
         config = write_config(work, args.rows, args.steps, args.batch, args.max_length)
         for name in names:
             overrides, procs = CONFIGS[name]
-            est = estimate(config, overrides, procs)
             load = os.getloadavg()[0]
             got = train(config, overrides, procs, work / f"out-{name}")
-            results.append((name, est, got, load))
-            print(f"{name}: estimated peak {est['peak'] / 2**30:.2f} GB, {est['time']['tokens_per_second']} tok/s; "
-                  f"measured {got['peak_rss'] / 2**30:.2f} GB, {got['tokens_per_second']:.1f} tok/s "
-                  f"({got['seconds']:.0f} s, load {load:.1f})", flush=True)
-    print(f"\nCPU: {cpu_kind()}; {os.cpu_count()} cores; {args.steps} steps, batch {args.batch}, max_length "
-          f"{args.max_length}, {args.rows} rows; load average now {os.getloadavg()[0]:.1f}\n")
-    print("| config | processes | peak RSS est / measured (GB) | ratio | tokens/s est / measured | ratio |")
-    print("|---|---|---|---|---|---|")
-    for name, est, got, load in results:
-        pe, pm = est["peak"] / 2**30, got["peak_rss"] / 2**30
-        te, tm = est["time"]["tokens_per_second"], got["tokens_per_second"]
-        print(f"| {name} | {CONFIGS[name][1]} | {pe:.2f} / {pm:.2f} | {pe / pm:.2f} | {te:.0f} / {tm:.0f} | "
-              f"{te / tm:.2f} |")
+            results.append((name, procs, got))
+            est = got["estimate"]
+            print(f"{name}: estimated peak {est['peak'] / GB:.2f} GB, {est['time']['tokens_per_second']} tok/s; "
+                  f"measured {got['peak_rss'] / GB:.2f} GB, {got.get('tokens_per_second') or 0:.1f} tok/s "
+                  f"({got['seconds']:.0f} s, load before {load:.1f})", flush=True)
+    print(f"\nCPU: {cpu_kind()} (bf16 flags listed when present); {os.cpu_count()} cores; {args.steps} steps, "
+          f"batch {args.batch}, max_length {args.max_length}, {args.rows} rows; load average now "
+          f"{os.getloadavg()[0]:.1f}\n")
+    print("| config | processes | compute | peak RSS per process est / measured (GB) | ratio | tokens/s est / "
+          "measured | ratio | MFU % est / measured | s per step est / measured | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, procs, got in results:
+        print(row(name, procs, got))
+    print("\nratio = measured / estimated")
     return 0
 
 
