@@ -6,13 +6,14 @@ extraction; chosen = the right JSON, rejected = a corrupted one) for the same nu
 LoRA (or full fine-tune), beta, max_length and precision; for KTO both sides unpair each pair into a
 desirable and an undesirable example, and a batch holds that many examples. Throughput is rows trained
 (pairs, or KTO examples) divided by the summed duration of the training steps (model loading and data
-preparation excluded for both). DPO on lmforge's native engine scores the reference once per row: inside the
-steps with an adapter (the adapter disabled), before the first step for a full fine-tune; that scoring time
-is added to its step time, so both sides pay for their reference forwards. ORPO has no reference. Each run is
-a subprocess, so peak RSS is measured per run: with LoRA both should hold one copy of the base weights (the
-reference is the adapter disabled); with --peft none TRL and lmforge both keep a frozen reference copy (DPO,
-KTO). TRL's configs turn gradient checkpointing on by default and lmforge's do not; the benchmark sets it
-explicitly for both (off unless --gradient-checkpointing), so the comparison is like for like.
+preparation excluded for both). DPO and KTO on lmforge's native engine score the reference once per row:
+inside the steps with an adapter (the adapter disabled), before the first step for a full fine-tune; that
+scoring time is added to its step time, so both sides pay for their reference forwards. ORPO has no
+reference. Each run is a subprocess, so peak RSS is measured per run: with LoRA both should hold one copy of
+the base weights (the reference is the adapter disabled); with --peft none TRL keeps a frozen reference copy
+(DPO, KTO) and lmforge's native engine none. TRL's configs turn gradient checkpointing on by default and
+lmforge's do not; the benchmark sets it explicitly for both (off unless --gradient-checkpointing), so the
+comparison is like for like.
 
     .venv/bin/python benchmarks/dpo_vs_trl.py [--method dpo|orpo|kto] [--pairs 32] [--steps 8] [--peft lora|none]
                                               [--gradient-checkpointing] [--engines native,hf]
@@ -122,8 +123,10 @@ def run_lmforge(method: str, data: Path, peft: str, steps: int, gc: bool, out: P
 
     module.build_trainer = timed_build
     native.NativeTrainer.train_step = timed(real_step, 1)
-    if method == "dpo":  # the reference scoring before the first step (full fine-tune)
-        module.DPOObjective.start = timed(module.DPOObjective.start, 0)
+    objective = {"dpo": "DPOObjective", "kto": "KTOObjective"}.get(method)
+    if objective:  # the reference scoring before the first step (full fine-tune)
+        cls = getattr(module, objective)
+        cls.start = timed(cls.start, 0)
     module.train(cfg)
     return {"rows": timer.steps * BATCH, "seconds": timer.seconds, "steps": timer.steps,
             "ref_model_copy": found["ref"]}

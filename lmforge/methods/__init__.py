@@ -33,7 +33,7 @@ METHODS: dict[str, Method] = {
                   packs=True, native=True, token_loss=True),
     "dpo": Method(("preference",), {"decoder": "dpo"}, native=True, pairs=True),
     "orpo": Method(("preference",), {"decoder": "orpo"}, native=True, pairs=True),
-    "kto": Method(("kto", "preference"), {"decoder": "kto"}, pairs=True),
+    "kto": Method(("kto", "preference"), {"decoder": "kto"}, native=True, pairs=True),
     "mlm": Method(("text",), {"encoder-only": "mlm"}, token_loss=True),
 }
 NAMES = tuple(METHODS)

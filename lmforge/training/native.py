@@ -1,4 +1,4 @@
-"""lmforge's own training loop (``train.engine: native``) for causal-LM pretraining, SFT, DPO and ORPO.
+"""lmforge's own training loop (``train.engine: native``) for causal-LM pretraining, SFT, DPO, ORPO and KTO.
 
 A plain PyTorch loop, read top to bottom like nanoGPT's ``train.py``: fetch the step's rows, forward,
 loss, backward, all-reduce, clip, step, log, evaluate, checkpoint. It exists beside the HF Trainer engine
@@ -14,8 +14,11 @@ What a method contributes is an *objective* (``sft.CausalLMObjective``, ``dpo.DP
 collates its rows, the units its loss is averaged over (loss tokens, pairs), the loss sum of a micro-batch
 and the sums of its metrics. A loss of several terms, each averaged over its own units (ORPO: the odds-ratio
 term over pairs, the NLL over tokens), names a tuple of units (``unit``), counts a tuple and returns a
-vector of term sums; ``stat_units`` says which units a metric is averaged over (the first by default). The
-loop, the averaging over a whole step and everything around it are here.
+vector of term sums; units past the loss terms average metrics only (KTO: desirable, undesirable examples),
+and ``stat_units`` says which units a metric is averaged over (the first by default). An objective whose
+loss needs a number from the whole step first (KTO's KL estimate) has ``before_step(trainer, batches)``,
+called on every rank before the step's first forward (and before an evaluation, on its batches). The loop,
+the averaging over a whole step and everything around it are here.
 
 The promises, each a test (tests/test_native.py and the invariance tests parametrized over the engine):
   * a step's loss is the sum over its units (loss tokens, pairs) divided by their number in the whole step
@@ -148,7 +151,7 @@ class NativeTrainer:
         self.cfg, self.t = cfg, cfg.train
         self.model, self.tokenizer, self.prec = model, tokenizer, prec
         self.train_ds, self.eval_ds, self.objective = train_ds, eval_ds, objective
-        self.terms = len(objective.unit) if isinstance(objective.unit, tuple) else 1  # loss terms, each its units
+        self.terms = len(objective.unit) if isinstance(objective.unit, tuple) else 1  # kinds of units counted
         self.stat_units = getattr(objective, "stat_units", {})  # metric -> index of the units it is averaged over
         self.data_lines = data_lines
         self.generation = generation  # eval.metrics: a GenerationScorer, or None
@@ -273,6 +276,8 @@ class NativeTrainer:
                 local_units = [u + c for u, c in zip(local_units, self.units(b))]
         total = self.all_reduce(torch.tensor(local_units))
         denominators = [max(u, 1.0) for u in total.tolist()]
+        if hasattr(self.objective, "before_step"):  # e.g. KTO's KL estimate over the whole step, every rank
+            self.objective.before_step(self, [b for b in micro if b is not None])
         keys, K = self.objective.stat_keys, self.terms
         sums = torch.zeros(K + 3 + len(keys), dtype=torch.float64)  # loss terms, tokens, SIGTERM, SIGINT, metrics
         for m, batch in enumerate(micro):
@@ -285,7 +290,8 @@ class NativeTrainer:
             self.share(loss, weight, denominators).backward()
             if self.master:
                 self.master.collect_grads()
-            sums[:K] += loss.detach().double().reshape(-1) * weight
+            terms = loss.detach().double().reshape(-1)  # the loss terms (units past them average metrics only)
+            sums[:len(terms)] += terms * weight
             sums[K + 3:] += torch.tensor([stats[k] * weight for k in keys], dtype=torch.float64)
         # one all-reduce for every gradient, the loss, the token count, the ranks with a pending signal (counted
         # per signal, so a sum names it) and the metrics. A signal that arrives after this all-reduce waits for
@@ -335,7 +341,7 @@ class NativeTrainer:
         """A micro-batch's share of the step loss: each term's sum over that term's units in the whole step."""
         if loss.dim() == 0:
             return loss * (weight / denominators[0])
-        return (loss * loss.new_tensor([weight / d for d in denominators])).sum()
+        return (loss * loss.new_tensor([weight / d for d in denominators[:loss.numel()]])).sum()
 
     def forward(self, batch: dict, sync: bool = True) -> tuple[torch.Tensor, dict]:
         """The objective's (loss sum, metric sums) on ``batch``; through the FSDP root when sharded."""
@@ -460,6 +466,9 @@ class NativeTrainer:
         keys, K = self.objective.stat_keys, self.terms
         sums = torch.zeros(2 * K + len(keys), dtype=torch.float64)  # loss terms, their units, metric sums
         batches: list = self.eval_batches()
+        if hasattr(self.objective, "before_step"):  # e.g. KTO's KL estimate over the whole eval set
+            self.objective.before_step(self, [self.objective.batch("eval", idx, [self.eval_ds[i] for i in idx])
+                                              for idx in batches])
         if self.sharded:  # every rank runs as many forwards (the weights are gathered together); extras count 0
             most = self.all_reduce(torch.tensor([len(batches)]), dist.ReduceOp.MAX).item()
             batches += [None] * (most - len(batches))
@@ -469,8 +478,9 @@ class NativeTrainer:
             batch.pop("num_tokens", None)
             n = self.units(batch)
             loss, stats = self.forward(batch)
-            sums += weight * torch.tensor(loss.detach().double().reshape(-1).tolist() + n + [stats[k] for k in keys],
-                                          dtype=torch.float64)
+            terms = loss.detach().double().reshape(-1).tolist()
+            terms += [0.0] * (K - len(terms))  # units past the loss terms average metrics only
+            sums += weight * torch.tensor(terms + n + [stats[k] for k in keys], dtype=torch.float64)
         self.all_reduce(sums)
         units = [max(u, 1) for u in sums[K:2 * K].tolist()]
         row = {"step": self.step, "eval_loss": round(sum(v / u for v, u in zip(sums[:K].tolist(), units)), 6)}
