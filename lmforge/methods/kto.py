@@ -35,8 +35,8 @@ from trl import KTOConfig, KTOTrainer
 from lmforge.config import Config
 from lmforge.training.checkpoint import EpochSampler, LmforgeTrainerMixin
 from lmforge.training.preference import (
-    DropReferenceAdapterAtEnd, ReferenceLogps, TokenCountingMixin, answer_logps, drop_fresh_reference_adapter,
-    reference_model, setup,
+    DropReferenceAdapterAtEnd, ReferenceLogps, TokenCountingMixin, drop_fresh_reference_adapter, reference_model,
+    setup, token_logps,
 )
 from lmforge.training.run import log, run_trainer, trainer_hooks, training_args
 
@@ -153,14 +153,23 @@ class KTOObjective:
         sums = torch.zeros(2, dtype=torch.float64)  # KL log-ratio sum, rows
         for batch in batches:
             with trainer.autocast():
-                mismatched = answer_logps(trainer.model, batch).view(-1, 2)[:, 1].double()
+                mismatched = self.slot_logps(trainer.model, batch, 1).double()
             sums += torch.stack([(mismatched - self.reference(trainer.model, batch)[:, 1]).sum(),
                                  torch.tensor(float(len(mismatched)), dtype=torch.float64)])
         trainer.all_reduce(sums)
         self.kl = max(sums[0].item() / max(sums[1].item(), 1.0), 0.0)
 
+    @staticmethod
+    def slot_logps(model, batch: dict, slot: int) -> torch.Tensor:
+        """(B,) summed log-probs of each example's answer (slot 0) or mismatched answer (slot 1); the LM head
+        runs only on the positions that predict that slot's tokens."""
+        mine = batch["answer_index"] % 2 == slot
+        token = token_logps(model, batch, batch["pred_index"][mine], batch["targets"][mine])
+        sums = torch.zeros(len(batch["rows"]), dtype=token.dtype, device=token.device)
+        return sums.index_add_(0, batch["answer_index"][mine] // 2, token)
+
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        logps = answer_logps(model, batch).view(-1, 2)[:, 0]  # (B,) the answers (the mismatched ones: before_step)
+        logps = self.slot_logps(model, batch, 0)  # (B,) the answers (the mismatched ones count in before_step)
         ratios = logps - self.reference(model, batch)[:, 0].to(logps.dtype)  # (B,)
         desirable = batch["desirable"]
         losses = kto_loss(ratios, desirable, self.kl, self.k.beta, self.k.loss_type, self.k.desirable_weight,
