@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 
 from lmforge.distributed import launch
-from lmforge.inference.generate import GenerationOptions
 
 
 def add_generation_options(p) -> None:
@@ -36,7 +35,9 @@ def add_generation_options(p) -> None:
                    help="weights dtype; auto = bfloat16 where the CPU/GPU runs it fast, else float32")
 
 
-def options_from_args(args) -> GenerationOptions:
+def options_from_args(args):
+    from lmforge.inference.generate import GenerationOptions  # torch and transformers: not at `lmforge --help`
+
     opts = GenerationOptions(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                              temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                              num_beams=args.num_beams, stop=args.stop, eos_token_ids=args.eos_token_id, seed=args.seed)

@@ -134,19 +134,25 @@ def normalize(row: Any, fmt: str, src: DataSource) -> dict:
     raise DataError(f"unknown format {fmt!r}")
 
 
+def source_format(src: DataSource, first: dict | None, where: str) -> str:
+    """The format of a source: ``format:`` when set, else detected from the keys of its first object row
+    (``first``; ``where`` names that row, or the source when it has none)."""
+    if src.format != "auto":
+        return src.format
+    fmt = detect_format(set(first)) if first else None
+    if fmt is None:
+        keys = sorted(first) if first else []
+        raise DataError(
+            f"{where}: cannot tell the data format from the keys {keys}; expected text, prompt/completion, "
+            "messages, or prompt/chosen/rejected (or set format: on the source)"
+        )
+    return fmt
+
+
 def normalize_rows(rows: list[Row], src: DataSource) -> tuple[str, list[Row], list[BadRow]]:
     """Detect the source's format (unless forced) and normalise every row; bad rows carry a reason."""
-    fmt = src.format
-    if fmt == "auto":
-        first = next((r.data for r in rows if isinstance(r.data, dict)), None)
-        fmt = detect_format(set(first)) if first else None
-        if fmt is None:
-            where = rows[0].origin if rows else (src.path or src.loader)
-            keys = sorted(first) if first else []
-            raise DataError(
-                f"{where}: cannot tell the data format from the keys {keys}; expected text, prompt/completion, "
-                "messages, or prompt/chosen/rejected (or set format: on the source)"
-            )
+    first = next((r.data for r in rows if isinstance(r.data, dict)), None)
+    fmt = source_format(src, first, rows[0].origin if rows else (src.path or src.loader))
     good: list[Row] = []
     bad: list[BadRow] = []
     for r in rows:

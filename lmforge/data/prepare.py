@@ -43,7 +43,7 @@ from lmforge.errors import ConfigError, DataError, UnsupportedError
 from lmforge.methods import METHODS
 from lmforge.models import cache_root
 
-CACHE_VERSION = "2"  # 2: int32 Arrow columns written directly
+CACHE_VERSION = "3"  # 3: causal splits built in bounded memory (data/bounded.py)
 # which row formats each method trains on (the registry, methods/__init__.py)
 METHOD_FORMATS = {name: m.formats for name, m in METHODS.items()}
 
@@ -145,33 +145,35 @@ def load_rows(cfg: Config, role: str) -> tuple[list[tuple[str, list[Row]]], list
     return per_source, bad_all, stats
 
 
-def mix(per_source: list[tuple[str, list[Row]]], weights: list[float], seed: int, n: int | None) -> list[tuple[str, Row]]:
-    """Draw rows from several sources in proportion to their weights, deterministically under the seed.
+def mix_indices(counts: list[int], weights: list[float], seed: int, n: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Draw rows from several sources in proportion to their weights, deterministically under the seed: returns
+    (source, row within that source) of each draw, as two arrays.
 
     Each draw picks a source with probability weight/sum(weights); within a source rows come in a seeded
     permutation, cycling (oversampling) when a source is drawn more often than it has rows. ``n`` draws
-    (data.num_samples), or by default every row of every source once (a single source: in file order).
+    (data.num_samples), or by default every row of every source once.
     """
+    rng = random.Random(seed)
+    total = n if n is not None else sum(counts)
+    picks = np.asarray(rng.choices(range(len(counts)), weights=weights, k=total), dtype=np.int64)
+    rows = np.zeros(total, dtype=np.int64)
+    for s, count in enumerate(counts):
+        order = list(range(count))
+        rng.shuffle(order)
+        at = np.flatnonzero(picks == s)
+        if count:
+            rows[at] = np.asarray(order, dtype=np.int64)[np.arange(len(at)) % count]
+    keep = np.asarray(counts, dtype=np.int64)[picks] > 0  # a draw of an empty source gives nothing
+    return picks[keep], rows[keep]
+
+
+def mix(per_source: list[tuple[str, list[Row]]], weights: list[float], seed: int, n: int | None) -> list[tuple[str, Row]]:
+    """``mix_indices`` on rows in memory; a single source without ``n`` keeps file order."""
     if len(per_source) == 1 and n is None:
         fmt, rows = per_source[0]
         return [(fmt, r) for r in rows]
-    rng = random.Random(seed)
-    total = n if n is not None else sum(len(rows) for _, rows in per_source)
-    picks = rng.choices(range(len(per_source)), weights=weights, k=total)
-    orders = []
-    for _, rows in per_source:
-        order = list(range(len(rows)))
-        rng.shuffle(order)
-        orders.append(order)
-    cursor = [0] * len(per_source)
-    out = []
-    for s in picks:
-        fmt, rows = per_source[s]
-        if not rows:
-            continue
-        out.append((fmt, rows[orders[s][cursor[s] % len(rows)]]))
-        cursor[s] += 1
-    return out
+    picks, rows = mix_indices([len(r) for _, r in per_source], weights, seed, n)
+    return [(per_source[s][0], per_source[s][1][i]) for s, i in zip(picks.tolist(), rows.tolist())]
 
 
 def concat(per_source: list[tuple[str, list[Row]]]) -> list[tuple[str, Row]]:
@@ -234,13 +236,30 @@ class Tokens:
         return np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
 
 
-def _encode_chunk(cfg: Config, enc: Encoder, rows: list[tuple[str, Row]]) -> tuple[Tokens, dict, dict]:
-    """Tokenise, truncate (or split) and count one chunk of rows; returns its tokens, counts and mask paths."""
+@dataclass
+class RowCounts:
+    """Per row of a chunk (in order): samples it gave, whether it was truncated or split, pieces dropped; and per
+    sample, its loss-carrying tokens. What a mixed selection of rows needs to recount its statistics."""
+
+    samples: np.ndarray  # (rows,) int32
+    truncated: np.ndarray  # (rows,) int8
+    split: np.ndarray  # (rows,) int8
+    dropped: np.ndarray  # (rows,) int32
+    loss: np.ndarray  # (samples,) int32
+
+
+DROP_NO_LOSS = "no loss-carrying tokens within max_length"
+
+
+def _encode_chunk(cfg: Config, enc: Encoder, rows: list[tuple[str, Row]]) -> tuple[Tokens, dict, dict, RowCounts]:
+    """Tokenise, truncate (or split) and count one chunk of rows; returns its tokens, counts, mask paths and
+    per-row counts."""
     pretraining = cfg.method in ("pretrain", "mlm")
     max_len = cfg.data.max_length
     counts = {"tokens": 0, "loss_tokens": 0, "truncated": 0, "split": 0, "dropped": {}}
     masks: dict[int, dict] = {}
-    ids_out, labels_out, lengths = [], [], []
+    ids_out, labels_out, lengths, loss = [], [], [], []
+    per_row = np.zeros((4, len(rows)), dtype=np.int32)  # samples, truncated, split, dropped
     for lo in range(0, len(rows), _BATCH):
         batch = rows[lo:lo + _BATCH]
         encoded = [None] * len(batch)
@@ -254,29 +273,33 @@ def _encode_chunk(cfg: Config, enc: Encoder, rows: list[tuple[str, Row]]) -> tup
                 m[path] += enc.mask_counts[path] - before[path]
             if m[FAST] or m[PER_PREFIX]:
                 m["reason"] = enc.chat_path()[1] or m["reason"]
-        for (fmt, _), e in zip(batch, encoded):
+        for j, ((fmt, _), e) in enumerate(zip(batch, encoded), start=lo):
             if pretraining or fmt == "text":
                 pieces = chunk(e, max_len)
-                counts["split"] += len(pieces) > 1
+                per_row[2, j] = len(pieces) > 1
             else:
                 if len(e.input_ids) > max_len:
-                    counts["truncated"] += 1
+                    per_row[1, j] = 1
                     e.input_ids, e.labels = e.input_ids[:max_len], e.labels[:max_len]
                 pieces = [e]
             for p in pieces:
                 n_loss = len(p.labels) - p.labels.count(IGNORE)
                 if n_loss == 0:
-                    reason = "no loss-carrying tokens within max_length"
-                    counts["dropped"][reason] = counts["dropped"].get(reason, 0) + 1
+                    per_row[3, j] += 1
                     continue
                 ids_out.append(p.input_ids)
                 labels_out.append(p.labels)
                 lengths.append(len(p.input_ids))
-                counts["tokens"] += len(p.input_ids)
-                counts["loss_tokens"] += n_loss
+                loss.append(n_loss)
+                per_row[0, j] += 1
     total = sum(lengths)
+    counts.update(tokens=total, loss_tokens=sum(loss), truncated=int(per_row[1].sum()), split=int(per_row[2].sum()))
+    if per_row[3].any():
+        counts["dropped"][DROP_NO_LOSS] = int(per_row[3].sum())
     flat = lambda parts: np.fromiter(itertools.chain.from_iterable(parts), dtype=np.int32, count=total)  # noqa: E731
-    return Tokens(flat(ids_out), flat(labels_out), np.asarray(lengths, dtype=np.int64)), counts, masks
+    row_counts = RowCounts(per_row[0], per_row[1].astype(np.int8), per_row[2].astype(np.int8), per_row[3],
+                           np.asarray(loss, dtype=np.int32))
+    return Tokens(flat(ids_out), flat(labels_out), np.asarray(lengths, dtype=np.int64)), counts, masks, row_counts
 
 
 # Set before forking the tokenising workers, which inherit it instead of receiving the rows by pickle.
@@ -300,6 +323,24 @@ def tokenising_processes(n_rows: int) -> int:
     return max(1, min(cores, n_rows // (PARALLEL_MIN_ROWS // 2)))
 
 
+def add_counts(stats: Stats, counts: dict, masks: dict, source_names: list[str] | None) -> None:
+    """Add one chunk's counts and mask paths (``_encode_chunk``) to ``stats``."""
+    stats.tokens += counts["tokens"]
+    stats.loss_tokens += counts["loss_tokens"]
+    stats.truncated += counts["truncated"]
+    stats.split += counts["split"]
+    for reason, n in counts["dropped"].items():
+        stats.dropped[reason] = stats.dropped.get(reason, 0) + n
+    for source, m in masks.items():
+        if not m[FAST] and not m[PER_PREFIX]:
+            continue
+        name = source_names[source] if source_names else f"source {source}"
+        acc = stats.masks.setdefault(name, {FAST: 0, PER_PREFIX: 0, "reason": ""})
+        acc[FAST] += m[FAST]
+        acc[PER_PREFIX] += m[PER_PREFIX]
+        acc["reason"] = acc["reason"] or m["reason"]
+
+
 def encode_rows(cfg: Config, tokenizer, rows: list[tuple[str, Row]], stats: Stats,
                 source_names: list[str] | None = None) -> Tokens:
     """Tokenise and mask every row (in several processes when there are many), filling ``stats``."""
@@ -318,22 +359,9 @@ def encode_rows(cfg: Config, tokenizer, rows: list[tuple[str, Row]], stats: Stat
         finally:
             _JOB = None
     stats.processes = procs
-    for _, counts, masks in results:
-        stats.tokens += counts["tokens"]
-        stats.loss_tokens += counts["loss_tokens"]
-        stats.truncated += counts["truncated"]
-        stats.split += counts["split"]
-        for reason, n in counts["dropped"].items():
-            stats.dropped[reason] = stats.dropped.get(reason, 0) + n
-        for source, m in masks.items():
-            if not m[FAST] and not m[PER_PREFIX]:
-                continue
-            name = source_names[source] if source_names else f"source {source}"
-            acc = stats.masks.setdefault(name, {FAST: 0, PER_PREFIX: 0, "reason": ""})
-            acc[FAST] += m[FAST]
-            acc[PER_PREFIX] += m[PER_PREFIX]
-            acc["reason"] = acc["reason"] or m["reason"]
-    parts = [t for t, _, _ in results]
+    for _, counts, masks, _ in results:
+        add_counts(stats, counts, masks, source_names)
+    parts = [t for t, _, _, _ in results]
     tokens = Tokens(np.concatenate([t.ids for t in parts]) if parts else np.zeros(0, np.int32),
                     np.concatenate([t.labels for t in parts]) if parts else np.zeros(0, np.int32),
                     np.concatenate([t.lengths for t in parts]) if parts else np.zeros(0, np.int64))
@@ -464,8 +492,7 @@ def prepare_split(cfg: Config, tokenizer, role: str, packed: bool, architecture:
     for causal LMs and masked-LM text blocks; ``input_ids`` and ``labels`` for encoder-decoder pairs; the preference
     columns for preference methods. ``architecture`` is ``models.architecture(cfg)``: the kind of model trained.
     """
-    from datasets import Dataset, load_from_disk
-    from datasets.table import InMemoryTable
+    from datasets import load_from_disk
 
     if not sources_for(cfg, role):
         return None, None, None
@@ -475,6 +502,35 @@ def prepare_split(cfg: Config, tokenizer, role: str, packed: bool, architecture:
     if (target / "stats.json").exists():
         stats = Stats(**json.loads((target / "stats.json").read_text()))
         return load_from_disk(str(target / "data")), stats, target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        if layout == CAUSAL:  # the scale case: rows streamed through workers, never all in memory (data/bounded.py)
+            from lmforge.data.bounded import build_causal
+
+            stats = build_causal(cfg, tokenizer, role, packed, tmp / "data",
+                                 [s.path or s.loader for s in sources_for(cfg, role)])
+        else:
+            ds, stats = _build_in_memory(cfg, tokenizer, role, layout)
+            ds.save_to_disk(str(tmp / "data"))
+        stats.layout = layout
+        (tmp / "stats.json").write_text(json.dumps(asdict(stats)))
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process built it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return load_from_disk(str(target / "data")), stats, target
+
+
+def _build_in_memory(cfg: Config, tokenizer, role: str, layout: str):
+    """Preference pairs, encoder-decoder pairs and masked-LM blocks: (datasets.Dataset, Stats), built from the rows
+    in memory."""
+    from datasets import Dataset
+    from datasets.table import InMemoryTable
+
     per_source, _, stats = load_rows(cfg, role)
     stats.layout = layout
     if layout == SEQ2SEQ:
@@ -487,39 +543,16 @@ def prepare_split(cfg: Config, tokenizer, role: str, packed: bool, architecture:
         samples = encode_preference_rows(cfg, tokenizer, rows, stats)
         if not samples:
             raise DataError(f"no {role} samples left after tokenisation ({stats.dropped or 'all rows were bad'})")
-        ds = Dataset.from_list(samples)
-    elif layout == SEQ2SEQ:
+        return Dataset.from_list(samples), stats
+    if layout == SEQ2SEQ:
         ds = Dataset(InMemoryTable(encode_seq2seq_rows(cfg, tokenizer, rows, stats)))
         if not len(ds):
             raise DataError(f"no {role} samples: all rows were bad")
-    elif layout == MLM:
-        tokens = encode_mlm_rows(cfg, tokenizer, rows, stats)
-        if not len(tokens.lengths):
-            raise DataError(f"no {role} text left after tokenisation")
-        ds = Dataset(InMemoryTable(to_table(tokens, None)))
-    else:
-        names = [s.path or s.loader for s in sources_for(cfg, role)]
-        tokens = encode_rows(cfg, tokenizer, rows, stats, names)
-        del rows, per_source
-        if not len(tokens.lengths):
-            raise DataError(f"no {role} samples left after tokenisation ({stats.dropped or 'all rows were bad'})")
-        bins = pack_bins(tokens.lengths, cfg.data.max_length, cfg.train.seed) if packed else None
-        stats.packed_rows = len(bins) if packed else 0
-        ds = Dataset(InMemoryTable(to_table(tokens, bins)))
-        del tokens
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    try:
-        ds.save_to_disk(str(tmp / "data"))
-        (tmp / "stats.json").write_text(json.dumps(asdict(stats)))
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process built it first
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return load_from_disk(str(target / "data")), stats, target
+        return ds, stats
+    tokens = encode_mlm_rows(cfg, tokenizer, rows, stats)
+    if not len(tokens.lengths):
+        raise DataError(f"no {role} text left after tokenisation")
+    return Dataset(InMemoryTable(to_table(tokens, None))), stats
 
 
 def training_texts_key(cfg: Config) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import glob
 import importlib
+import io
 import json
 import re
 from dataclasses import dataclass
@@ -107,21 +108,52 @@ def _invalid_utf8(text: str, column: bool = True) -> str | None:
     return f"invalid UTF-8 (byte 0x{ord(m.group()) - 0xDC00:02x}{at}); re-encode the file as UTF-8"
 
 
-def _read_jsonl(path: Path, rows: list[Row], bad: list[BadRow]) -> None:
+def parse_jsonl_line(line: str) -> tuple[Any, str | None]:
+    """(row, None) for a JSON Lines line, or (None, the bad-row reason). Blank lines are not passed here."""
+    reason = _invalid_utf8(line)
+    if reason:
+        return None, reason
+    try:
+        return json.loads(line), None
+    except json.JSONDecodeError as e:
+        return None, f"invalid JSON ({e.msg} at column {e.colno})"
+
+
+def _jsonl_rows(path: Path):
     with path.open("r", encoding="utf-8", errors="surrogateescape") as fh:
         for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            reason = _invalid_utf8(line)
-            if reason:
-                bad.append(BadRow(f"{path}:{lineno}", reason))
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                bad.append(BadRow(f"{path}:{lineno}", f"invalid JSON ({e.msg} at column {e.colno})"))
-                continue
-            rows.append(Row(obj, f"{path}:{lineno}"))
+            if line.strip():
+                obj, reason = parse_jsonl_line(line)
+                yield BadRow(f"{path}:{lineno}", reason) if reason else Row(obj, f"{path}:{lineno}")
+
+
+def _read_jsonl(path: Path, rows: list[Row], bad: list[BadRow]) -> None:
+    for r in _jsonl_rows(path):
+        (bad if isinstance(r, BadRow) else rows).append(r)
+
+
+def jsonl_ranges(path: Path, size: int) -> list[tuple[int, int]]:
+    """Byte ranges of a JSON Lines file of about ``size`` bytes each, every one starting at a line start, so that
+    workers can read and parse their own part of a large file."""
+    total = path.stat().st_size
+    bounds = [0]
+    with path.open("rb") as fh:
+        while bounds[-1] + size < total:
+            fh.seek(bounds[-1] + size)
+            fh.readline()  # to the end of the line the cut fell in
+            if fh.tell() >= total:
+                break
+            bounds.append(fh.tell())
+    return list(zip(bounds, bounds[1:] + [total]))
+
+
+def jsonl_range_lines(path: Path, start: int, end: int):
+    """The lines of a byte range (``jsonl_ranges``) as text mode reads them (universal newlines, undecodable bytes
+    kept as surrogates): yields (line number within the range, counting from 1, line)."""
+    with path.open("rb") as fh:
+        fh.seek(start)
+        text = fh.read(end - start).decode("utf-8", errors="surrogateescape")
+    yield from enumerate(io.StringIO(text, newline=None), start=1)
 
 
 def _read_json(path: Path, rows: list[Row], bad: list[BadRow]) -> None:
@@ -157,17 +189,11 @@ def _read_csv(path: Path, rows: list[Row], bad: list[BadRow]) -> None:
             rows.append(Row(dict(rec), f"{path}:{reader.line_num}"))
 
 
-def _read_parquet(path: Path, rows: list[Row], bad: list[BadRow]) -> None:
-    import pyarrow.parquet as pq
-
-    for i, rec in enumerate(pq.read_table(path).to_pylist()):
-        rows.append(Row(rec, f"{path}:row {i + 1}"))
+_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv}
 
 
-_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
-
-
-def _read_saved_dataset(src: DataSource, role: str) -> list[Row]:
+def _read_saved_dataset(src: DataSource, role: str):
+    """The rows of a ``save_to_disk`` dataset, read lazily from its memory-mapped Arrow data."""
     from datasets import DatasetDict, load_from_disk
 
     ds = load_from_disk(src.path)
@@ -177,10 +203,11 @@ def _read_saved_dataset(src: DataSource, role: str) -> list[Row]:
         if name is None:
             raise DataError(f"{src.path}: the saved dataset has splits {list(ds)}, none of them {list(names)}")
         ds = ds[name]
-    return [Row(rec, f"{src.path}:row {i + 1}") for i, rec in enumerate(ds)]
+    for i, rec in enumerate(ds):
+        yield Row(rec, f"{src.path}:row {i + 1}")
 
 
-def _read_loader(src: DataSource) -> list[Row]:
+def _read_loader(src: DataSource):
     spec = src.loader or ""
     module_name, _, func_name = spec.partition(":")
     if not module_name or not func_name:
@@ -189,21 +216,53 @@ def _read_loader(src: DataSource) -> list[Row]:
         func = getattr(importlib.import_module(module_name), func_name)
     except (ImportError, AttributeError) as e:
         raise DataError(f"loader {spec!r}: cannot import ({e})") from None
-    result = func()
-    return [Row(rec, f"{spec}:row {i + 1}") for i, rec in enumerate(result)]
+    for i, rec in enumerate(func()):
+        yield Row(rec, f"{spec}:row {i + 1}")
+
+
+def iter_file_rows(path: Path):
+    """The rows of one data file, lazily where the format allows (JSON Lines, CSV, Parquet by record batch):
+    yields Row or BadRow in file order."""
+    if path.suffix == ".jsonl":
+        yield from _jsonl_rows(path)
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        i = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=10_000):
+            for rec in batch.to_pylist():
+                i += 1
+                yield Row(rec, f"{path}:row {i}")
+    else:  # .json holds one document; CSV is small next to what JSONL and Parquet hold at scale
+        rows: list[Row] = []
+        bad: list[BadRow] = []
+        _READERS[path.suffix](path, rows, bad)
+        yield from sorted(rows + bad, key=lambda r: _origin_order(r.origin))
+
+
+def _origin_order(origin: str) -> int:
+    """Position of a row in its file from its origin ("path:7" or "path:row 7")."""
+    tail = origin.rsplit(":", 1)[1]
+    return int(tail.removeprefix("row "))
+
+
+def iter_source_rows(src: DataSource, role: str):
+    """Every row of one source in order, lazily: Row, or BadRow for what cannot even be parsed."""
+    if src.loader:
+        yield from _read_loader(src)
+    elif is_saved_dataset(Path(src.path).expanduser()):
+        yield from _read_saved_dataset(src, role)
+    else:
+        for path in resolve_files(src, role):
+            yield from iter_file_rows(path)
 
 
 def read_source(src: DataSource, role: str) -> tuple[list[Row], list[BadRow]]:
     """All rows of one source, plus the rows that could not even be parsed."""
     rows: list[Row] = []
     bad: list[BadRow] = []
-    if src.loader:
-        rows = _read_loader(src)
-    elif is_saved_dataset(Path(src.path).expanduser()):
-        rows = _read_saved_dataset(src, role)
-    else:
-        for path in resolve_files(src, role):
-            _READERS[path.suffix](path, rows, bad)
+    for r in iter_source_rows(src, role):
+        (bad if isinstance(r, BadRow) else rows).append(r)
     if not rows and not bad:
         raise DataError(f"{src.path or src.loader}: the source is empty")
     return rows, bad
