@@ -16,8 +16,6 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
-import torch
-
 from lmforge.config import ModelConfig
 from lmforge.errors import ConfigError, UnsupportedError
 
@@ -41,6 +39,8 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def pick_dtype(name: str) -> torch.dtype:
+    import torch  # here, not at import: `lmforge prepare` and `estimate` need no torch
+
     if name != "auto":
         return getattr(torch, name)
     if torch.cuda.is_available():
@@ -138,6 +138,8 @@ def _dequantise_gguf(gguf: Path, out: Path) -> None:
     """Load a GGUF file dequantised and save it into ``out`` as a plain bf16 safetensors model + tokenizer.
 
     The Trainer refuses models flagged as gguf-quantised, so the quantizer flags are cleared first."""
+    import torch
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils.quantization_config import GgufConfig
 
@@ -249,16 +251,35 @@ CHATML_TEMPLATE = (
 
 
 def load_tokenizer(cfg: ModelConfig, model_dir: Path | None):
-    from transformers import AutoTokenizer
-
     source = cfg.tokenizer or (str(model_dir) if model_dir else None)
     if source is None:
         raise ConfigError("model.tokenizer: required when building from scratch without train_tokenizer")
     try:
-        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+        if _plain_fast_tokenizer(source) and not cfg.trust_remote_code:
+            # the class AutoTokenizer would pick, loaded without it: AutoTokenizer also loads the model's config
+            # class, which imports torch and transformers' modelling utilities (about 2.5 s of a cached `prepare`)
+            from transformers import PreTrainedTokenizerFast
+
+            tok = PreTrainedTokenizerFast.from_pretrained(source)
+        else:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.tokenizer: cannot load a tokenizer from {source} ({e})") from None
     return finalize_tokenizer(tok)
+
+
+def _plain_fast_tokenizer(source: str) -> bool:
+    """A local tokenizer directory whose config names the generic fast tokenizer (``tokenizer.json`` alone)."""
+    d = Path(source)
+    if not (d / "tokenizer.json").is_file() or not (d / "tokenizer_config.json").is_file():
+        return False
+    try:
+        name = json.loads((d / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError):
+        return False
+    return name in ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
 def finalize_tokenizer(tok):
@@ -274,6 +295,8 @@ def finalize_tokenizer(tok):
 
 
 def _attn_impl(cfg: ModelConfig) -> str:
+    import torch
+
     if cfg.attn_implementation == "flash_attention_2":
         if not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None:
             raise UnsupportedError(
@@ -301,6 +324,8 @@ def from_scratch_config(cfg: ModelConfig, tokenizer):
 def load_model(cfg: ModelConfig, model_dir: Path | None, tokenizer, auto_class=None, seed: int = 0,
                dtype: torch.dtype | None = None, **kwargs):
     """Load a pretrained model from ``model_dir`` or initialise one from ``cfg.config``."""
+    import torch
+
     from transformers import AutoModelForCausalLM
 
     auto_class = auto_class or AutoModelForCausalLM
@@ -359,9 +384,30 @@ def adapter_base(path: Path) -> str:
     return base
 
 
+# Model types that are only ever decoder-only causal LMs: told apart from config.json alone, because loading the
+# config class (AutoConfig) imports torch and transformers' modelling utilities, about 2.5 s of a cached `prepare`.
+DECODER_ONLY_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma",
+                                "gemma2", "phi", "phi3", "gpt2", "gpt_neox", "olmo", "olmo2", "granite", "starcoder2",
+                                "falcon", "smollm3"})
+
+
+def _decoder_only_type(path) -> bool:
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return config.get("model_type") in DECODER_ONLY_TYPES and not config.get("is_encoder_decoder")
+
+
 def architecture(cfg) -> str:
     """"encoder-decoder" (T5, BART), "encoder-only" (BERT-style, masked LM) or "decoder" (causal LM), from the
     configured model's config (directory, an adapter's base, or model.config)."""
+    if cfg.model.name_or_path is not None:
+        path = resolve_model_path(cfg.model.name_or_path)
+        if is_adapter_dir(path):
+            path = resolve_model_path(adapter_base(path))
+        if _decoder_only_type(path):
+            return "decoder"
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 

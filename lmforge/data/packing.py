@@ -12,7 +12,6 @@ import bisect
 import random
 
 import numpy as np
-import torch
 
 from lmforge.data.tokenize import IGNORE
 
@@ -64,6 +63,8 @@ def shared_prompt_mask(P: int, C: int, R: int) -> torch.Tensor:
     """(n, n) boolean mask, True = attend, of a preference pair laid out as [prompt, chosen, rejected]
     (n = P + C + R): causal, except that the rejected answer does not see the chosen one. So each answer
     attends to exactly what it would in its own row ``prompt + answer``, with the prompt computed once."""
+    import torch  # here, not at import: `lmforge prepare` needs no torch
+
     n = P + C + R
     mask = torch.ones(n, n, dtype=torch.bool).tril_()
     mask[P + C:, P:P + C] = False
@@ -75,6 +76,8 @@ def block_causal_mask(seg: torch.Tensor, float_dtype: torch.dtype | None) -> tor
 
     Boolean (True = attend) for SDPA; additive float (0 / -inf-like) when float_dtype is given (eager).
     """
+    import torch
+
     T = seg.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool).tril_()
     mask = (seg[:, :, None] == seg[:, None, :]) & causal  # (B, T, T)
@@ -94,6 +97,8 @@ class CausalCollator:
         self.multiple = pad_to_multiple_of
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        import torch
+
         B = len(rows)
         T = max(len(r["input_ids"]) for r in rows)
         T = -(-T // self.multiple) * self.multiple

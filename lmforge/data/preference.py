@@ -18,8 +18,6 @@ after its prompt is cut at the end; a prompt that alone fills ``max_length`` dro
 
 from __future__ import annotations
 
-import torch
-
 from lmforge.data.packing import PACKED_ATTENTION, shared_prompt_mask
 from lmforge.data.tokenize import IGNORE, Encoder
 from lmforge.errors import DataError
@@ -125,6 +123,8 @@ class SharedPromptCollator:
         self.prompt_loss = prompt_loss
 
     def __call__(self, records: list[dict]) -> dict:
+        import torch  # here, not at import: `lmforge prepare` needs no torch
+
         ids, positions, shapes, pred, targets, answer = [], [], [], [], [], []
         prompt_pred, prompt_targets = [], []
         for k, r in enumerate(records):
