@@ -26,8 +26,8 @@ from trl import DPOConfig, DPOTrainer
 from lmforge.config import Config
 from lmforge.training.checkpoint import LmforgeTrainerMixin
 from lmforge.training.preference import (
-    DropReferenceAdapterAtEnd, ReferenceLogps, TokenCountingMixin, answer_logps, drop_fresh_reference_adapter,
-    reference_model, setup,
+    DropReferenceAdapterAtEnd, ReferenceLogps, ScoredByReference, TokenCountingMixin, answer_logps,
+    drop_fresh_reference_adapter, reference_model, setup,
 )
 from lmforge.training.run import run_trainer, trainer_hooks, training_args
 
@@ -96,7 +96,7 @@ def build_trainer(cfg: Config, run) -> LmforgeDPOTrainer:
 
 
 # --------------------------------------------------------------------------------------------- native engine
-class DPOObjective:
+class DPOObjective(ScoredByReference):
     """What the native engine's loop asks of a method (see ``training/native.py``): batches of this method's
     rows, how many units a batch's loss is averaged over (pairs here), the loss sum and the metric sums."""
 
@@ -126,21 +126,6 @@ class DPOObjective:
             stats = torch.stack([rewards[:, 0].sum(), rewards[:, 1].sum(), (rewards[:, 0] > rewards[:, 1]).sum(),
                                  (rewards[:, 0] - rewards[:, 1]).sum(), logps[:, 0].sum(), logps[:, 1].sum()])
         return losses.sum(), dict(zip(self.stat_keys, stats.tolist()))
-
-    def start(self, trainer) -> None:
-        """Before the first step of a fresh run: score every row this rank will use with the starting weights,
-        unless the reference is the adapter disabled (then rows are scored as they come)."""
-        if self.reference.by_disabling:
-            return
-        for split, batches in trainer.planned_batches():
-            self.reference.precompute(trainer.model, (self.batch(split, rows, [ds[i] for i in rows])
-                                                      for rows, ds in batches))
-
-    def state_dict(self) -> dict:
-        return self.reference.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.reference.load_state_dict(state)
 
 
 def train_native(cfg: Config, run):

@@ -35,8 +35,8 @@ from trl import KTOConfig, KTOTrainer
 from lmforge.config import Config
 from lmforge.training.checkpoint import EpochSampler, LmforgeTrainerMixin
 from lmforge.training.preference import (
-    DropReferenceAdapterAtEnd, ReferenceLogps, TokenCountingMixin, drop_fresh_reference_adapter, reference_model,
-    setup, token_logps,
+    DropReferenceAdapterAtEnd, ReferenceLogps, ScoredByReference, TokenCountingMixin, drop_fresh_reference_adapter,
+    reference_model, setup, token_logps,
 )
 from lmforge.training.run import log, run_trainer, trainer_hooks, training_args
 
@@ -114,7 +114,7 @@ def kl_partners(n: int, seed: int) -> list[int]:
     return partner
 
 
-class KTOObjective:
+class KTOObjective(ScoredByReference):
     """What the native engine's loop asks of a method (see ``training/native.py``): per example the loss sum,
     averaged over the step's examples; the KL estimate of the step first (``before_step``); metrics per
     desirable or undesirable example."""
@@ -180,21 +180,6 @@ class KTOObjective:
             stats = torch.stack([torch.tensor(self.kl * len(answer), dtype=torch.float64), (rewards * d).sum(),
                                  (answer * d).sum(), (rewards * (1 - d)).sum(), (answer * (1 - d)).sum()])
         return losses.sum(), dict(zip(self.stat_keys, stats.tolist()))
-
-    def start(self, trainer) -> None:
-        """Before the first step of a fresh run: score every row this rank will use (its answer and its
-        mismatched answer) with the starting weights, unless the reference is the adapter disabled."""
-        if self.reference.by_disabling:
-            return
-        for split, batches in trainer.planned_batches():
-            self.reference.precompute(trainer.model, (self.batch(split, rows, [ds[i] for i in rows])
-                                                      for rows, ds in batches))
-
-    def state_dict(self) -> dict:
-        return self.reference.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.reference.load_state_dict(state)
 
 
 def train_native(cfg: Config, run):

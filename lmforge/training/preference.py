@@ -160,3 +160,25 @@ class ReferenceLogps:
 
     def load_state_dict(self, state: dict) -> None:
         self.cache = {split: t.clone() for split, t in state.items()}
+
+
+class ScoredByReference:
+    """The part of a native objective (methods/dpo.py, methods/kto.py) that its ``ReferenceLogps`` (``self.reference``)
+    needs from the loop: scoring before the first step, and a place in the checkpoint."""
+
+    reference: ReferenceLogps
+
+    def start(self, trainer) -> None:
+        """Before the first step of a fresh run: score every row this rank will use with the starting weights,
+        unless the reference is the adapter disabled (then rows are scored as they come)."""
+        if self.reference.by_disabling:
+            return
+        for split, batches in trainer.planned_batches():
+            self.reference.precompute(trainer.model, (self.batch(split, rows, [ds[i] for i in rows])
+                                                      for rows, ds in batches))
+
+    def state_dict(self) -> dict:
+        return self.reference.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.reference.load_state_dict(state)
