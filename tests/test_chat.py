@@ -208,10 +208,15 @@ class Terminal:
         return block[len(line) + 1:]
 
     def close(self) -> int:
-        os.write(self.fd, b"/exit\n")
-        code = self.proc.wait(timeout=60)
-        os.close(self.fd)
-        return code
+        """/exit, and the exit code; a chat that does not exit within a minute is killed (never left running)."""
+        try:
+            os.write(self.fd, b"/exit\n")
+            return self.proc.wait(timeout=60)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            os.close(self.fd)
 
 
 def test_chat_in_a_terminal_keeps_history_resets_and_sets_the_system_prompt(sharp_model_dir, reference):
