@@ -140,3 +140,21 @@ def test_peak_memory_does_not_grow_with_the_rows(tmp_path, tiny_model_dir):
         grew_mb = (results[4][who] - results[1][who]) / 1024
         assert results[4][who] < 1.5 * results[1][who], (who, results)
         assert grew_mb < 0.4 * extra_tokens_mb, (who, grew_mb, extra_tokens_mb, results)
+
+
+def test_a_second_prepare_in_the_same_process_uses_its_own_tokenizer(tmp_path, tiny_model_dir, lmforge_cache):
+    """The in-process encoder is per call: a later prepare with another chat template must not reuse the first's."""
+    from lmforge.data.tokenize import Encoder
+
+    data = _write(tmp_path / "d.jsonl", _chat_rows(20, 5))
+    cfg = load_config(None, tree={"method": "sft", "model": {"name_or_path": str(tiny_model_dir)},
+                                  "data": {"train": [{"path": data}], "max_length": 1024, "packing": False},
+                                  "train": {"output_dir": str(tmp_path / "out")}})
+    first = load_tokenizer(cfg.model, tiny_model_dir)
+    second = load_tokenizer(cfg.model, tiny_model_dir)
+    second.chat_template = "{{ 'fox jumps ' }}" + second.chat_template  # a different rendering of every row
+    rows = [json.loads(x)["messages"] for x in open(data)]
+    for tok in (first, second):
+        ds, _, _ = prepare_split(cfg, tok, "train", packed=False)
+        want = [Encoder(tok).chat(m).input_ids for m in rows]
+        assert ds.data.table.column("input_ids").to_pylist() == want

@@ -320,7 +320,7 @@ def _write_arrow(directory: Path, spill: Path, lengths: np.ndarray, order: np.nd
 def build_causal(cfg: Config, tokenizer, role: str, packed: bool, out: Path, source_names: list[str]) -> Stats:
     """Read, validate, tokenise, mix, pack and write a causal-LM split into ``out`` (a ``load_from_disk``
     directory); returns its statistics. Bad rows stop here (exit 2) unless ``data.on_bad_rows: skip``."""
-    global _JOB
+    global _JOB, _ENCODER
     sources = sources_for(cfg, role)
     allowed = METHOD_FORMATS[cfg.method]
     fmts = []
@@ -341,7 +341,7 @@ def build_causal(cfg: Config, tokenizer, role: str, packed: bool, out: Path, sou
     bad_shown: list[BadRow] = []
     bad_count = 0
     line_base: dict[str, int] = {}  # JSON Lines file -> lines in the ranges before the current one
-    _JOB = (cfg, tokenizer, sources)
+    _JOB, _ENCODER = (cfg, tokenizer, sources), None  # an Encoder of an earlier call holds another tokenizer
     try:
         for task, done in _zip_tasks(_tasks(cfg, role, fmts), procs):
             if task.path is not None:
@@ -357,7 +357,7 @@ def build_causal(cfg: Config, tokenizer, role: str, packed: bool, out: Path, sou
             add_counts(stats, done.counts, done.masks, source_names)
             spill.add(done)
     finally:
-        _JOB = None
+        _JOB, _ENCODER = None, None
     arrays = spill.close()
     stats.processes = procs
     stats.rows = sum(read_per_source)
