@@ -14,11 +14,21 @@ layout around each assistant content, checked against the per-prefix method on t
 real rows. Templates whose layout is not constant (or rows where the search is ambiguous) fall back to the
 per-prefix method, and ``Encoder.mask_counts`` says how many rows took which path. Character spans become
 token labels through the fast tokenizer's offsets.
+
+Rendering even once per row costs more than tokenising it, so where the template allows, rows are not rendered
+at all: ``_Composition`` learns from placeholder conversations how the template builds a conversation from its
+messages (the text between two messages, the preamble and the ending, each a function of the roles around it),
+then builds each row by concatenation with every content's character span known. It must give exactly the
+template's text: it is checked against the template (and the per-prefix spans) on the probes, on the first row
+of every role sequence and on the first ``VERIFY_ROWS`` rows, and any disagreement turns it off; rows whose
+contents could change what the template does (special-token or learned separator text, edge whitespace where
+the template trims, empty contents, fields other than role and content) are rendered.
 """
 
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +36,9 @@ import numpy as np
 from lmforge.errors import DataError
 
 IGNORE = -100
-FAST, PER_PREFIX = "fast", "per-prefix"
+# How a chat row's loss spans were found. COMPOSED rows (built without rendering) are also counted as FAST: both
+# are one pass per row, and the summary's counts of FAST vs PER_PREFIX stay whole for readers that know only those.
+FAST, PER_PREFIX, COMPOSED = "fast", "per-prefix", "composed"
 VERIFY_ROWS = 8  # real conversations per encoder checked against the per-prefix method before trusting the layout
 
 # Probe conversations for learning a template's layout: contents are distinct, untrimmed-safe words, so the
@@ -40,6 +52,20 @@ PROBES = [
     [{"role": "user", "content": f"{_P} u4 theta"}, {"role": "assistant", "content": f"{_P} a4 iota"},
      {"role": "tool", "content": f"{_P} t1 kappa"}, {"role": "assistant", "content": f"{_P} a5 lambda"}],
 ]
+
+# Role sequences whose placeholder renderings teach a template's composition up front (real rows' other sequences
+# are learned when first seen). Repeated role pairs at different positions expose turn-numbered templates.
+COMPOSE_ROLES = [
+    ("user", "assistant"),
+    ("system", "user", "assistant"),
+    ("user", "assistant", "user", "assistant", "user", "assistant"),
+    ("system", "user", "assistant", "user", "assistant", "user", "assistant"),
+    ("user", "assistant", "tool", "assistant", "user", "assistant"),
+    ("system", "user", "assistant", "tool", "tool", "assistant", "user", "assistant"),
+]
+# Content a composable template must copy verbatim: quotes, backslash, markup, Jinja-like braces, non-ASCII, inner
+# whitespace (a template that escapes or rewrites contents cannot be composed).
+_VERBATIM = _P + " \"q\" 'a' \\ & <b> {{x}} {%y%} é 中\n\t z"
 
 
 @dataclass
@@ -74,7 +100,10 @@ class Encoder:
         self._layout: ChatLayout | None = None
         self._layout_reason: str | None = None  # why the fast path is off (None: not decided yet)
         self._verified = 0
-        self.mask_counts = {FAST: 0, PER_PREFIX: 0}  # chat rows masked by each path
+        self._composition: _Composition | None = None
+        self._composition_reason: str | None = None  # why rows are not composed (None: not decided yet)
+        self._composed = 0
+        self.mask_counts = {FAST: 0, PER_PREFIX: 0, COMPOSED: 0}  # chat rows masked by each path (see COMPOSED)
 
     # ----------------------------------------------------------------------------------------- helpers
     def _ids(self, text: str) -> list[int]:
@@ -199,8 +228,63 @@ class Encoder:
             self._learn_layout()
         return (FAST, "") if self._layout is not None else (PER_PREFIX, self._layout_reason or "")
 
+    def composition(self) -> tuple[bool, str]:
+        """(on, reason): whether chat rows are composed without rendering, and why not."""
+        if self._composition_reason is None:
+            self._build_composition()
+        return self._composition is not None, self._composition_reason or ""
+
+    def _build_composition(self) -> None:
+        path, why = self.chat_path()
+        if path != FAST:
+            self._composition_reason = f"no fixed layout of assistant turns ({why})"
+            return
+        specials = list(self.tok.all_special_tokens) + [t.content for t in self.tok.added_tokens_decoder.values()]
+        try:
+            comp = _Composition(self.render, self._layout, specials)
+            for probe in PROBES:  # real contents: the composition must give the template's text and spans
+                got = comp.compose(probe)
+                if got is not None and got[:3] != self.assistant_spans(probe):
+                    raise _NotComposable("composing a probe conversation differed from the template's rendering")
+        except _NotComposable as e:
+            self._composition_reason = str(e)
+            return
+        self._composition, self._composition_reason = comp, ""
+
+    def _composition_off(self, reason: str) -> None:
+        self._composition, self._composition_reason = None, reason
+
+    def _composed_spans(self, messages: list[dict]):
+        """The row built without rendering, checked against the reference where it must be; None: render it."""
+        try:
+            got = self._composition.compose(messages)
+        except _NotComposable as e:  # a new role sequence the composition does not capture
+            self._composition_off(str(e))
+            return None
+        if got is None:
+            return None
+        text, spans, needs_eos, plan = got
+        if not plan.verified or self._composed < VERIFY_ROWS:
+            ref = self.assistant_spans(messages)
+            if ref != (text, spans, needs_eos):
+                roles = ", ".join(m["role"] for m in messages)
+                self._composition_off(f"a composed row ({roles}) differed from the template's rendering or spans")
+                self.mask_counts[PER_PREFIX] += 1
+                return ref
+            plan.verified = True
+        self._composed += 1
+        self.mask_counts[COMPOSED] += 1
+        self.mask_counts[FAST] += 1
+        return text, spans, needs_eos
+
     def chat_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]], bool]:
-        """Like ``assistant_spans``, with one rendering whenever the template's layout allows."""
+        """Like ``assistant_spans``: composed without rendering, or with one rendering, whenever the template allows."""
+        if self._composition_reason is None:
+            self._build_composition()
+        if self._composition is not None:
+            got = self._composed_spans(messages)
+            if got is not None:
+                return got
         if self.chat_path()[0] == FAST:
             text = self.render(messages)
             found = self._fast_spans(messages, self._layout, text)
@@ -296,6 +380,136 @@ class Encoder:
 
 class _NoLayout(Exception):
     """The template's assistant turns cannot be located from one rendering (the reason is the message)."""
+
+
+class _NotComposable(Exception):
+    """The template builds conversations in a way ``_Composition`` does not capture (the reason is the message)."""
+
+
+class _Plan:
+    """The texts between the messages of one role sequence, and whether a real row of it was checked."""
+
+    __slots__ = ("gaps", "verified")
+
+    def __init__(self, gaps: tuple[str, ...]):
+        self.gaps = gaps
+        self.verified = False
+
+
+_UNSEEN = object()
+
+
+class _Composition:
+    """How a chat template builds a conversation from its messages, learned from placeholder renderings.
+
+    A rendering of n messages is gap_0 + content_0 + gap_1 + ... + content_{n-1} + gap_n, where gap_k (gap_0 is the
+    preamble, gap_n the ending) depends only on the roles of messages k-1 and k and on whether message k is the
+    last one: enough for system preambles that change with the first role, default system prompts, separators that
+    depend on the neighbouring roles (grouped tool results) and a last turn of its own. A gap learned twice must be
+    the same text (a turn number in it is not: ``_NotComposable``). Each assistant content's loss span follows from
+    the layout: it starts ``len(layout.gap)`` before the content and ends ``len(layout.tail)`` after it, and every
+    gap around an assistant message is checked to frame it so.
+    """
+
+    def __init__(self, render, layout: ChatLayout, specials: list[str]):
+        self._render = render
+        self._layout = layout
+        self._specials = {t for t in specials if t.strip()}  # whitespace-only added tokens change nothing
+        self._gaps: dict[tuple, str] = {}
+        self._plans: dict[tuple, _Plan | None] = {}  # role sequence -> its gaps (None: the template refuses it)
+        self._marker = None
+        self.trims = False  # the template strips contents: rows with edge whitespace are rendered
+        learned = [roles for roles in COMPOSE_ROLES if self.plan(roles) is not None]
+        if not learned:
+            raise _NotComposable("no placeholder conversation renders")
+        for roles in learned:
+            padded = [f"\n {_P}{i}w \n" for i in range(len(roles))]
+            if self._render(_messages(roles, padded)) != self._join(self._plans[roles].gaps, padded):
+                self.trims = True
+            odd = [f"{_VERBATIM}{i}" for i in range(len(roles))]
+            if self._render(_messages(roles, odd)) != self._join(self._plans[roles].gaps, odd):
+                raise _NotComposable("the template does not copy message contents verbatim (it escapes or rewrites them)")
+
+    @staticmethod
+    def _join(gaps, contents) -> str:
+        return "".join(itertools.chain.from_iterable(zip(gaps, contents))) + gaps[-1]
+
+    @staticmethod
+    def _keys(roles: tuple[str, ...]) -> list[tuple]:
+        n = len(roles)
+        return [(roles[k - 1] if k else None, roles[k] if k < n else None, k == n - 1) for k in range(n + 1)]
+
+    def plan(self, roles: tuple[str, ...]) -> _Plan | None:
+        """The gaps of a role sequence, learned from one placeholder rendering when any of them is new."""
+        keys = self._keys(roles)
+        if any(k not in self._gaps for k in keys):
+            contents = [f"{_P}{i}q" for i in range(len(roles))]
+            try:
+                text = self._render(_messages(roles, contents))
+            except Exception:  # the template refuses this role sequence: its rows are rendered (and refused there)
+                self._plans[roles] = None
+                return None
+            gaps, pos = [], 0
+            for c in contents:
+                k = text.find(c, pos)
+                if k < 0 or text.count(c) != 1:
+                    raise _NotComposable("the template does not render each message's content once, in order")
+                gaps.append(text[pos:k])
+                pos = k + len(c)
+            gaps.append(text[pos:])
+            for key, gap in zip(keys, gaps):
+                if self._gaps.setdefault(key, gap) != gap:
+                    raise _NotComposable("the text between two messages depends on more than their roles "
+                                         "(e.g. on the turn number)")
+                self._check_frame(key, gap)
+            self._marker = None
+        plan = self._plans[roles] = _Plan(tuple(self._gaps[k] for k in keys))
+        return plan
+
+    def _check_frame(self, key: tuple, gap: str) -> None:
+        before, after, _ = key
+        lay = self._layout
+        if (after == "assistant" and not gap.endswith(lay.anchor + lay.gap)) or (
+                before == "assistant" and not gap.startswith(lay.tail)):
+            raise _NotComposable("an assistant turn is framed differently after or before some roles")
+
+    def _compile_marker(self):
+        """One search for any text a template could react to: special and added tokens, and the learned gaps."""
+        texts = self._specials | {g.strip() for g in self._gaps.values() if g.strip()}
+        texts = sorted(texts, key=len, reverse=True)
+        if not texts:
+            return lambda _: None
+        return re.compile("|".join(map(re.escape, texts))).search
+
+    def compose(self, messages: list[dict]):
+        """(text, spans, needs_eos, plan) built by concatenation; None when this row must be rendered."""
+        roles = tuple(m["role"] for m in messages)
+        plan = self._plans.get(roles, _UNSEEN)
+        if plan is _UNSEEN:
+            plan = self.plan(roles)
+        if plan is None:
+            return None
+        if self._marker is None:
+            self._marker = self._compile_marker()
+        marker, trims = self._marker, self.trims
+        head, tail = len(self._layout.gap), len(self._layout.tail)
+        parts, spans, pos = [], [], 0
+        for gap, m in zip(plan.gaps, messages):
+            c = m["content"]
+            if (len(m) != 2 or type(c) is not str or not c or marker(c) is not None
+                    or (trims and (c[0].isspace() or c[-1].isspace()))):
+                return None  # other fields, or a content that could change what the template does
+            parts += (gap, c)
+            pos += len(gap)
+            if m["role"] == "assistant":
+                spans.append((pos - head, pos + len(c) + tail))
+            pos += len(c)
+        parts.append(plan.gaps[-1])
+        return "".join(parts), spans, bool(spans) and self._layout.append_eos, plan
+
+
+def _messages(roles, contents) -> list[dict]:
+    return [{"role": r, "content": c} for r, c in zip(roles, contents)]
 
 
 def chunk(enc: Encoded, max_length: int) -> list[Encoded]:
