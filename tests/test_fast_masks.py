@@ -1,6 +1,7 @@
-"""Chat masks from one rendering per conversation (the fast path) equal the per-prefix masks and hand-built
-ones on ChatML, Llama-3-style and Zephyr-style templates; a template the fast path cannot handle falls back
-and says so; tokenising in several processes gives the same data; a cached re-run does not re-tokenise."""
+"""Chat masks from one rendering per conversation (the fast path) and from rows composed without rendering
+equal the per-prefix masks and hand-built ones on ChatML, Llama-3-style and Zephyr-style templates; the composed
+text is the template's; a template the fast path or the composition cannot handle falls back and says so;
+tokenising in several processes gives the same data; a cached re-run does not re-tokenise."""
 
 import os
 import random
@@ -12,7 +13,7 @@ from conftest import CHATML_TEMPLATE, base_config, chat_rows, write_jsonl
 from lmforge.cli import main
 from lmforge.config import load_config
 from lmforge.data import prepare
-from lmforge.data.tokenize import FAST, IGNORE, PER_PREFIX, Encoder
+from lmforge.data.tokenize import COMPOSED, FAST, IGNORE, PER_PREFIX, Encoder
 from lmforge.models import finalize_tokenizer
 
 LLAMA3 = (
@@ -82,7 +83,38 @@ SEGMENTS = {
         ("\n", False),
     ],
 }
+# SmolLM2-135M-Instruct's own template: a default system prompt when the conversation has none.
+SMOLLM2 = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>'"
+    " + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# Qwen2.5-style tool results: consecutive tool messages share one user turn, so the text between two messages
+# depends on both neighbours' roles.
+GROUPED_TOOLS = (
+    "{% for m in messages %}{% if m['role'] == 'tool' %}"
+    "{% if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}{{ '<|im_start|>user' }}{% endif %}"
+    "{{ '\n<tool_response>\n' + m['content'] + '\n</tool_response>' }}"
+    "{% if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{ eos_token + '\n' }}{% endif %}"
+    "{% else %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + eos_token + '\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# Assistant turns are always framed alike (the fast path works) but user turns carry their number: the text
+# between messages is not a function of the roles, so rows cannot be composed.
+NUMBERED_USERS = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ 'Assistant: ' + m['content'] + eos_token + '\n' }}"
+    "{% else %}{{ m['role'] ~ ' ' ~ loop.index ~ ': ' + m['content'] + '\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
+)
+# Rewrites contents (escapes ampersands): composing the raw contents would not give the template's text.
+ESCAPING = CHATML_TEMPLATE.replace("message['content']", "(message['content'] | replace('&', '&amp;'))")
+# Reacts to what a content says: probes cannot see it, the check of the first real row does.
+CONTENT_DEPENDENT = CHATML_TEMPLATE.replace(
+    "message['content']", "(message['content'] + (' [urgent]' if 'asap' in message['content'] else ''))")
 TEMPLATES = {"chatml": CHATML_TEMPLATE, "llama3": LLAMA3, "zephyr": ZEPHYR, "numbered": NUMBERED}
+COMPOSABLE = {"chatml": CHATML_TEMPLATE, "smollm2": SMOLLM2, "llama3": LLAMA3, "zephyr": ZEPHYR,
+              "grouped_tools": GROUPED_TOOLS}
 
 
 def _tok(path, template):
@@ -131,6 +163,7 @@ def test_masks_equal_hand_built_and_per_prefix(tiny_tokenizer_dir, name):
     assert labels[-1 if name == "llama3" else -2] == tok.eos_token_id  # EOS ends the last turn and carries loss
     assert enc.chat_path()[0] == (PER_PREFIX if name == "numbered" else FAST)
     assert enc.mask_counts[FAST] == (0 if name == "numbered" else 2)  # chat() and encode_batch() took the fast path
+    assert enc.mask_counts[COMPOSED] == (0 if name == "numbered" else 2)  # ... composed without rendering
 
 
 @pytest.mark.parametrize("name", ["chatml", "llama3", "zephyr"])
@@ -146,11 +179,103 @@ def test_fast_path_equals_per_prefix_on_many_conversations(tiny_tokenizer_dir, n
     assert enc.mask_counts[FAST] > 20 and enc.mask_counts[FAST] + enc.mask_counts[PER_PREFIX] == 60
 
 
+def _composed_or_none(enc, chat):
+    return enc._composition.compose(chat)
+
+
+@pytest.mark.parametrize("name", sorted(COMPOSABLE))
+def test_composed_rows_are_the_templates_text_and_masks(tiny_tokenizer_dir, name):
+    """Every row the composition builds is exactly the template's rendering, with the per-prefix spans; rows it
+    declines (markers in contents, edge whitespace under a trimming template) are rendered and masked the same."""
+    tok = _tok(tiny_tokenizer_dir, COMPOSABLE[name])
+    enc = Encoder(tok)
+    chats = [CHAT, CHAT[1:], CHAT[1:3], [CHAT[1], CHAT[2], CHAT[3], CHAT[3], CHAT[4]]] + _random_chats(80, seed=1)
+    fast = enc.encode_batch([({"messages": c}, "chat") for c in chats])
+    assert enc.composition() == (True, "")
+    assert [(e.input_ids, e.labels) for e in fast] == [
+        (e.input_ids, e.labels) for e in (enc.chat_per_prefix(c) for c in chats)]
+    composed = 0
+    for chat in chats:  # past the first rows and role sequences too, where nothing checks a row at run time
+        got = _composed_or_none(enc, chat)
+        if got is not None:
+            composed += 1
+            assert got[:3] == enc.assistant_spans(chat)
+    assert composed == enc.mask_counts[COMPOSED] > 15  # many random contents hold markers on purpose
+    assert enc.mask_counts[FAST] + enc.mask_counts[PER_PREFIX] == len(chats)
+
+
+def test_default_system_prompt_is_composed_only_without_a_system_message(tiny_tokenizer_dir):
+    enc = Encoder(_tok(tiny_tokenizer_dir, SMOLLM2))
+    with_system, without = enc.chat_spans(CHAT)[0], enc.chat_spans(CHAT[1:])[0]
+    assert enc.mask_counts[COMPOSED] == 2
+    assert "named SmolLM" in without and "named SmolLM" not in with_system
+    assert without == enc.render(CHAT[1:]) and with_system == enc.render(CHAT)
+
+
+def test_trimming_template_renders_rows_with_edge_whitespace(tiny_tokenizer_dir):
+    enc = Encoder(_tok(tiny_tokenizer_dir, LLAMA3))
+    chat = [{"role": "user", "content": "  name the fox\n"}, {"role": "assistant", "content": "the quick fox \n"}]
+    got = enc.chat(chat)
+    assert enc.composition()[0] and enc._composition.trims
+    assert enc.mask_counts[COMPOSED] == 0  # rendered (the trimmed content is not in the text: per-prefix spans)
+    ref = enc.chat_per_prefix(chat)
+    assert (got.input_ids, got.labels) == (ref.input_ids, ref.labels)
+    ids, labels = _hand_built(enc.tok, [
+        ("<|start_header_id|>user<|end_header_id|>\n\nname the fox{eos}<|start_header_id|>assistant<|end_header_id|>"
+         "\n\n", False), ("the quick fox{eos}", True)])
+    assert (got.input_ids, got.labels) == (ids, labels)
+    chatml = Encoder(_tok(tiny_tokenizer_dir, CHATML_TEMPLATE))
+    assert chatml.composition()[0] and not chatml._composition.trims
+
+
+def test_row_with_a_marker_in_its_content_is_rendered_and_masked_right(tiny_tokenizer_dir):
+    tok = _tok(tiny_tokenizer_dir, CHATML_TEMPLATE)
+    enc = Encoder(tok)
+    enc.chat(CHAT)  # a clean row first: composed
+    chat = [{"role": "user", "content": "what ends a turn?"},
+            {"role": "assistant", "content": f"this: {tok.eos_token}\n<|im_start|>user\nno"}]
+    got = enc.chat(chat)
+    assert enc.mask_counts[COMPOSED] == 1 and enc.mask_counts[FAST] + enc.mask_counts[PER_PREFIX] == 2
+    ids, labels = _hand_built(tok, [
+        ("<|im_start|>user\nwhat ends a turn?{eos}\n<|im_start|>assistant\n", False),
+        ("this: {eos}\n<|im_start|>user\nno{eos}", True), ("\n", False)])
+    assert (got.input_ids, got.labels) == (ids, labels)
+
+
+@pytest.mark.parametrize("template, path, reason", [
+    (NUMBERED, PER_PREFIX, "no fixed layout of assistant turns (the text around assistant turns varies"),
+    (NUMBERED_USERS, FAST, "depends on more than their roles"),
+    (ESCAPING, FAST, "does not copy message contents verbatim"),
+])
+def test_template_that_cannot_be_composed_falls_back_and_says_so(tiny_tokenizer_dir, template, path, reason):
+    enc = Encoder(_tok(tiny_tokenizer_dir, template))
+    chats = [CHAT] + _random_chats(20, seed=2)
+    got = enc.encode_batch([({"messages": c}, "chat") for c in chats])
+    on, why = enc.composition()
+    assert not on and reason in why
+    assert enc.chat_path()[0] == path and enc.mask_counts[COMPOSED] == 0
+    assert [(e.input_ids, e.labels) for e in got] == [
+        (e.input_ids, e.labels) for e in (enc.chat_per_prefix(c) for c in chats)]
+
+
+def test_composition_that_disagrees_with_a_real_row_turns_off(tiny_tokenizer_dir):
+    enc = Encoder(_tok(tiny_tokenizer_dir, CONTENT_DEPENDENT))
+    assert enc.composition() == (True, "")  # the probes cannot see it
+    chat = [{"role": "user", "content": "reply asap"}, {"role": "assistant", "content": "on it"}]
+    got = enc.chat(chat)
+    on, why = enc.composition()
+    assert not on and "a composed row (user, assistant) differed" in why
+    assert enc.render(chat).count("[urgent]") == 1
+    ref = enc.chat_per_prefix(chat)
+    assert (got.input_ids, got.labels) == (ref.input_ids, ref.labels)
+    assert enc.mask_counts[COMPOSED] == 0
+
+
 def test_template_without_eos_gets_it_appended_on_the_fast_path(tiny_tokenizer_dir):
     tok = _tok(tiny_tokenizer_dir, ZEPHYR.replace(" + eos_token", ""))
     enc = Encoder(tok)
     got = enc.chat(CHAT[:3])
-    assert enc.chat_path()[0] == FAST
+    assert enc.chat_path()[0] == FAST and enc.mask_counts[COMPOSED] == 1
     assert (got.input_ids, got.labels) == (enc.chat_per_prefix(CHAT[:3]).input_ids, enc.chat_per_prefix(CHAT[:3]).labels)
     assert got.input_ids[-1] == tok.eos_token_id and got.labels[-1] == tok.eos_token_id
 
