@@ -32,8 +32,13 @@ def add_parser(sub, formatter):
 
 
 def run(args) -> int:
+    import signal
     import sys
     import warnings
+
+    # ^C stops an answer (KeyboardInterrupt). Python raises it only if SIGINT was not ignored when it started, and
+    # an ignored SIGINT is inherited from whatever launched the chat (a test runner, a script): take it back.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     from lmforge.inference.backends import load_backend
     from lmforge.inference.chat import HELP, Chat, open_answers
