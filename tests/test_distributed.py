@@ -285,6 +285,19 @@ def test_sharded_strategy_trains_resumes_and_consolidates(ddp_run, tiny_model_di
     assert (root / f"{name}-plain" / "tokenizer_config.json").exists()
 
 
+def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_next_run(tmp_path):
+    """torch's build lock is a bare file; a process killed while holding it made every later DeepSpeed run wait
+    forever (a CI run hung so). lmforge builds under a lock the kernel drops, and removes the stale file."""
+    env = _env(tmp_path / "cache")
+    lock = Path(env["TORCH_EXTENSIONS_DIR"]) / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.touch()  # what a process killed mid-build leaves
+    code = "from lmforge.distributed import extensions; extensions.load_ops(); print('loaded')"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "loaded" in proc.stdout, proc.stderr[-3000:]
+    assert not lock.exists()
+
+
 @pytest.mark.slow
 def test_native_fsdp_lora_in_bf16_equals_one_process_and_resumes_bitwise(ddp_run, tiny_model_dir, lmforge_cache):
     """FSDP2 on the native engine with a LoRA adapter in bf16 (FSDP casts the fp32 adapter shards as it gathers

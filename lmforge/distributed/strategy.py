@@ -20,7 +20,7 @@ from datetime import timedelta
 import torch
 from transformers import TrainerCallback
 
-from lmforge.distributed import zero
+from lmforge.distributed import extensions, zero
 from lmforge.distributed.ranks import EXPECTED_WORLD_ENV, nodes, world_size
 from lmforge.errors import ConfigError, UnsupportedError
 TIMEOUT = timedelta(minutes=30)  # data preparation on rank 0 happens while the others wait at a barrier
@@ -85,10 +85,7 @@ def teardown() -> None:
 
 
 def _deepspeed_environment() -> None:
-    from lmforge.models import cache_root
-
-    # DeepSpeed compiles its C++ ops on first use (minutes); keep them across runs.
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_root() / "torch_extensions"))
+    extensions.load_ops()
     if "RANK" not in os.environ:  # one process without a launcher: DeepSpeed still wants a rendezvous
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))

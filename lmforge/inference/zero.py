@@ -213,10 +213,9 @@ def _process_group() -> None:
     import deepspeed
     import torch.distributed as dist
 
-    from lmforge.models import cache_root
+    from lmforge.distributed import extensions
 
-    # DeepSpeed compiles its C++ ops on first use; keep them across runs (as training does)
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_root() / "torch_extensions"))
+    extensions.load_ops()
     if "LOCAL_RANK" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
