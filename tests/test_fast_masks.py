@@ -292,7 +292,13 @@ def test_unsupported_template_falls_back_and_says_so(tmp_path, tiny_model_dir, l
     assert ds[0]["input_ids"] == ids and ds[0]["labels"] == labels
     tok = _tok(tiny_model_dir, CHATML_TEMPLATE)
     _, stats, _ = prepare.prepare_split(cfg, tok, "train", packed=False)
-    assert f"chat masks, {data}: fast path (one template rendering per conversation) for all 3 rows" in stats.lines()
+    lines = "\n".join(stats.lines())
+    assert f"chat masks, {data}: fast path (one template rendering per conversation) for all 3 rows; 3 of the fast " \
+           "rows composed from the template's layout without rendering" in lines
+    _, stats, _ = prepare.prepare_split(cfg, _tok(tiny_model_dir, ESCAPING), "train", packed=False)
+    lines = "\n".join(stats.lines())
+    assert f"chat masks, {data}: fast path (one template rendering per conversation) for all 3 rows; none composed (" \
+           in lines and "does not copy message contents verbatim" in lines
 
 
 def _prepare_cfg(tmp_path, tiny_model_dir, n=48):

@@ -37,7 +37,7 @@ from lmforge.data.packing import pack_bins
 from lmforge.data.preference import PREFERENCE_METHODS, encode_preference_rows
 from lmforge.data.preference import VERSION as PREFERENCE_VERSION
 from lmforge.data.sources import BadRow, Row, has_split, is_saved_dataset, read_source, resolve_files
-from lmforge.data.tokenize import FAST, IGNORE, PER_PREFIX, Encoder, chunk, encoder_decoder_pairs, text_blocks
+from lmforge.data.tokenize import COMPOSED, FAST, IGNORE, PER_PREFIX, Encoder, chunk, encoder_decoder_pairs, text_blocks
 from lmforge.distributed.ranks import main_process_first
 from lmforge.errors import ConfigError, DataError, UnsupportedError
 from lmforge.methods import METHODS
@@ -46,6 +46,9 @@ from lmforge.models import cache_root
 CACHE_VERSION = "3"  # 3: causal splits built in bounded memory (data/bounded.py)
 # which row formats each method trains on (the registry, methods/__init__.py)
 METHOD_FORMATS = {name: m.formats for name, m in METHODS.items()}
+
+
+_NOT_COMPOSED = "not-composed"  # Stats.masks key: why a source's fast rows were not composed
 
 
 @dataclass
@@ -61,7 +64,9 @@ class Stats:
     dropped: dict = field(default_factory=dict)
     packed_rows: int = 0
     formats: dict = field(default_factory=dict)
-    masks: dict = field(default_factory=dict)  # chat source -> {fast: rows, per-prefix: rows, reason: why not fast}
+    # chat source -> {fast: rows, per-prefix: rows, composed: rows (also in fast), reason: why not fast,
+    #                 not-composed: why rows were not composed}
+    masks: dict = field(default_factory=dict)
     processes: int = 1  # tokenising processes
     layout: str = "causal"  # what a sample is: see sample_layout
 
@@ -91,14 +96,19 @@ class Stats:
         if self.packed_rows:
             out.append(f"packed rows: {self.packed_rows}")
         for name, m in self.masks.items():
-            fast, slow = m.get(FAST, 0), m.get(PER_PREFIX, 0)
+            fast, slow, composed = m.get(FAST, 0), m.get(PER_PREFIX, 0), m.get(COMPOSED, 0)
             if not slow:
-                out.append(f"chat masks, {name}: fast path (one template rendering per conversation) for all {fast} rows")
+                line = f"chat masks, {name}: fast path (one template rendering per conversation) for all {fast} rows"
             elif not fast:
-                out.append(f"chat masks, {name}: per-prefix rendering for all {slow} rows (fast path off: {m.get('reason')})")
+                line = f"chat masks, {name}: per-prefix rendering for all {slow} rows (fast path off: {m.get('reason')})"
             else:
                 why = m.get("reason") or "the turns could not be located unambiguously in one rendering"
-                out.append(f"chat masks, {name}: fast path for {fast} rows, per-prefix rendering for {slow} ({why})")
+                line = f"chat masks, {name}: fast path for {fast} rows, per-prefix rendering for {slow} ({why})"
+            if composed:
+                line += f"; {composed} of the fast rows composed from the template's layout without rendering"
+            elif fast and m.get(_NOT_COMPOSED):
+                line += f"; none composed ({m[_NOT_COMPOSED]})"
+            out.append(line)
         if self.processes > 1:
             out.append(f"tokenised in {self.processes} processes")
         return out
@@ -268,11 +278,13 @@ def _encode_chunk(cfg: Config, enc: Encoder, rows: list[tuple[str, Row]]) -> tup
             before = dict(enc.mask_counts)
             for k, e in zip(idx, enc.encode_batch([(batch[k][1].data, batch[k][0]) for k in idx])):
                 encoded[k] = e
-            m = masks.setdefault(source, {FAST: 0, PER_PREFIX: 0, "reason": ""})
-            for path in (FAST, PER_PREFIX):
+            m = masks.setdefault(source, {FAST: 0, PER_PREFIX: 0, COMPOSED: 0, "reason": "", _NOT_COMPOSED: ""})
+            for path in (FAST, PER_PREFIX, COMPOSED):
                 m[path] += enc.mask_counts[path] - before[path]
             if m[FAST] or m[PER_PREFIX]:
                 m["reason"] = enc.chat_path()[1] or m["reason"]
+            if m[FAST] and not m[COMPOSED]:
+                m[_NOT_COMPOSED] = enc.composition()[1] or m[_NOT_COMPOSED]
         for j, ((fmt, _), e) in enumerate(zip(batch, encoded), start=lo):
             if pretraining or fmt == "text":
                 pieces = chunk(e, max_len)
@@ -335,10 +347,11 @@ def add_counts(stats: Stats, counts: dict, masks: dict, source_names: list[str] 
         if not m[FAST] and not m[PER_PREFIX]:
             continue
         name = source_names[source] if source_names else f"source {source}"
-        acc = stats.masks.setdefault(name, {FAST: 0, PER_PREFIX: 0, "reason": ""})
-        acc[FAST] += m[FAST]
-        acc[PER_PREFIX] += m[PER_PREFIX]
-        acc["reason"] = acc["reason"] or m["reason"]
+        acc = stats.masks.setdefault(name, {FAST: 0, PER_PREFIX: 0, COMPOSED: 0, "reason": "", _NOT_COMPOSED: ""})
+        for key in (FAST, PER_PREFIX, COMPOSED):
+            acc[key] += m[key]
+        for key in ("reason", _NOT_COMPOSED):
+            acc[key] = acc[key] or m[key]
 
 
 def encode_rows(cfg: Config, tokenizer, rows: list[tuple[str, Row]], stats: Stats,
