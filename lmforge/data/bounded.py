@@ -30,7 +30,7 @@ from lmforge.config import Config
 from lmforge.data.formats import RowError, normalize, source_format
 from lmforge.data.packing import pack_bins
 from lmforge.data.prepare import (
-    DROP_NO_LOSS, METHOD_FORMATS, Stats, _encode_chunk, add_counts, mix_indices, sources_for,
+    DROP_NO_LOSS, METHOD_FORMATS, Stats, _encode_chunk, add_counts, mix_indices, sources_for, spans,
     tokenising_processes,
 )
 from lmforge.data.sources import (
@@ -204,7 +204,7 @@ class _Spill:
         return {k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in self.parts.items()}
 
 
-def _selection(cfg: Config, role: str, good_per_source: list[int], per_sample_rows: np.ndarray):
+def _selection(cfg: Config, role: str, good_per_source: list[int]):
     """The rows a split uses, as global row numbers (None: every row once, in order): training sources mixed by
     weight, eval sources concatenated (``prepare.split_rows``' rule on row numbers)."""
     if role == "eval" or (len(good_per_source) == 1 and cfg.data.num_samples is None):
@@ -213,13 +213,6 @@ def _selection(cfg: Config, role: str, good_per_source: list[int], per_sample_ro
     picks, rows = mix_indices(good_per_source, weights, cfg.train.seed, cfg.data.num_samples)
     offsets = np.concatenate([[0], np.cumsum(good_per_source)[:-1]]).astype(np.int64)
     return offsets[picks] + rows
-
-
-def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Concatenated ``arange(s, s + c)`` for every (s, c)."""
-    total = int(counts.sum())
-    ends = np.cumsum(counts)
-    return np.repeat(starts - (ends - counts), counts) + np.arange(total, dtype=np.int64)
 
 
 def _buckets(spill: Path, lengths: np.ndarray, order: np.ndarray, row_bucket: np.ndarray, entry_bucket: np.ndarray):
@@ -246,7 +239,7 @@ def _buckets(spill: Path, lengths: np.ndarray, order: np.ndarray, row_bucket: np
                 lo, hi = np.searchsorted(sample_of, [first, last])
                 entries = by_sample[lo:hi]
                 entries = entries[np.argsort(entry_bucket[entries], kind="stable")]
-                take = _ranges(starts[order[entries]] - starts[first], lens[entries])
+                take = spans(starts[order[entries]] - starts[first], lens[entries])
                 ids, labels = ids[take], labels[take]
                 buckets, begins = np.unique(entry_bucket[entries], return_index=True)
                 bounds = np.concatenate([[0], np.cumsum(lens[entries])])
@@ -267,7 +260,7 @@ def _buckets(spill: Path, lengths: np.ndarray, order: np.ndarray, row_bucket: np
     return ids_at, labels_at
 
 
-def _write_arrow(directory: Path, spill: Path, lengths: np.ndarray, order: np.ndarray, per_row: np.ndarray) -> int:
+def _write_arrow(directory: Path, spill: Path, lengths: np.ndarray, order: np.ndarray, per_row: np.ndarray) -> None:
     """Arrow rows (input_ids, labels, seq_lens) of the samples ``order`` grouped ``per_row`` samples a row, written
     as ``load_from_disk`` reads it.
 
@@ -300,7 +293,7 @@ def _write_arrow(directory: Path, spill: Path, lengths: np.ndarray, order: np.nd
             while row < r1:  # record batches of about SLICE_TOKENS tokens, at least one row
                 stop = min(r1, max(row + 1, int(np.searchsorted(row_before, row_before[row] + SLICE_TOKENS))))
                 e0, e1 = int(row_ends[row] - per_row[row]), int(row_ends[stop - 1])
-                ids, labels = (buf[_ranges(at[e0:e1], lens[e0:e1])] for at in (ids_at, labels_at))
+                ids, labels = (buf[spans(at[e0:e1], lens[e0:e1])] for at in (ids_at, labels_at))
                 token_bounds = np.concatenate([[0], np.cumsum(row_tokens[row:stop])]).astype(np.int32)
                 sample_bounds = np.concatenate([[0], np.cumsum(per_row[row:stop])]).astype(np.int32)
                 writer.write_batch(pa.record_batch([
@@ -314,7 +307,6 @@ def _write_arrow(directory: Path, spill: Path, lengths: np.ndarray, order: np.nd
         "_data_files": [{"filename": name}], "_fingerprint": uuid.uuid4().hex[:16], "_format_columns": None,
         "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False, "_split": None}, indent=2))
     DatasetInfo(features=Features.from_arrow_schema(schema)).write_to_directory(str(directory))
-    return len(per_row)
 
 
 def build_causal(cfg: Config, tokenizer, role: str, packed: bool, out: Path, source_names: list[str]) -> Stats:
@@ -374,9 +366,9 @@ def build_causal(cfg: Config, tokenizer, role: str, packed: bool, out: Path, sou
     stats.bad_rows = bad_count
     samples_per_row = arrays["samples"].astype(np.int64)
     first_sample = np.concatenate([[0], np.cumsum(samples_per_row)[:-1]]).astype(np.int64)
-    chosen = _selection(cfg, role, good_per_source, samples_per_row)
+    chosen = _selection(cfg, role, good_per_source)
     if chosen is not None:  # a mixed selection of rows: recount what it holds
-        order = _ranges(first_sample[chosen], samples_per_row[chosen])
+        order = spans(first_sample[chosen], samples_per_row[chosen])
         stats.truncated = int(arrays["truncated"][chosen].sum())
         stats.split = int(arrays["split"][chosen].sum())
         dropped = int(arrays["dropped"][chosen].sum())

@@ -420,6 +420,12 @@ def _list_array(offsets: np.ndarray, values: np.ndarray):
     return pa.LargeListArray.from_arrays(pa.array(offsets.astype(np.int64)), pa.array(values))
 
 
+def spans(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Concatenated ``arange(s, s + c)`` for every (s, c): a gather index of many slices at once."""
+    ends = np.cumsum(counts)
+    return np.repeat(starts - (ends - counts), counts) + np.arange(int(ends[-1]) if len(ends) else 0, dtype=np.int64)
+
+
 def to_table(tokens: Tokens, bins: list[list[int]] | None):
     """Arrow rows input_ids, labels, seq_lens: one per bin of samples (packed), or one per sample."""
     import pyarrow as pa
@@ -432,8 +438,7 @@ def to_table(tokens: Tokens, bins: list[list[int]] | None):
         per_row = np.fromiter((len(b) for b in bins), dtype=np.int64, count=len(bins))
     lens = tokens.lengths[order]
     out_ends = np.cumsum(lens)
-    # token gather index: for each output position, where it sits in the flat arrays
-    gather = np.repeat(tokens.starts[order] - (out_ends - lens), lens) + np.arange(int(out_ends[-1]) if n else 0)
+    gather = spans(tokens.starts[order], lens)  # for each output position, where it sits in the flat arrays
     sample_bounds = np.concatenate([[0], np.cumsum(per_row)])
     token_bounds = np.concatenate([[0], out_ends])[sample_bounds]
     return pa.table({
