@@ -62,12 +62,23 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     return torch.stack(rows).transpose(1, 2).contiguous(), None
 
 
-@functools.lru_cache(maxsize=4096)
+_CAUSAL: dict[torch.device, torch.Tensor] = {}  # device -> the largest causal mask asked for so far
+
+
 def _masked(sample: int | tuple[int, int, int], device: torch.device) -> torch.Tensor:
-    """The masked-out positions of one sample, built once per shape (every layer and step reuses it)."""
+    """The masked-out positions of one sample. A causal mask is the top-left corner of any larger one, so one
+    mask serves every length (a mask cached per length held sum(n^2) bytes: 2.8 GB at max_length 2048)."""
     if isinstance(sample, tuple):
-        return ~shared_prompt_mask(*sample).to(device)
-    return torch.ones(sample, sample, dtype=torch.bool, device=device).triu_(1)
+        return _shared_prompt_masked(sample, device)
+    full = _CAUSAL.get(device)
+    if full is None or full.shape[0] < sample:
+        full = _CAUSAL[device] = torch.ones(sample, sample, dtype=torch.bool, device=device).triu_(1)
+    return full[:sample, :sample]
+
+
+@functools.lru_cache(maxsize=64)  # one step's pairs, reused by every layer; pairs rarely recur across steps
+def _shared_prompt_masked(sample: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+    return ~shared_prompt_mask(*sample).to(device)
 
 
 def use_packed_attention(model) -> bool:

@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
+from lmforge.training.memory import HeapTrim
+
 PLOT_EVERY_SECONDS = 20.0
 
 
@@ -123,12 +125,14 @@ class OutputsCallback(TrainerCallback):
         self._step_t0 = None
         self._last = (0, 0.0)  # (tokens, train seconds) at the previous log
         self._last_plot = 0.0
+        self.heap = HeapTrim()
 
     # timing covers training steps only, not evaluation or checkpointing
     def on_step_begin(self, args, state, control, **kw):
         self._step_t0 = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kw):
+        self.heap.after_step()  # inside the step's time, as on the native engine
         if self._step_t0 is not None:
             self.train_seconds += time.perf_counter() - self._step_t0
         if self.bar is not None:

@@ -47,6 +47,7 @@ from lmforge.training import flops, report
 from lmforge.training.checkpoint import (
     EpochSampler, load_weights, read_weights, rng_state, set_rng_state, write_checkpoint_atomically,
 )
+from lmforge.training.memory import HeapTrim
 from lmforge.training.optim import build_optimizer
 from lmforge.training.run import log, upload_outputs
 from lmforge.training.tracking import NATIVE_TRACKERS, Profiler, Tracker, Window, progress_bar
@@ -216,6 +217,7 @@ class NativeTrainer:
                               "reduce-scattered once per step" if self.sharded
                               else "gradients summed in one all-reduce per step") + ")")
         window = Window(self.objective.stat_keys)
+        heap = HeapTrim()
         profiler = Profiler(self.cfg, self.out) if self.rank == 0 else None
         with self.signals():
             bar = progress_bar(self.max_steps, self.step) if self.rank == 0 else None
@@ -224,6 +226,7 @@ class NativeTrainer:
                     profiler.before_step(self.step + 1)
                 t0 = time.perf_counter()
                 loss, n_tokens, grad_norm, stats = self.train_step()
+                heap.after_step()  # inside the step's time: it is part of what the run costs
                 self.step += 1
                 if math.isfinite(loss):
                     window.add(loss, n_tokens, time.perf_counter() - t0, stats)
