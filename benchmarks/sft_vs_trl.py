@@ -6,6 +6,9 @@ duration of the training steps (model loading and data preparation excluded for 
 subprocess, so peak RSS is measured per run too. TRL runs with its defaults (no packing).
 
     .venv/bin/python benchmarks/sft_vs_trl.py [--rows 200] [--peft none|lora] [--engines native,hf]
+
+An engine may name lmforge's compute dtype, e.g. ``--engines native,native:float32``: the issue's check that bf16
+is never slower than lmforge's own fp32 on a CPU with native bf16 (``model.dtype: auto`` picks bf16 there).
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ def run_trl(data: Path, peft: str, out: Path) -> dict:
             "weights": str(model.dtype)}
 
 
-def run_lmforge(data: Path, peft: str, out: Path, engine: str) -> dict:
+def run_lmforge(data: Path, peft: str, out: Path, engine: str, dtype: str = "auto") -> dict:
     import time
 
     from lmforge.config import load_config
@@ -68,7 +71,7 @@ def run_lmforge(data: Path, peft: str, out: Path, engine: str) -> dict:
 
     timer = StepTimer()
     tree = {
-        "method": "sft", "model": {"name_or_path": "smollm2-135m-instruct"}, "peft": {"kind": peft},
+        "method": "sft", "model": {"name_or_path": "smollm2-135m-instruct", "dtype": dtype}, "peft": {"kind": peft},
         "data": {"train": [{"path": str(data)}], "max_length": 256},
         "train": {"output_dir": str(out), "num_train_epochs": 1, "per_device_train_batch_size": 8, "engine": engine,
                   "logging_steps": 5, "save_steps": 10_000, "report_to": ["none"], "seed": 0, "resume": "never"},
@@ -94,7 +97,7 @@ def run_lmforge(data: Path, peft: str, out: Path, engine: str) -> dict:
     sft.train(cfg)
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     mfu = [r["mfu"] for r in metrics if "mfu" in r]
-    weights = "torch.float32" if peft == "none" else "torch.bfloat16"
+    weights = "torch.float32" if peft == "none" or dtype == "float32" else "torch.bfloat16"
     return {"tokens": stats["tokens"], "seconds": timer.seconds, "steps": timer.steps, "weights": weights,
             "mfu": sorted(mfu)[len(mfu) // 2] if mfu else None}
 
@@ -102,8 +105,9 @@ def run_lmforge(data: Path, peft: str, out: Path, engine: str) -> dict:
 def child(which: str, data: str, peft: str, out: str) -> None:
     if which == "trl":
         result = run_trl(Path(data), peft, Path(out))
-    else:  # lmforge-native, lmforge-hf
-        result = run_lmforge(Path(data), peft, Path(out), which.split("-")[1])
+    else:  # lmforge-native, lmforge-hf, lmforge-native:float32
+        engine, _, dtype = which.split("-", 1)[1].partition(":")
+        result = run_lmforge(Path(data), peft, Path(out), engine, dtype or "auto")
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -112,7 +116,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=200)
     ap.add_argument("--peft", default="none", choices=["none", "lora"])
-    ap.add_argument("--engines", default="native", help="lmforge engines to run, comma-separated: native,hf")
+    ap.add_argument("--engines", default="native",
+                    help="lmforge engines to run, comma-separated, each with an optional :dtype (native,hf,native:float32)")
     ap.add_argument("--child", nargs=4, metavar=("WHICH", "DATA", "PEFT", "OUT"))
     args = ap.parse_args()
     if args.child:
@@ -128,16 +133,16 @@ def main() -> None:
     results = {}
     for which in [f"lmforge-{e}" for e in args.engines.split(",")] + ["trl"]:
         results[which], proc = child_result([sys.executable, __file__, "--child", which, str(data), args.peft,
-                                             str(tmp / which)], env)
+                                             str(tmp / which.replace(":", "-"))], env)
         if results[which] is None:
             sys.exit(f"{which} run failed:\n{proc.stderr[-3000:]}")
     print(f"\nSFT, SmolLM2-135M, {args.rows} rows, batch 8, one epoch, peft={args.peft}")
     print(f"CPU: {cpu_kind()}; compute dtype (auto): {pick_dtype('auto')}")
-    print(f"{'':16}{'steps':>7}{'tokens':>9}{'train s':>10}{'tokens/s':>10}{'MFU':>7}{'peak RSS MB':>13}  base weights")
+    print(f"{'':22}{'steps':>7}{'tokens':>9}{'train s':>10}{'tokens/s':>10}{'MFU':>7}{'peak RSS MB':>13}  base weights")
     for which, r in results.items():
         r["tps"] = r["tokens"] / r["seconds"]
         mfu = f"{100 * r['mfu']:.0f}%" if r.get("mfu") is not None else "-"
-        print(f"{which:16}{r['steps']:>7}{r['tokens']:>9}{r['seconds']:>10.1f}{r['tps']:>10.1f}{mfu:>7}"
+        print(f"{which:22}{r['steps']:>7}{r['tokens']:>9}{r['seconds']:>10.1f}{r['tps']:>10.1f}{mfu:>7}"
               f"{r['peak_rss_mb']:>13.0f}  {r['weights']}")
     for which in results:
         if which != "trl":

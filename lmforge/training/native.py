@@ -187,6 +187,7 @@ class NativeTrainer:
         self.stop_signal: int | None = None  # the stop signal every rank agreed on in a step's all-reduce
         self.step_rows: list[int] = []  # this rank's dataset rows in the current step
         self.skipped = 0  # steps whose loss was not finite and whose update was dropped (train.on_nan: skip_batch)
+        self.heap = HeapTrim()  # a step's freed memory goes back to the OS once RSS has grown (training/memory.py)
         self.tracker = Tracker(self.out, cfg.train.report_to) if self.rank == 0 else None
         self.flops_per_token: float | None = None
         self.peak = flops.peak_flops(prec.compute)
@@ -217,7 +218,6 @@ class NativeTrainer:
                               "reduce-scattered once per step" if self.sharded
                               else "gradients summed in one all-reduce per step") + ")")
         window = Window(self.objective.stat_keys)
-        heap = HeapTrim()
         profiler = Profiler(self.cfg, self.out) if self.rank == 0 else None
         with self.signals():
             bar = progress_bar(self.max_steps, self.step) if self.rank == 0 else None
@@ -226,7 +226,6 @@ class NativeTrainer:
                     profiler.before_step(self.step + 1)
                 t0 = time.perf_counter()
                 loss, n_tokens, grad_norm, stats = self.train_step()
-                heap.after_step()  # inside the step's time: it is part of what the run costs
                 self.step += 1
                 if math.isfinite(loss):
                     window.add(loss, n_tokens, time.perf_counter() - t0, stats)
@@ -317,6 +316,7 @@ class NativeTrainer:
             self.master.copy_to_model()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.heap.after_step()  # part of the step's time (and of what benchmarks/ measure)
         return loss_value, n_tokens, grad_norm, step_stats
 
     def non_finite(self, loss_value: float) -> float:
