@@ -1,7 +1,9 @@
 """Chat masks from one rendering per conversation (the fast path) and from rows composed without rendering
 equal the per-prefix masks and hand-built ones on ChatML, Llama-3-style and Zephyr-style templates; the composed
 text is the template's; a template the fast path or the composition cannot handle falls back and says so;
-tokenising in several processes gives the same data; a cached re-run does not re-tokenise."""
+rows tokenised message by message give the whole text's tokens and masks, and a tokenizer or row that does not
+allow it is tokenised whole; tokenising in several processes gives the same data; a cached re-run does not
+re-tokenise."""
 
 import os
 import random
@@ -13,7 +15,7 @@ from conftest import CHATML_TEMPLATE, base_config, chat_rows, write_jsonl
 from lmforge.cli import main
 from lmforge.config import load_config
 from lmforge.data import prepare
-from lmforge.data.tokenize import COMPOSED, FAST, IGNORE, PER_PREFIX, Encoder
+from lmforge.data.tokenize import COMPOSED, FAST, IGNORE, PER_PREFIX, PIECEWISE, VERIFY_ROWS, Encoder
 from lmforge.models import finalize_tokenizer
 
 LLAMA3 = (
@@ -271,6 +273,89 @@ def test_composition_that_disagrees_with_a_real_row_turns_off(tiny_tokenizer_dir
     assert enc.mask_counts[COMPOSED] == 0
 
 
+# Contents whose edges a tokenizer could merge with the template's text: leading whitespace (tokenised whole),
+# punctuation, digits, a contraction, inner blank lines.
+EDGES = [" leading space", "  two spaces", "\n\n two lines", "\nleading newline", "'s a contraction", "42 is a number", "...and dots", "tab\there",
+         "two\n\nlines\n", "trailing space "]
+
+
+def _clean_chats(n, edges_after=None, seed=4):
+    """Conversations in a few role sequences whose contents hold no marker (so that they are composed); past row
+    ``edges_after``, a third of the contents start with one of ``EDGES``."""
+    rng = random.Random(seed)
+    words = "the fox jumps over a lazy dog , 7 : ! \n".split(" ")
+    say = lambda: " ".join(rng.choice(words) for _ in range(rng.randint(1, 9))).strip() or "ok"  # noqa: E731
+    chats = []
+    for k in range(n):
+        roles = ["system"] * (k % 3 == 0) + ["user", "assistant"] * (1 + k % 2) + ["tool", "assistant"] * (k % 5 == 0)
+        edge = lambda: rng.choice(EDGES) + " " if edges_after is not None and k >= edges_after and rng.random() < 0.3 \
+            else ""  # noqa: E731
+        chats.append([{"role": r, "content": edge() + say()} for r in roles])
+    return chats
+
+
+@pytest.fixture(scope="module")
+def edge_tokenizer_dir(tmp_path_factory):
+    """A tokenizer with merges across the edges in ``EDGES`` (a line break and the spaces after it, as SmolLM2's
+    has): there, tokenising a content apart from the line break before it would give other tokens."""
+    from conftest import corpus
+    from lmforge.models import train_bpe_tokenizer
+
+    out = tmp_path_factory.mktemp("edge-tok")
+    texts = corpus() + [f"{w}\n{e} {w}" for w in ("fox", "dog", "the") for e in EDGES] * 20
+    train_bpe_tokenizer(texts, vocab_size=500, min_frequency=2, out_dir=out)
+    return out
+
+
+@pytest.mark.parametrize("name", ["chatml", "smollm2", "zephyr", "llama3"])
+def test_rows_tokenised_by_message_equal_the_whole_text(edge_tokenizer_dir, name):
+    tok = _tok(edge_tokenizer_dir, COMPOSABLE[name])
+    assert len(tok("\n  two", add_special_tokens=False).input_ids) < len(tok("  two").input_ids) + 1  # a merge
+    enc = Encoder(tok)
+    chats = _clean_chats(150, edges_after=60)  # after the checked rows: nothing compares those at run time
+    got = enc.encode_batch([({"messages": c}, "chat") for c in chats])
+    ref = Encoder(tok)
+    assert [(e.input_ids, e.labels) for e in got] == [
+        (e.input_ids, e.labels) for e in (ref.chat_per_prefix(c) for c in chats)]
+    assert enc.piecewise() == (True, "")
+    assert 80 < enc.mask_counts[PIECEWISE] < enc.mask_counts[COMPOSED]  # leading whitespace: tokenised whole
+
+
+def test_tokenizer_that_normalises_is_not_tokenised_by_message(tiny_tokenizer_dir):
+    from tokenizers import normalizers
+
+    tok = _tok(tiny_tokenizer_dir, CHATML_TEMPLATE)
+    tok.backend_tokenizer.normalizer = normalizers.NFKC()
+    enc = Encoder(tok)
+    chats = _clean_chats(30)
+    got = enc.encode_batch([({"messages": c}, "chat") for c in chats])
+    assert enc.piecewise() == (False, "the tokenizer normalises text")
+    assert enc.mask_counts[PIECEWISE] == 0 and enc.mask_counts[COMPOSED] > VERIFY_ROWS
+    assert [(e.input_ids, e.labels) for e in got] == [
+        (e.input_ids, e.labels) for e in (Encoder(tok).chat_per_prefix(c) for c in chats)]
+
+
+def test_row_tokenised_by_message_that_differs_turns_it_off(tiny_tokenizer_dir, monkeypatch):
+    """The check of the first rows catches pieces that do not add up to the whole text (made wrong here on purpose)."""
+    tok = _tok(tiny_tokenizer_dir, CHATML_TEMPLATE)
+    real = Encoder._pieces
+
+    def wrong(self, plan, roles):
+        real(self, plan, roles)
+        ids, labels = plan.pieces[0]
+        plan.pieces[0] = (ids[1:], labels[1:])
+
+    monkeypatch.setattr(Encoder, "_pieces", wrong)
+    enc = Encoder(tok)
+    chat = [{"role": "user", "content": "name the fox"}, {"role": "assistant", "content": "the quick fox"}]
+    got = enc.encode_batch([({"messages": chat}, "chat")] * (VERIFY_ROWS + 4))
+    on, why = enc.piecewise()
+    assert not on and why == "a row (user, assistant) tokenised by message differed from its whole text"
+    ref = Encoder(tok).chat_per_prefix(chat)
+    assert all((e.input_ids, e.labels) == (ref.input_ids, ref.labels) for e in got)
+    assert enc.mask_counts[PIECEWISE] == 0 and enc.mask_counts[COMPOSED] == VERIFY_ROWS + 4
+
+
 def test_template_without_eos_gets_it_appended_on_the_fast_path(tiny_tokenizer_dir):
     tok = _tok(tiny_tokenizer_dir, ZEPHYR.replace(" + eos_token", ""))
     enc = Encoder(tok)
@@ -299,6 +384,23 @@ def test_unsupported_template_falls_back_and_says_so(tmp_path, tiny_model_dir, l
     lines = "\n".join(stats.lines())
     assert f"chat masks, {data}: fast path (one template rendering per conversation) for all 3 rows; none composed (" \
            in lines and "does not copy message contents verbatim" in lines
+
+
+def test_prepare_says_how_many_rows_were_tokenised_by_message(tmp_path, tiny_model_dir, lmforge_cache):
+    from tokenizers import normalizers
+
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(48))
+    cfg = load_config(None, tree=base_config(tiny_model_dir, data, tmp_path / "out", data={"max_length": 512}))
+    tok = _tok(tiny_model_dir, CHATML_TEMPLATE)
+    by_message, stats, _ = prepare.prepare_split(cfg, tok, "train", packed=False)
+    assert f"48 of the fast rows composed from the template's layout without rendering, {48 - VERIFY_ROWS} of them " \
+           "tokenised message by message (template text tokenised once)" in "\n".join(stats.lines())
+    tok.backend_tokenizer.normalizer = normalizers.NFKC()  # changes nothing in these rows, but is not proven safe
+    cfg.data.cache_dir = str(tmp_path / "other-cache")
+    whole, stats, _ = prepare.prepare_split(cfg, tok, "train", packed=False)
+    assert "48 of the fast rows composed from the template's layout without rendering, none tokenised message by " \
+           "message (the tokenizer normalises text)" in "\n".join(stats.lines())
+    assert whole.to_dict() == by_message.to_dict()
 
 
 def _prepare_cfg(tmp_path, tiny_model_dir, n=48):

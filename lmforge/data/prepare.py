@@ -37,7 +37,9 @@ from lmforge.data.packing import pack_bins
 from lmforge.data.preference import PREFERENCE_METHODS, encode_preference_rows
 from lmforge.data.preference import VERSION as PREFERENCE_VERSION
 from lmforge.data.sources import BadRow, Row, has_split, is_saved_dataset, read_source, resolve_files
-from lmforge.data.tokenize import COMPOSED, FAST, IGNORE, PER_PREFIX, Encoder, chunk, encoder_decoder_pairs, text_blocks
+from lmforge.data.tokenize import (
+    COMPOSED, FAST, IGNORE, MASK_PATHS, PER_PREFIX, PIECEWISE, Encoder, chunk, encoder_decoder_pairs, text_blocks,
+)
 from lmforge.distributed.ranks import main_process_first
 from lmforge.errors import ConfigError, DataError, UnsupportedError
 from lmforge.methods import METHODS
@@ -49,6 +51,12 @@ METHOD_FORMATS = {name: m.formats for name, m in METHODS.items()}
 
 
 _NOT_COMPOSED = "not-composed"  # Stats.masks key: why a source's fast rows were not composed
+_NOT_PIECEWISE = "not-piecewise"  # Stats.masks key: why a source's composed rows were not tokenised by message
+
+
+def _new_mask_counts() -> dict:
+    """A source's chat rows per mask path (``tokenize.MASK_PATHS``) and why the faster paths were not taken."""
+    return dict.fromkeys(MASK_PATHS, 0) | {"reason": "", _NOT_COMPOSED: "", _NOT_PIECEWISE: ""}
 
 
 @dataclass
@@ -64,8 +72,9 @@ class Stats:
     dropped: dict = field(default_factory=dict)
     packed_rows: int = 0
     formats: dict = field(default_factory=dict)
-    # chat source -> {fast: rows, per-prefix: rows, composed: rows (also in fast), reason: why not fast,
-    #                 not-composed: why rows were not composed}
+    # chat source -> {fast: rows, per-prefix: rows, composed: rows (also in fast), piecewise: rows (also in composed),
+    #                 reason: why not fast, not-composed: why rows were not composed, not-piecewise: why composed rows
+    #                 were not tokenised by message} (``_new_mask_counts``)
     masks: dict = field(default_factory=dict)
     processes: int = 1  # tokenising processes
     layout: str = "causal"  # what a sample is: see sample_layout
@@ -106,6 +115,11 @@ class Stats:
                 line = f"chat masks, {name}: fast path for {fast} rows, per-prefix rendering for {slow} ({why})"
             if composed:
                 line += f"; {composed} of the fast rows composed from the template's layout without rendering"
+                piecewise = m.get(PIECEWISE, 0)
+                if piecewise:
+                    line += f", {piecewise} of them tokenised message by message (template text tokenised once)"
+                elif m.get(_NOT_PIECEWISE):
+                    line += f", none tokenised message by message ({m[_NOT_PIECEWISE]})"
             elif fast and m.get(_NOT_COMPOSED):
                 line += f"; none composed ({m[_NOT_COMPOSED]})"
             out.append(line)
@@ -278,13 +292,15 @@ def _encode_chunk(cfg: Config, enc: Encoder, rows: list[tuple[str, Row]]) -> tup
             before = dict(enc.mask_counts)
             for k, e in zip(idx, enc.encode_batch([(batch[k][1].data, batch[k][0]) for k in idx])):
                 encoded[k] = e
-            m = masks.setdefault(source, {FAST: 0, PER_PREFIX: 0, COMPOSED: 0, "reason": "", _NOT_COMPOSED: ""})
-            for path in (FAST, PER_PREFIX, COMPOSED):
+            m = masks.setdefault(source, _new_mask_counts())
+            for path in MASK_PATHS:
                 m[path] += enc.mask_counts[path] - before[path]
             if m[FAST] or m[PER_PREFIX]:
                 m["reason"] = enc.chat_path()[1] or m["reason"]
             if m[FAST] and not m[COMPOSED]:
                 m[_NOT_COMPOSED] = enc.composition()[1] or m[_NOT_COMPOSED]
+            if m[COMPOSED] and not m[PIECEWISE]:
+                m[_NOT_PIECEWISE] = enc.piecewise()[1] or m[_NOT_PIECEWISE]
         for j, ((fmt, _), e) in enumerate(zip(batch, encoded), start=lo):
             if pretraining or fmt == "text":
                 pieces = chunk(e, max_len)
@@ -347,10 +363,10 @@ def add_counts(stats: Stats, counts: dict, masks: dict, source_names: list[str] 
         if not m[FAST] and not m[PER_PREFIX]:
             continue
         name = source_names[source] if source_names else f"source {source}"
-        acc = stats.masks.setdefault(name, {FAST: 0, PER_PREFIX: 0, COMPOSED: 0, "reason": "", _NOT_COMPOSED: ""})
-        for key in (FAST, PER_PREFIX, COMPOSED):
+        acc = stats.masks.setdefault(name, _new_mask_counts())
+        for key in MASK_PATHS:
             acc[key] += m[key]
-        for key in ("reason", _NOT_COMPOSED):
+        for key in ("reason", _NOT_COMPOSED, _NOT_PIECEWISE):
             acc[key] = acc[key] or m[key]
 
 

@@ -23,6 +23,15 @@ template's text: it is checked against the template (and the per-prefix spans) o
 of every role sequence and on the first ``VERIFY_ROWS`` rows, and any disagreement turns it off; rows whose
 contents could change what the template does (special-token or learned separator text, edge whitespace where
 the template trims, empty contents, fields other than role and content) are rendered.
+
+Tokenising even the composed text costs most of a row's time, and the template's own text (a default system prompt,
+the role headers) is a large share of it. With a GPT-2-style byte-level tokenizer, a composed row is tokenised
+message by message (``PIECEWISE``): each text between two messages is tokenised once per role sequence, and only
+the contents per row. That gives the tokens of the whole text when no pre-token can span a content's edges, which
+holds (see ``_piecewise_refusal``) when the content starts with a non-whitespace character after a line break or
+an added token, and ends where an added token starts (the tokenizer splits at those before anything else). Such
+rows are checked against tokenising the whole text on the first row of every role sequence and the first
+``VERIFY_ROWS`` rows; any disagreement turns it off.
 """
 
 from __future__ import annotations
@@ -39,6 +48,9 @@ IGNORE = -100
 # How a chat row's loss spans were found. COMPOSED rows (built without rendering) are also counted as FAST: both
 # are one pass per row, and the summary's counts of FAST vs PER_PREFIX stay whole for readers that know only those.
 FAST, PER_PREFIX, COMPOSED = "fast", "per-prefix", "composed"
+# PIECEWISE rows (composed, then tokenised message by message) are also counted as COMPOSED and FAST.
+PIECEWISE = "piecewise"
+MASK_PATHS = (FAST, PER_PREFIX, COMPOSED, PIECEWISE)
 VERIFY_ROWS = 8  # real conversations per encoder checked against the per-prefix method before trusting the layout
 
 # Probe conversations for learning a template's layout: contents are distinct, untrimmed-safe words, so the
@@ -97,13 +109,16 @@ class Encoder:
         bos = tokenizer.bos_token_id
         self.bos = [bos] if bos is not None and probe and probe[0] == bos else []
         self.apply_chat_template = apply_chat_template
+        self._added = tuple(t.content for t in tokenizer.added_tokens_decoder.values() if t.content)
         self._layout: ChatLayout | None = None
         self._layout_reason: str | None = None  # why the fast path is off (None: not decided yet)
         self._verified = 0
         self._composition: _Composition | None = None
         self._composition_reason: str | None = None  # why rows are not composed (None: not decided yet)
         self._composed = 0
-        self.mask_counts = {FAST: 0, PER_PREFIX: 0, COMPOSED: 0}  # chat rows masked by each path (see COMPOSED)
+        self._piecewise_reason: str | None = None  # why composed rows are not tokenised by message ("": they are)
+        self._piecewise = 0
+        self.mask_counts = dict.fromkeys(MASK_PATHS, 0)  # chat rows masked by each path (see COMPOSED, PIECEWISE)
 
     # ----------------------------------------------------------------------------------------- helpers
     def _ids(self, text: str) -> list[int]:
@@ -334,6 +349,106 @@ class Encoder:
         enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
         return self._chat_encoded(enc.input_ids, enc.offset_mapping, spans, needs_eos)
 
+    # ----------------------------------------------------------------------------------------- by message
+    def piecewise(self) -> tuple[bool, str]:
+        """(on, reason): whether composed rows are tokenised message by message, and why not."""
+        if self._piecewise_reason is None:
+            on, why = self.composition()
+            self._piecewise_reason = _piecewise_refusal(self.tok) if on else f"rows are not composed ({why})"
+        return not self._piecewise_reason, self._piecewise_reason
+
+    def _pieces_of(self, messages: list[dict]) -> _Plan | None:
+        """The plan of a row that is tokenised message by message (its ``pieces`` set); None: tokenise its whole
+        text. Rows are composed and checked on the whole-text path first (``_composed_spans``)."""
+        if self._composition is None or self._composed < VERIFY_ROWS or not self.piecewise()[0]:
+            return None
+        plan = self._composition.accepts(messages)
+        if plan is None or not plan.verified:
+            return None
+        if plan.pieces is _UNSEEN:
+            self._pieces(plan, tuple(m["role"] for m in messages))
+        if plan.pieces is None or any(m["content"][0].isspace() for m in messages):
+            return None
+        return plan
+
+    def _pieces(self, plan: _Plan, roles: tuple[str, ...]) -> list[tuple[list[int], list[int]]] | None:
+        """A role sequence's gaps tokenised once as (ids, labels), each in the context it has in a row (followed
+        by a content's first, non-whitespace character); None when a content's edge is not a place where the
+        tokenizer must split: the text before a content must end with a line break or an added token, the text
+        after it must start with an added token."""
+        plan.pieces = None
+        hard = self._added
+        lay = self._layout
+        n = len(roles)
+        pieces = []
+        for k, gap in enumerate(plan.gaps):
+            last = k == n
+            if k and not (gap.startswith(hard) or (last and not gap)):
+                return None
+            if not last and gap and not (gap.endswith("\n") or gap.endswith(hard)):
+                return None
+            enc = self.tok.backend_tokenizer.encode(gap if last else gap + "x", add_special_tokens=False)
+            ids, offsets = enc.ids, enc.offsets
+            if not last:  # "x" stands for the content: it must start a token of its own right after the gap
+                if offsets[-1] != (len(gap), len(gap) + 1):
+                    return None
+                ids, offsets = ids[:-1], offsets[:-1]
+            head = len(gap) - len(lay.gap) if not last and roles[k] == "assistant" else len(gap) + 1
+            tail = len(lay.tail) if k and roles[k - 1] == "assistant" else 0
+            # the rule of ``_labels``: a token carries loss when its first character lies in a span
+            labels = [i if (a >= head or a < tail) and b > a else IGNORE for i, (a, b) in zip(ids, offsets)]
+            pieces.append((ids, labels))
+        plan.pieces = pieces
+        return pieces
+
+    def _encode_by_message(self, rows: list[tuple[int, list[dict], _Plan]], out: list) -> None:
+        """Encode rows from their tokenised gaps and contents (one batched call for every content); the first
+        rows of each role sequence and of this encoder are checked against tokenising the whole text."""
+        tokens = self.tok.backend_tokenizer
+        encode = getattr(tokens, "encode_batch_fast", tokens.encode_batch)  # no offsets needed
+        # A row's contents joined by EOS, an added token, which the tokenizer splits at before anything else: one
+        # string per row costs less than one per message, and gives the same tokens with EOS between them.
+        joined = encode([self.eos_text.join(m["content"] for m in msgs) for _, msgs, _ in rows],
+                        add_special_tokens=False)
+        for (k, msgs, plan), enc in zip(rows, joined):
+            pieces = plan.pieces
+            parts = _split_at(enc.ids, self.eos_id, len(msgs))
+            if parts is None or not self.piecewise()[0]:  # BPE made an EOS id; or turned off by an earlier row
+                out[k] = self.chat(msgs)
+                continue
+            ids, labels = [], []
+            assistant = False
+            for (gap_ids, gap_labels), m, c in zip(pieces, msgs, parts):
+                ids += gap_ids
+                ids += c
+                labels += gap_labels
+                if m["role"] == "assistant":
+                    labels += c
+                    assistant = True
+                else:
+                    labels += [IGNORE] * len(c)
+            ids += pieces[-1][0]
+            labels += pieces[-1][1]
+            if assistant and self._layout.append_eos:
+                ids.append(self.eos_id)
+                labels.append(self.eos_id)
+            got = self._finish(ids, labels)
+            if self._piecewise < VERIFY_ROWS or not plan.pieces_verified:
+                ref = self.chat(msgs)  # counted as a composed row there
+                if (ref.input_ids, ref.labels) != (got.input_ids, got.labels):
+                    roles = ", ".join(m["role"] for m in msgs)
+                    self._piecewise_reason = f"a row ({roles}) tokenised by message differed from its whole text"
+                    out[k] = ref
+                    continue
+                plan.pieces_verified = True
+            else:
+                self._composed += 1
+                self.mask_counts[FAST] += 1
+                self.mask_counts[COMPOSED] += 1
+            self._piecewise += 1
+            self.mask_counts[PIECEWISE] += 1
+            out[k] = got
+
     # ----------------------------------------------------------------------------------------- rows
     def encode(self, row: dict, fmt: str) -> Encoded:
         if fmt == "text":
@@ -347,17 +462,23 @@ class Encoder:
     def encode_batch(self, rows: list[tuple[dict, str]]) -> list[Encoded]:
         """``encode`` for many rows, with one batched call of the fast tokenizer per format (same results)."""
         out: list[Encoded | None] = [None] * len(rows)
-        chat, texts, pcs = [], [], []
+        chat, texts, pcs, by_message = [], [], [], []
         for k, (row, fmt) in enumerate(rows):
             if fmt == "chat" or (fmt == "prompt_completion" and self.apply_chat_template):
                 msgs = row["messages"] if fmt == "chat" else self._pc_messages(row["prompt"], row["completion"])
-                chat.append((k, self.chat_spans(msgs)))
+                plan = self._pieces_of(msgs)
+                if plan is not None:
+                    by_message.append((k, msgs, plan))
+                else:
+                    chat.append((k, self.chat_spans(msgs)))
             elif fmt == "text":
                 texts.append((k, row["text"]))
             elif fmt == "prompt_completion":
                 pcs.append((k, row["prompt"], row["completion"]))
             else:
                 self.encode(row, fmt)  # raises the format error
+        if by_message:
+            self._encode_by_message(by_message, out)
         if chat:
             # the Rust tokenizer directly: what tok(texts, add_special_tokens=False) calls, without converting
             # every offset pair into a BatchEncoding
@@ -389,11 +510,13 @@ class _NotComposable(Exception):
 class _Plan:
     """The texts between the messages of one role sequence, and whether a real row of it was checked."""
 
-    __slots__ = ("gaps", "verified")
+    __slots__ = ("gaps", "verified", "pieces", "pieces_verified")
 
     def __init__(self, gaps: tuple[str, ...]):
         self.gaps = gaps
         self.verified = False
+        self.pieces = _UNSEEN  # its gaps' tokens and labels (``Encoder._pieces``); None: not tokenised by message
+        self.pieces_verified = False
 
 
 _UNSEEN = object()
@@ -481,8 +604,8 @@ class _Composition:
             return lambda _: None
         return re.compile("|".join(map(re.escape, texts))).search
 
-    def compose(self, messages: list[dict]):
-        """(text, spans, needs_eos, plan) built by concatenation; None when this row must be rendered."""
+    def accepts(self, messages: list[dict]) -> _Plan | None:
+        """The plan of a row this composition builds; None when the row must be rendered."""
         roles = tuple(m["role"] for m in messages)
         plan = self._plans.get(roles, _UNSEEN)
         if plan is _UNSEEN:
@@ -492,13 +615,22 @@ class _Composition:
         if self._marker is None:
             self._marker = self._compile_marker()
         marker, trims = self._marker, self.trims
-        head, tail = len(self._layout.gap), len(self._layout.tail)
-        parts, spans, pos = [], [], 0
-        for gap, m in zip(plan.gaps, messages):
+        for m in messages:
             c = m["content"]
             if (len(m) != 2 or type(c) is not str or not c or marker(c) is not None
                     or (trims and (c[0].isspace() or c[-1].isspace()))):
                 return None  # other fields, or a content that could change what the template does
+        return plan
+
+    def compose(self, messages: list[dict]):
+        """(text, spans, needs_eos, plan) built by concatenation; None when this row must be rendered."""
+        plan = self.accepts(messages)
+        if plan is None:
+            return None
+        head, tail = len(self._layout.gap), len(self._layout.tail)
+        parts, spans, pos = [], [], 0
+        for gap, m in zip(plan.gaps, messages):
+            c = m["content"]
             parts += (gap, c)
             pos += len(gap)
             if m["role"] == "assistant":
@@ -506,6 +638,48 @@ class _Composition:
             pos += len(c)
         parts.append(plan.gaps[-1])
         return "".join(parts), spans, bool(spans) and self._layout.append_eos, plan
+
+
+def _piecewise_refusal(tok) -> str:
+    """Why this tokenizer's tokens of a composed row cannot be assembled message by message ("": they can).
+
+    With no normalizer and a GPT-2-style byte-level pre-tokenizer, the text is first cut at added tokens (which must
+    not strip the whitespace around them), then split by GPT-2's regex, whose matches never hold a line break next
+    to a non-whitespace character: a line break or an added token followed by a content's first (non-whitespace)
+    character is always a split, as is an added token right after the content. BPE then works within each piece.
+    Offsets are untouched (``_labels`` counts tokens that cover no character as loss-free; trimmed offsets make
+    such tokens out of whitespace)."""
+    backend = tok.backend_tokenizer
+    pre = backend.pre_tokenizer
+    if backend.normalizer is not None:
+        return "the tokenizer normalises text"
+    if type(pre).__name__ != "ByteLevel" or not pre.use_regex or pre.add_prefix_space:
+        return "only a GPT-2-style byte-level pre-tokenizer is known to split at every message's edges"
+    if type(backend.model).__name__ != "BPE" or backend.model.dropout:
+        return "the tokenizer's model is not a deterministic BPE"
+    post = backend.post_processor.__getstate__() if backend.post_processor is not None else b""
+    if b'"trim_offsets":true' in post:
+        return "the tokenizer trims token offsets"
+    if any(t.lstrip or t.rstrip for t in tok.added_tokens_decoder.values()):
+        return "an added token strips the whitespace next to it"
+    eos = [t for t in tok.added_tokens_decoder.values() if t.content == tok.eos_token]
+    if not eos or eos[0].single_word:
+        return "EOS is not an added token split off wherever it occurs"
+    return ""
+
+
+def _split_at(ids: list[int], sep: int, n: int) -> list[list[int]] | None:
+    """``ids`` cut at its n - 1 ``sep`` tokens; None when it holds another number of them."""
+    parts, start = [], 0
+    for _ in range(n - 1):
+        try:
+            end = ids.index(sep, start)
+        except ValueError:
+            return None
+        parts.append(ids[start:end])
+        start = end + 1
+    parts.append(ids[start:])
+    return None if sep in parts[-1] else parts
 
 
 def _messages(roles, contents) -> list[dict]:
