@@ -101,7 +101,7 @@ def import_gguf(gguf: Path) -> Path:
     if (target / IMPORTED).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(target.parent / f".{target.name}.lock", f"importing {gguf.name}"):
+    with file_lock(target.parent / f".{target.name}.lock", f"importing {gguf.name}"):
         if (target / IMPORTED).exists():  # another process imported it while this one waited
             return target
         for stale in [target, *target.parent.glob(f".import-{target.name}-*")]:  # crashed imports
@@ -118,7 +118,7 @@ def import_gguf(gguf: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path, what: str):
+def file_lock(path: Path, what: str):
     """An exclusive ``flock`` on ``path`` for the block; says once that it waits for another process."""
     import fcntl
 
@@ -228,7 +228,7 @@ def trained_tokenizer(texts: Callable[[], Iterable[str]], vocab_size: int, min_f
                          .encode()).hexdigest()[:16]
     target = root / f".tokenizer-{key}"
     root.mkdir(parents=True, exist_ok=True)
-    with _file_lock(root / ".tokenizer.lock", "training the tokenizer"):
+    with file_lock(root / ".tokenizer.lock", "training the tokenizer"):
         if target.exists():
             log(f"model.train_tokenizer: reusing the tokenizer trained in {target}")
         else:

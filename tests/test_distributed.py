@@ -2,7 +2,8 @@
 
 Fast tests cover the config rules, the torchrun command line, the DeepSpeed presets and the post-set-up
 check. Slow tests (marked) start real processes: DDP 2 x 4 == 1 x 8, FSDP2 / ZeRO-2 / ZeRO-3-offload train,
-resume and consolidate with DDP's loss trajectory, both launch styles, and DPO with LoRA under DDP.
+resume and consolidate with DDP's loss trajectory, both launch styles, DPO with LoRA under DDP, and the MFU
+of a DDP run against the matmul peak its estimate uses.
 The DeepSpeed presets use the torch optimizer (zero_force_ds_cpu_optimizer: false), so nothing compiles.
 """
 
@@ -224,6 +225,33 @@ def test_native_ddp_two_processes_equal_one_process_and_the_hf_engine(ddp_run, t
     _assert_close_weights(_weights(root / "native2"), _weights(ddp_run.out), atol=1e-4)
     assert sorted(p.name for p in (root / "native2" / "checkpoint-2").glob("rng_state_*.pth")) == \
         ["rng_state_0.pth", "rng_state_1.pth"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["native", "hf"])
+def test_ddp_mfu_is_measured_against_the_estimates_peak(tmp_path, tiny_model_dir, engine):
+    """Each of 2 workers has one thread (the env); its MFU counts every rank's tokens/s against its share of the
+    node's matmul peak, the peak estimate.json holds (taken at the node's 2 threads), not against its own 1-thread
+    peak measured apart. The cache is seeded with peaks that grow as threads^2, so the two disagree."""
+    from lmforge.training.flops import cpu_kind
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    key = "{} | threads {} | torch {} | torch.float32"
+    (cache / "peak_flops.json").write_text(json.dumps(
+        {key.format(cpu_kind(), t, torch.__version__): 1e8 * t * t for t in range(1, (os.cpu_count() or 1) + 1)}))
+    data = write_jsonl(tmp_path / "train.jsonl", chat_rows(32))
+    cfg = write_config(tmp_path / "cfg.yaml", _tree(tiny_model_dir, data, tmp_path / "out", distributed="ddp",
+                                                    per_device_train_batch_size=2, engine=engine))
+    _run(_lmforge("train", "--nproc-per-node", "2", str(cfg)), cache)
+    est = json.loads((tmp_path / "out" / "estimate.json").read_text())
+    assert est["world"] == 2 and est["machine"]["peak_flops"] == 1e8 * min(os.cpu_count() or 1, 2) ** 2
+    rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "mfu" in r]
+    assert rows
+    for r in rows:
+        expected = r["flops_per_token"] * r["tokens_per_second"] / est["machine"]["peak_flops"]
+        assert r["mfu"] == pytest.approx(expected, rel=0.01)
 
 
 @pytest.mark.slow

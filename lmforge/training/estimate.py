@@ -9,7 +9,9 @@ What the engines hold (read from ``native.py``, ``precision.py``, ``sharding.py`
     (``MasterWeights``); bf16 gradients from each backward, moved into fp32 master gradients; fused AdamW with
     two fp32 states per trainable parameter. LoRA/DoRA in bf16: the frozen base in bf16, adapters bf16 + fp32
     masters. QLoRA: linear weights in 4-bit nf4 (double quantised), every other weight cast to fp32 by
-    ``prepare_model_for_kbit_training``, fp32 adapters under autocast. fp32 compute: plain fp32, no masters.
+    ``prepare_model_for_kbit_training``, fp32 adapters under autocast; on CPU bitsandbytes keeps no dequantised
+    copy: each 4-bit layer dequantises its weight to bf16 for one ordinary matmul, in the forward and again in
+    the backward. fp32 compute: plain fp32, no masters.
   * native DDP: one flat fp32 buffer of every gradient for the all-reduce; FSDP2: fp32 shards (the masters),
     each decoder layer gathered in the compute dtype as it runs, the root (embeddings, head) gathered for the
     whole step; gradients and optimizer states sharded.
@@ -18,12 +20,14 @@ What the engines hold (read from ``native.py``, ``precision.py``, ``sharding.py`
     offload moves them to host memory (on a CPU-only machine that is the same memory).
 Activations are counted per decoder layer from the tensors a Llama-style layer saves for backward (norm
 inputs, q/k/v before and after rotary, attention output, the MLP's four intermediates; with a frozen base only
-what the input gradients need, plus LoRA dropout's copies), plus attention scores
-where lmforge's per-sample attention stores them, plus the LM head's logits on the loss positions; gradient
-checkpointing keeps each layer's input and recomputes one layer at a time. Time is FLOPs (6N-style linear
-FLOPs on the positions computed, the LM head on loss positions, attention as ``flops.py`` counts it) over this
-machine's measured matmul peak (``flops.peak_flops``) times an efficiency measured on the native and hf engines
-(``EFFICIENCY``; docs/estimate.md; ``benchmarks/estimate_accuracy.py`` re-measures it).
+what the input gradients need, plus LoRA dropout's masks and outputs; QLoRA's in fp32 but for the matmuls'
+inputs), plus attention scores where lmforge's per-sample attention stores them, plus the LM head's logits on
+the loss positions; gradient checkpointing keeps each layer's input and recomputes one layer at a time. RSS is
+above those live bytes by what the C heap keeps (``ACTIVATION_OVERHEAD``, ``HEAP_SLACK``, ``QLORA_HEAP``).
+Time is FLOPs (6N-style linear FLOPs on the positions computed, the LM head on loss positions, attention as
+``flops.py`` counts it) over this machine's measured matmul peak (``flops.peak_flops``) times an efficiency
+measured on the native and hf engines (``EFFICIENCY``; docs/estimate.md; ``benchmarks/estimate_accuracy.py``
+re-measures it).
 """
 
 from __future__ import annotations
@@ -42,14 +46,24 @@ from lmforge.training.estimate_inputs import (
     DataShape, Machine, ModelShape, Trainable, architecture_of, model_shape, peft_targets, read_model_config,
     sample_data, sample_tokenizer, this_machine, trainable,
 )
+from lmforge.training.memory import SLACK
 
 GB = 1024 ** 3
 BASELINE_BYTES = int(0.66 * GB)  # a training process apart from its model: python, torch, transformers, peft,
 # datasets, the tokenizer, the data (measured 2026-11-28: peak RSS 675 MB of `lmforge train` on the 2-layer test model)
 ACTIVATION_OVERHEAD = 1.2  # RSS above the activations' bytes: they are freed and allocated again every step, and
-# glibc's heap keeps freed blocks (fragmentation), plus the backward's transient buffers. Measured on SmolLM2-135M
-# (batch 8 x 256 packed): LoRA 3.49 GB RSS (benchmarks/estimate_accuracy.py) and full fine-tune ~5 GB (README),
-# both 1.19x the live bytes counted here.
+# glibc's heap keeps freed blocks (fragmentation), plus the backward's transient buffers. Fitted on SmolLM2-135M
+# (batch 8 x 256 packed): LoRA 3.49 GB RSS (benchmarks/estimate_accuracy.py) and full fine-tune ~5 GB (README).
+HEAP_SLACK = SLACK  # and what the heap may keep on top before the engines return it (memory.HeapTrim). Probes of
+# native steps on SmolLM2-135M (2026-11-29, 8 x <= 216 tokens): LoRA peaked at 3.93-4.05 GB RSS over 3 steps against
+# 3.85-3.94 GB counted with both; in every step of LoRA and QLoRA, with and without checkpointing, the live heap
+# (glibc's mallinfo2) rose by 0.91-1.02x the activations counted here.
+QLORA_HEAP = 0.3  # QLoRA in bf16: the heap keeps another ~0.3x the activations (as counted without checkpointing,
+# with it too): bitsandbytes casts each 4-bit layer's input to bf16 and its output back to fp32, and the weight's
+# dequantised copy, tens of MB of short-lived tensors per layer between the saved ones, served from holes glibc
+# cannot return. Probes (SmolLM2-135M, batch 4 and 8, with and without checkpointing): peak RSS above 1.2x the
+# live bytes by 0.1-0.4x the activations; with MALLOC_MMAP_THRESHOLD_=1 MB a checkpointed step's RSS rose 0.64 GB
+# instead of 1.79 GB, its live bytes 0.42 GB either way.
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # nf4 + double quantisation: 8-bit absmax per 64, fp32 per 256 blocks
 INT8_BYTES = 1.0
 OPTIMIZER_BYTES = {  # bytes of state per trainable parameter (fp32 states, as torch and lmforge keep them)
@@ -58,10 +72,13 @@ OPTIMIZER_BYTES = {  # bytes of state per trainable parameter (fp32 states, as t
 }  # every other optimizer (AdamW, LAMB, ...): two fp32 states, 8 bytes
 # Achieved fraction of the matmul peak (MFU over the FLOPs counted here), measured on SmolLM2-135M with
 # benchmarks/sft_vs_trl.py (docs/training.md, "Measured"): native full fine-tune 43-48%, native LoRA 30-34%,
-# hf engine 23%. QLoRA dequantises every 4-bit weight in each forward and backward (bitsandbytes on CPU): not
-# measured yet, assumed half of LoRA's. benchmarks/estimate_accuracy.py prints estimated vs measured.
-EFFICIENCY = {("native", "full"): 0.45, ("native", "adapter"): 0.32, ("native", "qlora"): 0.16,
-              ("hf", "full"): 0.23, ("hf", "adapter"): 0.18, ("hf", "qlora"): 0.10}
+# hf engine 23%. QLoRA runs LoRA's bf16 matmuls (bitsandbytes 0.50 on CPU: gemm_4bit dequantises the weight, then
+# F.linear), plus the dequantisations and fp32 elementwise ops: 238 and 168 tokens/s without and with gradient
+# checkpointing in the estimate_accuracy run of 2026-11-29 (0.87x and 0.76x LoRA's), 28% and 29% of the peak;
+# the hf engine's QLoRA is not measured, taken as its LoRA's times that ratio. benchmarks/estimate_accuracy.py
+# prints estimated vs measured.
+EFFICIENCY = {("native", "full"): 0.45, ("native", "adapter"): 0.32, ("native", "qlora"): 0.28,
+              ("hf", "full"): 0.23, ("hf", "adapter"): 0.18, ("hf", "qlora"): 0.16}
 GLOO_BYTES_PER_SECOND = 2e9  # gradient all-reduce between processes of one node over gloo (assumed; CPU)
 STRATEGIES = ("none", "ddp", "fsdp", "zero1", "zero2", "zero3", "zero3_offload")
 ESTIMATE_FILE = "estimate.json"  # in output_dir: what `train` estimated at start (log_at_start; report.py reads it)
@@ -118,6 +135,7 @@ class Memory:
     activations_checkpointed: int
     buffers: int  # communication buffers, transient gradient copies, dequantised layers
     offloaded: int  # bytes moved to host memory
+    heap: int  # freed memory the C heap keeps (HEAP_SLACK, QLORA_HEAP)
     peak: int  # of the process, RSS on CPU (baseline included)
     note: str = ""
 
@@ -128,31 +146,39 @@ def _opt_bytes(optim: str) -> int:
 
 def activation_bytes(shape: ModelShape, mb: MicroBatch, compute_bytes: int, checkpointing: bool,
                      head_on_all: bool = False, per_sample_attention: bool = True, frozen_base: bool = False,
-                     dropout_inputs: int = 0, adapter_outputs: int = 0) -> int:
+                     adapter_inputs: int = 0, adapter_outputs: int = 0, dropout_mask_bytes: int = 0,
+                     residual_bytes: int | None = None) -> int:
     """Bytes saved for backward by one micro-batch (module docstring). ``head_on_all``: the LM head runs on every
     position (prompt tuning, the hf engine under DDP), not only where there is loss. Adapters: ``frozen_base``
-    (a frozen linear or norm weight keeps no input for its own gradient), ``dropout_inputs`` (elements per
-    position and layer that LoRA's dropout copies, with a 1-byte mask each: the inputs of the adapted modules)
-    and ``adapter_outputs`` (elements per position and layer of LoRA's rank-r outputs)."""
+    (a frozen linear or norm weight keeps no input for its own gradient), ``adapter_inputs`` and
+    ``adapter_outputs`` (elements per position and layer of the adapted modules' inputs and of their rank-r
+    outputs), ``dropout_mask_bytes`` (per input element, the mask LoRA's dropout keeps beside its output; 0
+    without dropout) and ``residual_bytes`` (the residual stream's and elementwise ops' element size where it is
+    not the compute dtype's: QLoRA, ``Estimator._adapter_activations``)."""
     b = compute_bytes
+    e = residual_bytes or b
     H, I, q, kv = shape.hidden, shape.intermediate, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     norm_extra = 2 * H * 4  # each RMSNorm also keeps a fp32 tensor (its fp32 input, or x * rsqrt in fp32)
-    per_position = b * (2 * H + 2 * (q + 2 * kv) + q + 2 * H + 4 * I) + norm_extra
-    if frozen_base:
-        per_position -= b * 2 * H  # the norms' normalised input, kept only for the norm weights' gradient
-        if dropout_inputs or not adapter_outputs:  # the linears' inputs: LoRA without dropout reads them itself
-            per_position -= b * (2 * H + q + I)
-        per_position += dropout_inputs * (b + 1) + adapter_outputs * b
+    if not frozen_base:
+        per_position = b * (2 * H + 2 * (q + 2 * kv) + q + 2 * H + 4 * I) + norm_extra
+    else:  # what the input gradients need: the norms, q/k/v (attention), the MLP's gate, up and activation
+        per_position = norm_extra + b * 2 * (q + 2 * kv) + e * 3 * I + b * adapter_outputs
+        if dropout_mask_bytes or e != b:  # each adapted module keeps its own input: dropout's output or a cast
+            per_position += adapter_inputs * (dropout_mask_bytes + b)
+        elif adapter_outputs:  # LoRA without dropout keeps the linears' inputs (q/k/v share one, gate/up one)
+            per_position += b * (2 * H + q + I)
     scores = shape.heads * (4 + b) * mb.attention if per_sample_attention else 0  # fp32 softmax + its cast
     one_layer = mb.positions * per_position + scores
     if checkpointing:
-        layers = shape.layers * mb.positions * H * b + one_layer  # each layer's input, + one layer recomputed
+        layers = shape.layers * mb.positions * H * e + one_layer  # each layer's input, + one layer recomputed
     else:
         layers = shape.layers * one_layer
     head_positions = mb.positions if head_on_all else mb.loss_tokens
     # the head's logits, their fp32 copy and the log-softmax (saved) live at once at the end of the forward; at
     # the start of the backward the log-softmax, its gradient and that gradient cast back: 10 bytes (bf16), 8 (fp32)
     logits = head_positions * shape.vocab * ((b + 4 + 4) if b < 4 else 8)
+    if e != b and shape.output_layer:  # autocast's copy of the fp32 LM head weight, kept for the backward
+        logits += shape.vocab * H * b
     final = mb.positions * (H * b + H * 4)  # final norm
     return int(layers + logits + final)
 
@@ -232,10 +258,11 @@ def memory(shape: ModelShape, train: Trainable, cfg: Config, engine: str, strate
     carry = (grads if carry is None else carry) if cfg.train.gradient_accumulation_steps > 1 else 0
     chosen_act = act_gc if cfg.train.gradient_checkpointing else act
     static = weights + masters + opt + offloaded
+    heap = HEAP_SLACK + (int(QLORA_HEAP * act) if kind == "qlora" and b < 4 else 0)
     # the forward's end (activations, + gradients kept from earlier micro-batches) or the backward's (gradients)
-    peak = BASELINE_BYTES + static + max(carry + int(chosen_act * ACTIVATION_OVERHEAD), grads + buffers)
+    peak = BASELINE_BYTES + static + max(carry + int(chosen_act * ACTIVATION_OVERHEAD), grads + buffers) + heap
     return Memory(strategy, engine, int(weights), int(masters), int(grads), int(opt), int(act), int(act_gc),
-                  int(buffers), int(offloaded), int(peak), note)
+                  int(buffers), int(offloaded), int(heap), int(peak), note)
 
 
 # ============================================================================================ the estimate
@@ -333,7 +360,7 @@ class Estimator:
         per_sample = self.packed and engine == "native"  # lmforge's per-sample attention; else dense over rows
         mean, worst = micro_batches(self.data, t.per_device_train_batch_size, per_sample, t.seed)
         head_on_all = train.kind == "prompt_tuning" or not self.token_loss or (engine == "hf" and world > 1)
-        adapters = self._adapter_activations(train, cfg)
+        adapters = self._adapter_activations(train, cfg, engine, b)
         act = activation_bytes(self.shape, worst, b, False, head_on_all, per_sample, **adapters)
         act_gc = activation_bytes(self.shape, worst, b, True, head_on_all, per_sample, **adapters)
         mems = {}
@@ -375,17 +402,27 @@ class Estimator:
             est.change = self.cheapest_change(cfg)
         return est
 
-    def _adapter_activations(self, train: Trainable, cfg: Config) -> dict:
-        """``activation_bytes``' adapter arguments: a frozen base, and per position and layer the inputs LoRA's
-        dropout copies and the rank-r outputs of the adapted modules."""
+    def _adapter_activations(self, train: Trainable, cfg: Config, engine: str, compute_bytes: int) -> dict:
+        """``activation_bytes``' adapter arguments: a frozen base; per position and layer the adapted modules'
+        inputs and rank-r outputs; LoRA dropout's mask per input element: torch's ``nn.Dropout`` (hf engine)
+        keeps a bool, the native engine's ``FastDropout`` a multiplier in the input's dtype. QLoRA in bf16 runs
+        its residual stream in fp32: ``prepare_model_for_kbit_training`` casts the norms and embeddings to fp32
+        and bitsandbytes' ``Linear4bit`` returns its output in its input's dtype, so only the matmuls run in bf16
+        (autocast), and each adapted module keeps a bf16 cast of its fp32 input."""
         if train.kind == "none":
             return {}
         if train.kind == "prompt_tuning" or not self.shape.layers:
             return {"frozen_base": True}
         targets = [n for n in peft_targets(self.shape, cfg.peft.target_modules) if n in self.shape.linears]
-        inputs = sum(self.shape.linears[n][0] for n in targets) // self.shape.layers if cfg.peft.dropout else 0
-        return {"frozen_base": True, "dropout_inputs": inputs,
-                "adapter_outputs": cfg.peft.r * len(targets) // self.shape.layers}
+        residual = 4 if train.kind == "qlora" else compute_bytes
+        out = {"frozen_base": True,
+               "adapter_inputs": sum(self.shape.linears[n][0] for n in targets) // self.shape.layers,
+               "adapter_outputs": cfg.peft.r * len(targets) // self.shape.layers}
+        if residual != compute_bytes:
+            out["residual_bytes"] = residual
+        if cfg.peft.dropout:
+            out["dropout_mask_bytes"] = residual if engine == "native" else 1
+        return out
 
     def _time(self, cfg: Config, train: Trainable, engine: str, strategy: str, world: int, mb: MicroBatch) -> dict:
         """FLOPs per step over the peak x efficiency, + the gradient exchange between processes."""
@@ -425,7 +462,7 @@ class Estimator:
     def _fits(self, mem: Memory, world: int) -> tuple[bool, str]:
         m = self.machine
         if m.gpu_memory is not None:
-            device = mem.peak - BASELINE_BYTES - mem.offloaded
+            device = mem.peak - BASELINE_BYTES - mem.offloaded - mem.heap  # the C heap is host memory
             ok = device <= 0.95 * m.gpu_memory
             return ok, (f"{_gb(device)} per GPU of {_gb(m.gpu_memory)}" + ("" if ok else ": does not fit"))
         total = mem.peak * (world if mem.strategy != "none" else 1)  # the processes of this node share the RAM
@@ -550,18 +587,18 @@ def render(est: Estimate) -> str:
         f"memory per process, GB (* = this config, {procs}; "
         + (f"the others on {max(est.world, 2)} processes)" if est.world == 1 else "every strategy on as many)"),
         f"  {'strategy':<15}{'weights':>9}{'masters':>9}{'grads':>8}{'optim':>8}{'activ.':>8}{'(ckpt)':>8}"
-        f"{'buffers':>9}{'offload':>9}{'peak':>8}",
+        f"{'buffers':>9}{'offload':>9}{'heap':>6}{'peak':>8}",
     ]
     for name, mem in est.memory.items():
         mark = "*" if name == est.strategy else " "
         g = lambda k: f"{mem[k] / GB:.2f}"  # noqa: E731
         lines.append(f"{mark} {name:<15}{g('weights'):>9}{g('masters'):>9}{g('gradients'):>8}{g('optimizer'):>8}"
                      f"{g('activations'):>8}{g('activations_checkpointed'):>8}{g('buffers'):>9}{g('offloaded'):>9}"
-                     f"{g('peak'):>8}" + (f"  ({mem['note']})" if mem["note"] else ""))
+                     f"{g('heap'):>6}{g('peak'):>8}" + (f"  ({mem['note']})" if mem["note"] else ""))
     lines += [
         f"  peak = {BASELINE_BYTES / GB:.2f} GB runtime + weights + masters + optimizer + offloaded + the larger of "
         f"{ACTIVATION_OVERHEAD} x activations ({'with' if est.step['checkpointing'] else 'without'} checkpointing) "
-        "and gradients + buffers",
+        "and gradients + buffers, + heap",
         "",
         f"time         {t['flops_per_token'] / 1e9:.2f} GFLOP per token, {t['flops_per_step'] / 1e12:.2f} TFLOP per "
         f"step; {est.machine['peak_flops'] / 1e9:.0f} GFLOP/s {est.compute} matmul peak x {t['efficiency']:.0%} "
@@ -595,13 +632,12 @@ def log_at_start(cfg: Config, config_name: str = "config") -> None:
 
     Under torchrun each worker has its share of the node's cores (``launch.py`` sets OMP_NUM_THREADS), but the
     estimate counts the whole node's matmul peak shared by its processes, as ``lmforge estimate`` measures it
-    beside the run: so the peak is taken at the node's threads (``torch.get_num_threads()`` x the local
-    processes, at most the CPU count)."""
-    import torch
-
+    beside the run: so the peak is taken at the node's threads (``flops.node_threads``), the figure the engines'
+    MFU is measured against too (``flops.process_peak``)."""
     from lmforge import cloud
     from lmforge.distributed.ranks import world_size
     from lmforge.models import pick_dtype
+    from lmforge.training.flops import node_threads
     from lmforge.training.run import is_main_process, log
 
     if not is_main_process():
@@ -622,11 +658,9 @@ def log_at_start(cfg: Config, config_name: str = "config") -> None:
     if os.environ.get("LMFORGE_NO_ESTIMATE"):
         drop("")
         return
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    threads = min(os.cpu_count() or 1, torch.get_num_threads() * local) if local > 1 else None
     try:
         est = Estimator(copy.deepcopy(cfg), world_size(), config_name,
-                        this_machine(pick_dtype(cfg.model.dtype), threads)).estimate()
+                        this_machine(pick_dtype(cfg.model.dtype), node_threads())).estimate()
     except Exception as e:  # noqa: BLE001 - the estimate is advice; the run reports real errors itself
         drop(f"estimate: unavailable ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
         return

@@ -449,11 +449,4 @@ def this_machine(compute, threads: int | None = None) -> Machine:
         available = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo")
                          if line.startswith("MemAvailable"))
     gpu = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        peak = flops.peak_flops(compute)
-    finally:
-        torch.set_num_threads(before)
-    return Machine(flops.cpu_kind(), available, gpu, peak)
+    return Machine(flops.cpu_kind(), available, gpu, flops.peak_flops(compute, threads))

@@ -1,27 +1,31 @@
 """Where the time goes: FLOPs per token (counted, not guessed) and this machine's matmul peak, for MFU.
 
-``mfu`` = FLOPs per trained token x tokens/s / (peak FLOP/s of the compute dtype x processes). The FLOPs are
-counted once by ``torch.utils.flop_counter.FlopCounterMode`` over a real forward + backward, so they include
-what lmforge actually runs (the LM head only on loss positions, attention over padded or packed rows) and
-nothing it skips. The peak is a short matmul benchmark of the compute dtype, cached per machine kind
-(CPU model and flags, threads, torch version), because the project's machines differ by 5x in bf16.
+``mfu`` = FLOPs per trained token x tokens/s (of every process) / (each process's peak FLOP/s x processes). The
+FLOPs are counted once by ``torch.utils.flop_counter.FlopCounterMode`` over a real forward + backward, so they
+include what lmforge actually runs (the LM head only on loss positions, attention over padded or packed rows)
+and nothing it skips. The peak is a short matmul benchmark of the compute dtype, cached per machine kind
+(CPU model and flags, threads, torch version), because the project's machines differ by 5x in bf16. A process's
+peak is its share of its node's peak (``process_peak``), the node's being the figure `lmforge estimate` uses.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
 
 import torch
 
-from lmforge.models import cache_root
+from lmforge.models import cache_root, file_lock
 
 
-def _cpu_attention_formulas() -> dict:
-    """FLOP formulas for the CPU flash-attention kernels SDPA dispatches to on CPU, which torch's counter
-    does not list (torch 2.13: it counts the CUDA kernels only, so attention would count as 0 here)."""
+def _extra_formulas() -> dict:
+    """FLOP formulas for ops torch's counter does not list (torch 2.13): the CPU flash-attention kernels SDPA
+    dispatches to on CPU (it counts the CUDA kernels only, so attention would count as 0 here), and QLoRA's
+    4-bit matmul (bitsandbytes' ``gemm_4bit`` op: its inner matmul runs below the counter, so the forward of
+    every 4-bit layer counted as 0; its backward is a plain matmul, counted)."""
     from torch.utils import flop_counter
 
     aten = torch.ops.aten
@@ -32,8 +36,16 @@ def _cpu_attention_formulas() -> dict:
     def backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
         return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
 
-    return {aten._scaled_dot_product_flash_attention_for_cpu: forward,
-            aten._scaled_dot_product_flash_attention_for_cpu_backward: backward}
+    def gemm_4bit(a, b, b_shape, *args, out_shape=None, **kwargs) -> int:  # (..., K) @ the (N, K) weight^T
+        return 2 * math.prod(a[:-1]) * b_shape[0] * b_shape[1]
+
+    formulas = {aten._scaled_dot_product_flash_attention_for_cpu: forward,
+                aten._scaled_dot_product_flash_attention_for_cpu_backward: backward}
+    try:
+        formulas[torch.ops.bitsandbytes.gemm_4bit] = gemm_4bit
+    except AttributeError:  # bitsandbytes not imported: no 4-bit layer to count
+        pass
+    return formulas
 
 
 class Counter:
@@ -46,7 +58,7 @@ class Counter:
         if self.active:
             from torch.utils.flop_counter import FlopCounterMode
 
-            self.mode = FlopCounterMode(display=False, custom_mapping=_cpu_attention_formulas())
+            self.mode = FlopCounterMode(display=False, custom_mapping=_extra_formulas())
             self.mode.__enter__()
         return self
 
@@ -111,18 +123,53 @@ def measure_peak(dtype: torch.dtype, n: int = 1024, seconds: float = 0.5) -> flo
     return best
 
 
-def peak_flops(dtype: torch.dtype) -> float:
-    """This machine's matmul peak for ``dtype`` (FLOP/s), measured once and cached; CUDA is not measured here."""
-    key = f"{cpu_kind()} | threads {torch.get_num_threads()} | torch {torch.__version__} | {dtype}"
+def peak_flops(dtype: torch.dtype, threads: int | None = None) -> float:
+    """This machine's matmul peak for ``dtype`` (FLOP/s) at ``threads`` torch threads (default: this process's),
+    measured once and cached; CUDA is not measured here. Processes that start together (the ranks of a run)
+    measure one at a time, under a file lock, and one that waited reads the figure the first wrote: measured side
+    by side each would see the others' load, and the cache would keep that figure for good."""
+    threads = threads or torch.get_num_threads()
+    key = f"{cpu_kind()} | threads {threads} | torch {torch.__version__} | {dtype}"
     path = cache_root() / "peak_flops.json"
-    try:
-        cached = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cached = {}
-    if key not in cached:
-        cached[key] = measure_peak(dtype)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cached, indent=1))
-        os.replace(tmp, path)
+    cached = _read_cache(path)
+    if key in cached:
+        return cached[key]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(path.with_suffix(".lock"), "measuring the matmul peak"):
+        cached = _read_cache(path)
+        if key not in cached:
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                cached[key] = measure_peak(dtype)
+            finally:
+                torch.set_num_threads(before)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cached, indent=1))
+            os.replace(tmp, path)
     return cached[key]
+
+
+def _read_cache(path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def node_threads() -> int:
+    """The torch threads of every process on this node together: under torchrun each worker has its share of the
+    cores (``launch.py`` sets OMP_NUM_THREADS), so the node's are this process's x LOCAL_WORLD_SIZE, at most the
+    CPU count."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    threads = torch.get_num_threads()
+    return min(os.cpu_count() or 1, threads * local) if local > 1 else threads
+
+
+def process_peak(dtype: torch.dtype) -> float:
+    """The peak one process's MFU is measured against: its share of this node's peak, measured at the node's
+    threads as `lmforge estimate` measures it (the estimate.json a run writes holds that figure). Not the peak
+    of the process's own threads, measured apart: the engines' MFU would then differ from the estimate's by
+    whatever the two measurements differ by (a 2-process DDP run on 2 cores logged 89.9% MFU against a cached
+    1-thread peak of 115 GFLOP/s, 48% against the node's 435; measured alone, 1 thread gives 210)."""
+    return peak_flops(dtype, node_threads()) / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))

@@ -34,11 +34,14 @@ def rss_bytes() -> int:
         return 0
 
 
+SLACK = 256 * 2 ** 20  # RSS growth past the reference that triggers a trim (``lmforge estimate`` counts it too)
+
+
 class HeapTrim:
     """Call ``after_step()`` once per optimizer step; trims when RSS passed the reference by ``slack`` bytes.
     The reference is RSS at the end of the first step after a trim (that step touches its activations again)."""
 
-    def __init__(self, slack: int = 256 * 2 ** 20):
+    def __init__(self, slack: int = SLACK):
         self.slack = slack
         self.trim = _malloc_trim()
         self.reference: int | None = None

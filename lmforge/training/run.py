@@ -159,7 +159,7 @@ def outputs_callback(cfg: Config, flops_per_token: float | None = None,
     from lmforge.training import flops
 
     counter = TokenCounter()
-    peak = flops.peak_flops(prec.compute) if flops_per_token and prec is not None else None
+    peak = flops.process_peak(prec.compute) if flops_per_token and prec is not None else None
     cb = OutputsCallback(cfg.train.output_dir, counter,
                          perplexity=METHODS[cfg.method].token_loss,  # eval_loss is a token NLL only there
                          flops_per_token=flops_per_token, peak_flops=peak, report_to=cfg.train.report_to)
