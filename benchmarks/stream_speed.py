@@ -13,8 +13,8 @@ The issue's target: a 10 GB corpus, first step within 30 s, RSS flat over 500 st
      first rows included) to the moment its ``metrics.jsonl`` first holds a record of a step >= 1; the
      resolution is the 0.5 s poll, and the time is refined down to the file's mtime when that is earlier;
    - RSS: the child and all its descendants (psutil), summed, every 0.5 s; each sample is tagged with the last
-     step logged by then. Reported at steps ~10, ~half and ~last, the max, and the slope (least squares, MB
-     per 100 steps) over the second half of the steps: flat means a slope near 0;
+     step logged by then. Reported at steps ~10, ~half and ~last, the max (with its time and step), and the
+     slope (least squares, MB per 100 steps) over the second half of the steps: flat means a slope near 0;
    - steps/s and tokens/s from the first to the last logged step (``tokens_seen`` in metrics.jsonl).
 Prints the CPU kind and the load before and after; exits nonzero if the run failed. The corpus is deleted at
 the end unless ``--keep``.
@@ -203,7 +203,9 @@ def main() -> None:
             print(f"{'first step logged (s from spawn)':40}{first:10.1f}")
             for k in (min(10, args.steps), half, args.steps):
                 print(f"{f'RSS at step ~{k} (MB, process tree)':40}{_rss_at(samples, k):10.0f}")
-            print(f"{'RSS max (MB)':40}{max(mb for *_, mb in samples):10.0f}")
+            t_max, s_max, mb_max = max(samples, key=lambda x: x[2])
+            where = "after the last step (final save)" if s_max >= args.steps else f"last logged step {s_max}"
+            print(f"{'RSS max (MB)':40}{mb_max:10.0f}   at {t_max:.1f} s, {where}")
             print(f"{f'RSS slope, steps {half}-{args.steps} (MB/100 steps)':40}{100 * _slope(late):10.1f}")
             print(f"{'steps/s (first to last logged step)':40}{sps:10.2f}")
             print(f"{'tokens/s':40}{tps:10.0f}")
