@@ -545,3 +545,15 @@ def test_streaming_data_is_sampled_from_the_stream(tmp_path, tiny_model_dir, lmf
     est = estimator(load_config(None, tree=tree)).estimate()
     assert est.data["streamed"] and est.step["steps"] == 7 and est.step["epochs"] is None
     assert 0 < est.data["mean_row_tokens"] <= 128
+
+
+def test_a_checkpointed_full_fine_tune_is_timed_at_its_own_measured_efficiency(setup):
+    """Gradient checkpointing ran a native full fine-tune at a higher MFU than without (docs/estimate.md); adapters
+    keep their efficiency."""
+    plain = estimator(setup()).estimate().time
+    gc = estimator(setup(train={"gradient_checkpointing": True})).estimate().time
+    lora_gc = estimator(setup(peft={"kind": "lora", "r": 4}, train={"gradient_checkpointing": True})).estimate().time
+    assert plain["efficiency"] == est_mod.EFFICIENCY[("native", "full")]
+    assert gc["efficiency"] == est_mod.EFFICIENCY_CHECKPOINTED[("native", "full")] > plain["efficiency"]
+    assert lora_gc["efficiency"] == est_mod.EFFICIENCY[("native", "adapter")]
+    assert gc["flops_per_step"] > plain["flops_per_step"]  # the recomputed forward is still counted
