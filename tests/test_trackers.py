@@ -3,6 +3,7 @@ own files, read back with its own reader, hold the rows of metrics.jsonl, and a 
 tracker run with steps continuing and none twice. Nothing touches the network."""
 
 import glob
+import re
 import json
 import shutil
 import struct
@@ -71,8 +72,12 @@ def _wandb_records(path: str):
 
 def read_wandb(out: Path, run_id: str) -> dict[str, list[tuple[int, float]]]:
     """The history of the offline run (all its offline-run-* directories, in order), duplicates kept."""
-    dirs = sorted(glob.glob(str(out / "wandb" / "offline-run-*")))
-    assert dirs and all(d.endswith("-" + run_id) for d in dirs), dirs  # one run only, ours
+    # wandb names each directory by the second it started, and adds "-1", "-2", ... when two runs of a test start
+    # in the same second: order by (second, suffix)
+    dirs = glob.glob(str(out / "wandb" / "offline-run-*"))
+    names = [re.fullmatch(rf"offline-run-(\d{{8}}_\d{{6}})-{re.escape(run_id)}(?:-(\d+))?", Path(d).name) for d in dirs]
+    assert dirs and all(names), dirs  # one run only, ours
+    dirs = [d for _, d in sorted(zip([(m[1], int(m[2] or 0)) for m in names], dirs))]
     series: dict[str, list] = {}
     for d in dirs:
         for record in _wandb_records(f"{d}/run-{run_id}.wandb"):

@@ -247,7 +247,7 @@ class _Wandb:
         self.run_id = self.run.id
         if mode == "offline":
             log(f"wandb: offline run {self.run_id} in {out / 'wandb'}; upload it with `wandb sync "
-                f"{out / 'wandb'}/offline-run-*-{self.run_id}`")
+                f"{out / 'wandb'}/offline-run-*-{self.run_id}*`")
 
     def log(self, step: int, values: dict[str, float]) -> None:
         self.run.log(values, step=step)
