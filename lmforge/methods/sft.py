@@ -23,6 +23,7 @@ from lmforge.data.packing import CausalCollator
 from lmforge.data.prepare import prepare_split
 from lmforge.data.tokenize import IGNORE
 from lmforge.training.checkpoint import LmforgeTrainerMixin
+from lmforge.training.cross_entropy import linear_cross_entropy
 from lmforge.training.eval_metrics import add_generation_metrics, generation_scorer
 from lmforge.training.run import (
     load_model_and_tokenizer, log, prepare_output_dir, run_trainer, trainer_hooks, training_args,
@@ -70,6 +71,10 @@ def causal_lm_loss(hidden: torch.Tensor, head, labels: torch.Tensor) -> tuple[to
     a 49k vocabulary it is a large share of the compute, and SFT masks most prompt tokens."""
     targets = labels[:, 1:]  # (B, T-1): position t predicts token t + 1
     sel = targets != IGNORE
+    # chunked (the (N, V) logits never exist whole) where the head is a plain linear layer whose weight is whole:
+    # a head with hooks is called as a module (DeepSpeed ZeRO-3 gathers its weight in a forward pre-hook)
+    if type(head) is torch.nn.Linear and head.bias is None and not (head._forward_pre_hooks or head._forward_hooks):
+        return linear_cross_entropy(hidden[:, :-1][sel], head.weight, targets[sel]), int(sel.sum())
     logits = head(hidden[:, :-1][sel])  # (N, V)
     return F.cross_entropy(logits.float(), targets[sel], reduction="sum"), int(sel.sum())
 

@@ -21,8 +21,8 @@ What the engines hold (read from ``native.py``, ``precision.py``, ``sharding.py`
 Activations are counted per decoder layer from the tensors a Llama-style layer saves for backward (norm
 inputs, q/k/v before and after rotary, attention output, the MLP's four intermediates; with a frozen base only
 what the input gradients need, plus LoRA dropout's masks and outputs; QLoRA's in fp32 but for the matmuls'
-inputs), plus attention scores where lmforge's per-sample attention stores them, plus the LM head's logits on
-the loss positions; gradient checkpointing keeps each layer's input and recomputes one layer at a time. RSS is
+inputs), plus attention scores where lmforge's per-sample attention stores them, plus the LM head's logits (one
+chunk of the loss positions at a time: ``cross_entropy.py``); gradient checkpointing keeps each layer's input and recomputes one layer at a time. RSS is
 above those live bytes by what the C heap keeps (``ACTIVATION_OVERHEAD``, ``HEAP_SLACK``, ``QLORA_HEAP``).
 Time is FLOPs (6N-style linear FLOPs on the positions computed, the LM head on loss positions, attention as
 ``flops.py`` counts it) over this machine's measured matmul peak (``flops.peak_flops``) times an efficiency
@@ -46,6 +46,7 @@ from lmforge.training.estimate_inputs import (
     DataShape, Machine, ModelShape, Trainable, architecture_of, model_shape, peft_targets, read_model_config,
     sample_data, sample_tokenizer, this_machine, trainable,
 )
+from lmforge.training.cross_entropy import rows_per_chunk
 from lmforge.training.memory import SLACK
 
 GB = 1024 ** 3
@@ -177,11 +178,16 @@ def activation_bytes(shape: ModelShape, mb: MicroBatch, compute_bytes: int, chec
         layers = shape.layers * mb.positions * H * e + one_layer  # each layer's input, + one layer recomputed
     else:
         layers = shape.layers * one_layer
-    head_positions = mb.positions if head_on_all else mb.loss_tokens
-    # the head's logits, their fp32 copy and the log-softmax (saved) live at once at the end of the forward; at
-    # the start of the backward the log-softmax, its gradient and that gradient cast back: 10 bytes (bf16), 8 (fp32)
-    logits = head_positions * shape.vocab * ((b + 4 + 4) if b < 4 else 8)
-    if e != b and shape.output_layer:  # autocast's copy of the fp32 LM head weight, kept for the backward
+    if head_on_all:  # the model's own forward: the head's logits, their fp32 copy and the log-softmax (saved) live
+        # at once at the end of the forward; at the start of the backward the log-softmax, its gradient and that
+        # gradient cast back: 10 bytes (bf16), 8 (fp32)
+        logits = mb.positions * shape.vocab * ((b + 4 + 4) if b < 4 else 8)
+    else:  # training/cross_entropy.py, in chunks: at its last chunk, that chunk's fp32 logits and their cast
+        # gradient, the hidden states' gradient (saved), and a trained head's fp32 weight gradient and one chunk's part
+        logits = min(mb.loss_tokens, rows_per_chunk(shape.vocab)) * shape.vocab * (4 + b) + mb.loss_tokens * H * b
+        if not frozen_base:
+            logits += shape.vocab * H * (4 + b)
+    if e != b and shape.output_layer:  # autocast's copy of the fp32 LM head weight
         logits += shape.vocab * H * b
     final = mb.positions * (H * b + H * 4)  # final norm
     return int(layers + logits + final)
