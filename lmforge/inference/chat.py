@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -60,13 +61,14 @@ class EngineAnswers:
         raised meanwhile (KeyboardInterrupt from Ctrl-C, or from ``on_text``) cancels the job."""
         events: asyncio.Queue = asyncio.Queue()
         job = Job(prompt, opts, self._loop, events, seeded=seeded, stream=True)
-        sent = ""
+        sent, caught = "", False
         try:
+            caught = self._interrupt_as_event(events)
             self.engine.submit(job)
             while True:
-                # run_until_complete wraps get() in a task of its own: if Ctrl-C interrupts the wait, that task
-                # stays pending (without a warning) on this turn's queue, which nothing reads again
                 _, kind, value = self._loop.run_until_complete(events.get())
+                if kind == "interrupt":
+                    raise KeyboardInterrupt
                 if kind == "error":
                     raise GenerationFailed(value[1])
                 if kind == "delta":
@@ -79,8 +81,21 @@ class EngineAnswers:
                     on_text(rest)
                 return value
         finally:
+            if caught:
+                self._loop.remove_signal_handler(signal.SIGINT)  # back to KeyboardInterrupt
             if not job.finished:
                 self.engine.cancel([job])  # it leaves the batch at its next token
+
+    def _interrupt_as_event(self, events: asyncio.Queue) -> bool:
+        """Ctrl-C becomes an event on this answer's queue, so KeyboardInterrupt is raised between events, never
+        inside the loop: there it could cut off ``events.get()`` before the loop ran it, and Python prints
+        "coroutine 'Queue.get' was never awaited" under "[answer stopped]" (seen in a test). Off the main
+        thread signals cannot be caught this way: Ctrl-C then raises wherever it lands, as before."""
+        try:
+            self._loop.add_signal_handler(signal.SIGINT, events.put_nowait, (None, "interrupt", None))
+        except (RuntimeError, ValueError, NotImplementedError):
+            return False
+        return True
 
     def close(self) -> None:
         self.engine.stop()
