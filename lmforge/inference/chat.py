@@ -93,7 +93,7 @@ class EngineAnswers:
         thread signals cannot be caught this way: Ctrl-C then raises wherever it lands, as before."""
         try:
             self._loop.add_signal_handler(signal.SIGINT, events.put_nowait, (None, "interrupt", None))
-        except (RuntimeError, ValueError, NotImplementedError):
+        except (RuntimeError, ValueError):  # not the main thread (set_wakeup_fd), or a closed loop
             return False
         return True
 

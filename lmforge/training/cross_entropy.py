@@ -40,26 +40,32 @@ def _chunk(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softmax
     return loss, p
 
 
+def _chunks(hidden, weight, targets, want_h: bool, want_w: bool):
+    """(the summed loss, the gradient of the hidden states or None, the head weight's fp32 gradient or None)."""
+    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_h = torch.empty_like(hidden) if want_h else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+    rows = rows_per_chunk(weight.shape[0])
+    for s in range(0, hidden.shape[0], rows):
+        h = hidden[s:s + rows]
+        part, p = _chunk(h, weight, targets[s:s + rows], softmax=want_h or want_w)
+        loss += part
+        if p is None:
+            continue
+        p = p.to(hidden.dtype)  # the gradient matmuls run in the compute dtype, as autograd's would
+        if want_h:
+            torch.mm(p, weight, out=grad_h[s:s + rows])  # (n, V) @ (V, C)
+        if want_w:
+            grad_w += p.T @ h  # (V, n) @ (n, C)
+    return loss, grad_h, grad_w
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         # hidden (N, C), weight (V, C), targets (N,) -> the summed cross-entropy (fp32 scalar)
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_h = torch.empty_like(hidden) if want_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
-        rows = rows_per_chunk(weight.shape[0])
-        for s in range(0, hidden.shape[0], rows):
-            h = hidden[s:s + rows]
-            part, p = _chunk(h, weight, targets[s:s + rows], softmax=want_h or want_w)
-            loss += part
-            if p is None:
-                continue
-            p = p.to(hidden.dtype)  # the gradient matmuls run in the compute dtype, as autograd's would
-            if want_h:
-                torch.mm(p, weight, out=grad_h[s:s + rows])  # (n, V) @ (V, C)
-            if want_w:
-                grad_w += p.T @ h  # (V, n) @ (n, C)
+        loss, grad_h, grad_w = _chunks(hidden, weight, targets, want_h, want_w)
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if want_w else None)
         return loss
 
@@ -79,7 +85,5 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         hidden, weight = hidden.to(dtype), weight.to(dtype)
     with torch.autocast(hidden.device.type, enabled=False):
         if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
-            rows = rows_per_chunk(weight.shape[0])
-            return sum((_chunk(hidden[s:s + rows], weight, targets[s:s + rows], softmax=False)[0]
-                        for s in range(0, hidden.shape[0], rows)), torch.zeros((), device=hidden.device))
+            return _chunks(hidden, weight, targets, False, False)[0]
         return _LinearCrossEntropy.apply(hidden, weight, targets)

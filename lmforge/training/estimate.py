@@ -22,8 +22,9 @@ Activations are counted per decoder layer from the tensors a Llama-style layer s
 inputs, q/k/v before and after rotary, attention output, the MLP's four intermediates; with a frozen base only
 what the input gradients need, plus LoRA dropout's masks and outputs; QLoRA's in fp32 but for the matmuls'
 inputs), plus attention scores where lmforge's per-sample attention stores them, plus the LM head's logits (one
-chunk of the loss positions at a time: ``cross_entropy.py``); gradient checkpointing keeps each layer's input and recomputes one layer at a time. RSS is
-above those live bytes by what the C heap keeps (``ACTIVATION_OVERHEAD``, ``HEAP_SLACK``, ``QLORA_HEAP``).
+chunk of the loss positions at a time: ``cross_entropy.py``); gradient checkpointing keeps each layer's input
+and recomputes one layer at a time. RSS is above those live bytes by what the C heap keeps
+(``ACTIVATION_OVERHEAD``, ``HEAP_SLACK``, ``QLORA_HEAP``).
 Time is FLOPs (6N-style linear FLOPs on the positions computed, the LM head on loss positions, attention as
 ``flops.py`` counts it) over this machine's measured matmul peak (``flops.peak_flops``) times an efficiency
 measured on the native and hf engines (``EFFICIENCY``; docs/estimate.md; ``benchmarks/estimate_accuracy.py``
