@@ -41,8 +41,9 @@ class ModelConfig:
     name_or_path: str | None = _f(
         None, "HF model directory, a .gguf file, or the alias smollm2-135m-instruct; omit to build from model.config"
     )
-    dtype: Literal["auto", "bfloat16", "float32", "float16"] = _f(
-        "auto", "weights/compute precision; auto = bfloat16 where the hardware runs it fast, else float32"
+    dtype: Literal["auto", "bfloat16", "float32", "float16", "float64"] = _f(
+        "auto", "weights/compute precision; auto = bfloat16 where the hardware runs it fast, else float32; "
+                "float64 for checking numerics on small models"
     )
     config: dict | None = _f(None, "from scratch: a HF config as keys (model_type, hidden_size, ...); random init")
     tokenizer: str | None = _f(None, "tokenizer directory (defaults to the model's own)")

@@ -76,7 +76,8 @@ def causal_lm_loss(hidden: torch.Tensor, head, labels: torch.Tensor) -> tuple[to
     if type(head) is torch.nn.Linear and head.bias is None and not (head._forward_pre_hooks or head._forward_hooks):
         return linear_cross_entropy(hidden[:, :-1][sel], head.weight, targets[sel]), int(sel.sum())
     logits = head(hidden[:, :-1][sel])  # (N, V)
-    return F.cross_entropy(logits.float(), targets[sel], reduction="sum"), int(sel.sum())
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least
+    return F.cross_entropy(logits, targets[sel], reduction="sum"), int(sel.sum())
 
 
 def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:

@@ -27,7 +27,7 @@ def rows_per_chunk(vocab: int) -> int:
 
 def _chunk(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softmax: bool):
     """(loss sum over the chunk (fp32), the logits' gradient softmax - one_hot (n, V) in fp32 or None)."""
-    z = (h @ weight.T).float()  # (n, V)
+    z = (h @ weight.T).to(torch.promote_types(h.dtype, torch.float32))  # (n, V): fp32, or fp64 in fp64
     target = z.gather(1, targets[:, None]).squeeze(1)
     top = z.amax(-1, keepdim=True)
     e = z.sub_(top).exp_()  # in place: one (n, V) fp32 buffer for the chunk
@@ -42,9 +42,10 @@ def _chunk(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softmax
 
 def _chunks(hidden, weight, targets, want_h: bool, want_w: bool):
     """(the summed loss, the gradient of the hidden states or None, the head weight's fp32 gradient or None)."""
-    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    wide = torch.promote_types(hidden.dtype, torch.float32)
+    loss = torch.zeros((), dtype=wide, device=hidden.device)
     grad_h = torch.empty_like(hidden) if want_h else None
-    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+    grad_w = torch.zeros(weight.shape, dtype=wide, device=weight.device) if want_w else None
     rows = rows_per_chunk(weight.shape[0])
     for s in range(0, hidden.shape[0], rows):
         h = hidden[s:s + rows]

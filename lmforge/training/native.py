@@ -169,7 +169,7 @@ class NativeTrainer:
         self.master = None
         self.sharded = None  # train.distributed: fsdp: a sharding.Sharded, made in train() after any resume weights
         self.fsdp = cfg.train.distributed == "fsdp"
-        if prec.compute != torch.float32 and cfg.peft.kind in ("none", "lora", "dora") and not self.fsdp:
+        if prec.compute in (torch.bfloat16, torch.float16) and cfg.peft.kind in ("none", "lora", "dora") and not self.fsdp:
             from lmforge.training.precision import MasterWeights
 
             self.master = MasterWeights(model, prec.compute, trainable_only=cfg.peft.kind != "none")
@@ -404,7 +404,7 @@ class NativeTrainer:
     def autocast(self):
         """QLoRA and prompt tuning: PEFT keeps adapter weights in fp32 and autocast runs them in bf16. Full
         fine-tunes, LoRA and DoRA need none: their weights are bf16 with fp32 masters (``MasterWeights``)."""
-        if self.prec.compute == torch.float32 or self.master or self.sharded:  # FSDP2 casts as it gathers
+        if self.prec.compute in (torch.float32, torch.float64) or self.master or self.sharded:  # FSDP2 casts as it gathers
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.prec.compute)
 
@@ -429,7 +429,8 @@ class NativeTrainer:
         if self.sharded:  # FSDP reduce-scattered the gradients in the last backward
             return self.all_reduce(extra)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = torch.cat([g.reshape(-1).float() for g in grads] + [extra.float()])
+        wide = torch.promote_types(self.prec.compute, torch.float32)  # fp32, or fp64 when computing in fp64
+        flat = torch.cat([g.reshape(-1).to(wide) for g in grads] + [extra.to(wide)])
         dist.all_reduce(flat)
         offset = 0
         for p, g in zip(self.params, grads):

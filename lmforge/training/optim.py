@@ -27,8 +27,8 @@ class Lamb(torch.optim.Optimizer):
 
     Per tensor: the bias-corrected Adam direction plus decoupled weight decay, ``r = m_hat / (sqrt(v_hat) + eps)
     + wd * w``, scaled by the layer-wise trust ratio ``||w|| / ||r||`` (1 when either norm is 0, as in the
-    reference implementations), then ``w -= lr * ratio * r``. State and arithmetic are fp32 whatever the
-    parameter dtype.
+    reference implementations), then ``w -= lr * ratio * r``. State and arithmetic are fp32 (fp64 for fp64
+    parameters) whatever the parameter dtype.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
@@ -49,13 +49,14 @@ class Lamb(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 state = self.state[p]
+                wide = torch.promote_types(p.dtype, torch.float32)  # fp32, or fp64 for an fp64 model
                 if not state:
                     state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=wide)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=wide)
                 state["step"] += 1
                 t = state["step"]
-                g, w = p.grad.float(), p.float()
+                g, w = p.grad.to(wide), p.to(wide)
                 m, v = state["exp_avg"], state["exp_avg_sq"]
                 m.mul_(beta1).add_(g, alpha=1 - beta1)
                 v.mul_(beta2).addcmul_(g, g, value=1 - beta2)

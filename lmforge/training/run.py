@@ -68,7 +68,8 @@ def precision_for(cfg: Config) -> Precision:
     compute = pick_dtype(cfg.model.dtype)
     if compute == torch.float16 and not torch.cuda.is_available():
         raise ConfigError("model.dtype: float16 training needs a GPU; use bfloat16 or float32 on CPU")
-    weights = compute if cfg.peft.kind != "none" else torch.float32
+    # full fine-tunes load fp32 weights (the masters of bf16 compute); fp64 keeps fp64
+    weights = compute if cfg.peft.kind != "none" else torch.promote_types(compute, torch.float32)
     return Precision(compute, weights)
 
 
