@@ -6,13 +6,16 @@ lengths, in one run.
 
 The prompts ask for one word, a sentence, a paragraph or a list, so outputs end (at EOS) at very different
 lengths. Greedy decoding, bf16 weights where the CPU supports it. Only generation is timed (not model
-loading). The vLLM run needs vLLM installed in a separate venv (--vllm-python, default /work/vllm-venv):
-it runs lmforge's own vllm backend in that interpreter, as a subprocess.
+loading). The vLLM run uses lmforge's own vllm backend, as a subprocess, in the interpreter given by
+--vllm-python (vLLM usually lives in a venv of its own, because installing it can replace torch: see
+docs/inference.md), else in this interpreter when it can import vllm; otherwise it is skipped, with one line
+saying so.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -141,7 +144,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32, help="static batch size (lmforge static and plain)")
     ap.add_argument("--continuous-batch-size", type=int, default=0,
                     help="rows decoding at once in lmforge's decode loop (0 = lmforge generate's default, automatic)")
-    ap.add_argument("--vllm-python", default="/work/vllm-venv/bin/python", help="interpreter with vllm installed")
+    ap.add_argument("--vllm-python", default=None,
+                    help="interpreter with vllm installed, e.g. vllm-venv/bin/python (default: this interpreter "
+                         "if it can import vllm, else the vLLM run is skipped)")
     ap.add_argument("--repeat", type=int, default=1, help="rounds of all runs; the median run of each is reported")
     ap.add_argument("--skip", default="", help="comma-separated runs to skip: plain,static,continuous,vllm")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -157,18 +162,30 @@ def main() -> None:
     inp = Path(tempfile.mkdtemp()) / "prompts.jsonl"
     inp.write_text("".join(json.dumps(r) + "\n" for r in prompt_rows(args.n)))
     skip = set(args.skip.split(","))
+    vllm_python = None if "vllm" in skip else find_vllm_python(args.vllm_python)
+    if vllm_python is None and "vllm" not in skip:
+        skip.add("vllm")
+        print("vLLM run skipped: vllm is not importable here; install it in a venv of its own "
+              "(see docs/inference.md) and pass --vllm-python VENV/bin/python", flush=True)
     runs: dict[str, list] = {}
     for _ in range(args.repeat):  # rounds interleave the runs, so a slow spell of the machine hits them alike
         for name, (interp, kind) in RUNS.items():
             if kind in skip:
                 continue
-            python = sys.executable if interp == "main" else args.vllm_python
+            python = sys.executable if interp == "main" else vllm_python
             if not Path(python).exists():
                 runs[name] = [f"skipped: {python} not found (vLLM goes in its own venv; see docs/inference.md)"]
                 continue
             runs.setdefault(name, []).append(launch(python, kind, args, model_dir, inp))
             print(f"{name}: {runs[name][-1]}", flush=True)
     report({name: median(rs) for name, rs in runs.items()}, args)
+
+
+def find_vllm_python(given: str | None) -> str | None:
+    """The interpreter for the vLLM run: the one given, else this one if it can import vllm, else None."""
+    if given:
+        return given
+    return sys.executable if importlib.util.find_spec("vllm") is not None else None
 
 
 def median(results: list) -> dict | str:
