@@ -2,11 +2,13 @@
 equal the per-prefix masks and hand-built ones on ChatML, Llama-3-style and Zephyr-style templates; the composed
 text is the template's; a template the fast path or the composition cannot handle falls back and says so;
 rows tokenised message by message give the whole text's tokens and masks, and a tokenizer or row that does not
-allow it is tokenised whole; tokenising in several processes gives the same data; a cached re-run does not
-re-tokenise."""
+allow it is tokenised whole; the one check every fast path goes through asks the reference for the first rows and
+falls back to it, for good, when a proposal disagrees; tokenising in several processes gives the same data; a cached
+re-run does not re-tokenise."""
 
 import os
 import random
+from functools import partial
 
 import pytest
 from transformers import AutoTokenizer
@@ -15,7 +17,8 @@ from conftest import CHATML_TEMPLATE, base_config, chat_rows, write_jsonl
 from lmforge.cli import main
 from lmforge.config import load_config
 from lmforge.data import prepare
-from lmforge.data.tokenize import COMPOSED, FAST, IGNORE, PER_PREFIX, PIECEWISE, VERIFY_ROWS, Encoder
+from lmforge.data.fast_masks import VERIFY_ROWS, FastPath, OneRendering, Piecewise
+from lmforge.data.tokenize import COMPOSED, FAST, IGNORE, PER_PREFIX, PIECEWISE, Encoder
 from lmforge.models import finalize_tokenizer
 
 LLAMA3 = (
@@ -182,7 +185,7 @@ def test_fast_path_equals_per_prefix_on_many_conversations(tiny_tokenizer_dir, n
 
 
 def _composed_or_none(enc, chat):
-    return enc._composition.compose(chat)
+    return enc._composed.composition.compose(chat)
 
 
 @pytest.mark.parametrize("name", sorted(COMPOSABLE))
@@ -218,7 +221,7 @@ def test_trimming_template_renders_rows_with_edge_whitespace(tiny_tokenizer_dir)
     enc = Encoder(_tok(tiny_tokenizer_dir, LLAMA3))
     chat = [{"role": "user", "content": "  name the fox\n"}, {"role": "assistant", "content": "the quick fox \n"}]
     got = enc.chat(chat)
-    assert enc.composition()[0] and enc._composition.trims
+    assert enc.composition()[0] and enc._composed.composition.trims
     assert enc.mask_counts[COMPOSED] == 0  # rendered (the trimmed content is not in the text: per-prefix spans)
     ref = enc.chat_per_prefix(chat)
     assert (got.input_ids, got.labels) == (ref.input_ids, ref.labels)
@@ -227,7 +230,7 @@ def test_trimming_template_renders_rows_with_edge_whitespace(tiny_tokenizer_dir)
          "\n\n", False), ("the quick fox{eos}", True)])
     assert (got.input_ids, got.labels) == (ids, labels)
     chatml = Encoder(_tok(tiny_tokenizer_dir, CHATML_TEMPLATE))
-    assert chatml.composition()[0] and not chatml._composition.trims
+    assert chatml.composition()[0] and not chatml._composed.composition.trims
 
 
 def test_row_with_a_marker_in_its_content_is_rendered_and_masked_right(tiny_tokenizer_dir):
@@ -338,14 +341,15 @@ def test_tokenizer_that_normalises_is_not_tokenised_by_message(tiny_tokenizer_di
 def test_row_tokenised_by_message_that_differs_turns_it_off(tiny_tokenizer_dir, monkeypatch):
     """The check of the first rows catches pieces that do not add up to the whole text (made wrong here on purpose)."""
     tok = _tok(tiny_tokenizer_dir, CHATML_TEMPLATE)
-    real = Encoder._pieces
+    real = Piecewise._tokenise_gaps
 
-    def wrong(self, plan, roles):
-        real(self, plan, roles)
-        ids, labels = plan.pieces[0]
-        plan.pieces[0] = (ids[1:], labels[1:])
+    def wrong(self, gaps, roles):
+        pieces = real(self, gaps, roles)
+        ids, labels = pieces[0]
+        pieces[0] = (ids[1:], labels[1:])
+        return pieces
 
-    monkeypatch.setattr(Encoder, "_pieces", wrong)
+    monkeypatch.setattr(Piecewise, "_tokenise_gaps", wrong)
     enc = Encoder(tok)
     chat = [{"role": "user", "content": "name the fox"}, {"role": "assistant", "content": "the quick fox"}]
     got = enc.encode_batch([({"messages": chat}, "chat")] * (VERIFY_ROWS + 4))
@@ -354,6 +358,52 @@ def test_row_tokenised_by_message_that_differs_turns_it_off(tiny_tokenizer_dir, 
     ref = Encoder(tok).chat_per_prefix(chat)
     assert all((e.input_ids, e.labels) == (ref.input_ids, ref.labels) for e in got)
     assert enc.mask_counts[PIECEWISE] == 0 and enc.mask_counts[COMPOSED] == VERIFY_ROWS + 4
+
+
+def test_the_shared_check_asks_the_reference_for_the_first_rows_and_each_new_role_sequence():
+    """``FastPath.check``, the one check of every fast path, worked by hand on a stub path: the first VERIFY_ROWS
+    rows and the first row of a new role sequence go to the reference, later rows do not; a disagreement gives the
+    reference's row and turns the path off, naming the row."""
+    class Stub(FastPath):
+        name = COMPOSED
+        differs = "a row ({roles}) differed"
+
+        def _refusal(self):
+            return ""
+
+    path, asked = Stub(), []
+
+    def reference(row):
+        asked.append(row)
+        return row, PER_PREFIX
+
+    two = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
+    three = two + [{"role": "tool", "content": "t"}]
+    for k in range(VERIFY_ROWS + 2):
+        assert path.check(k, two, partial(reference, k)) == (k, COMPOSED)
+    assert asked == list(range(VERIFY_ROWS))
+    assert path.check("proposed", two, partial(reference, "other")) == ("proposed", COMPOSED)  # trusted: not asked
+    assert path.check("proposed", three, lambda: ("reference", PER_PREFIX)) == ("reference", PER_PREFIX)
+    assert path.state() == (False, "a row (user, assistant, tool) differed")
+
+
+def test_one_rendering_that_disagrees_with_a_real_row_turns_off(tiny_tokenizer_dir, monkeypatch):
+    """The fast path's proposal is made wrong on purpose (one character short): the check of the first row catches
+    it, that row and the rest are masked by the per-prefix method, and the reason says so."""
+    real = OneRendering.propose
+
+    def wrong(self, messages):
+        text, spans, needs_eos = real(self, messages)
+        return text, [(spans[0][0], spans[0][1] - 1)] + spans[1:], needs_eos
+
+    monkeypatch.setattr(OneRendering, "propose", wrong)
+    enc = Encoder(_tok(tiny_tokenizer_dir, NUMBERED_USERS))  # a layout, but no composition: one rendering a row
+    chats = [CHAT] + _random_chats(10, seed=3)
+    got = enc.encode_batch([({"messages": c}, "chat") for c in chats])
+    assert enc.chat_path() == (PER_PREFIX, "one rendering disagreed with the per-prefix spans on a real row")
+    assert enc.mask_counts[FAST] == 0 and enc.mask_counts[PER_PREFIX] == len(chats)
+    assert [(e.input_ids, e.labels) for e in got] == [
+        (e.input_ids, e.labels) for e in (enc.chat_per_prefix(c) for c in chats)]
 
 
 def test_template_without_eos_gets_it_appended_on_the_fast_path(tiny_tokenizer_dir):
