@@ -156,13 +156,14 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         return child(*args.child)
-    from lmforge.methods import METHODS
     from lmforge.models import pick_dtype
+    from lmforge.plan import NATIVE_METHODS
     from lmforge.synthetic import preference_rows, write_jsonl
     from lmforge.training.flops import cpu_kind
 
-    engines = (args.engines or ("native" if METHODS[args.method].native else "hf")).split(",")
-    if "native" in engines and not METHODS[args.method].native:
+    native_runs = args.method in NATIVE_METHODS
+    engines = (args.engines or ("native" if native_runs else "hf")).split(",")
+    if "native" in engines and not native_runs:
         sys.exit(f"{args.method} runs on train.engine: hf only; use --engines hf")
     unit = "examples" if args.method == "kto" else "pairs"
     tmp = Path(tempfile.mkdtemp(prefix=f"bench-{args.method}-"))

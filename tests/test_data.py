@@ -9,7 +9,8 @@ from conftest import base_config, chat_rows, write_config, write_jsonl
 from lmforge.cli import main
 from lmforge.config import DataSource, load_config
 from lmforge.data.formats import detect_format
-from lmforge.data.prepare import load_rows, mix, prepare_split
+from lmforge.data.prepare import load_rows, mix
+from lmforge.data.split import prepare_split
 from lmforge.data.sources import Row
 from lmforge.models import finalize_tokenizer
 

@@ -147,6 +147,31 @@ def test_verify_names_every_difference(monkeypatch):
     assert strategy.mismatches(zero3, engine) == ["ZeRO stage 2 (expected 3)"]
 
 
+@pytest.mark.parametrize("no_split", [None, []])
+def test_native_fsdp_on_a_model_without_decoder_layer_classes_is_a_clear_error(no_split):
+    """The native engine shards per decoder layer, found through ``_no_split_modules``: a model class that names
+    none is refused with what to use instead, before any process-group work (no processes needed here)."""
+    from transformers import PretrainedConfig, PreTrainedModel
+
+    from lmforge.training.sharding import Sharded
+
+    class TinyNoSplitLM(PreTrainedModel):  # (transformers 5 also collects the children's _no_split_modules)
+        config_class = PretrainedConfig
+        _no_split_modules = no_split
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.layers = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)])
+            self.post_init()
+
+    with pytest.raises(UnsupportedError) as e:
+        Sharded(TinyNoSplitLM(PretrainedConfig()), objective=None, compute=torch.float32)
+    message = str(e.value)
+    assert "train.distributed: fsdp" in message and "TinyNoSplitLM" in message and "_no_split_modules" in message
+    assert "train.distributed: ddp" in message  # what to use instead
+    assert not torch.distributed.is_initialized()
+
+
 def test_torchrun_command_line():
     args = SimpleNamespace(nproc_per_node=2, nnodes=1, node_rank=0, master_addr="127.0.0.1", master_port=None)
     cmd = launch.torchrun_command(args, ["cfg.yaml", "train.seed=1"])

@@ -165,7 +165,7 @@ def test_activations_track_saved_tensors_and_checkpointing(setup, tiny_model_dir
 
     from lmforge.adapters import apply_peft
     from lmforge.data.packing import CausalCollator
-    from lmforge.methods.sft import token_loss_sum
+    from lmforge.training.losses import token_loss_sum
     from lmforge.training.dropout import use_fast_lora_dropout
     from lmforge.training.estimate import MicroBatch, activation_bytes
 
@@ -220,7 +220,8 @@ def _saved_bytes_bf16(cfg) -> tuple[int, object]:
     adapters and 4-bit base under autocast, FastDropout. Returns (bytes, the micro-batch)."""
     import contextlib
 
-    from lmforge.methods.sft import CountingCollator, token_loss_sum
+    from lmforge.methods.sft import CountingCollator
+    from lmforge.training.losses import token_loss_sum
     from lmforge.training.attention import NAME, use_packed_attention
     from lmforge.training.dropout import use_fast_lora_dropout
     from lmforge.training.estimate import MicroBatch

@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 from conftest import CHATML_TEMPLATE, base_config, chat_rows, write_jsonl
 from lmforge.cli import main
 from lmforge.config import load_config
-from lmforge.data import prepare
+from lmforge.data import prepare, split
 from lmforge.data.fast_masks import VERIFY_ROWS, FastPath, OneRendering, Piecewise
 from lmforge.data.tokenize import COMPOSED, FAST, IGNORE, PER_PREFIX, PIECEWISE, Encoder
 from lmforge.models import finalize_tokenizer
@@ -419,18 +419,18 @@ def test_unsupported_template_falls_back_and_says_so(tmp_path, tiny_model_dir, l
     data = write_jsonl(tmp_path / "d.jsonl", [{"messages": CHAT}] * 3)
     cfg = load_config(None, tree=base_config(tiny_model_dir, data, tmp_path / "out", data={"max_length": 512}))
     tok = _tok(tiny_model_dir, NUMBERED)
-    ds, stats, _ = prepare.prepare_split(cfg, tok, "train", packed=False)
+    ds, stats, _ = split.prepare_split(cfg, tok, "train", packed=False)
     lines = "\n".join(stats.lines())
     assert f"chat masks, {data}: per-prefix rendering for all 3 rows" in lines
     assert "varies between turns" in lines
     ids, labels = _hand_built(tok, SEGMENTS["numbered"])
     assert ds[0]["input_ids"] == ids and ds[0]["labels"] == labels
     tok = _tok(tiny_model_dir, CHATML_TEMPLATE)
-    _, stats, _ = prepare.prepare_split(cfg, tok, "train", packed=False)
+    _, stats, _ = split.prepare_split(cfg, tok, "train", packed=False)
     lines = "\n".join(stats.lines())
     assert f"chat masks, {data}: fast path (one template rendering per conversation) for all 3 rows; 3 of the fast " \
            "rows composed from the template's layout without rendering" in lines
-    _, stats, _ = prepare.prepare_split(cfg, _tok(tiny_model_dir, ESCAPING), "train", packed=False)
+    _, stats, _ = split.prepare_split(cfg, _tok(tiny_model_dir, ESCAPING), "train", packed=False)
     lines = "\n".join(stats.lines())
     assert f"chat masks, {data}: fast path (one template rendering per conversation) for all 3 rows; none composed (" \
            in lines and "does not copy message contents verbatim" in lines
@@ -442,12 +442,12 @@ def test_prepare_says_how_many_rows_were_tokenised_by_message(tmp_path, tiny_mod
     data = write_jsonl(tmp_path / "d.jsonl", chat_rows(48))
     cfg = load_config(None, tree=base_config(tiny_model_dir, data, tmp_path / "out", data={"max_length": 512}))
     tok = _tok(tiny_model_dir, CHATML_TEMPLATE)
-    by_message, stats, _ = prepare.prepare_split(cfg, tok, "train", packed=False)
+    by_message, stats, _ = split.prepare_split(cfg, tok, "train", packed=False)
     assert f"48 of the fast rows composed from the template's layout without rendering, {48 - VERIFY_ROWS} of them " \
            "tokenised message by message (template text tokenised once)" in "\n".join(stats.lines())
     tok.backend_tokenizer.normalizer = normalizers.NFKC()  # changes nothing in these rows, but is not proven safe
     cfg.data.cache_dir = str(tmp_path / "other-cache")
-    whole, stats, _ = prepare.prepare_split(cfg, tok, "train", packed=False)
+    whole, stats, _ = split.prepare_split(cfg, tok, "train", packed=False)
     assert "48 of the fast rows composed from the template's layout without rendering, none tokenised message by " \
            "message (the tokenizer normalises text)" in "\n".join(stats.lines())
     assert whole.to_dict() == by_message.to_dict()
@@ -463,11 +463,11 @@ def test_parallel_tokenising_gives_the_same_data(tmp_path, tiny_model_dir, lmfor
         pytest.skip("needs two cores")
     data, cfg = _prepare_cfg(tmp_path, tiny_model_dir)
     tok = finalize_tokenizer(AutoTokenizer.from_pretrained(tiny_model_dir))
-    serial, s_stats, _ = prepare.prepare_split(cfg, tok, "train", packed=True)
+    serial, s_stats, _ = split.prepare_split(cfg, tok, "train", packed=True)
     monkeypatch.setattr(prepare, "PARALLEL_MIN_ROWS", 8)
     monkeypatch.setattr(prepare, "_BATCH", 5)
     cfg.data.cache_dir = str(tmp_path / "other-cache")
-    par, p_stats, _ = prepare.prepare_split(cfg, tok, "train", packed=True)
+    par, p_stats, _ = split.prepare_split(cfg, tok, "train", packed=True)
     assert s_stats.processes == 1 and p_stats.processes == 2
     assert par.to_dict() == serial.to_dict()
     assert (p_stats.tokens, p_stats.loss_tokens, p_stats.masks) == (s_stats.tokens, s_stats.loss_tokens, s_stats.masks)
@@ -491,14 +491,14 @@ def test_cached_rerun_does_not_tokenise(tmp_path, tiny_model_dir, lmforge_cache,
     calls = []
     real = Encoder.encode_batch
     monkeypatch.setattr(Encoder, "encode_batch", lambda self, rows: calls.append(len(rows)) or real(self, rows))
-    first, _, path = prepare.prepare_split(cfg, tok, "train", packed=True)
+    first, _, path = split.prepare_split(cfg, tok, "train", packed=True)
     assert sum(calls) == 48
-    again, stats, path2 = prepare.prepare_split(cfg, tok, "train", packed=True)
+    again, stats, path2 = split.prepare_split(cfg, tok, "train", packed=True)
     assert sum(calls) == 48 and path2 == path and stats.rows == 48
     assert again.to_dict() == first.to_dict()
     assert again.cache_files  # memory-mapped from the cache's Arrow files, not loaded into memory
     os.utime(data, ns=(os.stat(data).st_atime_ns, os.stat(data).st_mtime_ns + 10**9))  # the file changed: rebuild
-    _, _, path3 = prepare.prepare_split(cfg, tok, "train", packed=True)
+    _, _, path3 = split.prepare_split(cfg, tok, "train", packed=True)
     assert sum(calls) == 96 and path3 != path
 
 

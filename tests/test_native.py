@@ -27,7 +27,7 @@ def test_flop_count_equals_a_hand_count(tiny_model_dir):
     + attention 4 x T^2 x hidden per layer); FlopCounterMode's count must be within 5% of it."""
     from transformers import AutoModelForCausalLM
 
-    from lmforge.methods.sft import token_loss_sum
+    from lmforge.training.losses import token_loss_sum
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     cfg = model.config
@@ -86,9 +86,9 @@ def test_a_checkpoint_resumes_only_in_its_own_engine(tmp_path, tiny_model_dir, l
 @pytest.mark.parametrize("overrides, message", [
     (["method=orpo", "peft.kind=prompt_tuning"], "peft.kind: prompt_tuning with orpo runs on train.engine: hf"),
     (["method=dpo", "dpo.loss_type=aot"], "dpo.loss_type: aot runs on train.engine: hf"),
-    (["train.torch_compile=true"], "train.torch_compile runs on train.engine: hf"),
+    (["train.torch_compile=true"], "train.torch_compile: runs on train.engine: hf"),
     (["train.distributed=deepspeed", "train.deepspeed=zero2"], "runs on train.engine: hf"),
-    (["method=dpo", "train.distributed=fsdp"], "method dpo with train.distributed: fsdp runs on train.engine: hf"),
+    (["method=dpo", "train.distributed=fsdp"], "train.distributed: fsdp with method dpo runs on train.engine: hf"),
     (["train.optim=adamw_bnb_8bit"], "the native engine has adamw_torch"),
     (["train.report_to=[comet_ml]"], "reports to tensorboard"),
 ])
@@ -106,7 +106,7 @@ def test_default_engine_falls_back_to_hf_with_a_reason(tmp_path, tiny_model_dir,
     cfg = write_config(tmp_path / "c.yaml", base_config(tiny_model_dir, data, tmp_path / "out",
                                                         train={"max_steps": 1, "optim": "adafactor"}))
     assert main(["train", str(cfg)]) == 0
-    assert "train.engine: hf (train.optim: adafactor runs on train.engine: hf" in capsys.readouterr().out
+    assert "plan: engine: hf (train.optim: adafactor runs on train.engine: hf" in capsys.readouterr().out
     import yaml
 
     assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["train"]["engine"] == "hf"

@@ -108,7 +108,8 @@ def test_valid_names_load():
 
 def test_known_names_exist_in_the_installed_transformers():
     """The lists config.py checks against without importing transformers are transformers' own."""
-    from lmforge.config import HF_OPTIMIZERS, HF_SCHEDULERS, HF_TRACKERS, installed_hf_names
+    from lmforge.config import installed_hf_names
+    from lmforge.registry import HF_OPTIMIZERS, HF_SCHEDULERS, HF_TRACKERS
 
     assert set(HF_OPTIMIZERS) <= set(installed_hf_names("optim"))
     assert set(HF_SCHEDULERS) <= set(installed_hf_names("lr_scheduler_type"))
@@ -117,7 +118,7 @@ def test_known_names_exist_in_the_installed_transformers():
 
 # ------------------------------------------------------------------------------ learning_rate 0
 def test_learning_rate_zero_means_zero():
-    from lmforge.training.run import default_learning_rate
+    from lmforge.training.optim import default_learning_rate
 
     assert default_learning_rate(load_config(None, tree=_tree(learning_rate=0))) == 0.0
     assert default_learning_rate(load_config(None, tree=_tree())) == 2e-5  # unset: the method default
@@ -172,7 +173,7 @@ def test_invalid_utf8_in_json_and_csv_rows_is_a_bad_row(tmp_path):
 def test_num_samples_is_honoured_for_a_single_source(tmp_path, tiny_tokenizer_dir, lmforge_cache, n):
     from transformers import AutoTokenizer
 
-    from lmforge.data.prepare import prepare_split
+    from lmforge.data.split import prepare_split
 
     path = write_jsonl(tmp_path / "t.jsonl", chat_rows(12))
     tree = {"method": "sft", "model": {"name_or_path": "x"}, "train": {"output_dir": str(tmp_path), "seed": 0},
@@ -207,7 +208,7 @@ def test_lm_head_on_every_position_under_ddp_is_logged_once(tmp_path, tiny_model
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    from lmforge.methods.sft import token_loss_sum
+    from lmforge.training.losses import token_loss_sum
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     batch = {"input_ids": torch.tensor([[5, 6, 7, 8]]), "labels": torch.tensor([[-100, -100, 7, 8]])}

@@ -10,7 +10,7 @@ import torch
 from conftest import base_config, chat_rows, write_config, write_jsonl
 
 from lmforge.cli import main
-from lmforge.training.optim import Lamb, build_scheduler
+from lmforge.training.optim import Lamb, hf_scheduler
 
 
 @pytest.mark.parametrize("wd", [0.0, 0.1])
@@ -42,7 +42,7 @@ def _lrs(name: str, warmup: int, total: int = 10, **kwargs) -> list[float]:
     args = TrainingArguments(output_dir="/tmp/unused", learning_rate=1.0, lr_scheduler_type=name,
                              warmup_steps=warmup, lr_scheduler_kwargs=kwargs, use_cpu=True, report_to="none")
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = build_scheduler(args, opt, total)
+    sched = hf_scheduler(args, opt, total)
     out = []
     for _ in range(total):
         out.append(sched.get_last_lr()[0])

@@ -168,13 +168,11 @@ def test_native_orpo_cli_end_to_end_is_the_default_engine(tmp_path, tiny_model_d
 
 
 def test_native_orpo_lora_trains_the_adapter_only(tmp_path, tiny_model_dir, lmforge_cache):
-    from lmforge.training.native import choose_engine
-
     cfg = load_config(None, tree=_tree(tmp_path, tiny_model_dir, peft={"kind": "lora", "r": 4, "alpha": 8}))
-    assert choose_engine(cfg) == "native"
     run = setup(cfg)
+    assert run.plan.engine == "native" and run.cfg.train.engine == "native"
     before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
-    orpo.train_native(cfg, run)
+    orpo.train_native(run.cfg, run)
     after = dict(run.model.named_parameters())
     trainable = [n for n, p in after.items() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from lmforge.data.packing import CausalCollator, block_causal_mask, pack
 from lmforge.data.tokenize import IGNORE
-from lmforge.methods.sft import token_loss_sum
+from lmforge.training.losses import token_loss_sum
 
 
 def _samples(n=10, seed=0, vocab=300):

@@ -11,7 +11,8 @@ from conftest import base_config, write_config, write_jsonl
 from transformers import AutoTokenizer
 
 from lmforge.config import load_config
-from lmforge.data.prepare import Stats, prepare_split
+from lmforge.data.prepare import Stats
+from lmforge.data.split import prepare_split
 from lmforge.data.preference import encode_preference_rows, encode_side
 from lmforge.data.sources import Row
 from lmforge.data.tokenize import IGNORE, Encoder

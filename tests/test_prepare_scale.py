@@ -17,7 +17,8 @@ from lmforge.config import load_config
 from lmforge.data import bounded
 from lmforge.data.packing import pack_bins
 from lmforge.data.tokenize import IGNORE
-from lmforge.data.prepare import Stats, encode_rows, load_rows, prepare_split, split_rows, to_table
+from lmforge.data.prepare import Stats, encode_rows, load_rows, split_rows, to_table
+from lmforge.data.split import prepare_split
 from lmforge.models import load_tokenizer
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda the quick brown fox jumps".split()
@@ -91,6 +92,49 @@ def test_bad_rows_in_later_byte_ranges_keep_their_line_numbers(tmp_path, tiny_mo
     assert "2 bad row(s)" in err
     assert f"{data}:122: invalid JSON" in err
     assert f"{data}:172: " in err and "assistant" in err
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_every_prepared_row_names_the_source_lines_of_its_samples(tmp_path, tiny_model_dir, lmforge_cache,
+                                                                  monkeypatch, packed):
+    """``origins.of_rows`` (what the NaN stop names) against the rows' own text: each sample of a prepared row,
+    decoded, holds the tag written into the source line it names (mixed sources, byte ranges, a blank line)."""
+    import re
+
+    from lmforge.data.origins import of_rows
+
+    monkeypatch.setattr(bounded, "TASK_BYTES", 500)  # many byte ranges per file
+    monkeypatch.setattr(bounded, "TASK_ROWS", 7)
+    rng = random.Random(5)
+
+    def tagged(tag: str) -> dict:
+        return {"messages": [{"role": "user", "content": f"{_say(rng, rng.randint(1, 12))} tag {tag} end"},
+                             {"role": "assistant", "content": _say(rng, rng.randint(1, 20))}]}
+
+    lines = [json.dumps(tagged(f"a{i}")) for i in range(60)]
+    lines.insert(25, "")  # the rows after it are one line further down
+    a = tmp_path / "a.jsonl"
+    a.write_text("\n".join(lines) + "\n")
+    b = tmp_path / "b.json"
+    b.write_text(json.dumps([tagged(f"b{i}") for i in range(15)]))  # read here, in chunks of rows
+    expected = {f"a{i}": f"{a}:{i + 1 + (i >= 25)}" for i in range(60)}  # tag -> the origin it must get
+    expected |= {f"b{i}": f"{b}:row {i + 1}" for i in range(15)}
+    cfg = load_config(None, tree={
+        "method": "sft", "model": {"name_or_path": str(tiny_model_dir)},
+        "data": {"train": [{"path": str(a), "weight": 2.0}, {"path": str(b), "weight": 1.0}], "max_length": 96},
+        "train": {"output_dir": str(tmp_path / "out"), "seed": 3}})
+    tok = load_tokenizer(cfg.model, tiny_model_dir)
+    ds, stats, _ = prepare_split(cfg, tok, "train", packed)
+    assert stats.samples == 75 and (len(ds) < 75) == packed
+    named = set()
+    for r in range(len(ds)):
+        ids, lens = ds[r]["input_ids"], ds[r]["seq_lens"]
+        starts = np.cumsum([0] + lens[:-1])
+        tags = [re.search(r"tag (\w+) end", tok.decode(ids[s:s + n]))[1] for s, n in zip(starts, lens)]
+        assert of_rows(ds, [r]) == list(dict.fromkeys(expected[t] for t in tags)), r  # in order, each once
+        named |= set(of_rows(ds, [r]))
+    assert len(named) > 40 and {o.rsplit(":", 1)[0] for o in named} == {str(a), str(b)}
+    assert of_rows(ds, [0, 1]) == list(dict.fromkeys(of_rows(ds, [0]) + of_rows(ds, [1])))
 
 
 SCRIPT = """

@@ -25,6 +25,7 @@ from conftest import base_config, chat_rows, write_config, write_jsonl
 from safetensors.torch import load_file
 
 from lmforge.cli import main
+from lmforge.config import load_config
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -93,6 +94,21 @@ def _checkpoints(out: Path) -> list[str]:
 
 def _equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _step_origins(cfg_path: Path, model_dir: Path, step: int) -> list[str]:
+    """The source lines a step trains on, worked out apart from either engine: both take step k's rows from the
+    seeded permutation of the prepared rows (``EpochSampler``), per_device_train_batch_size at a time (1 process,
+    no accumulation); ``of_rows`` turns them into file:line (its own test is in test_prepare_scale.py)."""
+    from lmforge.data.origins import of_rows
+    from lmforge.data.split import prepare_split
+    from lmforge.models import load_tokenizer
+    from lmforge.training.checkpoint import EpochSampler
+
+    cfg = load_config(cfg_path)
+    ds, _, _ = prepare_split(cfg, load_tokenizer(cfg.model, model_dir), "train", packed=True)
+    B = cfg.train.per_device_train_batch_size
+    return of_rows(ds, sorted(list(EpochSampler(len(ds), cfg.train.seed))[(step - 1) * B:step * B]))
 
 
 def _sections(engine="hf", **train) -> dict:
@@ -172,9 +188,10 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(engine, tm
     err = capsys.readouterr().err
     assert err.count("lmforge: error:") == 1 and "Traceback" not in err
     assert "step 3: the loss is not finite" in err and "train.on_nan: skip_batch" in err
-    if engine == "native":  # it knows the step's rows (per_device_train_batch_size 2: two packed rows)
-        rows = err.split("on rows ")[1].split(" of the prepared training data")[0].split(", ")
-        assert len(rows) == 2 and all(0 <= int(r) < 24 for r in rows)
+    # the step's rows by the source lines of their samples (per_device_train_batch_size 2: two packed rows)
+    named = re.search(r"on rows from (.*?); stopping before the update", err)[1].split(", ")
+    assert named == _step_origins(cfg, tiny_model_dir, step=3)
+    assert len(named) >= 2 and all(re.fullmatch(rf"{re.escape(str(data))}:([1-9]|1\d|2[0-4])", o) for o in named)
     out = tmp_path / "out"
     assert _checkpoints(out) == ["checkpoint-2"]  # nothing written after the NaN
     assert not (out / "adapter_model.safetensors").exists()

@@ -160,7 +160,7 @@ def test_crash_during_checkpoint_write_keeps_last_good(tmp_path, tiny_model_dir,
 def test_causal_lm_loss_by_hand():
     import math
 
-    from lmforge.methods.sft import causal_lm_loss
+    from lmforge.training.losses import causal_lm_loss
 
     head = torch.nn.Linear(2, 3, bias=False)
     with torch.no_grad():

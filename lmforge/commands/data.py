@@ -23,20 +23,20 @@ def add_parser(sub, formatter):
     return p
 
 
-def _tokenizer_and_packing(cfg):
-    from lmforge.methods import packing
+def _tokenizer_and_plan(cfg):
+    from lmforge import plan
     from lmforge.models import architecture, resolve_model_and_tokenizer
 
     _, _, tok = resolve_model_and_tokenizer(cfg)
-    arch = architecture(cfg)
-    return tok, packing(cfg, arch), arch
+    return tok, plan.plan(cfg, architecture(cfg))
 
 
 def run(args) -> int:
-    from lmforge.data.prepare import prepare_split
+    from lmforge.data.split import prepare_split
 
     cfg = load_config(args.config, args.overrides)
-    tok, packed, arch = _tokenizer_and_packing(cfg)
+    tok, run_plan = _tokenizer_and_plan(cfg)
+    packed, arch = run_plan.packing, run_plan.architecture
     for role in ("train", "eval"):
         if role == "train" and cfg.data.streaming:
             print("train: data.streaming: true: read, tokenised and packed while training (nothing cached); "
@@ -74,10 +74,14 @@ def _marked(tok, ids, labels, color: bool) -> str:
 
 
 def run_inspect(args) -> int:
-    from lmforge.data.prepare import prepare_split
+    from lmforge.data.split import prepare_split
 
     cfg = load_config(args.config, args.overrides)
-    tok, packed, arch = _tokenizer_and_packing(cfg)
+    tok, run_plan = _tokenizer_and_plan(cfg)
+    print("run plan:")
+    for line in run_plan.lines():
+        print(f"  {line}")
+    packed, arch = run_plan.packing, run_plan.architecture
     ds, stats, _ = prepare_split(cfg, tok, args.split, packed, arch)
     if ds is None:
         print(f"no {args.split} data configured")
@@ -85,9 +89,8 @@ def run_inspect(args) -> int:
     color = sys.stdout.isatty()
     legend = "green" if color else "[[ ]]"
     from lmforge.data.preference import show_records
-    from lmforge.methods import METHODS
 
-    if METHODS[cfg.method].pairs:
+    if run_plan.layout == "pairs":
         print(f"{len(ds)} {'records' if cfg.method == 'kto' else 'pairs'}; answer tokens (they carry the loss) "
               f"are marked {legend}")
         show_records(tok, ds, args.n, lambda ids, labels: _marked(tok, ids, labels, color))

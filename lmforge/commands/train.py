@@ -23,15 +23,16 @@ def add_parser(sub, formatter):
 
 
 def run(args) -> int:
-    from lmforge.methods import get_method
-
     cfg = load_config(args.config, args.overrides)
     if launch.wants_launch(args):  # --nproc-per-node: run this command again under torchrun
         return launch.relaunch(args, cfg)
-    from lmforge.distributed import strategy
+    from lmforge.distributed import strategy  # torch and transformers load here, not for --help
+    from lmforge.methods import get_method
     from lmforge.training.estimate import log_at_start
+    from lmforge.training.run import planned
 
+    _, run_plan = planned(cfg)  # method x architecture x engine x layout (plan.py); the method logs it at start
     log_at_start(cfg, args.config)  # one line: predicted peak memory, tokens/s, run time; output_dir/estimate.json
-    get_method(cfg)(cfg)  # the method's module for this model's architecture (methods/__init__.py)
+    get_method(run_plan.module)(cfg)
     strategy.teardown()
     return 0

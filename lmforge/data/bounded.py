@@ -28,6 +28,7 @@ import numpy as np
 
 from lmforge.config import Config
 from lmforge.data.formats import RowError, normalize, source_format
+from lmforge.data.origins import SourceRows
 from lmforge.data.packing import pack_bins
 from lmforge.data.prepare import (
     DROP_NO_LOSS, METHOD_FORMATS, Stats, _encode_chunk, add_counts, mix_indices, sources_for, spans,
@@ -66,6 +67,7 @@ class _Done:
     masks: dict
     per_row: object
     bad: list  # (line within the range or origin, reason)
+    good_at: list  # where each good row is: line within the range (JSON Lines) or origin (data/origins.py)
     read: int  # rows read (good or bad)
     lines: int  # lines in the range (JSON Lines)
     good: int
@@ -85,6 +87,7 @@ def _run(task: _Task) -> _Done:
         _ENCODER = Encoder(tokenizer, apply_chat_template=cfg.data.apply_chat_template)
     src = sources[task.source]
     good: list[tuple[str, Row]] = []
+    good_at: list = []
     bad: list = []
     lines = read = 0
     if task.path is not None:
@@ -96,6 +99,7 @@ def _run(task: _Task) -> _Done:
         if reason is None:
             try:
                 good.append((task.fmt, Row(normalize(data, task.fmt, src), str(where), task.source)))
+                good_at.append(where)
                 continue
             except RowError as e:
                 reason = str(e)
@@ -103,7 +107,7 @@ def _run(task: _Task) -> _Done:
     if task.path is not None:
         lines = counter[0]
     tokens, counts, masks, per_row = _encode_chunk(cfg, _ENCODER, good)
-    return _Done(tokens, counts, masks, per_row, bad, read, lines, len(good))
+    return _Done(tokens, counts, masks, per_row, bad, good_at, read, lines, len(good))
 
 
 def _range_rows(task: _Task, counter: list[int]):
@@ -333,6 +337,7 @@ def build_causal(cfg: Config, tokenizer, role: str, packed: bool, out: Path, sou
     bad_shown: list[BadRow] = []
     bad_count = 0
     line_base: dict[str, int] = {}  # JSON Lines file -> lines in the ranges before the current one
+    origins = SourceRows()  # file:line of every good row, for messages that name the data (data/origins.py)
     _JOB, _ENCODER = (cfg, tokenizer, sources), None  # an Encoder of an earlier call holds another tokenizer
     try:
         for task, done in _zip_tasks(_tasks(cfg, role, fmts), procs):
@@ -340,8 +345,10 @@ def build_causal(cfg: Config, tokenizer, role: str, packed: bool, out: Path, sou
                 base = line_base.get(task.path, 0)
                 line_base[task.path] = base + done.lines
                 bad = [BadRow(f"{task.path}:{base + k}", reason) for k, reason in done.bad]
+                origins.add_lines(task.path, np.asarray(done.good_at, dtype=np.int64) + base)
             else:
                 bad = [BadRow(origin, reason) for origin, reason in done.bad]
+                origins.add(done.good_at)
             bad_count += len(bad)
             bad_shown += bad[:SHOWN_BAD - len(bad_shown)]
             good_per_source[task.source] += done.good
@@ -390,6 +397,7 @@ def build_causal(cfg: Config, tokenizer, role: str, packed: bool, out: Path, sou
     else:
         per_row = np.ones(len(order), dtype=np.int64)
     _write_arrow(out, spill_dir, lengths, order, per_row)
+    origins.write(out, samples_per_row, order, per_row)
     for f in spill_dir.iterdir():
         f.unlink()
     spill_dir.rmdir()

@@ -21,10 +21,10 @@ from __future__ import annotations
 from lmforge.data.packing import PACKED_ATTENTION, shared_prompt_mask
 from lmforge.data.tokenize import IGNORE, Encoder
 from lmforge.errors import DataError
-from lmforge.methods import PAIR_METHODS
+from lmforge.registry import PAIR_METHODS
 
 VERSION = "1"  # part of the cache fingerprint: bump when the encoding below changes
-PREFERENCE_METHODS = PAIR_METHODS  # the methods that read these records (methods/__init__.py)
+PREFERENCE_METHODS = PAIR_METHODS  # the methods that read these records (registry.py)
 
 
 def _as_messages(value, role: str) -> list[dict]:

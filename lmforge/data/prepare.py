@@ -5,7 +5,7 @@ fingerprint of the data files (path, size, mtime; or their content with ``data.c
 tokenizer and the settings, so a second call stats the files and memory-maps the cached Arrow data
 (``datasets.load_from_disk``) without reading its rows.
 
-What a sample is depends on what the model trains on (``sample_layout``): a causal LM gets ids with aligned labels
+What a sample is depends on what the model trains on (``plan.layout``): a causal LM gets ids with aligned labels
 (packed or not), an encoder-decoder (T5) gets encoder ids and the decoder's labels, an encoder-only model (BERT)
 gets framed text blocks that its collator masks anew each step. The layers before (reading, mixing) and after
 (caching, ``prepare``/``inspect``) are the same for all of them.
@@ -23,8 +23,6 @@ import json
 import multiprocessing
 import os
 import random
-import shutil
-import tempfile
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,22 +31,18 @@ import numpy as np
 
 from lmforge.config import Config, DataSource
 from lmforge.data.formats import normalize_rows
-from lmforge.data.packing import pack_bins
-from lmforge.data.preference import PREFERENCE_METHODS, encode_preference_rows
+from lmforge.data.preference import PREFERENCE_METHODS
 from lmforge.data.preference import VERSION as PREFERENCE_VERSION
 from lmforge.data.sources import BadRow, Row, has_split, is_saved_dataset, read_source, resolve_files
 from lmforge.data.tokenize import (
     COMPOSED, FAST, IGNORE, MASK_PATHS, PER_PREFIX, PIECEWISE, Encoder, chunk, encoder_decoder_pairs, text_blocks,
 )
-from lmforge.distributed.ranks import main_process_first
-from lmforge.errors import ConfigError, DataError, UnsupportedError
-from lmforge.methods import METHODS
-from lmforge.models import cache_root
+from lmforge.cache import cache_root
+from lmforge.errors import DataError
+from lmforge.plan import CAUSAL, MLM, SEQ2SEQ
+from lmforge.registry import METHOD_FORMATS
 
-CACHE_VERSION = "3"  # 3: causal splits built in bounded memory (data/bounded.py)
-# which row formats each method trains on (the registry, methods/__init__.py)
-METHOD_FORMATS = {name: m.formats for name, m in METHODS.items()}
-
+CACHE_VERSION = "4"  # 3: causal splits built in bounded memory (data/bounded.py); 4: with their origins
 
 _NOT_COMPOSED = "not-composed"  # Stats.masks key: why a source's fast rows were not composed
 _NOT_PIECEWISE = "not-piecewise"  # Stats.masks key: why a source's composed rows were not tokenised by message
@@ -77,7 +71,7 @@ class Stats:
     #                 were not tokenised by message} (``_new_mask_counts``)
     masks: dict = field(default_factory=dict)
     processes: int = 1  # tokenising processes
-    layout: str = "causal"  # what a sample is: see sample_layout
+    layout: str = "causal"  # what a sample is: see plan.layout
 
     def drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
@@ -215,33 +209,6 @@ def split_rows(cfg: Config, role: str, per_source: list[tuple[str, list[Row]]]) 
 
 
 # ----------------------------------------------------------------------------------------------- layouts
-CAUSAL, SEQ2SEQ, MLM, PAIRS = "causal", "seq2seq", "mlm", "pairs"
-
-
-def sample_layout(cfg: Config, architecture: str = "decoder") -> str:
-    """What one sample is for this method on this kind of model (``models.architecture``), after the registry's
-    module for the pair (methods/__init__.py):
-
-    - ``causal``: ids with aligned labels, loss on completions/assistant turns (decoder-only sft/pretrain);
-    - ``seq2seq``: encoder input ids and decoder labels (sft on an encoder-decoder such as T5);
-    - ``mlm``: framed text blocks, masked by the collator (pretrain/mlm on an encoder-only model such as BERT);
-    - ``pairs``: preference records (data/preference.py).
-    """
-    method = METHODS[cfg.method]
-    module = method.modules.get(architecture)
-    if module is None:
-        raise UnsupportedError(f"method: {cfg.method} trains {' and '.join(method.modules)} models; this model is "
-                               f"{architecture}")
-    if method.pairs:
-        return PAIRS
-    if module == "seq2seq":
-        if cfg.data.apply_chat_template:
-            raise ConfigError("data.apply_chat_template: an encoder-decoder model reads the prompt as encoder input and "
-                              "the completion as the decoder's target; no chat template applies: remove the key")
-        return SEQ2SEQ
-    return MLM if module == "mlm" else CAUSAL
-
-
 # ----------------------------------------------------------------------------------------------- tokens
 PARALLEL_MIN_ROWS = 20_000  # fewer rows are tokenised in this process: starting workers would cost more
 _BATCH = 1000  # rows per call of the fast tokenizer
@@ -516,77 +483,6 @@ def fingerprint(cfg: Config, tokenizer, role: str, packed: bool, layout: str = C
 
 def cache_dir(cfg: Config) -> Path:
     return Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else cache_root() / "data"
-
-
-@main_process_first  # with several processes: built once per node, then read by the other ranks
-def prepare_split(cfg: Config, tokenizer, role: str, packed: bool, architecture: str = "decoder"):
-    """Return (datasets.Dataset or None, Stats, cache path). Builds and caches on a miss.
-
-    The dataset's columns depend on ``sample_layout``: ``input_ids``, ``labels`` and ``seq_lens`` (samples per row)
-    for causal LMs and masked-LM text blocks; ``input_ids`` and ``labels`` for encoder-decoder pairs; the preference
-    columns for preference methods. ``architecture`` is ``models.architecture(cfg)``: the kind of model trained.
-    """
-    from datasets import load_from_disk
-
-    if not sources_for(cfg, role):
-        return None, None, None
-    layout = sample_layout(cfg, architecture)
-    packed = packed and layout == CAUSAL
-    target = cache_dir(cfg) / fingerprint(cfg, tokenizer, role, packed, layout)
-    if (target / "stats.json").exists():
-        stats = Stats(**json.loads((target / "stats.json").read_text()))
-        return load_from_disk(str(target / "data")), stats, target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    try:
-        if layout == CAUSAL:  # the scale case: rows streamed through workers, never all in memory (data/bounded.py)
-            from lmforge.data.bounded import build_causal
-
-            stats = build_causal(cfg, tokenizer, role, packed, tmp / "data",
-                                 [s.path or s.loader for s in sources_for(cfg, role)])
-        else:
-            ds, stats = _build_in_memory(cfg, tokenizer, role, layout)
-            ds.save_to_disk(str(tmp / "data"))
-        stats.layout = layout
-        (tmp / "stats.json").write_text(json.dumps(asdict(stats)))
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process built it first
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return load_from_disk(str(target / "data")), stats, target
-
-
-def _build_in_memory(cfg: Config, tokenizer, role: str, layout: str):
-    """Preference pairs, encoder-decoder pairs and masked-LM blocks: (datasets.Dataset, Stats), built from the rows
-    in memory."""
-    from datasets import Dataset
-    from datasets.table import InMemoryTable
-
-    per_source, _, stats = load_rows(cfg, role)
-    stats.layout = layout
-    if layout == SEQ2SEQ:
-        for (fmt, rows), src in zip(per_source, sources_for(cfg, role)):
-            if fmt != "prompt_completion":
-                raise DataError(f"{src.path or src.loader}: encoder-decoder SFT needs input/output (prompt/completion) "
-                                f"rows, got {fmt}")
-    rows = split_rows(cfg, role, per_source)
-    if layout == PAIRS:  # prompt/chosen/rejected ids, never packed (data/preference.py)
-        samples = encode_preference_rows(cfg, tokenizer, rows, stats)
-        if not samples:
-            raise DataError(f"no {role} samples left after tokenisation ({stats.dropped or 'all rows were bad'})")
-        return Dataset.from_list(samples), stats
-    if layout == SEQ2SEQ:
-        ds = Dataset(InMemoryTable(encode_seq2seq_rows(cfg, tokenizer, rows, stats)))
-        if not len(ds):
-            raise DataError(f"no {role} samples: all rows were bad")
-        return ds, stats
-    tokens = encode_mlm_rows(cfg, tokenizer, rows, stats)
-    if not len(tokens.lengths):
-        raise DataError(f"no {role} text left after tokenisation")
-    return Dataset(InMemoryTable(to_table(tokens, None))), stats
 
 
 def training_texts_key(cfg: Config) -> str:

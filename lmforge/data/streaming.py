@@ -29,6 +29,7 @@ from lmforge.data.formats import normalize_rows
 from lmforge.data.sources import _READERS, Row, _invalid_utf8, is_saved_dataset, resolve_files
 from lmforge.data.tokenize import IGNORE, Encoder, chunk
 from lmforge.errors import ConfigError, DataError
+from lmforge.registry import METHOD_FORMATS
 
 
 def _jsonl_lines(path: Path, start: int):
@@ -105,12 +106,10 @@ class PackedStream:
     returns the next n, ``peek()`` the next one without taking it; ``state_dict`` / ``load_state_dict``."""
 
     def __init__(self, cfg: Config, tokenizer, packed: bool, rank: int = 0, world: int = 1, ahead: int = 16):
-        from lmforge.methods import METHODS
-
         self.cfg, self.packed, self.rank, self.world, self.ahead = cfg, packed, rank, world, ahead
         self.sources = [_Source(src, i) for i, src in enumerate(cfg.data.train)]
         self.weights = [src.weight if src.weight is not None else 1.0 for src in cfg.data.train]
-        self.allowed = METHODS[cfg.method].formats
+        self.allowed = METHOD_FORMATS[cfg.method]
         self.encoder = Encoder(tokenizer, apply_chat_template=cfg.data.apply_chat_template)
         self.rng = random.Random(f"{cfg.train.seed}/{rank}")
         self.buffer: list[tuple[list[int], list[int]]] = []  # the shuffle buffer: (input_ids, labels)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lmforge.distributed import zero
 from lmforge.errors import ConfigError
 
 
@@ -22,7 +23,6 @@ def check_distributed(cfg, where: str) -> None:
 
 
 def _check_deepspeed(cfg, where: str) -> None:
-    from lmforge.distributed import zero
 
     if cfg.train.deepspeed is None:
         raise ConfigError(f"{where}: train.deepspeed: required with train.distributed: deepspeed; "

@@ -11,7 +11,7 @@ _OPS = ("ShareMemCommBuilder",)
 
 def extensions_dir() -> Path:
     """DeepSpeed compiles its C++ ops on first use (about a minute); keep them across runs."""
-    from lmforge.models import cache_root
+    from lmforge.cache import cache_root
 
     root = Path(os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_root() / "torch_extensions")))
     root.mkdir(parents=True, exist_ok=True)

@@ -6,19 +6,7 @@ evaluate.py; "perplexity" is accepted here as a known name and skipped.
 
 from __future__ import annotations
 
-from lmforge.errors import ConfigError
-
-GENERATION_METRICS = ("rouge", "bleu", "exact_match")
-MODEL_METRICS = ("perplexity",)
-VALID_METRICS = MODEL_METRICS + GENERATION_METRICS
-
-
-def check_metric_names(names: list[str], key: str = "metrics") -> list[str]:
-    """Return ``names`` unchanged, or raise ConfigError naming the unknown ones and the valid ones."""
-    unknown = [n for n in names if n not in VALID_METRICS]
-    if unknown:
-        raise ConfigError(f"{key}: unknown metric(s) {', '.join(map(repr, unknown))}; valid: {', '.join(VALID_METRICS)}")
-    return list(names)
+from lmforge.registry import GENERATION_METRICS, check_metric_names  # noqa: F401 (evaluate.py imports them here)
 
 
 def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:

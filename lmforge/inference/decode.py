@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lmforge.inference.generate import GenerationOptions
+from lmforge.inference.options import GenerationOptions
 
 
 @dataclass

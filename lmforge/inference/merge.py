@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from lmforge.errors import ConfigError, UnsupportedError
-from lmforge.models import adapter_base, cache_root, is_adapter_dir, resolve_model_path
+from lmforge.cache import cache_root
+from lmforge.models import adapter_base, is_adapter_dir, resolve_model_path
 
 
 def _base_dtype(model_dir: Path) -> torch.dtype:

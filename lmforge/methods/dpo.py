@@ -1,7 +1,7 @@
 """Direct Preference Optimization: on TRL's DPOTrainer (``train.engine: hf``) or on the native engine.
 
-The native engine (the default where it can run the config, see ``NATIVE_LOSSES`` and
-``training/native.py:unsupported``) trains the same loss faster: each pair is one packed sample
+The native engine (the default where it can run the config: the engines' table in ``plan.py`` lists the
+loss types it runs, ``NATIVE_DPO_LOSSES``, the keys of ``NATIVE_LOSSES`` below) trains the same loss faster: each pair is one packed sample
 ``[prompt, chosen, rejected]`` with the prompt computed once (``data/preference.py:SharedPromptCollator``),
 no padding, the LM head only on answer tokens, and the reference log-probs computed once per row
 (``training/preference.py:ReferenceLogps``). ``dpo_loss`` is TRL's per-pair loss as a pure function, tested
@@ -24,12 +24,14 @@ import torch.nn.functional as F
 from trl import DPOConfig, DPOTrainer
 
 from lmforge.config import Config
+from lmforge.data.preference import SharedPromptCollator
+from lmforge.training import preference
 from lmforge.training.checkpoint import LmforgeTrainerMixin
 from lmforge.training.preference import (
     DropReferenceAdapterAtEnd, ReferenceLogps, ScoredByReference, TokenCountingMixin, answer_logps,
-    drop_fresh_reference_adapter, reference_model, setup,
+    drop_fresh_reference_adapter, pair_attention, reference_model,
 )
-from lmforge.training.run import run_trainer, trainer_hooks, training_args
+from lmforge.training.run import trainer_hooks, training_args
 
 
 # --------------------------------------------------------------------------------------------- the loss
@@ -129,29 +131,12 @@ class DPOObjective(ScoredByReference):
 
 
 def train_native(cfg: Config, run):
-    from lmforge.data.preference import SharedPromptCollator
-    from lmforge.training.attention import NAME, use_packed_attention
-    from lmforge.training.native import NativeTrainer
-
-    from trl.trainer.utils import disable_dropout_in_model
-
-    disable_dropout_in_model(run.model)  # as the hf engine's DPOConfig(disable_dropout=True): logps without noise
-    attn = NAME if use_packed_attention(run.model) else "sdpa"  # else a dense mask of the pair layout
     fresh_adapter = cfg.peft.kind != "none" and not run.continues_adapter
     sizes = {"train": len(run.train_ds), "eval": len(run.eval_ds) if run.eval_ds is not None else 0}
     reference = ReferenceLogps(sizes, by_disabling=fresh_adapter and not cfg.dpo.precompute_ref_log_probs)
-    objective = DPOObjective(cfg, SharedPromptCollator(attn), reference)
-    trainer = NativeTrainer(cfg, run.model, run.tokenizer, run.prec, run.train_ds, run.eval_ds, objective,
-                            run.data_lines)
-    return trainer.train(run.resume)
+    objective = DPOObjective(cfg, SharedPromptCollator(pair_attention(run.model)), reference)
+    return preference.train_native(cfg, run, objective)
 
 
 def train(cfg: Config):
-    from lmforge.training.native import choose_engine
-
-    choose_engine(cfg)
-    run = setup(cfg)
-    if cfg.train.engine == "native":
-        return train_native(cfg, run)
-    trainer = build_trainer(cfg, run)
-    return run_trainer(trainer, cfg, run.tokenizer, run.resume, run.data_lines)
+    return preference.train(cfg, train_native, build_trainer)

@@ -33,12 +33,15 @@ import torch
 from trl import KTOConfig, KTOTrainer
 
 from lmforge.config import Config
+from lmforge.data.preference import SharedPromptCollator
+from lmforge.log import log
+from lmforge.training import preference
 from lmforge.training.checkpoint import EpochSampler, LmforgeTrainerMixin
 from lmforge.training.preference import (
     DropReferenceAdapterAtEnd, ReferenceLogps, ScoredByReference, TokenCountingMixin, drop_fresh_reference_adapter,
-    reference_model, setup, token_logps,
+    pair_attention, reference_model, token_logps,
 )
-from lmforge.training.run import log, run_trainer, trainer_hooks, training_args
+from lmforge.training.run import trainer_hooks, training_args
 
 
 # --------------------------------------------------------------------------------------------- the loss
@@ -93,6 +96,7 @@ def kto_args(cfg: Config, prec, has_eval: bool) -> KTOConfig:
 
 
 def build_trainer(cfg: Config, run) -> LmforgeKTOTrainer:
+    _log_examples(run)
     trainer = LmforgeKTOTrainer(
         model=run.model, ref_model=reference_model(cfg, run, cfg.kto.precompute_ref_log_probs),
         args=kto_args(cfg, run.prec, has_eval=run.eval_ds is not None), train_dataset=run.train_ds,
@@ -182,33 +186,21 @@ class KTOObjective(ScoredByReference):
         return losses.sum(), dict(zip(self.stat_keys, stats.tolist()))
 
 
+def _log_examples(run) -> None:
+    labels = run.train_ds["label"]
+    log(f"kto examples: {sum(labels)} desirable, {len(labels) - sum(labels)} undesirable")
+
+
 def train_native(cfg: Config, run):
-    from trl.trainer.utils import disable_dropout_in_model
-
-    from lmforge.data.preference import SharedPromptCollator
-    from lmforge.training.attention import NAME, use_packed_attention
-    from lmforge.training.native import NativeTrainer
-
-    disable_dropout_in_model(run.model)  # as the hf engine's KTOConfig(disable_dropout=True)
-    attn = NAME if use_packed_attention(run.model) else "sdpa"  # else a dense mask of the pair layout
+    _log_examples(run)
     datasets = {"train": run.train_ds, "eval": run.eval_ds}
     sizes = {split: len(ds) for split, ds in datasets.items() if ds is not None}
     partners = {split: kl_partners(n, cfg.train.seed) for split, n in sizes.items()}
     fresh_adapter = cfg.peft.kind != "none" and not run.continues_adapter
     reference = ReferenceLogps(sizes, by_disabling=fresh_adapter and not cfg.kto.precompute_ref_log_probs)
-    objective = KTOObjective(cfg, SharedPromptCollator(attn), reference, datasets, partners)
-    trainer = NativeTrainer(cfg, run.model, run.tokenizer, run.prec, run.train_ds, run.eval_ds, objective,
-                            run.data_lines)
-    return trainer.train(run.resume)
+    objective = KTOObjective(cfg, SharedPromptCollator(pair_attention(run.model)), reference, datasets, partners)
+    return preference.train_native(cfg, run, objective)
 
 
 def train(cfg: Config):
-    from lmforge.training.native import choose_engine
-
-    choose_engine(cfg)
-    run = setup(cfg)
-    labels = run.train_ds["label"]
-    log(f"kto examples: {sum(labels)} desirable, {len(labels) - sum(labels)} undesirable")
-    if cfg.train.engine == "native":
-        return train_native(cfg, run)
-    return run_trainer(build_trainer(cfg, run), cfg, run.tokenizer, run.resume, run.data_lines)
+    return preference.train(cfg, train_native, build_trainer)

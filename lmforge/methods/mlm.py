@@ -1,7 +1,6 @@
 """Masked-LM pretraining for encoder-only models (BERT, RoBERTa, ModernBERT, ...).
 
-``method: mlm``, or ``method: pretrain`` on an encoder-only model (the registry in ``methods/__init__.py`` routes
-it). The shared data layer (``data/prepare.py``: mixing by weight, ``data.num_samples``, the cache, what
+``method: mlm``, or ``method: pretrain`` on an encoder-only model (the plan in ``plan.py`` routes it). The shared data layer (``data/prepare.py``: mixing by weight, ``data.num_samples``, the cache, what
 ``lmforge prepare``/``inspect`` show) tokenises text rows and splits long documents into ``data.max_length``
 blocks framed by the tokenizer's [CLS]/[SEP] (or BOS/EOS); each batch masks ``data.mlm_probability`` of the
 tokens with transformers' ``DataCollatorForLanguageModeling`` (80% [MASK], 10% random, 10% kept), and the model
@@ -14,11 +13,11 @@ from __future__ import annotations
 from transformers import AutoModelForMaskedLM, DataCollatorForLanguageModeling, Trainer
 
 from lmforge.config import Config
+from lmforge.data.split import prepare_split
 from lmforge.errors import ConfigError, UnsupportedError
+from lmforge.log import log
 from lmforge.training.checkpoint import LmforgeTrainerMixin
-from lmforge.training.run import (
-    load_model_and_tokenizer, log, prepare_output_dir, run_trainer, trainer_hooks, training_args,
-)
+from lmforge.training.run import load_model_and_tokenizer, run_trainer, start, trainer_hooks, training_args
 
 
 class MaskedLMTrainer(LmforgeTrainerMixin, Trainer):
@@ -29,13 +28,7 @@ class MaskedLMTrainer(LmforgeTrainerMixin, Trainer):
 
 
 def _check(cfg: Config) -> None:
-    from lmforge.models import architecture
-
-    if cfg.method == "sft":
-        raise UnsupportedError("method: sft on an encoder-only model; encoder-only models support masked-LM "
-                               "pretraining only (method: mlm)")
-    if architecture(cfg) != "encoder-only":
-        raise UnsupportedError("method: mlm needs an encoder-only model (BERT-style); causal LMs use method: pretrain")
+    """What the plan leaves to the method (it routed the method and architecture here)."""
     if cfg.peft.kind == "prompt_tuning":
         raise UnsupportedError("peft.kind: prompt_tuning is not available for masked-LM pretraining")
     if not 0 < cfg.data.mlm_probability < 1:
@@ -45,17 +38,14 @@ def _check(cfg: Config) -> None:
 def encode_texts(cfg: Config, tokenizer, role: str):
     """(datasets.Dataset of framed text blocks (``input_ids`` only, what the collator takes), Stats) from the shared
     data layer (mixed by weight, cached, what ``lmforge prepare``/``inspect`` show); (None, None) without rows."""
-    from lmforge.data.prepare import prepare_split
-    from lmforge.methods import packing
-
-    packed = packing(cfg, "encoder-only")  # False, or an error for data.packing: true
-    ds, stats, _ = prepare_split(cfg, tokenizer, role, packed=packed, architecture="encoder-only")
+    ds, stats, _ = prepare_split(cfg, tokenizer, role, packed=False, architecture="encoder-only")
     return (ds.select_columns(["input_ids"]) if ds is not None else None), stats
 
 
 def train(cfg: Config):
     _check(cfg)
-    resume = prepare_output_dir(cfg)
+    run = start(cfg)  # the plan (hf engine, one row per sample), train.distributed, the output directory
+    cfg, resume = run.cfg, run.resume
     model, tokenizer, prec = load_model_and_tokenizer(cfg, auto_class=AutoModelForMaskedLM, task_type=None)
     if tokenizer.mask_token is None:
         raise ConfigError("model.tokenizer: masked-LM pretraining needs a tokenizer with a mask token")

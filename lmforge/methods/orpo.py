@@ -34,8 +34,10 @@ from trl.experimental.orpo.orpo_trainer import log1mexp  # noqa: E402
 from lmforge.config import Config  # noqa: E402
 from lmforge.data.tokenize import IGNORE  # noqa: E402
 from lmforge.training.checkpoint import LmforgeTrainerMixin  # noqa: E402
-from lmforge.training.preference import TokenCountingMixin, answer_sums, setup, token_logps  # noqa: E402
-from lmforge.training.run import run_trainer, trainer_hooks, training_args  # noqa: E402
+from lmforge.data.preference import SharedPromptCollator  # noqa: E402
+from lmforge.training import preference  # noqa: E402
+from lmforge.training.preference import TokenCountingMixin, answer_sums, pair_attention, token_logps  # noqa: E402
+from lmforge.training.run import trainer_hooks, training_args  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------- the loss
@@ -138,25 +140,9 @@ class ORPOObjective:
 
 
 def train_native(cfg: Config, run):
-    from trl.trainer.utils import disable_dropout_in_model
-
-    from lmforge.data.preference import SharedPromptCollator
-    from lmforge.training.attention import NAME, use_packed_attention
-    from lmforge.training.native import NativeTrainer
-
-    disable_dropout_in_model(run.model)  # as the hf engine's ORPOConfig(disable_dropout=True)
-    attn = NAME if use_packed_attention(run.model) else "sdpa"  # else a dense mask of the pair layout
-    objective = ORPOObjective(cfg, SharedPromptCollator(attn, prompt_loss=True))
-    trainer = NativeTrainer(cfg, run.model, run.tokenizer, run.prec, run.train_ds, run.eval_ds, objective,
-                            run.data_lines)
-    return trainer.train(run.resume)
+    objective = ORPOObjective(cfg, SharedPromptCollator(pair_attention(run.model), prompt_loss=True))
+    return preference.train_native(cfg, run, objective)
 
 
 def train(cfg: Config):
-    from lmforge.training.native import choose_engine
-
-    choose_engine(cfg)
-    run = setup(cfg)
-    if cfg.train.engine == "native":
-        return train_native(cfg, run)
-    return run_trainer(build_trainer(cfg, run), cfg, run.tokenizer, run.resume, run.data_lines)
+    return preference.train(cfg, train_native, build_trainer)

@@ -1,7 +1,7 @@
 """Encoder-decoder SFT (T5, BART, ...): input/output rows through transformers' ``Seq2SeqTrainer``.
 
 ``method: sft`` lands here when the model's config says ``is_encoder_decoder`` (``models.architecture``; the
-registry in ``methods/__init__.py`` routes it).
+plan in ``plan.py`` routes it).
 The input goes to the encoder and the output is the decoder's target, so there is no prompt masking or
 packing to do. The rows come from the shared data layer (``data/prepare.py``: mixing by weight,
 ``data.num_samples``, the cache, what ``lmforge prepare``/``inspect`` show); the stock trainer and
@@ -16,13 +16,13 @@ import numpy as np
 from transformers import AutoModelForSeq2SeqLM, DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
 
 from lmforge.config import Config
+from lmforge.data.split import prepare_split
 from lmforge.data.tokenize import IGNORE
 from lmforge.evaluation.metrics import compute_metrics
+from lmforge.log import log
 from lmforge.training.checkpoint import LmforgeTrainerMixin
 from lmforge.training.eval_metrics import generation_metric_names
-from lmforge.training.run import (
-    load_model_and_tokenizer, log, prepare_output_dir, run_trainer, trainer_hooks, training_args,
-)
+from lmforge.training.run import load_model_and_tokenizer, run_trainer, start, trainer_hooks, training_args
 
 
 class Seq2SeqLMTrainer(LmforgeTrainerMixin, Seq2SeqTrainer):
@@ -35,11 +35,7 @@ class Seq2SeqLMTrainer(LmforgeTrainerMixin, Seq2SeqTrainer):
 def encode_split(cfg: Config, tokenizer, role: str, limit: int | None = None):
     """(datasets.Dataset of encoder input_ids and decoder labels, Stats), from the shared data layer (mixed by
     weight, cached, what ``lmforge prepare``/``inspect`` show); (None, None) without rows. ``limit``: the first rows."""
-    from lmforge.data.prepare import prepare_split
-    from lmforge.methods import packing
-
-    packed = packing(cfg, "encoder-decoder")  # False, or an error for data.packing: true
-    ds, stats, _ = prepare_split(cfg, tokenizer, role, packed=packed, architecture="encoder-decoder")
+    ds, stats, _ = prepare_split(cfg, tokenizer, role, packed=False, architecture="encoder-decoder")
     if ds is not None and limit and limit < len(ds):
         ds = ds.select(range(limit))
     return ds, stats
@@ -62,7 +58,8 @@ def metrics_fn(tokenizer, names: list[str]):
 
 
 def train(cfg: Config):
-    resume = prepare_output_dir(cfg)
+    run = start(cfg)  # the plan (hf engine, one row per sample), train.distributed, the output directory
+    cfg, resume = run.cfg, run.resume
     model, tokenizer, prec = load_model_and_tokenizer(cfg, auto_class=AutoModelForSeq2SeqLM, task_type="SEQ_2_SEQ_LM")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(base.config, "decoder_start_token_id", None) is None:  # from-scratch T5 configs lack it; T5 uses pad

@@ -52,7 +52,8 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
             q = query[b, :, start:end]  # (H, n, D)
             k = key[b, :, start:end].repeat_interleave(groups, dim=0)  # (H, n, D), as transformers' repeat_kv
             v = value[b, :, start:end].repeat_interleave(groups, dim=0)
-            scores = torch.matmul(q, k.transpose(1, 2)).float() * scale  # (H, n, n), softmax in fp32
+            scores = torch.matmul(q, k.transpose(1, 2))  # (H, n, n), softmax in fp32 at least (fp64 stays fp64)
+            scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * scale
             probs = torch.softmax(scores.masked_fill_(masked, float("-inf")), dim=-1).to(q.dtype)
             pieces.append(torch.matmul(F.dropout(probs, p) if p else probs, v))  # (H, n, D)
             start = end

@@ -28,10 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lmforge.cloud import STAGING
+from lmforge.data.origins import ROWS
 from lmforge.errors import ConfigError, TrainingError
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-STAGING = ".staging"
 FINAL = "final"  # output_dir/.staging/final: the final model while it is written
 # A final model's own files: those of an earlier final model that the new one lacks are removed when it is
 # published (a full model replaced by an adapter must not leave config.json + model.safetensors beside it).
@@ -289,8 +290,9 @@ class LmforgeTrainerMixin:
         super().__init__(*args, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        rows = inputs.pop(ROWS, None)  # the batch's dataset rows, where its collator names them: for the NaN stop
         loss = super().training_step(model, inputs, num_items_in_batch)
-        self.lmforge.guard.add_loss(loss)
+        self.lmforge.guard.add_loss(loss, rows)
         return loss
 
     def log(self, logs, *args, **kwargs):
@@ -339,10 +341,10 @@ class LmforgeTrainerMixin:
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         """The HF schedules by name, with the defaults they lack (see optim.scheduler_kwargs)."""
-        from lmforge.training.optim import build_scheduler
+        from lmforge.training.optim import hf_scheduler
 
         if self.lr_scheduler is None:
-            self.lr_scheduler = build_scheduler(self.args, optimizer or self.optimizer, num_training_steps)
+            self.lr_scheduler = hf_scheduler(self.args, optimizer or self.optimizer, num_training_steps)
         return self.lr_scheduler
 
     def _get_train_sampler(self, train_dataset=None):

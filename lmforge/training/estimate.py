@@ -41,8 +41,10 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from lmforge import plan
 from lmforge.config import Config
 from lmforge.errors import ConfigError
+from lmforge.registry import METHODS
 from lmforge.training.estimate_inputs import (
     DataShape, Machine, ModelShape, Trainable, architecture_of, model_shape, peft_targets, read_model_config,
     sample_data, sample_tokenizer, this_machine, trainable,
@@ -308,7 +310,6 @@ class Estimator:
     so candidate changes (``cheapest_change``) are estimated without reading anything again."""
 
     def __init__(self, cfg: Config, world: int = 1, config_name: str = "config", machine: Machine | None = None):
-        from lmforge.methods import METHODS, packing
         from lmforge.models import from_scratch_config, load_tokenizer, pick_dtype
 
         self.cfg, self.world, self.config_name = cfg, world, config_name
@@ -322,23 +323,18 @@ class Estimator:
                 tok = load_tokenizer(cfg.model, None)
             config = from_scratch_config(cfg.model, tok)
         self.tokenizer = tok
-        arch = architecture_of(config)
+        self.arch = arch = architecture_of(config)
         self.shape = model_shape(config, arch, source, len(tok), cfg.model.trust_remote_code)
-        from lmforge.data.prepare import sample_layout
-
-        self.layout = sample_layout(cfg, arch)
-        self.packed = packing(cfg, arch)
+        self.plan = plan.plan(cfg, arch)  # the run's plan: the same as `lmforge train` makes
+        self.layout, self.packed = self.plan.layout, self.plan.packing
         self.data = sample_data(cfg, tok, self.packed, self.layout)
         self.token_loss = METHODS[cfg.method].token_loss
         self.machine = machine or this_machine(self.compute)
 
     # ------------------------------------------------------------------------------------------------ pieces
     def engine(self, cfg: Config) -> str:
-        from lmforge.training.native import unsupported
-
-        if cfg.train.engine is not None:
-            return cfg.train.engine
-        return "hf" if unsupported(cfg) else "native"
+        """The engine the plan picks for ``cfg`` (a candidate change may move a run to the other engine)."""
+        return plan.choose_engine(cfg, self.arch)[0]
 
     def strategy_of(self, cfg: Config) -> str:
         t = cfg.train
@@ -376,10 +372,12 @@ class Estimator:
         act_gc = activation_bytes(self.shape, worst, b, True, head_on_all, per_sample, **adapters)
         mems = {}
         for s in STRATEGIES:
-            variant = self._variant(cfg, s)
-            eng = engine if s == strategy else self.engine(variant)
             if train.kind == "qlora" and (s == "fsdp" or s.startswith("zero3")):
                 continue  # refused at config load: 4-bit weights cannot be sharded (distributed/checks.py)
+            try:
+                eng = engine if s == strategy else self.engine(self._variant(cfg, s))
+            except ConfigError:
+                continue  # no engine runs this config with that strategy (e.g. streaming under deepspeed)
             # the other strategies at this run's processes, or at 2 when it has one (sharding over 1 shows nothing)
             on = world if s == strategy else max(world, 2)
             mems[s] = memory(self.shape, train, cfg, "hf" if s.startswith("zero") else eng, s, on, b, act,
@@ -650,7 +648,7 @@ def log_at_start(cfg: Config, config_name: str = "config") -> None:
     from lmforge.distributed.ranks import world_size
     from lmforge.models import pick_dtype
     from lmforge.training.flops import node_threads
-    from lmforge.training.run import is_main_process, log
+    from lmforge.log import is_main_process, log
 
     if not is_main_process():
         return

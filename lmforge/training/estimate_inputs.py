@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.config import Config
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, UnsupportedError
 
 SAMPLE_ROWS = 2000  # training rows tokenised to learn the length distribution (all of them when fewer)
 
@@ -71,7 +71,8 @@ def architecture_of(config) -> str:
 
 def _imported_gguf(gguf: Path) -> Path | None:
     """The import cache entry of a GGUF file, if ``models.import_gguf`` made one (its marker names the file)."""
-    from lmforge.models import IMPORTED, cache_root
+    from lmforge.cache import cache_root
+    from lmforge.models import IMPORTED
 
     try:
         size = gguf.stat().st_size
@@ -165,7 +166,7 @@ def model_shape(config, architecture: str, source: str, vocab_at_least: int = 0,
 
     try:
         blocks = decoder_layers(model)
-    except ValueError:
+    except UnsupportedError:  # a model that names no decoder layer class
         blocks = []
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = getattr(text, "hidden_size", None) or getattr(text, "d_model", None) or getattr(text, "n_embd", 0)
@@ -311,10 +312,11 @@ def sample_data(cfg: Config, tokenizer, packed: bool, layout: str, sample_rows: 
     import numpy as np
 
     from lmforge.data.packing import pack_bins
-    from lmforge.data.prepare import PAIRS, Stats, encode_rows, load_rows, split_rows
+    from lmforge.data.prepare import Stats, encode_rows, load_rows, split_rows
     from lmforge.data.tokenize import IGNORE
 
-    from lmforge.data.prepare import CAUSAL, cache_dir, fingerprint
+    from lmforge.data.prepare import cache_dir, fingerprint
+    from lmforge.plan import CAUSAL, PAIRS
 
     if getattr(cfg.data, "streaming", False):
         return _from_stream(cfg, tokenizer, packed)

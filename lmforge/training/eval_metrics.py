@@ -5,7 +5,7 @@ generates; ``Seq2SeqTrainer`` can generate but only for encoder-decoder models (
 So for causal LMs a callback generates greedily on up to ``eval.max_samples`` eval rows after each
 evaluation and logs ``eval_rouge`` / ``eval_bleu`` / ``eval_exact_match`` through ``trainer.log``: the
 same path as ``eval_loss``, so they land in metrics.jsonl, the plot and the trackers, and a resumed run's
-curves continue (``prepare_output_dir`` drops rows after the checkpoint step).
+curves continue (``run.open_output_dir`` drops rows after the checkpoint step).
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ import time
 
 import torch
 
-from lmforge.models import cache_root, file_lock
+from lmforge.cache import cache_root, file_lock
+from lmforge.training.losses import token_loss_sum
 
 
 def _extra_formulas() -> dict:
@@ -75,8 +76,6 @@ def per_token(model, batch: dict, autocast=None) -> float:
     choice (and so the last bits of its results), so it never runs on a step that trains. The RNG is forked,
     so dropout draws stay those of an uncounted run, and the gradients are cleared afterwards."""
     import contextlib
-
-    from lmforge.methods.sft import token_loss_sum
 
     batch = dict(batch)
     tokens = int(batch.pop("num_tokens"))

@@ -45,77 +45,17 @@ from lmforge.config import Config
 from lmforge.errors import ConfigError, TrainingError
 from lmforge.training import flops, report
 from lmforge.training.checkpoint import (
-    EpochSampler, load_weights, read_weights, rng_state, set_rng_state, write_checkpoint_atomically,
+    EpochSampler, load_weights, read_weights, rng_state, set_rng_state, weights_bytes, write_checkpoint_atomically,
 )
 from lmforge.training.memory import HeapTrim
 from lmforge.training.optim import build_optimizer
-from lmforge.training.run import log, upload_outputs
-from lmforge.training.tracking import NATIVE_TRACKERS, Profiler, Tracker, Window, progress_bar
+from lmforge.log import log
+from lmforge.training.run import finish_run
+from lmforge.training.outputs import progress_postfix
+from lmforge.training.tracking import Profiler, Tracker, Window, progress_bar
 from lmforge.training import stopping
 
 ENGINE = "native"
-NATIVE_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_torch_foreach", "lamb", "sgd")
-
-
-def unsupported(cfg: Config) -> str | None:
-    """Why the native engine cannot run ``cfg`` (and what to use instead), or None when it can."""
-    t = cfg.train
-    from lmforge.methods import METHODS
-
-    if not METHODS[cfg.method].native:
-        runs = ", ".join(name for name, m in METHODS.items() if m.native)
-        return f"method {cfg.method} trains on train.engine: hf; the native engine runs {runs}"
-    if cfg.method == "dpo":
-        from lmforge.methods.dpo import NATIVE_LOSSES
-
-        if cfg.dpo.loss_type not in NATIVE_LOSSES:
-            return (f"dpo.loss_type: {cfg.dpo.loss_type} runs on train.engine: hf; the native engine has "
-                    f"{', '.join(NATIVE_LOSSES)}")
-    if METHODS[cfg.method].pairs and cfg.peft.kind not in ("none", "lora", "dora", "qlora"):
-        return f"peft.kind: {cfg.peft.kind} with {cfg.method} runs on train.engine: hf"  # no virtual tokens in a pair
-    if t.distributed == "deepspeed":
-        return "train.distributed: deepspeed runs on train.engine: hf; the native engine runs ddp and fsdp"
-    if t.distributed == "fsdp":
-        why = fsdp_unsupported(cfg)
-        if why:
-            return f"{why} with train.distributed: fsdp runs on train.engine: hf"
-    if t.optim not in NATIVE_OPTIMIZERS:
-        return f"train.optim: {t.optim} runs on train.engine: hf; the native engine has {', '.join(NATIVE_OPTIMIZERS)}"
-    other = [r for r in t.report_to if r not in NATIVE_TRACKERS + ("none",)]
-    if other:
-        return (f"train.report_to: {', '.join(other)} runs on train.engine: hf; the native engine reports to "
-                f"{', '.join(NATIVE_TRACKERS)} (and metrics.jsonl)")
-    if t.torch_compile:
-        return "train.torch_compile runs on train.engine: hf; the native engine does not compile the model yet"
-    if t.dataloader_num_workers:
-        return "train.dataloader_num_workers runs on train.engine: hf; the native engine collates in the loop"
-    return None
-
-
-def fsdp_unsupported(cfg: Config) -> str | None:
-    """What of ``cfg`` the native engine's FSDP2 (``sharding.py``) cannot run, or None."""
-    from lmforge.training.eval_metrics import generation_metric_names
-
-    if cfg.method not in ("pretrain", "sft"):
-        return f"method {cfg.method}"  # its reference model and log-probs run outside the sharded loss
-    if cfg.peft.kind == "qlora":
-        return "peft.kind: qlora"  # 4-bit weights cannot be split into DTensor shards
-    if generation_metric_names(cfg) and cfg.data.eval:
-        return "eval.metrics with generation metrics"  # rank 0 generates alone, the weights are sharded
-    return None
-
-
-def choose_engine(cfg: Config) -> str:
-    """Settle ``train.engine`` before the run starts (config.yaml records it): unset means the native engine
-    wherever it can run the config, else hf, with one logged line giving the reason (docs/training.md)."""
-    if cfg.train.engine is None:
-        reason = unsupported(cfg)
-        if reason and cfg.data.streaming:
-            raise ConfigError(f"data.streaming runs on the native engine, which cannot run this config: {reason}")
-        if reason:
-            log(f"train.engine: hf ({reason})")
-        cfg.train.engine = "hf" if reason else ENGINE
-    return cfg.train.engine
 
 
 class StepRows:
@@ -321,10 +261,8 @@ class NativeTrainer:
 
     def non_finite(self, loss_value: float) -> float:
         """A NaN/inf step loss, before any update: stop (``train.on_nan: stop``) or drop the step's update."""
-        if self.t.on_nan == "stop":
-            rows = ", ".join(map(str, self.step_rows[:16])) + (" ..." if len(self.step_rows) > 16 else "")
-            where = f"rows {rows} of the prepared training data (as `lmforge inspect` numbers them)" if rows else ""
-            raise TrainingError(stopping.nan_message(self.step + 1, self.out, where))
+        if self.t.on_nan == "stop":  # naming the step's rows by their source file:line
+            raise TrainingError(stopping.nan_message(self.step + 1, self.out, self.train_ds, self.step_rows))
         self.optimizer.zero_grad(set_to_none=True)  # the masters' gradients (or the model's): nothing is applied
         self.model.zero_grad(set_to_none=True)
         self.scheduler.step()  # the step still counts: its rows and learning rate, as on the hf engine
@@ -459,7 +397,6 @@ class NativeTrainer:
         if self.tracker:
             self.tracker.write(row)
         if bar is not None:
-            from lmforge.training.callbacks import progress_postfix
 
             bar.set_postfix(progress_postfix(row), refresh=False)
 
@@ -561,25 +498,16 @@ class NativeTrainer:
         self.skipped = state.get("skipped_batches", 0)
 
     def save_final(self) -> Path:
-        from lmforge.training.report import write_report
-        from lmforge.training.checkpoint import save_final_atomically, weights_bytes
-
         def write(staged: Path) -> None:
             weights = self.gather_weights()  # collective under FSDP
             if self.rank == 0:
                 self.save_model(staged, weights)
                 self.tokenizer.save_pretrained(staged)
 
-        # staged in output_dir/.staging/final, then moved into place (the .staging dir goes with it)
-        save_final_atomically(self.out, write, self.barrier, is_main=self.rank == 0,
-                              expected_bytes=weights_bytes(self.model))
         if self.rank == 0:
             self.tracker.close()
-            write_report(self.out, {"method": self.cfg.method, "model": self.cfg.model.name_or_path or "from scratch",
-                                    "adapter": self.cfg.peft.kind, "engine": ENGINE, "max_steps": self.step},
-                         self.data_lines, self.cfg, self.model, self.tokenizer)
-            log(f"final {'adapter' if self.cfg.peft.kind != 'none' else 'model'} saved to {self.out}")
-            upload_outputs(self.out)
+        finish_run(self.cfg, write, self.barrier, self.rank == 0, self.model, self.tokenizer, ENGINE, self.step,
+                   self.data_lines, expected_bytes=weights_bytes(self.model))
         self.barrier()
         return self.out
 

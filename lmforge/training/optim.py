@@ -18,8 +18,7 @@ import math
 import torch
 
 from lmforge.config import Config
-
-LMFORGE_OPTIMIZERS = ("lamb",)
+from lmforge.registry import LMFORGE_OPTIMIZERS
 
 
 class Lamb(torch.optim.Optimizer):
@@ -101,33 +100,40 @@ def warmup_steps_for(warmup: float, num_training_steps: int) -> int:
     return int(warmup) if warmup >= 1 else math.ceil(num_training_steps * warmup)
 
 
-def scheduler_for(cfg, optimizer, num_training_steps: int):
-    """The schedule named in ``train.lr_scheduler_type`` for the native engine (same rules as the HF one)."""
+def build_scheduler(optimizer, name: str, kwargs: dict, warmup: int, num_training_steps: int):
+    """The one schedule builder of both engines: transformers' ``get_scheduler`` with lmforge's defaults."""
     from transformers import get_scheduler
 
+    name, kwargs = scheduler_kwargs(name, kwargs, num_training_steps, warmup)
+    return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=num_training_steps,
+                         scheduler_specific_kwargs=kwargs)
+
+
+def scheduler_for(cfg, optimizer, num_training_steps: int):
+    """The native engine's schedule from ``train.lr_scheduler_type`` (the HF Trainer's: ``hf_scheduler``)."""
     t = cfg.train
     warmup = warmup_steps_for(t.warmup_ratio if t.warmup_ratio is not None else t.warmup_steps, num_training_steps)
-    name, kwargs = scheduler_kwargs(t.lr_scheduler_type, t.lr_scheduler_kwargs, num_training_steps, warmup)
-    return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=num_training_steps,
-                         scheduler_specific_kwargs=kwargs)
+    return build_scheduler(optimizer, t.lr_scheduler_type, t.lr_scheduler_kwargs, warmup, num_training_steps)
 
 
-def build_scheduler(args, optimizer, num_training_steps: int):
-    from transformers import get_scheduler
-
-    warmup = args.get_warmup_steps(num_training_steps)
+def hf_scheduler(args, optimizer, num_training_steps: int):
+    """The HF engine's schedule from its TrainingArguments (``LmforgeTrainerMixin.create_scheduler``)."""
     name = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
-    name, kwargs = scheduler_kwargs(name, args.lr_scheduler_kwargs, num_training_steps, warmup)
-    return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=num_training_steps,
-                         scheduler_specific_kwargs=kwargs)
+    return build_scheduler(optimizer, name, args.lr_scheduler_kwargs, args.get_warmup_steps(num_training_steps),
+                           num_training_steps)
+
+
+def default_learning_rate(cfg: Config) -> float:
+    """train.learning_rate as given (0 included); only an unset one gets the method default."""
+    if cfg.train.learning_rate is not None:
+        return cfg.train.learning_rate
+    return 2e-4 if cfg.peft.kind != "none" else 2e-5
 
 
 def build_optimizer(cfg: Config, model, named: list) -> torch.optim.Optimizer:
     """AdamW (fused by default on CPU: one kernel for every tensor), LAMB or SGD over ``named`` (name,
     parameter) pairs; no weight decay on biases and norms (the same groups as the HF Trainer)."""
     from transformers import Trainer
-
-    from lmforge.training.run import default_learning_rate
 
     t = cfg.train
     decay = set(Trainer.get_decay_parameter_names(None, model))

@@ -9,21 +9,30 @@ seeded sampler (``LmforgeTrainerMixin``), and its outputs (``OutputsCallback``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from transformers import TrainerCallback
 
 from lmforge.config import Config
-from lmforge.data.prepare import prepare_split
+from lmforge.data.split import prepare_split
+from lmforge.log import log
 from lmforge.models import is_adapter_dir, load_model, resolve_model_path
-from lmforge.training.run import load_model_and_tokenizer, log, prepare_output_dir
+from lmforge.plan import RunPlan
+from lmforge.training.attention import NAME as PACKED_ATTENTION, use_packed_attention
+from lmforge.training.losses import decoder_and_head
+from lmforge.training.native import NativeTrainer
+from lmforge.training.run import load_model_and_tokenizer, run_trainer, start
 
 
 @dataclass
 class PreferenceRun:
-    """Everything a preference method needs before it builds its TRL trainer."""
+    """Everything a preference method needs before it builds its trainer (TRL's, or the native engine's)."""
 
+    cfg: Config  # as the run uses it (run.start): the plan's engine, a local output_dir
+    plan: RunPlan
     model: object
     tokenizer: object
     prec: object
@@ -35,16 +44,43 @@ class PreferenceRun:
 
 
 def setup(cfg: Config) -> PreferenceRun:
-    """Output dir + resume point, model and tokenizer, tokenised train/eval data."""
-    resume = prepare_output_dir(cfg)
+    """The plan, output dir + resume point, model and tokenizer, tokenised train/eval data."""
+    run = start(cfg)
+    cfg, resume = run.cfg, run.resume
     model, tokenizer, prec = load_model_and_tokenizer(cfg)
     train_ds, train_stats, _ = prepare_split(cfg, tokenizer, "train", packed=False)
     eval_ds, _, _ = prepare_split(cfg, tokenizer, "eval", packed=False)
     for line in train_stats.lines():
         log(f"train data: {line}")
-    start = cfg.model.name_or_path
-    continues = bool(start) and is_adapter_dir(resolve_model_path(start))
-    return PreferenceRun(model, tokenizer, prec, train_ds, eval_ds, train_stats.lines(), resume, continues)
+    first = cfg.model.name_or_path
+    continues = bool(first) and is_adapter_dir(resolve_model_path(first))
+    return PreferenceRun(cfg, run.plan, model, tokenizer, prec, train_ds, eval_ds, train_stats.lines(), resume,
+                         continues)
+
+
+def train(cfg: Config, native: Callable[[Config, PreferenceRun], Path],
+          build_trainer: Callable[[Config, PreferenceRun], object]) -> Path:
+    """The one train entry of dpo, orpo and kto: set up, then the plan's engine: ``native(cfg, run)``, or the
+    TRL trainer ``build_trainer(cfg, run)`` makes, run by ``run_trainer``."""
+    run = setup(cfg)
+    if run.plan.engine == "native":
+        return native(run.cfg, run)
+    return run_trainer(build_trainer(run.cfg, run), run.cfg, run.tokenizer, run.resume, run.data_lines)
+
+
+def train_native(cfg: Config, run: PreferenceRun, objective) -> Path:
+    """The native engine on a preference ``objective`` (its collator from ``pair_attention``)."""
+    from trl.trainer.utils import disable_dropout_in_model  # TRL loads in seconds: only where a pair method runs
+
+    disable_dropout_in_model(run.model)  # as the hf engine's TRL configs (disable_dropout=True): logps without noise
+    trainer = NativeTrainer(cfg, run.model, run.tokenizer, run.prec, run.train_ds, run.eval_ds, objective,
+                            run.data_lines)
+    return trainer.train(run.resume)
+
+
+def pair_attention(model) -> str:
+    """The attention a packed pair runs with: per sample where the model allows, else a dense mask (sdpa)."""
+    return PACKED_ATTENTION if use_packed_attention(model) else "sdpa"
 
 
 def reference_model(cfg: Config, run: PreferenceRun, precompute: bool):
@@ -96,10 +132,8 @@ class TokenCountingMixin:
 def token_logps(model, batch: dict, pred_index: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """(N,) log-probabilities of ``targets`` as predicted at the row positions ``pred_index`` of a
     ``SharedPromptCollator`` batch. The LM head runs only on those positions."""
-    from lmforge.methods.sft import _decoder_and_head
-
     inputs = {k: batch[k] for k in ("input_ids", "position_ids", "packed_seq_lens", "attention_mask") if k in batch}
-    parts = _decoder_and_head(model)
+    parts = decoder_and_head(model)
     if parts is not None:
         decoder, head = parts
         hidden = decoder(**inputs, use_cache=False).last_hidden_state[0]  # (T, C): the micro-batch is one row

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from lmforge.config import Config
-from lmforge.training.callbacks import read_metrics
+from lmforge.training.outputs import read_metrics
 from lmforge.training.estimate import ESTIMATE_FILE, GB
 BASE_ANSWERS = "report_base_answers.json"  # in output_dir: a full fine-tune's base answers, written before step 1
 PROMPT_CHARS = 300  # a long prompt is shown by its last characters (where the question usually is)
@@ -277,6 +277,14 @@ def _eval_table(evals: list[dict]) -> tuple[list[str], list[list[str]]]:
     return ["step"] + keys, [[str(r["step"])] + [f"{r[k]:.4g}" if k in r else "" for k in keys] for r in evals]
 
 
+def _plan_lines(out: Path) -> list[str]:
+    """The run plan, as config.yaml's opening comments record it (``run.config_yaml``)."""
+    path = out / "config.yaml"
+    if not path.exists():
+        return []
+    return [line[len("# plan: "):] for line in path.read_text().splitlines() if line.startswith("# plan: ")]
+
+
 def write_report(output_dir: str | Path, cfg_summary: dict, data_lines: list[str], cfg: Config | None = None,
                  model=None, tokenizer=None) -> None:
     """report.md and report.html (rank 0, after the final save). With cfg, model and tokenizer, and
@@ -288,6 +296,10 @@ def write_report(output_dir: str | Path, cfg_summary: dict, data_lines: list[str
     rep = _Report(out)
     rep.heading("lmforge run report", 1)
     rep.items([f"{k}: {v}" for k, v in cfg_summary.items()])
+    plan_lines = _plan_lines(out)
+    if plan_lines:
+        rep.heading("Plan (what ran, and why)")
+        rep.items(plan_lines)
     rep.heading("Data")
     rep.items(list(data_lines))
     rep.heading("Training")

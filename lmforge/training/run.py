@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,32 +15,27 @@ from pathlib import Path
 import torch
 import yaml
 
-from lmforge import cloud
+from lmforge import cloud, plan
 from lmforge.adapters import (
     apply_peft, count_parameters, freeze_except, quantization_kwargs,
 )
 from lmforge.config import Config
 from lmforge.distributed import strategy
 from lmforge.errors import ConfigError
+from lmforge.log import is_main_process, log
 from lmforge.models import (  # resolve_model_and_tokenizer lives in models.py (prepare/inspect load no trainer)
-    load_model, pick_dtype, resolve_model_and_tokenizer,
+    architecture, load_model, pick_dtype, resolve_model_and_tokenizer,
 )
-from lmforge.training.callbacks import OutputsCallback, TokenCounter, truncate_metrics_after
+from lmforge.registry import METHODS
+from lmforge.training.callbacks import OutputsCallback, ProfileCallback, TokenCounter
+from lmforge.training.outputs import truncate_metrics_after
 from lmforge.training.checkpoint import (
     STAGING, TrainerHooks, move_aside_old_run, resolve_resume, save_final_atomically, weights_bytes,
 )
-from lmforge.methods import METHODS
-from lmforge.training.optim import hf_optim_name
+from lmforge.training.optim import default_learning_rate, hf_optim_name
+from lmforge.training.report import record_base_answers, write_report
 from lmforge.training.stopping import StepGuard
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def log(msg: str) -> None:
-    if is_main_process():
-        print(f"[lmforge] {msg}", flush=True)
+from lmforge.training.tracking import Profiler, hf_report_to
 
 
 @dataclass
@@ -99,18 +93,9 @@ def load_model_and_tokenizer(cfg: Config, auto_class=None, task_type: str = "CAU
 
 
 # ------------------------------------------------------------------------------------ arguments
-def default_learning_rate(cfg: Config) -> float:
-    """train.learning_rate as given (0 included); only an unset one gets the method default."""
-    if cfg.train.learning_rate is not None:
-        return cfg.train.learning_rate
-    return 2e-4 if cfg.peft.kind != "none" else 2e-5
-
-
 def training_args(cfg: Config, prec: Precision, has_eval: bool, args_cls=None, **method_kwargs):
     """Map lmforge's train section onto TrainingArguments (or a TRL config class) with lmforge's defaults."""
     from transformers import TrainingArguments
-
-    from lmforge.training.tracking import hf_report_to  # tracking.py imports this module
 
     args_cls = args_cls or TrainingArguments
     t = cfg.train
@@ -151,7 +136,10 @@ def trainer_hooks(cfg: Config, flops_per_token: float | None = None, prec: Preci
     the resolved config and train.optim."""
     callback, counter = outputs_callback(cfg, flops_per_token, prec)
     guard = StepGuard(cfg.train.on_nan, cfg.train.output_dir)  # signals and NaN losses (stopping.py)
-    return TrainerHooks(config_yaml(cfg), cfg.train.optim, guard, counter, callbacks=[callback, guard])
+    callbacks = [callback, guard]
+    if cfg.train.profile is not None and is_main_process():
+        callbacks.append(ProfileCallback(Profiler(cfg, Path(cfg.train.output_dir))))
+    return TrainerHooks(config_yaml(cfg), cfg.train.optim, guard, counter, callbacks=callbacks)
 
 
 def outputs_callback(cfg: Config, flops_per_token: float | None = None,
@@ -168,28 +156,60 @@ def outputs_callback(cfg: Config, flops_per_token: float | None = None,
 
 
 # ------------------------------------------------------------------------------------ run
-def config_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+def config_yaml(cfg: Config, run_plan: plan.RunPlan | None = None) -> str:
+    """The resolved config as YAML; with the plan, as comments above it (``load_config`` reads the file back)."""
+    head = "".join(f"# plan: {line}\n" for line in run_plan.lines()) if run_plan is not None else ""
+    return head + yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
-def prepare_output_dir(cfg: Config) -> str | None:
-    """Set up train.distributed, create output_dir, save config.yaml, and return the checkpoint to resume from."""
-    strategy.setup(cfg)  # first: the process group must exist before data preparation (rank 0 first)
-    saved_config = config_yaml(cfg)  # with the output_dir as the user gave it, a URL included
-    if cloud.is_remote(cfg.train.output_dir):  # train in a local mirror that uploads (cloud.py)
+def planned(cfg: Config) -> tuple[Config, plan.RunPlan]:
+    """The run plan (``plan.py``) for ``cfg`` on its model's architecture, and the config with the plan's engine
+    (config.yaml records which engine ran). The same config gives the same plan: calling it again is harmless."""
+    run_plan = plan.plan(cfg, architecture(cfg))
+    return plan.with_engine(cfg, run_plan.engine), run_plan
+
+
+@dataclass(frozen=True)
+class Run:
+    """What a method starts from: the config as it runs (the plan's engine; a local mirror for an output_dir
+    URL), the plan, and the checkpoint to resume from."""
+
+    cfg: Config
+    plan: plan.RunPlan
+    resume: str | None
+
+
+def start(cfg: Config) -> Run:
+    """Plan the run, set up train.distributed (the process group must exist before data preparation, which runs
+    rank 0 first), then open the output directory."""
+    cfg, run_plan = planned(cfg)
+    for line in run_plan.lines():
+        log(f"plan: {line}")
+    strategy.setup(cfg)
+    cfg, resume = open_output_dir(cfg, run_plan)
+    return Run(cfg, run_plan, resume)
+
+
+def open_output_dir(cfg: Config, run_plan: plan.RunPlan) -> tuple[Config, str | None]:
+    """Create output_dir, save config.yaml (the plan as its opening comment), and return the config to train with
+    and the checkpoint to resume from. An output_dir URL trains in a local mirror that uploads (cloud.py): the
+    returned config names the mirror."""
+    saved_config = config_yaml(cfg, run_plan)  # with the output_dir as the user gave it, a URL included
+    if cloud.is_remote(cfg.train.output_dir):
         if cfg.train.resume not in ("auto", "never"):
             raise ConfigError(f"train.resume: {cfg.train.resume}: with an output_dir URL, resume is auto or never")
         url = cfg.train.output_dir
-        cfg.train.output_dir = str(cloud.open_mirror(url, cfg.train.resume, is_main_process()))
+        mirror = str(cloud.open_mirror(url, cfg.train.resume, is_main_process()))
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output_dir=mirror))
         if torch.distributed.is_initialized():
             torch.distributed.barrier()  # rank 0 set the mirror up (and downloaded the checkpoint to resume)
-        log(f"train.output_dir {url}: training in {cfg.train.output_dir}, each checkpoint and the final model "
-            "uploaded when complete")
+        log(f"train.output_dir {url}: training in {mirror}, each checkpoint and the final model uploaded when "
+            "complete")
     out = Path(cfg.train.output_dir)
     resume = resolve_resume(cfg.train.resume, str(out))
     if resume:
         written_by = json.loads((Path(resume) / "trainer_state.json").read_text()).get("engine", "hf")
-        if written_by != (cfg.train.engine or "hf"):
+        if written_by != cfg.train.engine:
             raise ConfigError(f"train.resume: {resume} was written by the {written_by} engine; resume it with "
                               f"train.engine: {written_by} (one engine's checkpoints do not resume in the other), "
                               "or start afresh with train.resume: never")
@@ -205,7 +225,7 @@ def prepare_output_dir(cfg: Config) -> str | None:
                 f"{aside}, so train.resume: auto can only find this run's checkpoints")
         else:
             (out / "metrics.jsonl").unlink(missing_ok=True)
-    return resume
+    return cfg, resume
 
 
 def run_trainer(trainer, cfg: Config, tokenizer, resume: str | None, data_lines: list[str]) -> Path:
@@ -214,14 +234,11 @@ def run_trainer(trainer, cfg: Config, tokenizer, resume: str | None, data_lines:
 
     trainer.remove_callback(PrinterCallback)  # OutputsCallback shows progress and writes metrics instead
     trainer.add_callback(strategy.StrategyCheck(cfg, trainer))  # fails the run if another strategy is running
-    from lmforge.training.report import record_base_answers, write_report
-
     record_base_answers(cfg, trainer.model, tokenizer, resumed=resume is not None)
     with trainer.lmforge.guard.signals():
         trainer.train(resume_from_checkpoint=resume)
     if trainer.args.should_save:
         shutil.rmtree(Path(cfg.train.output_dir) / STAGING, ignore_errors=True)
-    out = Path(cfg.train.output_dir)
     strategy.before_final_save(trainer)  # sharded FSDP state is gathered into a plain model
 
     def write(staged: Path) -> None:
@@ -229,13 +246,23 @@ def run_trainer(trainer, cfg: Config, tokenizer, resume: str | None, data_lines:
         if trainer.args.should_save:
             tokenizer.save_pretrained(staged)
 
-    save_final_atomically(out, write, trainer.accelerator.wait_for_everyone, trainer.args.should_save,
-                          expected_bytes=weights_bytes(trainer.model))
-    if trainer.args.should_save:
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    return finish_run(cfg, write, trainer.accelerator.wait_for_everyone, trainer.args.should_save, model, tokenizer,
+                      "hf", trainer.state.global_step, data_lines, expected_bytes=weights_bytes(trainer.model))
+
+
+def finish_run(cfg: Config, write, barrier, is_main: bool, model, tokenizer, engine: str, steps: int,
+               data_lines: list[str], expected_bytes: int | None = None) -> Path:
+    """The one final save of both engines: ``write(staged_dir)`` on every rank writes the model or adapter and the
+    tokenizer, moved into output_dir only when every rank is done (``save_final_atomically``); then, on the main
+    process, report.md / report.html, one log line and the upload of an output_dir URL."""
+    out = Path(cfg.train.output_dir)
+    save_final_atomically(out, write, barrier, is_main, expected_bytes=expected_bytes)
+    if is_main:
         write_report(out, {"method": cfg.method, "model": cfg.model.name_or_path or "from scratch",
-                           "adapter": cfg.peft.kind, "max_steps": trainer.state.global_step}, data_lines,
-                     cfg, trainer.accelerator.unwrap_model(trainer.model), tokenizer)
-        log(f"final {'adapter' if hasattr(trainer.model, 'peft_config') else 'model'} saved to {out}")
+                           "adapter": cfg.peft.kind, "engine": engine, "max_steps": steps}, data_lines,
+                     cfg, model, tokenizer)
+        log(f"final {'adapter' if hasattr(model, 'peft_config') else 'model'} saved to {out}")
         upload_outputs(out)
     return out
 

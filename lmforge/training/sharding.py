@@ -32,6 +32,8 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from lmforge.errors import UnsupportedError
+
 OPTIMIZER_DIR = "optimizer"  # in checkpoint-STEP/: the sharded optimizer state (torch.distributed.checkpoint)
 
 
@@ -54,7 +56,10 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     names = set(getattr(base, "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:
-        raise ValueError(f"{type(base).__name__} names no decoder layer class (_no_split_modules) to shard")
+        raise UnsupportedError(
+            f"train.distributed: fsdp on train.engine: native shards a model per decoder layer (the classes its "
+            f"_no_split_modules names), and {type(base).__name__} names none; use train.distributed: ddp (each "
+            "process keeps a whole copy of the weights)")
     return layers
 
 
@@ -76,10 +81,11 @@ class Sharded:
 
     def __init__(self, model: torch.nn.Module, objective, compute: torch.dtype, hybrid_nodes: int = 1):
         self.model = model
+        layers = decoder_layers(model)  # first: a model it cannot shard is refused before any process-group work
         policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32) \
             if compute != torch.float32 else MixedPrecisionPolicy()
         self.mesh = _mesh(hybrid_nodes)
-        for layer in decoder_layers(model):
+        for layer in layers:
             fully_shard(layer, mesh=self.mesh, mp_policy=policy)
         self.root = fully_shard(LossModule(objective, model), mesh=self.mesh, mp_policy=policy)
         for m in self.root.modules():

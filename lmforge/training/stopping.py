@@ -23,7 +23,9 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from lmforge.data import origins
 from lmforge.errors import TrainingError
+from lmforge.log import log
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -56,11 +58,29 @@ def interrupted_message(signum: int, step: int, max_steps: int, output_dir: str 
             f"{output_dir}. Run the same command again (train.resume: auto) to continue exactly where it stopped")
 
 
-def nan_message(step: int, output_dir: str | Path, rows: str = "") -> str:
-    """``rows``: where the step's data came from, when the engine knows it (e.g. "rows 3, 17 of train.jsonl")."""
-    return (f"step {step}: the loss is not finite (nan or inf){f' on {rows}' if rows else ''}; stopping before the "
-            f"update, so the last checkpoint in {output_dir} stays the last good state (lower train.learning_rate, "
-            "check the data of this step, or set train.on_nan: skip_batch to skip such steps)")
+def nan_message(step: int, output_dir: str | Path, data=None, rows=()) -> str:
+    """The NaN stop's message on both engines: the step, where its rows came from, what to do. ``rows``: this
+    process's rows of ``data`` (the prepared training split) in the step, named by their source ``file:line`` where
+    the split recorded them (``data/origins.py``), else by their numbers in it."""
+    rows = sorted(set(rows))
+    try:
+        named = origins.of_rows(data, rows) if rows and data is not None else None
+    except (OSError, ValueError):  # an unreadable record of the origins must not hide the stop: numbers instead
+        named = None
+    if named:
+        where = f" on rows from {_listed(named)}"
+    elif rows:
+        where = (f" on rows {_listed(list(map(str, rows)))} of the prepared training data (as `lmforge inspect` "
+                 "numbers them)")
+    else:
+        where = ""
+    return (f"step {step}: the loss is not finite (nan or inf){where}; stopping before the update, so the last "
+            f"checkpoint in {output_dir} stays the last good state (lower train.learning_rate, check the data of "
+            "this step, or set train.on_nan: skip_batch to skip such steps)")
+
+
+def _listed(items: list[str], shown: int = 16) -> str:
+    return ", ".join(items[:shown]) + (f" and {len(items) - shown} more" if len(items) > shown else "")
 
 
 class StepGuard(TrainerCallback, ExportableState):
@@ -78,19 +98,20 @@ class StepGuard(TrainerCallback, ExportableState):
         self.pending: int | None = None  # a stop signal this process received, for the next all-reduce
         self.signum: int | None = None  # the stop signal every rank has agreed on (the all-reduce's result)
         self.finite = True  # every micro-batch loss of the current step on this rank was finite
+        self.rows: list[int] = []  # this rank's dataset rows in the current step, where its batches name them
         self.skipped = 0  # steps skipped for a non-finite loss, since step 0 (kept in checkpoints)
 
     def signals(self):
         def first(signum: int) -> None:
             self.pending = signum
-            from lmforge.training.run import log
-
             log(f"{signal.Signals(signum).name}: writing a checkpoint at the end of a step (every rank), then stopping")
 
         return stop_signals(first)
 
-    def add_loss(self, loss: torch.Tensor) -> None:
+    def add_loss(self, loss: torch.Tensor, rows: list[int] | None = None) -> None:
+        """A micro-batch's loss, and its dataset rows if its collator names them (``origins.ROWS``)."""
         self.finite = self.finite and bool(torch.isfinite(loss).all())
+        self.rows += rows or []
 
     def add_to_log(self, logs: dict) -> None:
         if self.on_nan == "skip_batch" and "loss" in logs:
@@ -103,21 +124,20 @@ class StepGuard(TrainerCallback, ExportableState):
         saved = (state.stateful_callbacks or {}).get(type(self).__name__)  # a resumed run's count
         self.skipped = saved["attributes"]["skipped"] if isinstance(saved, dict) else 0
 
-    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kw):
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, train_dataloader=None, **kw):
         flags = torch.tensor([0.0 if self.finite else 1.0, float(self.pending or 0)], device=args.device)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        self.finite = True
+        rows, self.rows, self.finite = self.rows, [], True
         if flags[1].item():  # this rank or another got a signal: every rank stops at the end of this step
             self.signum = int(flags[1].item())
         if flags[0].item():
             step = state.global_step + 1
             if self.on_nan == "stop":
-                raise TrainingError(nan_message(step, args.output_dir))
+                data = getattr(train_dataloader, "dataset", None)
+                raise TrainingError(nan_message(step, args.output_dir, data, rows))
             optimizer.zero_grad(set_to_none=True)
             self.skipped += 1
-            from lmforge.training.run import log
-
             log(f"step {step}: the loss is not finite; its update is skipped (train.on_nan: skip_batch, "
                 f"{self.skipped} skipped so far)")
 

@@ -1,7 +1,7 @@
 """What the native engine writes and shows while it trains: the logging window, metrics.jsonl and plots, the
 ``train.profile`` trace and the progress bar; and the ``report_to`` trackers of both engines (``Trackers``:
 tensorboard, wandb, mlflow, aim), which the HF engine's ``callbacks.OutputsCallback`` feeds the same rows of
-metrics.jsonl. Both engines share ``callbacks.refresh_plot`` and ``callbacks.progress_postfix``."""
+metrics.jsonl. Both engines share ``outputs.refresh_plot`` and ``outputs.progress_postfix``."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import os
 import time
 from pathlib import Path
 
-from lmforge.config import LMFORGE_TRACKERS, Config
+from lmforge.config import Config
 from lmforge.errors import ConfigError
-from lmforge.training.run import log
-
-NATIVE_TRACKERS = LMFORGE_TRACKERS  # train.report_to names the native engine's Tracker writes to: all of lmforge's
+from lmforge.log import log
+from lmforge.training.outputs import PLOT_EVERY_SECONDS, read_metrics, refresh_plot
+from lmforge.registry import LMFORGE_TRACKERS
 
 
 class Window:
@@ -50,8 +50,6 @@ class Tracker:
     ``report_to`` trackers (``Trackers``, which the HF engine's ``OutputsCallback`` feeds the same way)."""
 
     def __init__(self, out: Path, report_to: list[str]):
-        from lmforge.training.callbacks import PLOT_EVERY_SECONDS
-
         self.out, self.every, self.last_plot = out, PLOT_EVERY_SECONDS, 0.0
         self.trackers = Trackers(out, report_to)
 
@@ -63,8 +61,6 @@ class Tracker:
             self.plot()
 
     def plot(self) -> None:
-        from lmforge.training.callbacks import refresh_plot
-
         self.last_plot = time.monotonic()
         refresh_plot(self.out)
 
@@ -113,10 +109,8 @@ class Trackers:
             raise ConfigError(f"train.report_to: {', '.join(missing)} is not installed: pip install {' '.join(missing)} "
                               "(or pip install 'lmforge[trackers]')")
         config = _run_config(out)
-        # a run continues its trackers' runs exactly when it continues metrics.jsonl: prepare_output_dir keeps it
+        # a run continues its trackers' runs exactly when it continues metrics.jsonl: open_output_dir keeps it
         # on resume (cut at the checkpoint's step) and removes it for a fresh run
-        from lmforge.training.callbacks import read_metrics
-
         earlier = _read_state(out) if read_metrics(out / "metrics.jsonl") else {}
         self.state: dict[str, dict] = {}
         for name in names:
