@@ -16,6 +16,8 @@ status=0
 for setting in "ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2" "ONEDNN_MAX_CPU_ISA=AVX512_CORE" \
                "OMP_NUM_THREADS=1" "ONEDNN_MAX_CPU_ISA=DEFAULT"; do
   echo "=== $setting"
-  env $setting "$PY" -m pytest -q -p no:cacheprovider -k "$K" $FILES "$@" 2>&1 | grep -E "passed|failed|FAILED|Error" || status=1
+  env $setting "$PY" -m pytest -q -p no:cacheprovider -k "$K" $FILES "$@" > "${TMPDIR:-/tmp}/sweep-$$.log" 2>&1 \
+    || status=1
+  grep -E "^(FAILED|ERROR)|passed|failed" "${TMPDIR:-/tmp}/sweep-$$.log"
 done
 exit $status
