@@ -87,7 +87,7 @@ def test_bad_row_in_the_stream_names_file_and_line(tmp_path, tiny_model_dir, lmf
 @pytest.mark.parametrize("overrides, message", [
     (["train.max_steps=-1"], "train.max_steps is required"),
     (["method=dpo"], "method dpo reads it whole"),
-    (["train.engine=hf"], "data.streaming runs on train.engine: native"),
+    (["train.engine=hf"], "data.streaming: runs on train.engine: native"),
 ])
 def test_streaming_refuses_what_it_cannot_do(tmp_path, tiny_model_dir, capsys, overrides, message):
     src = write_jsonl(tmp_path / "a.jsonl", _text_rows(4, "doc"))

@@ -34,6 +34,7 @@ from trl.experimental.orpo.orpo_trainer import log1mexp  # noqa: E402
 from lmforge.config import Config  # noqa: E402
 from lmforge.data.tokenize import IGNORE  # noqa: E402
 from lmforge.training.checkpoint import LmforgeTrainerMixin  # noqa: E402
+from lmforge.training.objective import Objective  # noqa: E402
 from lmforge.data.preference import SharedPromptCollator  # noqa: E402
 from lmforge.training import preference  # noqa: E402
 from lmforge.training.preference import TokenCountingMixin, answer_sums, pair_attention, token_logps  # noqa: E402
@@ -96,7 +97,7 @@ def build_trainer(cfg: Config, run) -> LmforgeORPOTrainer:
 
 
 # --------------------------------------------------------------------------------------------- native engine
-class ORPOObjective:
+class ORPOObjective(Objective):
     """What the native engine's loop asks of a method (see ``training/native.py``): two loss terms, the
     odds-ratio term summed over pairs and the NLL summed over the chosen sides' tokens, each averaged over the
     whole step's units of its own kind; metrics per pair, ``nll_loss`` per NLL token."""

@@ -29,6 +29,7 @@ from lmforge.training.checkpoint import LmforgeTrainerMixin
 from lmforge.training.eval_metrics import add_generation_metrics, generation_scorer
 from lmforge.training.losses import token_loss_sum
 from lmforge.training.native import NativeTrainer
+from lmforge.training.objective import Objective
 from lmforge.training.run import load_model_and_tokenizer, run_trainer, start, trainer_hooks, training_args
 
 
@@ -59,7 +60,7 @@ class CausalLMTrainer(LmforgeTrainerMixin, Trainer):
         return loss.detach(), None, None
 
 
-class CausalLMObjective:
+class CausalLMObjective(Objective):
     """The native engine's view of pretrain/SFT (``training/native.py``): summed token cross-entropy over the
     loss tokens (``token_loss_sum``), averaged over the loss tokens of the whole step."""
 

@@ -10,15 +10,12 @@ atomically) and the outputs (metrics.jsonl, plots, report.md, tensorboard: ``tra
 
 Several processes run DDP (gradients summed in one all-reduce per step, here) or FSDP2 (``sharding.py``).
 
-What a method contributes is an *objective* (``sft.CausalLMObjective``, ``dpo.DPOObjective``): how it
-collates its rows, the units its loss is averaged over (loss tokens, pairs), the loss sum of a micro-batch
-and the sums of its metrics. A loss of several terms, each averaged over its own units (ORPO: the odds-ratio
-term over pairs, the NLL over tokens), names a tuple of units (``unit``), counts a tuple and returns a
-vector of term sums; units past the loss terms average metrics only (KTO: desirable, undesirable examples),
-and ``stat_units`` says which units a metric is averaged over (the first by default). An objective whose
-loss needs a number from the whole step first (KTO's KL estimate) has ``before_step(trainer, batches)``,
-called on every rank before the step's first forward (and before an evaluation, on its batches). The loop,
-the averaging over a whole step and everything around it are here.
+What a method contributes is an *objective* (``objective.Objective``: ``sft.CausalLMObjective``,
+``dpo.DPOObjective``, ...): how it collates its rows, the units its loss is averaged over (loss tokens, pairs),
+the loss sum of a micro-batch and the sums of its metrics, and hooks with no-op defaults (KTO's KL estimate
+before each step, DPO's reference scoring before the first). A step's sums travel in one typed record
+(``objective.StepTotals``), packed for the step's single all-reduce. The loop, the averaging over a whole step
+and everything around it are here.
 
 The promises, each a test (tests/test_native.py and the invariance tests parametrized over the engine):
   * a step's loss is the sum over its units (loss tokens, pairs) divided by their number in the whole step
@@ -42,18 +39,22 @@ import torch
 import torch.distributed as dist
 
 from lmforge.config import Config
+from lmforge.distributed.ranks import nodes
 from lmforge.errors import ConfigError, TrainingError
-from lmforge.training import flops, report
+from lmforge.log import log
+from lmforge.training import flops, report, stopping
 from lmforge.training.checkpoint import (
     EpochSampler, load_weights, read_weights, rng_state, set_rng_state, weights_bytes, write_checkpoint_atomically,
 )
+from lmforge.training.dropout import use_fast_lora_dropout
 from lmforge.training.memory import HeapTrim
-from lmforge.training.optim import build_optimizer
-from lmforge.log import log
-from lmforge.training.run import finish_run
+from lmforge.training.objective import Objective, StepTotals
+from lmforge.training.optim import build_optimizer, scheduler_for
 from lmforge.training.outputs import progress_postfix
+from lmforge.training.precision import MasterWeights
+from lmforge.training.run import finish_run
+from lmforge.training.sharding import OPTIMIZER_DIR, Sharded, full_norm
 from lmforge.training.tracking import Profiler, Tracker, Window, progress_bar
-from lmforge.training import stopping
 
 ENGINE = "native"
 
@@ -87,13 +88,13 @@ class StepRows:
 class NativeTrainer:
     """Trains ``model`` on ``train_ds``; ``train(resume)`` runs the loop and returns the output directory."""
 
-    def __init__(self, cfg: Config, model, tokenizer, prec, train_ds, eval_ds, objective, data_lines: list[str],
-                 generation=None, stream=None):
+    def __init__(self, cfg: Config, model, tokenizer, prec, train_ds, eval_ds, objective: Objective,
+                 data_lines: list[str], generation=None, stream=None):
         self.cfg, self.t = cfg, cfg.train
         self.model, self.tokenizer, self.prec = model, tokenizer, prec
         self.train_ds, self.eval_ds, self.objective = train_ds, eval_ds, objective
-        self.terms = len(objective.unit) if isinstance(objective.unit, tuple) else 1  # kinds of units counted
-        self.stat_units = getattr(objective, "stat_units", {})  # metric -> index of the units it is averaged over
+        self.terms = objective.terms  # kinds of units counted
+        self.stat_units = objective.stat_units  # metric -> index of the units it is averaged over
         self.data_lines = data_lines
         self.generation = generation  # eval.metrics: a GenerationScorer, or None
         self.out = Path(cfg.train.output_dir)
@@ -110,12 +111,8 @@ class NativeTrainer:
         self.sharded = None  # train.distributed: fsdp: a sharding.Sharded, made in train() after any resume weights
         self.fsdp = cfg.train.distributed == "fsdp"
         if prec.compute in (torch.bfloat16, torch.float16) and cfg.peft.kind in ("none", "lora", "dora") and not self.fsdp:
-            from lmforge.training.precision import MasterWeights
-
             self.master = MasterWeights(model, prec.compute, trainable_only=cfg.peft.kind != "none")
         if cfg.peft.kind in ("lora", "dora", "qlora"):  # PEFT's per-layer dropout draws, 3.6x cheaper
-            from lmforge.training.dropout import use_fast_lora_dropout
-
             use_fast_lora_dropout(model)
         if cfg.train.gradient_checkpointing:  # recompute each decoder layer's activations in the backward
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -146,8 +143,7 @@ class NativeTrainer:
         if ckpt:
             self.load_checkpoint(ckpt)
         else:
-            if hasattr(self.objective, "start"):
-                self.objective.start(self)  # e.g. DPO: reference log-probs of the starting weights
+            self.objective.start(self)  # e.g. DPO: reference log-probs of the starting weights
             torch.manual_seed(self.t.seed)
         log(f"native engine: {self.max_steps} steps, {self.global_batch} rows per step "
             f"({self.t.per_device_train_batch_size} x {self.t.gradient_accumulation_steps} accumulation x "
@@ -191,18 +187,12 @@ class NativeTrainer:
     def build_optimizer(self) -> None:
         """Shard the model (train.distributed: fsdp), then the optimizer and schedule over what trains."""
         if self.fsdp:
-            from lmforge.training.sharding import Sharded
-
-            from lmforge.distributed.ranks import nodes
-
             hybrid = self.t.fsdp_sharding == "hybrid" and nodes() > 1  # on one node hybrid is full sharding
             self.sharded = Sharded(self.model, self.objective, self.prec.compute, nodes() if hybrid else 1)
         named = self.master.named_trainable() if self.master else [
             (n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in named]
         self.optimizer = build_optimizer(self.cfg, self.model, named)
-        from lmforge.training.optim import scheduler_for
-
         self.scheduler = scheduler_for(self.cfg, self.optimizer, self.max_steps)
 
     def train_step(self) -> tuple[float, int, float, dict[str, float]]:
@@ -218,38 +208,34 @@ class NativeTrainer:
                 local_units = [u + c for u, c in zip(local_units, self.units(b))]
         total = self.all_reduce(torch.tensor(local_units))
         denominators = [max(u, 1.0) for u in total.tolist()]
-        if hasattr(self.objective, "before_step"):  # e.g. KTO's KL estimate over the whole step, every rank
-            self.objective.before_step(self, [b for b in micro if b is not None])
-        keys, K = self.objective.stat_keys, self.terms
-        sums = torch.zeros(K + 3 + len(keys), dtype=torch.float64)  # loss terms, tokens, SIGTERM, SIGINT, metrics
+        self.objective.before_step(self, [b for b in micro if b is not None])  # e.g. KTO's KL estimate
+        keys = self.objective.stat_keys
+        totals = StepTotals.zeros(self.terms, len(keys))
         for m, batch in enumerate(micro):
             if batch is None and not self.sharded:
                 continue
             weight = 1.0 if batch is not None else 0.0  # FSDP: every rank runs every micro-batch's forward
             batch = batch if batch is not None else self.stand_in()
-            sums[K] += int(batch.pop("num_tokens")) * weight
+            tokens = int(batch.pop("num_tokens"))
             loss, stats = self.forward(batch, sync=m == len(micro) - 1)
             self.share(loss, weight, denominators).backward()
             if self.master:
                 self.master.collect_grads()
-            terms = loss.detach().double().reshape(-1)  # the loss terms (units past them average metrics only)
-            sums[:len(terms)] += terms * weight
-            sums[K + 3:] += torch.tensor([stats[k] * weight for k in keys], dtype=torch.float64)
+            totals.add(loss, [stats[k] for k in keys], weight, tokens=tokens)
         # one all-reduce for every gradient, the loss, the token count, the ranks with a pending signal (counted
         # per signal, so a sum names it) and the metrics. A signal that arrives after this all-reduce waits for
         # the next step: every rank must decide to checkpoint on the same step, or one would wait alone.
         if self.pending_signal is not None:
-            sums[K + 1 if self.pending_signal == signal.SIGTERM else K + 2] = 1.0
-        extra = self.all_reduce_grads(sums)
-        loss_value = sum(extra[i].item() / denominators[i] for i in range(K))
-        n_tokens, sigterm, sigint = int(extra[K].item()), extra[K + 1].item(), extra[K + 2].item()
-        step_stats = {k: v / denominators[self.stat_units.get(k, 0)] for k, v in zip(keys, extra[K + 3:].tolist())}
-        if (sigterm or sigint) and self.stop_signal is None:
-            self.stop_signal = signal.SIGTERM if sigterm else signal.SIGINT
+            totals.sigterm, totals.sigint = float(self.pending_signal == signal.SIGTERM), \
+                float(self.pending_signal == signal.SIGINT)
+        totals = StepTotals.unpack(self.all_reduce_grads(totals.pack()), self.terms)
+        loss_value = sum(v / d for v, d in zip(totals.loss.tolist(), denominators))
+        n_tokens = int(totals.tokens)
+        step_stats = {k: v / denominators[self.stat_units.get(k, 0)] for k, v in zip(keys, totals.stats.tolist())}
+        if (totals.sigterm or totals.sigint) and self.stop_signal is None:
+            self.stop_signal = signal.SIGTERM if totals.sigterm else signal.SIGINT
         if not math.isfinite(loss_value):  # the same summed value on every rank: they all decide alike
             return self.non_finite(loss_value), n_tokens, float("nan"), step_stats
-        from lmforge.training.sharding import full_norm
-
         grad_norm = full_norm(torch.nn.utils.clip_grad_norm_(self.params, self.t.max_grad_norm or float("inf")))
         self.optimizer.step()
         if self.master:
@@ -299,14 +285,13 @@ class NativeTrainer:
     def count_flops(self) -> float | None:
         """FLOPs per token of forward + backward, counted on this step's first row (``flops.per_token``), for
         objectives that are a token loss (pretrain, SFT); None for the others."""
-        if not hasattr(self.objective, "flops_batch"):
-            return None
         if self.stream is not None:
             record = self.stream.peek()
         else:
             first = next((idx for idx in self.rows.for_step(self.step, self.rank) if idx), [0])
             record = self.train_ds[first[0]]
-        return flops.per_token(self.model, self.objective.flops_batch([record]), self.autocast())
+        batch = self.objective.flops_batch([record])
+        return flops.per_token(self.model, batch, self.autocast()) if batch is not None else None
 
     def step_records(self) -> list[tuple[list[int] | None, list[dict]]]:
         """This rank's micro-batches of the coming step: (dataset row indices, or None from a stream; records)."""
@@ -397,7 +382,6 @@ class NativeTrainer:
         if self.tracker:
             self.tracker.write(row)
         if bar is not None:
-
             bar.set_postfix(progress_postfix(row), refresh=False)
 
     @torch.no_grad()
@@ -405,11 +389,10 @@ class NativeTrainer:
         """eval_loss (and eval_ metrics): sums over every eval row (rows split across ranks) over their units."""
         self.model.eval()
         keys, K = self.objective.stat_keys, self.terms
-        sums = torch.zeros(2 * K + len(keys), dtype=torch.float64)  # loss terms, their units, metric sums
+        totals = StepTotals.zeros(K, len(keys))
         batches: list = self.eval_batches()
-        if hasattr(self.objective, "before_step"):  # e.g. KTO's KL estimate over the whole eval set
-            self.objective.before_step(self, [self.objective.batch("eval", idx, [self.eval_ds[i] for i in idx])
-                                              for idx in batches])
+        self.objective.before_step(self, [self.objective.batch("eval", idx, [self.eval_ds[i] for i in idx])
+                                          for idx in batches])  # e.g. KTO's KL estimate over the whole eval set
         if self.sharded:  # every rank runs as many forwards (the weights are gathered together); extras count 0
             most = self.all_reduce(torch.tensor([len(batches)]), dist.ReduceOp.MAX).item()
             batches += [None] * (most - len(batches))
@@ -417,16 +400,13 @@ class NativeTrainer:
             weight = 1.0 if idx is not None else 0.0
             batch = self.objective.batch("eval", idx, [self.eval_ds[i] for i in idx]) if idx else self.stand_in()
             batch.pop("num_tokens", None)
-            n = self.units(batch)
             loss, stats = self.forward(batch)
-            terms = loss.detach().double().reshape(-1).tolist()
-            terms += [0.0] * (K - len(terms))  # units past the loss terms average metrics only
-            sums += weight * torch.tensor(terms + n + [stats[k] for k in keys], dtype=torch.float64)
-        self.all_reduce(sums)
-        units = [max(u, 1) for u in sums[K:2 * K].tolist()]
-        row = {"step": self.step, "eval_loss": round(sum(v / u for v, u in zip(sums[:K].tolist(), units)), 6)}
+            totals.add(loss, [stats[k] for k in keys], weight, units=self.units(batch))
+        totals = StepTotals.unpack(self.all_reduce(totals.pack()), K)
+        units = [max(u, 1) for u in totals.units.tolist()]
+        row = {"step": self.step, "eval_loss": round(sum(v / u for v, u in zip(totals.loss.tolist(), units)), 6)}
         row.update({f"eval_{k}": round(v / units[self.stat_units.get(k, 0)], 6)
-                    for k, v in zip(keys, sums[2 * K:].tolist())})
+                    for k, v in zip(keys, totals.stats.tolist())})
         if self.objective.perplexity:  # a token NLL: pretrain and sft
             row["eval_perplexity"] = math.exp(min(row["eval_loss"], 50.0))
         if self.generation is not None and self.rank == 0:
@@ -443,14 +423,13 @@ class NativeTrainer:
 
         def write(tmp: Path) -> None:
             torch.save(rng_state(), tmp / f"rng_state_{self.rank}.pth")
-            if hasattr(self.objective, "state_dict"):  # e.g. DPO's reference log-probs of this rank's rows
-                torch.save(self.objective.state_dict(), tmp / f"objective_{self.rank}.pt")
+            objective = self.objective.state_dict()  # e.g. DPO's reference log-probs of this rank's rows
+            if objective is not None:
+                torch.save(objective, tmp / f"objective_{self.rank}.pt")
             if self.stream is not None:  # where this rank's stream stands, and the rows it read ahead
                 torch.save(self.stream.state_dict(), tmp / f"stream_{self.rank}.pt")
             weights = self.gather_weights()  # collective under FSDP
             if self.sharded:
-                from lmforge.training.sharding import OPTIMIZER_DIR
-
                 self.sharded.save_optimizer(self.optimizer, tmp / OPTIMIZER_DIR)  # collective: each rank its shard
             if self.rank != 0:
                 return
@@ -485,14 +464,12 @@ class NativeTrainer:
         """Everything but the weights (``load_weights``): optimizer, schedule, RNG, objective, counters."""
         state = json.loads((ckpt / "trainer_state.json").read_text())
         if self.sharded:
-            from lmforge.training.sharding import OPTIMIZER_DIR
-
             self.sharded.load_optimizer(self.optimizer, ckpt / OPTIMIZER_DIR)
         else:
             self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
         self.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
         set_rng_state(torch.load(ckpt / f"rng_state_{self.rank}.pth", weights_only=False))
-        if hasattr(self.objective, "load_state_dict"):
+        if self.objective.state_dict() is not None:
             self.objective.load_state_dict(torch.load(ckpt / f"objective_{self.rank}.pt", weights_only=True))
         self.step, self.tokens_seen = state["global_step"], state["tokens_seen"]
         self.skipped = state.get("skipped_batches", 0)

@@ -24,6 +24,7 @@ from lmforge.plan import RunPlan
 from lmforge.training.attention import NAME as PACKED_ATTENTION, use_packed_attention
 from lmforge.training.losses import decoder_and_head
 from lmforge.training.native import NativeTrainer
+from lmforge.training.objective import Objective
 from lmforge.training.run import load_model_and_tokenizer, run_trainer, start
 
 
@@ -196,7 +197,7 @@ class ReferenceLogps:
         self.cache = {split: t.clone() for split, t in state.items()}
 
 
-class ScoredByReference:
+class ScoredByReference(Objective):
     """The part of a native objective (methods/dpo.py, methods/kto.py) that its ``ReferenceLogps`` (``self.reference``)
     needs from the loop: scoring before the first step, and a place in the checkpoint."""
 
