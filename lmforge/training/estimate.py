@@ -57,7 +57,7 @@ BASELINE_BYTES = int(0.66 * GB)  # a training process apart from its model: pyth
 # datasets, the tokenizer, the data (measured 2026-11-28: peak RSS 675 MB of `lmforge train` on the 2-layer test model)
 ACTIVATION_OVERHEAD = 1.2  # RSS above the activations' bytes: they are freed and allocated again every step, and
 # glibc's heap keeps freed blocks (fragmentation), plus the backward's transient buffers. Fitted on SmolLM2-135M
-# (batch 8 x 256 packed): LoRA 3.49 GB RSS (benchmarks/estimate_accuracy.py) and full fine-tune ~5 GB (README).
+# (batch 8 x 256 packed): LoRA 3.49 GB RSS (benchmarks/estimate_accuracy.py) and full fine-tune ~5 GB (docs/benchmarks.md).
 HEAP_SLACK = SLACK  # and what the heap may keep on top before the engines return it (memory.HeapTrim). Probes of
 # native steps on SmolLM2-135M (2026-11-29, 8 x <= 216 tokens): LoRA peaked at 3.93-4.05 GB RSS over 3 steps against
 # 3.85-3.94 GB counted with both; in every step of LoRA and QLoRA, with and without checkpointing, the live heap
