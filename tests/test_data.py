@@ -12,6 +12,8 @@ from lmforge.data.formats import detect_format
 from lmforge.data.prepare import load_rows, mix
 from lmforge.data.split import prepare_split
 from lmforge.data.sources import Row
+from lmforge.data.streaming import PackedStream
+from lmforge.errors import DataError
 from lmforge.models import finalize_tokenizer
 
 GOOD = {"prompt": "a", "completion": "b"}
@@ -208,3 +210,63 @@ def test_cache_fingerprint_stat_misses_a_same_size_same_mtime_edit_content_catch
         assert path2 == path and "quick fox" in text
     else:
         assert path2 != path and "lazy dogs" in text and "quick fox" in tok.decode(before[0]["input_ids"])
+
+
+# ----------------------------------------------------------------------------- one row check, three readers
+READERS = ("in-memory", "bounded", "stream")  # prepare.load_rows, bounded.build_causal, streaming.PackedStream
+
+
+def _read(reader: str, tree: dict, tok) -> tuple[int, int]:
+    """The training rows of ``tree`` read as ``reader`` reads them: (rows read, bad rows counted), or its DataError.
+    A stream reads on ahead of what it hands out: its counts are those of the rows read so far."""
+    if reader == "stream":
+        tree = {**tree, "data": {**tree["data"], "streaming": True, "shuffle_buffer": 1}}
+    cfg = load_config(None, tree=tree)
+    if reader == "in-memory":
+        stats = load_rows(cfg, "train")[2]
+        return stats.rows, stats.bad_rows
+    if reader == "bounded":
+        stats = prepare_split(cfg, tok, "train", packed=False)[1]
+        return stats.rows, stats.bad_rows
+    stream = PackedStream(cfg, tok, packed=False)
+    assert all(r["input_ids"] for r in stream.take(4))
+    counts = stream.state_dict()["counts"]
+    return counts["rows"], counts["bad_rows"]
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_each_reader_checks_rows_alike(tmp_path, tiny_model_dir, lmforge_cache, reader):
+    """The row checks (data/rows.py) as each reader of rows meets them: every kind of bad row named by file:line with
+    its reason; bad rows skipped and counted with data.on_bad_rows: skip; rows the method cannot train, a format
+    that cannot be told (named by the row its keys come from) and an empty source (format detected or set) refused."""
+    tok = finalize_tokenizer(AutoTokenizer.from_pretrained(tiny_model_dir))
+    files = iter(range(100))
+
+    def read(rows, fmt: str = "auto", method: str = "sft", on_bad_rows: str = "error"):
+        path = write_jsonl(tmp_path / f"d{next(files)}.jsonl", rows)
+        tree = base_config(tiny_model_dir, path, tmp_path / "out", method=method,
+                           data={"train": [{"path": str(path), "format": fmt}], "on_bad_rows": on_bad_rows})
+        return path, lambda: _read(reader, tree, tok)
+
+    def error(rows, **kw):
+        path, go = read(rows, **kw)
+        with pytest.raises(DataError) as e:
+            go()
+        return path, str(e.value)
+
+    for bad, reason in BAD_ROWS:
+        path, err = error([GOOD, bad, GOOD])
+        assert f"{path}:2: " in err and reason in err, (bad, err)
+    path, go = read([GOOD, "{oops", GOOD, {"prompt": 1, "completion": "x"}], on_bad_rows="skip")
+    rows, bad = go()
+    if reader == "stream":  # every other row read is bad
+        assert rows >= 4 and bad == rows // 2
+    else:
+        assert (rows, bad) == (4, 2)
+    path, err = error([{"prompt": "p", "chosen": "a", "rejected": "b"}])
+    assert f"{path}: preference rows cannot train method 'sft' (expected prompt_completion or chat or text)" in err
+    path, err = error(["{oops", {"foo": 1}, GOOD])
+    assert f"{path}:2: cannot tell the data format from the keys ['foo']" in err
+    for fmt in ("auto", "prompt_completion"):
+        path, err = error([], fmt=fmt)
+        assert err == f"{path}: the source is empty"

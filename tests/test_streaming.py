@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import base_config, chat_rows, corpus, write_config, write_jsonl
@@ -54,6 +56,17 @@ def test_stream_packs_every_row_once_per_epoch_and_ranks_never_overlap(tmp_path,
     s = PackedStream(cfg, tok, packed=True)
     for r in s.take(10):
         assert len(r["input_ids"]) <= 256 and sum(r["seq_lens"]) == len(r["input_ids"]) == len(r["labels"])
+
+
+def test_stream_reads_parquet(tmp_path, tiny_model_dir):
+    """Parquet files stream like the other kinds (sources.iter_file_rows, a record batch at a time)."""
+    rows = _text_rows(6, "doc")
+    pq.write_table(pa.table({"text": [r["text"] for r in rows]}), tmp_path / "a.parquet")
+    cfg = _stream_cfg(tmp_path, tiny_model_dir, [{"path": str(tmp_path / "a.parquet")}], max_length=256,
+                      shuffle_buffer=1)
+    tok = load_tokenizer(cfg.model, tiny_model_dir)
+    expected = [tok(r["text"]).input_ids + [tok.eos_token_id] for r in rows]
+    assert [r["input_ids"] for r in PackedStream(cfg, tok, packed=False).take(12)] == expected * 2
 
 
 def test_stream_state_resumes_the_same_rows(tmp_path, tiny_model_dir):

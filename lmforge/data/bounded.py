@@ -21,19 +21,18 @@ import multiprocessing
 import os
 import uuid
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from lmforge.config import Config
-from lmforge.data.formats import RowError, normalize, source_format
 from lmforge.data.origins import SourceRows
 from lmforge.data.packing import pack_bins
 from lmforge.data.prepare import (
-    DROP_NO_LOSS, METHOD_FORMATS, Stats, _encode_chunk, add_counts, mix_indices, sources_for, spans,
-    tokenising_processes,
+    DROP_NO_LOSS, Stats, _encode_chunk, add_counts, mix_indices, sources_for, spans, tokenising_processes,
 )
+from lmforge.data.rows import RowChecks, SourceCheck
 from lmforge.data.sources import (
     BadRow, Row, iter_source_rows, jsonl_range_lines, jsonl_ranges, parse_jsonl_line, resolve_files, is_saved_dataset,
 )
@@ -45,17 +44,15 @@ TASK_ROWS = 8_000  # a task of rows read here
 SLICE_TOKENS = 1 << 18  # tokens per Arrow record batch
 BLOCK_TOKENS = 1 << 20  # spilled tokens read at a time
 BUCKET_TOKENS = 1 << 21  # output tokens per bucket file (at least)
-SHOWN_BAD = 20  # bad rows quoted in the error (all are counted)
 
 
 @dataclass
 class _Task:
     source: int
-    fmt: str
     path: str | None = None  # a JSON Lines byte range ...
     start: int = 0
     end: int = 0
-    rows: list | None = None  # ... or rows read here: (data, origin)
+    rows: list | None = None  # ... or rows read here: Row, or BadRow for what could not be parsed
 
 
 @dataclass
@@ -66,7 +63,7 @@ class _Done:
     counts: dict
     masks: dict
     per_row: object
-    bad: list  # (line within the range or origin, reason)
+    bad: list[BadRow]  # origin: the line within the range (JSON Lines) or the row's origin
     good_at: list  # where each good row is: line within the range (JSON Lines) or origin (data/origins.py)
     read: int  # rows read (good or bad)
     lines: int  # lines in the range (JSON Lines)
@@ -80,74 +77,55 @@ _ENCODER: Encoder | None = None
 
 def _run(task: _Task) -> _Done:
     global _ENCODER
-    cfg, tokenizer, sources = _JOB
+    cfg, tokenizer, checks = _JOB
     if _ENCODER is None:
         if multiprocessing.parent_process() is not None:
             os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already; no threads inside
         _ENCODER = Encoder(tokenizer, apply_chat_template=cfg.data.apply_chat_template)
-    src = sources[task.source]
+    check: SourceCheck = checks[task.source]
     good: list[tuple[str, Row]] = []
     good_at: list = []
-    bad: list = []
-    lines = read = 0
-    if task.path is not None:
-        raw = _range_rows(task, counter := [0])
-    else:
-        raw = ((origin, data, reason) for data, origin, reason in task.rows)
-    for where, data, reason in raw:
+    bad: list[BadRow] = []
+    read, lines = 0, [0]  # rows read; lines of a JSON Lines range (set by _range_rows)
+    for row in _range_rows(task, lines) if task.path is not None else task.rows:
         read += 1
-        if reason is None:
-            try:
-                good.append((task.fmt, Row(normalize(data, task.fmt, src), str(where), task.source)))
-                good_at.append(where)
-                continue
-            except RowError as e:
-                reason = str(e)
-        bad.append((where, reason))
-    if task.path is not None:
-        lines = counter[0]
+        row = check.check(row)
+        if isinstance(row, BadRow):
+            bad.append(row)
+        else:
+            good.append((check.fmt, row))
+            good_at.append(row.origin)
     tokens, counts, masks, per_row = _encode_chunk(cfg, _ENCODER, good)
-    return _Done(tokens, counts, masks, per_row, bad, good_at, read, lines, len(good))
+    return _Done(tokens, counts, masks, per_row, bad, good_at, read, lines[0], len(good))
 
 
 def _range_rows(task: _Task, counter: list[int]):
-    """(line within the range, row, bad-row reason) of a JSON Lines range's non-blank lines; counts every line."""
+    """The rows of a JSON Lines range's non-blank lines (Row, or BadRow if unparseable), each with its line within the
+    range as origin (an int: the caller adds the lines before the range); counts every line."""
     for k, line in jsonl_range_lines(Path(task.path), task.start, task.end):
         counter[0] = k
         if line.strip():
-            yield (k, *parse_jsonl_line(line))
+            data, reason = parse_jsonl_line(line)
+            yield BadRow(k, reason) if reason else Row(data, k)
 
 
-def _first_object(src, role: str) -> tuple[dict | None, str]:
-    """The first row that is a JSON object (what the format is detected from), and where the source starts."""
-    first_origin = None
-    for r in iter_source_rows(src, role):
-        first_origin = first_origin or r.origin
-        if isinstance(r, Row) and isinstance(r.data, dict):
-            return r.data, first_origin
-    return None, first_origin or (src.path or src.loader)
-
-
-def _tasks(cfg: Config, role: str, fmts: list[str]):
+def _tasks(cfg: Config, role: str):
     """Every task of every source of a role, in order; rows of non-JSONL sources are read as the tasks are taken."""
     for index, src in enumerate(sources_for(cfg, role)):
         files = [] if src.loader or is_saved_dataset(Path(src.path).expanduser()) else resolve_files(src, role)
         if files and all(f.suffix == ".jsonl" for f in files):
             for f in files:
                 for a, b in jsonl_ranges(f, TASK_BYTES):
-                    yield _Task(index, fmts[index], path=str(f), start=a, end=b)
+                    yield _Task(index, path=str(f), start=a, end=b)
             continue
         rows: list = []
         for r in iter_source_rows(src, role):
-            if isinstance(r, BadRow):  # unparseable: passed on as a bad row
-                rows.append((None, r.origin, r.reason))
-            else:
-                rows.append((r.data, r.origin, None))
+            rows.append(r)
             if len(rows) == TASK_ROWS:
-                yield _Task(index, fmts[index], rows=rows)
+                yield _Task(index, rows=rows)
                 rows = []
         if rows:
-            yield _Task(index, fmts[index], rows=rows)
+            yield _Task(index, rows=rows)
 
 
 def _estimated_rows(cfg: Config, role: str) -> int:
@@ -317,63 +295,37 @@ def build_causal(cfg: Config, tokenizer, role: str, packed: bool, out: Path, sou
     """Read, validate, tokenise, mix, pack and write a causal-LM split into ``out`` (a ``load_from_disk``
     directory); returns its statistics. Bad rows stop here (exit 2) unless ``data.on_bad_rows: skip``."""
     global _JOB, _ENCODER
-    sources = sources_for(cfg, role)
-    allowed = METHOD_FORMATS[cfg.method]
-    fmts = []
-    for src in sources:
-        first, where = _first_object(src, role) if src.format == "auto" else (None, "")
-        fmt = source_format(src, first, where)
-        if fmt not in allowed:
-            raise DataError(f"{src.path or src.loader}: {fmt} rows cannot train method {cfg.method!r} "
-                            f"(expected {' or '.join(allowed)})")
-        fmts.append(fmt)
+    checks = RowChecks(cfg, role)
+    for src in sources_for(cfg, role):  # the formats first: read up to each source's first object row
+        checks.add_source(src, iter_source_rows(src, role))
     stats = Stats()
     procs = tokenising_processes(_estimated_rows(cfg, role))
     spill_dir = out.parent / "spill"
     spill_dir.mkdir()
     spill = _Spill(spill_dir)
-    good_per_source = [0] * len(sources)
-    read_per_source = [0] * len(sources)
-    bad_shown: list[BadRow] = []
-    bad_count = 0
     line_base: dict[str, int] = {}  # JSON Lines file -> lines in the ranges before the current one
     origins = SourceRows()  # file:line of every good row, for messages that name the data (data/origins.py)
-    _JOB, _ENCODER = (cfg, tokenizer, sources), None  # an Encoder of an earlier call holds another tokenizer
+    _JOB, _ENCODER = (cfg, tokenizer, checks.sources), None  # an Encoder of an earlier call holds another tokenizer
     try:
-        for task, done in _zip_tasks(_tasks(cfg, role, fmts), procs):
+        for task, done in _zip_tasks(_tasks(cfg, role), procs):
             if task.path is not None:
                 base = line_base.get(task.path, 0)
                 line_base[task.path] = base + done.lines
-                bad = [BadRow(f"{task.path}:{base + k}", reason) for k, reason in done.bad]
+                checks.add_bad([BadRow(f"{task.path}:{base + b.origin}", b.reason) for b in done.bad])
                 origins.add_lines(task.path, np.asarray(done.good_at, dtype=np.int64) + base)
             else:
-                bad = [BadRow(origin, reason) for origin, reason in done.bad]
+                checks.add_bad(done.bad)
                 origins.add(done.good_at)
-            bad_count += len(bad)
-            bad_shown += bad[:SHOWN_BAD - len(bad_shown)]
-            good_per_source[task.source] += done.good
-            read_per_source[task.source] += done.read
+            checks.count(task.source, done.read, done.good)
             add_counts(stats, done.counts, done.masks, source_names)
             spill.add(done)
     finally:
         _JOB, _ENCODER = None, None
     arrays = spill.close()
-    stats.processes = procs
-    stats.rows = sum(read_per_source)
-    for fmt, n in zip(fmts, good_per_source):
-        stats.formats[fmt] = stats.formats.get(fmt, 0) + n
-    for src, n in zip(sources, read_per_source):
-        if not n:
-            raise DataError(f"{src.path or src.loader}: the source is empty")
-    if bad_count and cfg.data.on_bad_rows == "error":
-        shown = "\n".join(f"  {b}" for b in bad_shown)
-        more = f"\n  ... and {bad_count - len(bad_shown)} more" if bad_count > len(bad_shown) else ""
-        raise DataError(f"{bad_count} bad row(s) in the {role} data:\n{shown}{more}\n"
-                        "Fix them, or set data.on_bad_rows: skip to drop them.")
-    stats.bad_rows = bad_count
+    stats = replace(stats, processes=procs, **checks.finish())
     samples_per_row = arrays["samples"].astype(np.int64)
     first_sample = np.concatenate([[0], np.cumsum(samples_per_row)[:-1]]).astype(np.int64)
-    chosen = _selection(cfg, role, good_per_source)
+    chosen = _selection(cfg, role, checks.good)
     if chosen is not None:  # a mixed selection of rows: recount what it holds
         order = spans(first_sample[chosen], samples_per_row[chosen])
         stats.truncated = int(arrays["truncated"][chosen].sum())
@@ -410,7 +362,7 @@ def _zip_tasks(tasks, procs: int):
 
     def feed():
         for t in tasks:
-            kept.append(_Task(t.source, t.fmt, t.path, t.start, t.end))
+            kept.append(replace(t, rows=None))
             yield t
 
     for done in _results(feed(), procs):

@@ -10,7 +10,7 @@ Every accepted row becomes one canonical dict:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 from lmforge.config import DataSource
 from lmforge.data.sources import BadRow, Row
@@ -134,14 +134,16 @@ def normalize(row: Any, fmt: str, src: DataSource) -> dict:
     raise DataError(f"unknown format {fmt!r}")
 
 
-def source_format(src: DataSource, first: dict | None, where: str) -> str:
-    """The format of a source: ``format:`` when set, else detected from the keys of its first object row
-    (``first``; ``where`` names that row, or the source when it has none)."""
+def source_format(src: DataSource, rows: Iterable[Row | BadRow]) -> str:
+    """The format of a source: ``format:`` when set (``rows`` is not read), else detected from the keys of its first
+    object row (``rows``, the source's rows in order, is read up to it). The error names that row, or the source
+    when it has none."""
     if src.format != "auto":
         return src.format
-    fmt = detect_format(set(first)) if first else None
+    first = next((r for r in rows if isinstance(r, Row) and isinstance(r.data, dict)), None)
+    fmt = detect_format(set(first.data)) if first else None
     if fmt is None:
-        keys = sorted(first) if first else []
+        where, keys = (first.origin, sorted(first.data)) if first else (src.path or src.loader, [])
         raise DataError(
             f"{where}: cannot tell the data format from the keys {keys}; expected text, prompt/completion, "
             "messages, or prompt/chosen/rejected (or set format: on the source)"
@@ -149,15 +151,19 @@ def source_format(src: DataSource, first: dict | None, where: str) -> str:
     return fmt
 
 
+def check_row(row: Row | BadRow, fmt: str, src: DataSource, index: int = 0) -> Row | BadRow:
+    """A row of a source in ``fmt``, normalised (``source`` set to ``index``); or a BadRow with the reason. A row that
+    could not even be parsed (sources.py) is a BadRow already."""
+    if isinstance(row, BadRow):
+        return row
+    try:
+        return Row(normalize(row.data, fmt, src), row.origin, index)
+    except RowError as e:
+        return BadRow(row.origin, str(e))
+
+
 def normalize_rows(rows: list[Row], src: DataSource) -> tuple[str, list[Row], list[BadRow]]:
     """Detect the source's format (unless forced) and normalise every row; bad rows carry a reason."""
-    first = next((r.data for r in rows if isinstance(r.data, dict)), None)
-    fmt = source_format(src, first, rows[0].origin if rows else (src.path or src.loader))
-    good: list[Row] = []
-    bad: list[BadRow] = []
-    for r in rows:
-        try:
-            good.append(Row(normalize(r.data, fmt, src), r.origin))
-        except RowError as e:
-            bad.append(BadRow(r.origin, str(e)))
-    return fmt, good, bad
+    fmt = source_format(src, rows)
+    checked = [check_row(r, fmt, src) for r in rows]
+    return fmt, [r for r in checked if isinstance(r, Row)], [r for r in checked if isinstance(r, BadRow)]

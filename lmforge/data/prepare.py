@@ -30,17 +30,15 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.config import Config, DataSource
-from lmforge.data.formats import normalize_rows
 from lmforge.data.preference import PREFERENCE_METHODS
 from lmforge.data.preference import VERSION as PREFERENCE_VERSION
-from lmforge.data.sources import BadRow, Row, has_split, is_saved_dataset, read_source, resolve_files
+from lmforge.data.rows import RowChecks
+from lmforge.data.sources import BadRow, Row, has_split, is_saved_dataset, iter_source_rows, resolve_files
 from lmforge.data.tokenize import (
     COMPOSED, FAST, IGNORE, MASK_PATHS, PER_PREFIX, PIECEWISE, Encoder, chunk, encoder_decoder_pairs, text_blocks,
 )
 from lmforge.cache import cache_root
-from lmforge.errors import DataError
 from lmforge.plan import CAUSAL, MLM, SEQ2SEQ
-from lmforge.registry import METHOD_FORMATS
 
 CACHE_VERSION = "4"  # 3: causal splits built in bounded memory (data/bounded.py); 4: with their origins
 
@@ -132,35 +130,22 @@ def sources_for(cfg: Config, role: str) -> list[DataSource]:
 
 
 def load_rows(cfg: Config, role: str) -> tuple[list[tuple[str, list[Row]]], list[BadRow], Stats]:
-    """Read and validate every source of a role. Bad rows stop here (exit 2) unless on_bad_rows is skip."""
-    allowed = METHOD_FORMATS[cfg.method]
+    """Read and check every source of a role (rows.RowChecks). Bad rows stop here (exit 2) unless on_bad_rows is
+    skip; returns the good rows per source with their format, every bad row in file order, and the counts."""
+    checks = RowChecks(cfg, role)
     per_source: list[tuple[str, list[Row]]] = []
     bad_all: list[BadRow] = []
-    stats = Stats()
-    for index, src in enumerate(sources_for(cfg, role)):
-        rows, bad = read_source(src, role)
-        fmt, good, bad_fmt = normalize_rows(rows, src)
-        for r in good:
-            r.source = index
-        if fmt not in allowed:
-            raise DataError(
-                f"{src.path or src.loader}: {fmt} rows cannot train method {cfg.method!r} (expected {' or '.join(allowed)})"
-            )
-        bad_all += bad + bad_fmt
-        stats.rows += len(rows) + len(bad)
-        stats.formats[fmt] = stats.formats.get(fmt, 0) + len(good)
-        if not good and not bad_all:
-            raise DataError(f"{src.path or src.loader}: the source is empty")
-        per_source.append((fmt, good))
-    if bad_all and cfg.data.on_bad_rows == "error":
-        shown = "\n".join(f"  {b}" for b in bad_all[:20])
-        more = f"\n  ... and {len(bad_all) - 20} more" if len(bad_all) > 20 else ""
-        raise DataError(
-            f"{len(bad_all)} bad row(s) in the {role} data:\n{shown}{more}\n"
-            "Fix them, or set data.on_bad_rows: skip to drop them."
-        )
-    stats.bad_rows = len(bad_all)
-    return per_source, bad_all, stats
+    for src in sources_for(cfg, role):
+        rows = list(iter_source_rows(src, role))
+        check = checks.add_source(src, rows)
+        checked = [check.check(r) for r in rows]
+        good = [r for r in checked if isinstance(r, Row)]
+        bad = [r for r in checked if isinstance(r, BadRow)]
+        checks.count(check.index, len(rows), len(good))
+        checks.add_bad(bad)
+        bad_all += bad
+        per_source.append((check.fmt, good))
+    return per_source, bad_all, Stats(**checks.finish())
 
 
 def mix_indices(counts: list[int], weights: list[float], seed: int, n: int | None) -> tuple[np.ndarray, np.ndarray]:

@@ -28,7 +28,7 @@ SPLIT_NAMES = {"train": ("train",), "eval": ("val", "validation", "eval", "dev")
 class Row:
     data: Any
     origin: str  # "path:line" or "path:row N" or "loader:row N"
-    source: int = 0  # index of the config source it came from (set by prepare.load_rows)
+    source: int = 0  # index of the config source it came from (set by rows.SourceCheck)
 
 
 @dataclass

@@ -6,7 +6,7 @@ The pipeline, in a background thread that stays a few rows ahead of the training
   sources (read lazily: JSONL line by line, other files one at a time, epoch after epoch)
   -> this rank's rows (row k of a source goes to rank k % world: no overlap between ranks)
   -> weighted mixing (a seeded draw of the source for each row, ``weight`` as in the cached mode)
-  -> format check and tokenisation (the same ``formats`` and ``Encoder`` as the cached mode; long pretraining
+  -> row checks and tokenisation (the same ``rows.RowChecks`` and ``Encoder`` as the cached mode; long pretraining
      documents split, long SFT samples truncated, samples without loss dropped)
   -> a shuffle buffer of ``data.shuffle_buffer`` samples (seeded)
   -> packing (greedy: samples are appended to the current row until the next one does not fit).
@@ -19,17 +19,18 @@ waits, so a resumed run gets the same rows as an uninterrupted one, bitwise.
 from __future__ import annotations
 
 import copy
-import json
 import random
 import threading
+from itertools import islice
 from pathlib import Path
 
 from lmforge.config import Config, DataSource
-from lmforge.data.formats import normalize_rows
-from lmforge.data.sources import _READERS, Row, _invalid_utf8, is_saved_dataset, resolve_files
+from lmforge.data.rows import RowChecks
+from lmforge.data.sources import (
+    BadRow, Row, is_saved_dataset, iter_file_rows, parse_jsonl_line, resolve_files,
+)
 from lmforge.data.tokenize import IGNORE, Encoder, chunk
-from lmforge.errors import ConfigError, DataError
-from lmforge.registry import METHOD_FORMATS
+from lmforge.errors import ConfigError
 
 
 def _jsonl_lines(path: Path, start: int):
@@ -41,64 +42,54 @@ def _jsonl_lines(path: Path, start: int):
 
 
 class _Source:
-    """One config source read lazily and endlessly; its position is (epoch, file index, rows read in file)."""
+    """One config source read lazily and endlessly; its position is (epoch, file index, rows read in file). Its format
+    and the check of its rows come from ``checks`` (rows.RowChecks), as in the cached mode."""
 
-    def __init__(self, src: DataSource, index: int):
+    def __init__(self, src: DataSource, index: int, checks: RowChecks):
         if src.loader or is_saved_dataset(Path(src.path).expanduser()):
             raise ConfigError(f"data.train[{index}]: data.streaming reads files (JSONL, JSON, CSV, Parquet; a "
                               "directory or glob of them); a loader or a saved dataset needs data.streaming: false")
-        self.src, self.index = src, index
         self.files = resolve_files(src, "train")
+        # the format: from the source's first object row, read here (rows.SourceCheck), as in the cached mode
+        self.check = checks.add_source(src, (row for path in self.files for row in iter_file_rows(path)))
         self.pos = {"epoch": 0, "file": 0, "line": 0, "seen": 0}
-        self.fmt: str | None = None
 
     def raw(self):
-        """(origin, parsed row or None, bad-row reason or None), forever, from the current position."""
+        """(origin, unparsed JSON Lines line, or Row / BadRow of another file), forever, from the current position."""
+        # rows in this pass over the files; none in a whole pass: an empty source (else this would loop forever)
+        read, whole = 0, self.pos["file"] == 0 and self.pos["line"] == 0
         while True:
             path = self.files[self.pos["file"]]
             if path.suffix == ".jsonl":
                 for lineno, line in _jsonl_lines(path, self.pos["line"]):
                     self.pos["line"] = lineno
                     if line.strip():
-                        yield f"{path}:{lineno}", line, None
-            else:  # one file at a time in memory
-                rows, bad = [], []
-                _READERS[path.suffix](path, rows, bad)
-                items = [(r.origin, r.data, None) for r in rows] + [(b.origin, None, b.reason) for b in bad]
-                for k in range(self.pos["line"], len(items)):
+                        read += 1
+                        yield f"{path}:{lineno}", line
+            else:  # JSON and CSV files are read whole, Parquet by record batch (sources.iter_file_rows)
+                for k, row in enumerate(islice(iter_file_rows(path), self.pos["line"], None), start=self.pos["line"]):
                     self.pos["line"] = k + 1
-                    yield items[k]
+                    read += 1
+                    yield row.origin, row
             self.pos["line"] = 0
             self.pos["file"] += 1
             if self.pos["file"] == len(self.files):
+                if whole:
+                    self.check.require_rows(read)
                 self.pos["file"], self.pos["epoch"] = 0, self.pos["epoch"] + 1
+                read, whole = 0, True
 
     def rows(self, rank: int, world: int):
-        """This rank's rows: (origin, normalised row, format) or (origin, None, bad-row reason)."""
-        for origin, data, reason in self.raw():
+        """This rank's rows, checked (rows.SourceCheck): Row (normalised) or BadRow (file:line and reason)."""
+        for origin, row in self.raw():
             mine = self.pos["seen"] % world == rank
             self.pos["seen"] += 1
             if not mine:
                 continue
-            if reason is None and isinstance(data, str):  # a raw JSONL line
-                reason = _invalid_utf8(data)
-                if reason is None:
-                    try:
-                        data = json.loads(data)
-                    except json.JSONDecodeError as e:
-                        reason = f"invalid JSON ({e.msg} at column {e.colno})"
-            if reason is not None:
-                yield origin, None, reason
-                continue
-            fmt, good, bad = normalize_rows([Row(data, origin)], self._forced())
-            self.fmt = self.fmt or fmt
-            yield (origin, good[0].data, fmt) if good else (origin, None, bad[0].reason)
-
-    def _forced(self) -> DataSource:
-        """The source with its format fixed once the first row showed it (each row is checked against it)."""
-        if self.fmt is None or self.src.format != "auto":
-            return self.src
-        return DataSource(**{**self.src.__dict__, "format": self.fmt})
+            if isinstance(row, str):  # a JSON Lines line, parsed by the one rank that reads it
+                data, reason = parse_jsonl_line(row)
+                row = BadRow(origin, reason) if reason else Row(data, origin)
+            yield self.check.check(row)
 
 
 class PackedStream:
@@ -107,15 +98,15 @@ class PackedStream:
 
     def __init__(self, cfg: Config, tokenizer, packed: bool, rank: int = 0, world: int = 1, ahead: int = 16):
         self.cfg, self.packed, self.rank, self.world, self.ahead = cfg, packed, rank, world, ahead
-        self.sources = [_Source(src, i) for i, src in enumerate(cfg.data.train)]
+        self.checks = RowChecks(cfg, "train", streamed=True)  # stops at the first bad row unless on_bad_rows: skip
+        self.sources = [_Source(src, i, self.checks) for i, src in enumerate(cfg.data.train)]
         self.weights = [src.weight if src.weight is not None else 1.0 for src in cfg.data.train]
-        self.allowed = METHOD_FORMATS[cfg.method]
         self.encoder = Encoder(tokenizer, apply_chat_template=cfg.data.apply_chat_template)
         self.rng = random.Random(f"{cfg.train.seed}/{rank}")
         self.buffer: list[tuple[list[int], list[int]]] = []  # the shuffle buffer: (input_ids, labels)
         self.row: dict = {"input_ids": [], "labels": [], "seq_lens": []}  # the row being packed
         self.ready: list[dict] = []  # rows produced, not yet taken
-        self.counts = {"rows": 0, "bad_rows": 0, "samples": 0}
+        self.counts = {"rows": 0, "samples": 0}  # and bad rows: self.checks.bad_count
         self.error: BaseException | None = None
         self.cond = threading.Condition()
         self.thread: threading.Thread | None = None
@@ -146,18 +137,19 @@ class PackedStream:
     def state_dict(self) -> dict:
         """Everything the next rows depend on, taken while the producer waits."""
         with self.cond:
-            return copy.deepcopy({"positions": [s.pos for s in self.sources], "formats": [s.fmt for s in self.sources],
-                                  "rng": self.rng.getstate(), "buffer": self.buffer, "row": self.row,
-                                  "ready": self.ready, "counts": self.counts})
+            return copy.deepcopy({"positions": [s.pos for s in self.sources], "rng": self.rng.getstate(),
+                                  "buffer": self.buffer, "row": self.row, "ready": self.ready,
+                                  "counts": {**self.counts, "bad_rows": self.checks.bad_count}})
 
     def load_state_dict(self, state: dict) -> None:
         if self.thread is not None:
             raise RuntimeError("load_state_dict before the first take")
-        for s, pos, fmt in zip(self.sources, state["positions"], state["formats"]):
-            s.pos, s.fmt = dict(pos), fmt
+        for s, pos in zip(self.sources, state["positions"]):
+            s.pos = dict(pos)
         self.rng.setstate(state["rng"])
         self.buffer, self.row, self.ready = state["buffer"], state["row"], state["ready"]
-        self.counts = state["counts"]
+        self.counts = dict(state["counts"])
+        self.checks.bad_count = self.counts.pop("bad_rows")
 
     # ------------------------------------------------------------------------------------------ producing
     def _start(self) -> None:
@@ -208,18 +200,13 @@ class PackedStream:
     def _encoded_row(self) -> list[tuple[list[int], list[int]]]:
         """The samples of the next row of a source drawn by weight (a pretraining document may give several)."""
         i = self.rng.choices(range(len(self.sources)), weights=self.weights)[0]
-        origin, row, fmt = next(self._iters[i])
+        row = next(self._iters[i])
         self.counts["rows"] += 1
-        if row is None:
-            if self.cfg.data.on_bad_rows == "error":
-                raise DataError(f"bad row in the training stream: {origin}: {fmt}\n"
-                                "Fix it, or set data.on_bad_rows: skip to drop bad rows.")
-            self.counts["bad_rows"] += 1
+        if isinstance(row, BadRow):
+            self.checks.add_bad([row])  # the run stops here unless data.on_bad_rows: skip
             return []
-        if fmt not in self.allowed:
-            raise DataError(f"{origin}: {fmt} rows cannot train method {self.cfg.method!r} "
-                            f"(expected {' or '.join(self.allowed)})")
-        e = self.encoder.encode(row, fmt)
+        fmt = self.sources[i].check.fmt
+        e = self.encoder.encode(row.data, fmt)
         max_len = self.cfg.data.max_length
         if self.cfg.method == "pretrain" or fmt == "text":
             pieces = chunk(e, max_len)
