@@ -25,6 +25,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from lmforge.cache import cache_root
 from lmforge.errors import ConfigError
 
 MARKER = ".lmforge-complete"  # written last into an uploaded checkpoint or final model
@@ -55,12 +56,6 @@ def filesystem(url: str):
     return fs, path
 
 
-def _cache_root() -> Path:
-    from lmforge.cache import cache_root
-
-    return cache_root()
-
-
 def _versions(fs, paths: list[str]) -> str:
     """What identifies the objects' current contents: ETags where the store has them, else size + mtime."""
     parts = []
@@ -87,7 +82,7 @@ def fetch(url: str, what: str) -> Path:
     if not files:
         raise ConfigError(f"{what}: {url} names no file (nothing there, or no access)")
     key = hashlib.sha256(url.encode()).hexdigest()[:16] + "-" + _versions(fs, files)
-    local = _cache_root() / "remote" / key
+    local = cache_root() / "remote" / key
     if not (local / MARKER).exists():
         staged = local.with_name(local.name + f".partial-{os.getpid()}")
         shutil.rmtree(staged, ignore_errors=True)
@@ -109,7 +104,7 @@ def fetch(url: str, what: str) -> Path:
 # ------------------------------------------------------------------------------------------ output_dir
 def local_mirror(url: str) -> Path:
     """The local directory a remote output_dir trains in (the same on every rank and every rerun)."""
-    return _cache_root() / "outputs" / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
+    return cache_root() / "outputs" / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
 
 
 def remote_of(local: Path) -> str | None:

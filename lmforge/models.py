@@ -15,7 +15,9 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
+from lmforge import cloud
 from lmforge.config import ModelConfig
+from lmforge.data import prepare
 from lmforge.errors import ConfigError, UnsupportedError
 from lmforge.cache import cache_root, file_lock
 from lmforge.log import log
@@ -59,8 +61,6 @@ def resolve_model_path(name_or_path: str) -> Path:
     """Turn an alias, a .gguf file or a directory into a local HF model directory (importing GGUF once)."""
     if name_or_path in ALIASES:
         return import_gguf(_alias_file(name_or_path))
-    from lmforge import cloud
-
     if cloud.is_remote(name_or_path):  # downloaded once into the cache, again when an object changes
         name_or_path = str(cloud.fetch(name_or_path, "model.name_or_path"))
     path = Path(name_or_path).expanduser()
@@ -415,12 +415,10 @@ def resolve_model_and_tokenizer(cfg):
     if model_dir is not None and is_adapter_dir(model_dir):
         adapter_dir, model_dir = model_dir, resolve_model_path(adapter_base(model_dir))
     if cfg.model.train_tokenizer is not None:  # trained once per output_dir and data, then reused (resume, ranks)
-        from lmforge.data.prepare import training_texts, training_texts_key
-
         tt = cfg.model.train_tokenizer
         tokenizer = finalize_tokenizer(trained_tokenizer(
-            lambda: training_texts(cfg), tt.vocab_size, tt.min_frequency, architecture(cfg),
-            Path(cfg.train.output_dir), training_texts_key(cfg)))
+            lambda: prepare.training_texts(cfg), tt.vocab_size, tt.min_frequency, architecture(cfg),
+            Path(cfg.train.output_dir), prepare.training_texts_key(cfg)))
     else:
         tokenizer = load_tokenizer(cfg.model, adapter_dir if adapter_dir and not cfg.model.tokenizer and
                                    (adapter_dir / "tokenizer_config.json").exists() else model_dir)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from lmforge.config import load_config
 from lmforge.errors import ConfigError
 
 _PLAIN_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
@@ -50,8 +51,6 @@ def full_state_dict(ckpt: Path, kind: str) -> dict[str, torch.Tensor]:
 
 def consolidate(checkpoint: str | Path, output: str | Path) -> Path:
     """Write a plain model or adapter for ``checkpoint`` into ``output``; returns ``output``."""
-    from lmforge.config import load_config
-
     ckpt, out = Path(checkpoint), Path(output)
     if not (ckpt / "config.yaml").exists():
         raise ConfigError(f"{ckpt}: not an lmforge checkpoint (no config.yaml beside the state)")
@@ -75,6 +74,7 @@ def consolidate(checkpoint: str | Path, output: str | Path) -> Path:
 
 def _model_for(cfg):
     """The model as training built it (base + adapters), with the tokenizer; weights are overwritten next."""
+    # lazy: training.run loads the trainer stack (transformers, peft, accelerate); a plain checkpoint is only copied
     from lmforge.training.run import load_model_and_tokenizer
 
     model, tokenizer, _ = load_model_and_tokenizer(cfg)

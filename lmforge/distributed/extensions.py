@@ -5,14 +5,14 @@ import fcntl
 import os
 from pathlib import Path
 
+from lmforge.cache import cache_root
+
 # Ops lmforge makes DeepSpeed load on a CPU machine: the shared-memory collective its torch backend builds.
 _OPS = ("ShareMemCommBuilder",)
 
 
 def extensions_dir() -> Path:
     """DeepSpeed compiles its C++ ops on first use (about a minute); keep them across runs."""
-    from lmforge.cache import cache_root
-
     root = Path(os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_root() / "torch_extensions")))
     root.mkdir(parents=True, exist_ok=True)
     return root

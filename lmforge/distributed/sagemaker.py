@@ -33,6 +33,7 @@ from typing import Callable
 
 import yaml
 
+from lmforge import cloud
 from lmforge.config import Config, load_config
 from lmforge.errors import ConfigError, LmforgeError
 
@@ -436,9 +437,7 @@ def prefetch_checkpoint(plan: EntryPlan) -> str | None:
     SageMaker job share no disk, so each gets its own copy before torchrun starts, and every rank resumes."""
     if plan.args.nnodes == 1 or plan.cfg.train.resume != "auto":
         return None
-    from lmforge import cloud
-
-    from lmforge.training.checkpoint import complete_checkpoints
+    from lmforge.training.checkpoint import complete_checkpoints  # lazy: torch, which `launch sagemaker` never loads
 
     found = complete_checkpoints(cloud.open_mirror(plan.cfg.train.output_dir, "auto", is_main=True))
     return str(found[-1]) if found else None

@@ -17,6 +17,8 @@ import torch
 from lmforge.errors import UnsupportedError
 from lmforge.inference.generate import Completion, GenerationOptions, Generator, cut_at_stop, encode_prompt
 from lmforge.inference.loading import load_for_inference
+from lmforge.inference.merge import merged_model_dir
+from lmforge.models import pick_dtype
 
 
 class HfBackend:
@@ -43,9 +45,6 @@ class VllmBackend:
     def __init__(self, model: str, dtype: str = "auto"):
         from transformers import AutoTokenizer
         from vllm import LLM
-
-        from lmforge.inference.merge import merged_model_dir
-        from lmforge.models import pick_dtype
 
         path = merged_model_dir(model)
         self.tokenizer = AutoTokenizer.from_pretrained(path)

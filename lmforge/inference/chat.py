@@ -24,6 +24,7 @@ from dataclasses import replace
 from typing import TextIO
 
 from lmforge.errors import ConfigError
+from lmforge.inference.backends import HfBackend
 from lmforge.inference.engine import Engine, Job, stream_safe_text
 from lmforge.inference.generate import Completion, GenerationOptions, Generator, render_prompt
 
@@ -146,8 +147,6 @@ class VllmAnswers:
 
 def open_answers(backend) -> EngineAnswers | VllmAnswers:
     """The streaming answerer for a backend from ``lmforge.inference.backends.load_backend``."""
-    from lmforge.inference.backends import HfBackend
-
     return EngineAnswers(backend.generator) if isinstance(backend, HfBackend) else VllmAnswers(backend)
 
 

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 
 from lmforge.errors import ConfigError, UnsupportedError
+from lmforge.inference.loading import load_for_inference
+from lmforge.inference.merge import merge_adapter_to_dir
 from lmforge.models import adapter_base, is_adapter_dir, resolve_model_path
 
 FORMATS = ("safetensors", "gguf")
@@ -64,8 +66,6 @@ def export_model(model: str, output: str | Path, fmt: str = "safetensors", quant
         raise ConfigError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
     if quant is not None:
         raise ConfigError("--quant: only --format gguf is quantised; safetensors keeps the base model's dtype")
-    from lmforge.inference.merge import merge_adapter_to_dir
-
     if not is_adapter_dir(resolve_model_path(model)):
         raise ConfigError(f"--model: {model} is already a plain model; --format safetensors merges an adapter "
                           "into its base (use --format gguf to convert a full model)")
@@ -74,8 +74,6 @@ def export_model(model: str, output: str | Path, fmt: str = "safetensors", quant
 
 def export_gguf(model: str, output: str | Path, quant: str = "f16", overwrite: bool = False) -> Path:
     """Write ``model`` (merged first if it is an adapter) as one GGUF file at ``output``, atomically."""
-    from lmforge.inference.loading import load_for_inference
-
     if quant not in QUANTS:
         raise ConfigError(f"--quant: {quant!r} is not one of {', '.join(QUANTS)}")
     out = _check_output_file(Path(output), overwrite)

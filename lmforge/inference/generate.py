@@ -13,6 +13,7 @@ import torch
 from transformers import StoppingCriteria
 
 from lmforge.errors import ConfigError
+from lmforge.inference import decode
 from lmforge.inference.loading import LoadedModel
 from lmforge.inference.options import GenerationOptions
 
@@ -164,34 +165,26 @@ class Generator:
 
     def auto_batch_size(self, opts: GenerationOptions, prompt_tokens: int = 256) -> int:
         """The default batch size: what fits a 2 GiB KV cache in the decode loop (at most 256), else 32."""
-        from lmforge.inference import decode
-
         if self.can_batch_continuously(opts):
             return decode.auto_batch_size(self.model, prompt_tokens + opts.max_new_tokens)
         return 32
 
     def can_batch_continuously(self, opts: GenerationOptions) -> bool:
         """lmforge's decode loop covers decoder-only models with full attention, greedy and sampling."""
-        from lmforge.inference import decode
-
         return decode.supports(self.model, opts)
 
     def sequences(self, prompts: list[list[int]], opts: GenerationOptions, handles=None) -> list:
         """Decode-loop sequences for ``prompts``: prompt i samples with seed ``opts.seed + i``, so a seeded
         run gives the same text whatever the batch size."""
-        from lmforge.inference.decode import Sequence
-
         eos = frozenset(self.eos_ids(opts))
         handles = handles if handles is not None else range(len(prompts))
-        return [Sequence(p, replace(opts, seed=opts.seed + i), eos, handle=h)
+        return [decode.Sequence(p, replace(opts, seed=opts.seed + i), eos, handle=h)
                 for i, (p, h) in enumerate(zip(prompts, handles))]
 
     def generate_continuous(self, prompts: list[list[int]], opts: GenerationOptions, max_batch: int = 64,
                             on_row=None) -> list[Completion]:
         """All ``prompts`` through the decode loop (continuous batching, see lmforge.inference.decode), up to
         ``max_batch`` decoding at once; longest prompts are admitted first. Results in input order."""
-        from lmforge.inference.decode import Decoder
-
         seqs = self.sequences(prompts, opts)
         waiting = sorted(seqs, key=lambda s: -len(s.prompt))
 
@@ -202,7 +195,7 @@ class Generator:
             del waiting[:n]
             return taken
 
-        Decoder(self.model, self.tok, max_batch).run(source, on_done=on_row and (lambda seq: on_row()))
+        decode.Decoder(self.model, self.tok, max_batch).run(source, on_done=on_row and (lambda seq: on_row()))
         return [self.completion(s) for s in seqs]
 
     def completion(self, seq) -> Completion:

@@ -18,6 +18,7 @@ import torch
 
 from lmforge.errors import ConfigError, UnsupportedError
 from lmforge.cache import cache_root
+from lmforge.inference.loading import load_for_inference
 from lmforge.models import adapter_base, is_adapter_dir, resolve_model_path
 
 
@@ -49,8 +50,6 @@ def merge_adapter_to_dir(adapter: str, output: str | Path, dtype: str | None = N
     """Merge the adapter dir ``adapter`` into its base; write the plain model to ``output`` atomically.
 
     An existing ``output`` is replaced only when it is empty, a model this function wrote, or ``overwrite``."""
-    from lmforge.inference.loading import load_for_inference
-
     path = resolve_model_path(adapter)
     if not is_adapter_dir(path):
         raise ConfigError(f"--model: {adapter} is not a PEFT adapter directory (no adapter_config.json)")

@@ -245,6 +245,6 @@ def _receive(rank: int):
 def finish() -> None:
     """Leave after a successful run: every rank passes a barrier (the output is in place), then leaves with
     ``strategy.teardown`` (which skips the interpreter's teardown of the gloo threads: it sometimes aborts)."""
-    from lmforge.distributed.strategy import teardown
+    from lmforge.distributed.strategy import teardown  # lazy: strategy imports the trainer stack (accelerate, peft)
 
     teardown()

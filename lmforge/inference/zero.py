@@ -24,10 +24,12 @@ from pathlib import Path
 
 import torch
 
+from lmforge.distributed import extensions
 from lmforge.errors import ConfigError, UnsupportedError
 from lmforge.inference.backends import HfBackend
 from lmforge.inference.generate import Generator
 from lmforge.inference.loading import load_for_inference
+from lmforge.models import is_adapter_dir, pick_dtype, resolve_model_path
 
 
 def check(zero_inference: bool, kernel_inject: bool, offload_dir: str | None, backend: str) -> None:
@@ -80,8 +82,6 @@ class ZeroBackend(HfBackend):
         from transformers import AutoConfig
         from transformers.integrations import HfDeepSpeedConfig
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-        from lmforge.models import is_adapter_dir, pick_dtype, resolve_model_path
 
         path = resolve_model_path(model)
         if is_adapter_dir(path):
@@ -212,8 +212,6 @@ def _process_group() -> None:
     to whatever runs in it next)."""
     import deepspeed
     import torch.distributed as dist
-
-    from lmforge.distributed import extensions
 
     extensions.load_ops()
     if "LOCAL_RANK" not in os.environ:

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
+from lmforge.training.flops import mfu
 from lmforge.training.memory import HeapTrim
 from lmforge.training.outputs import PLOT_EVERY_SECONDS, progress_postfix, refresh_plot
 from lmforge.training.tracking import Trackers
@@ -94,8 +95,6 @@ class OutputsCallback(TrainerCallback):
             if d_sec > 0 and d_tok > 0:
                 logs["tokens_per_second"] = round(d_tok / d_sec, 2)
                 if self.flops_per_token and self.peak_flops:
-                    from lmforge.training.flops import mfu
-
                     logs["flops_per_token"] = round(self.flops_per_token)
                     logs["mfu"] = round(mfu(self.flops_per_token, d_tok / d_sec, self.peak_flops, world_size()), 4)
             self._last = (tokens, self.train_seconds)

@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmforge.cloud import STAGING
+from lmforge.cloud import STAGING, prune_remote, upload_checkpoint
 from lmforge.data.origins import ROWS
 from lmforge.errors import ConfigError, TrainingError
+from lmforge.training.optim import hf_scheduler, optimizer_cls_and_kwargs
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 FINAL = "final"  # output_dir/.staging/final: the final model while it is written
@@ -159,10 +160,8 @@ def write_checkpoint_atomically(root: Path, name: str, write, barrier, is_main: 
 
 def mirror_checkpoint(ckpt: Path) -> None:
     """An output_dir URL (``cloud.py``): upload the complete checkpoint, drop the rotated ones from the bucket."""
-    from lmforge import cloud
-
-    cloud.upload_checkpoint(ckpt)
-    cloud.prune_remote(ckpt.parent)
+    upload_checkpoint(ckpt)
+    prune_remote(ckpt.parent)
 
 
 def save_final_atomically(root: Path, write, barrier, is_main: bool, expected_bytes: int | None = None) -> Path:
@@ -333,16 +332,12 @@ class LmforgeTrainerMixin:
         self.accelerator.wait_for_everyone()
 
     def create_optimizer(self, model=None):
-        from lmforge.training.optim import optimizer_cls_and_kwargs
-
         if self.optimizer is None and getattr(self, "optimizer_cls_and_kwargs", None) is None:
             self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs(self.lmforge.optim, self.args)
         return super().create_optimizer(model)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         """The HF schedules by name, with the defaults they lack (see optim.scheduler_kwargs)."""
-        from lmforge.training.optim import hf_scheduler
-
         if self.lr_scheduler is None:
             self.lr_scheduler = hf_scheduler(self.args, optimizer or self.optimizer, num_training_steps)
         return self.lr_scheduler

@@ -41,15 +41,20 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lmforge import plan
-from lmforge.config import Config
-from lmforge.errors import ConfigError
+from lmforge import cloud, plan
+from lmforge.config import Config, load_config
+from lmforge.distributed import zero
+from lmforge.distributed.ranks import world_size
+from lmforge.errors import ConfigError, LmforgeError
+from lmforge.log import is_main_process, log
+from lmforge.models import from_scratch_config, load_tokenizer, pick_dtype
 from lmforge.registry import METHODS
 from lmforge.training.estimate_inputs import (
     DataShape, Machine, ModelShape, Trainable, architecture_of, model_shape, peft_targets, read_model_config,
     sample_data, sample_tokenizer, this_machine, trainable,
 )
 from lmforge.training.cross_entropy import rows_per_chunk
+from lmforge.training.flops import node_threads
 from lmforge.training.memory import SLACK
 
 GB = 1024 ** 3
@@ -310,8 +315,6 @@ class Estimator:
     so candidate changes (``cheapest_change``) are estimated without reading anything again."""
 
     def __init__(self, cfg: Config, world: int = 1, config_name: str = "config", machine: Machine | None = None):
-        from lmforge.models import from_scratch_config, load_tokenizer, pick_dtype
-
         self.cfg, self.world, self.config_name = cfg, world, config_name
         self.compute = pick_dtype(cfg.model.dtype)
         config, tok, self.adapter, source = read_model_config(cfg)
@@ -339,8 +342,6 @@ class Estimator:
     def strategy_of(self, cfg: Config) -> str:
         t = cfg.train
         if t.distributed == "deepspeed":
-            from lmforge.distributed import zero
-
             ds = zero.load(t.deepspeed)
             return f"zero{zero.stage(ds)}" + ("_offload" if zero.offloads(ds) else "")
         return t.distributed
@@ -488,8 +489,6 @@ class Estimator:
         t = cfg.train
 
         def changed(overrides: list[str], what: str) -> None:
-            from lmforge.config import load_config
-
             tree = cfg.to_dict()
             out.append((what, overrides, load_config(None, overrides, tree=tree)))
 
@@ -513,8 +512,6 @@ class Estimator:
         return out
 
     def cheapest_change(self, cfg: Config) -> dict | None:
-        from lmforge.errors import LmforgeError
-
         tried = []
         for what, overrides, changed in self.candidate_changes(cfg):
             try:
@@ -644,12 +641,6 @@ def log_at_start(cfg: Config, config_name: str = "config") -> None:
     estimate counts the whole node's matmul peak shared by its processes, as ``lmforge estimate`` measures it
     beside the run: so the peak is taken at the node's threads (``flops.node_threads``), the figure the engines'
     MFU is measured against too (``flops.process_peak``)."""
-    from lmforge import cloud
-    from lmforge.distributed.ranks import world_size
-    from lmforge.models import pick_dtype
-    from lmforge.training.flops import node_threads
-    from lmforge.log import is_main_process, log
-
     if not is_main_process():
         return
     out = Path(cloud.local_mirror(cfg.train.output_dir) if cloud.is_remote(cfg.train.output_dir)

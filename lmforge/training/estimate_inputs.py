@@ -21,8 +21,18 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmforge import models
+from lmforge.cache import cache_root
 from lmforge.config import Config
-from lmforge.errors import ConfigError, UnsupportedError
+from lmforge.data.packing import pack_bins
+from lmforge.data.preference import encode_preference_rows
+from lmforge.data.prepare import Stats, cache_dir, encode_rows, fingerprint, load_rows, split_rows
+from lmforge.data.streaming import PackedStream
+from lmforge.data.tokenize import IGNORE
+from lmforge.errors import ConfigError, DataError, UnsupportedError
+from lmforge.plan import CAUSAL, PAIRS
+from lmforge.training import flops
+from lmforge.training.sharding import decoder_layers
 
 SAMPLE_ROWS = 2000  # training rows tokenised to learn the length distribution (all of them when fewer)
 
@@ -71,13 +81,10 @@ def architecture_of(config) -> str:
 
 def _imported_gguf(gguf: Path) -> Path | None:
     """The import cache entry of a GGUF file, if ``models.import_gguf`` made one (its marker names the file)."""
-    from lmforge.cache import cache_root
-    from lmforge.models import IMPORTED
-
     try:
         size = gguf.stat().st_size
         for entry in (cache_root() / "models").glob(f"{gguf.stem}-*"):
-            marker = entry / IMPORTED
+            marker = entry / models.IMPORTED
             if marker.exists():
                 record = json.loads(marker.read_text())
                 if record.get("gguf") == str(gguf.resolve()) and record.get("size") == size:
@@ -88,10 +95,8 @@ def _imported_gguf(gguf: Path) -> Path | None:
 
 
 def _gguf_file(name_or_path: str) -> Path | None:
-    from lmforge.models import ALIASES, _alias_file
-
-    if name_or_path in ALIASES:
-        return _alias_file(name_or_path)
+    if name_or_path in models.ALIASES:
+        return models._alias_file(name_or_path)
     path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -107,15 +112,13 @@ def read_model_config(cfg: Config):
     safetensors copy, that directory's config.json and tokenizer are read instead (same content, faster)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from lmforge.models import adapter_base, finalize_tokenizer, is_adapter_dir, load_tokenizer, resolve_model_path
-
     m = cfg.model
     adapter = None
     name = m.name_or_path
-    if name is not None and not _gguf_file(name) and is_adapter_dir(resolve_model_path(name)):
-        adapter_dir = resolve_model_path(name)
+    if name is not None and not _gguf_file(name) and models.is_adapter_dir(models.resolve_model_path(name)):
+        adapter_dir = models.resolve_model_path(name)
         adapter = json.loads((adapter_dir / "adapter_config.json").read_text())
-        name = adapter_base(adapter_dir)
+        name = models.adapter_base(adapter_dir)
     if name is None:
         return None, None, None, "model.config"
     gguf = _gguf_file(name)
@@ -124,15 +127,15 @@ def read_model_config(cfg: Config):
             config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)  # metadata only
         except Exception as e:  # noqa: BLE001 - the gguf reader raises many kinds
             raise ConfigError(f"model.name_or_path: cannot read the GGUF metadata of {gguf} ({e})") from None
-        tok = load_tokenizer(m, None) if m.tokenizer else finalize_tokenizer(
+        tok = models.load_tokenizer(m, None) if m.tokenizer else models.finalize_tokenizer(
             AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
         return config, tok, adapter, f"{name} (GGUF metadata; weights not read)"
-    model_dir = _imported_gguf(gguf) if gguf is not None else resolve_model_path(name)
+    model_dir = _imported_gguf(gguf) if gguf is not None else models.resolve_model_path(name)
     try:
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=m.trust_remote_code)
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.name_or_path: cannot read {model_dir}/config.json ({e})") from None
-    return config, load_tokenizer(m, model_dir), adapter, f"{name} (config.json; weights not read)"
+    return config, models.load_tokenizer(m, model_dir), adapter, f"{name} (config.json; weights not read)"
 
 
 def model_shape(config, architecture: str, source: str, vocab_at_least: int = 0,
@@ -162,8 +165,6 @@ def model_shape(config, architecture: str, source: str, vocab_at_least: int = 0,
         if head is not None and mod is head:
             output_layer = name
     tied = head is not None and head.weight is model.get_input_embeddings().weight
-    from lmforge.training.sharding import decoder_layers
-
     try:
         blocks = decoder_layers(model)
     except UnsupportedError:  # a model that names no decoder layer class
@@ -293,30 +294,20 @@ def sample_tokenizer(cfg: Config):
     its own)."""
     import tempfile
 
-    from lmforge.data.prepare import load_rows
-    from lmforge.models import architecture, finalize_tokenizer, train_bpe_tokenizer
-
     tt = cfg.model.train_tokenizer
     per_source, _, _ = load_rows(cfg, "train")
     rng = random.Random(cfg.train.seed)
     per_source = [(fmt, rows if len(rows) <= SAMPLE_ROWS else rng.sample(rows, SAMPLE_ROWS))
                   for fmt, rows in per_source]
     with tempfile.TemporaryDirectory() as d:
-        return finalize_tokenizer(train_bpe_tokenizer(_sample_texts(per_source), tt.vocab_size, tt.min_frequency,
-                                                      Path(d), architecture(cfg)))
+        return models.finalize_tokenizer(models.train_bpe_tokenizer(
+            _sample_texts(per_source), tt.vocab_size, tt.min_frequency, Path(d), models.architecture(cfg)))
 
 
 def sample_data(cfg: Config, tokenizer, packed: bool, layout: str, sample_rows: int = SAMPLE_ROWS) -> DataShape:
     """Read every training row (validated as ``prepare`` does: bad rows stop here too), tokenise a seeded sample
     of them through the data layer, pack the sample, and scale its counts to the whole data."""
     import numpy as np
-
-    from lmforge.data.packing import pack_bins
-    from lmforge.data.prepare import Stats, encode_rows, load_rows, split_rows
-    from lmforge.data.tokenize import IGNORE
-
-    from lmforge.data.prepare import cache_dir, fingerprint
-    from lmforge.plan import CAUSAL, PAIRS
 
     if getattr(cfg.data, "streaming", False):
         return _from_stream(cfg, tokenizer, packed)
@@ -329,8 +320,6 @@ def sample_data(cfg: Config, tokenizer, packed: bool, layout: str, sample_rows: 
     sample = rows if len(rows) <= sample_rows else random.Random(cfg.train.seed).sample(rows, sample_rows)
     stats = Stats()
     if layout == PAIRS:
-        from lmforge.data.preference import encode_preference_rows
-
         records = encode_preference_rows(cfg, tokenizer, sample, stats)
         lengths, loss, attention = [], [], []
         for rec in records:
@@ -355,8 +344,6 @@ def sample_data(cfg: Config, tokenizer, packed: bool, layout: str, sample_rows: 
             lengths, loss = lens.tolist(), per_sample_loss.tolist()
             attention = [n * n for n in lengths]
     if not lengths:
-        from lmforge.errors import DataError
-
         raise DataError(f"no training samples left after tokenisation ({stats.dropped or 'all rows were bad'})")
     scale = len(rows) / max(len(sample), 1)
     tokens_total = int(round(sum(lengths) * scale))
@@ -380,9 +367,6 @@ def _from_stream(cfg: Config, tokenizer, packed: bool) -> DataShape:
     """``data.streaming``: the first rows of the stream itself (``data/streaming.py``, the same reading, mixing,
     shuffle buffer and packing as training); a stream has no size, so no row or token total (steps are
     ``train.max_steps``, which streaming requires)."""
-    from lmforge.data.streaming import PackedStream
-    from lmforge.data.tokenize import IGNORE
-
     stream = PackedStream(cfg, tokenizer, packed)
     rows = stream.take(max(STREAM_ROWS, 4 * cfg.train.per_device_train_batch_size))
     with stream.cond:  # its reader thread (a daemon) reads no further: it waits for room that never comes
@@ -401,8 +385,6 @@ def _from_prepared(target: Path, cfg: Config, packed: bool, sample_rows: int) ->
     import numpy as np
     import pyarrow.compute as pc
     from datasets import load_from_disk
-
-    from lmforge.data.tokenize import IGNORE
 
     stats = json.loads((target / "stats.json").read_text())
     table = load_from_disk(str(target / "data")).data.table  # memory-mapped Arrow
@@ -440,8 +422,6 @@ def this_machine(compute, threads: int | None = None) -> Machine:
     """RAM available now, the GPU's memory, and the matmul peak of ``compute`` (measured at ``threads`` torch
     threads when given: see ``estimate.log_at_start``)."""
     import torch
-
-    from lmforge.training import flops
 
     try:
         import psutil

@@ -16,8 +16,10 @@ import torch
 from transformers import TrainerCallback
 
 from lmforge.config import Config
+from lmforge.data.prepare import load_rows
 from lmforge.data.tokenize import Encoder
 from lmforge.evaluation.metrics import GENERATION_METRICS, check_metric_names, compute_metrics
+from lmforge.inference.generate import length_batches, needs_equal_lengths
 
 
 @dataclass
@@ -48,8 +50,6 @@ def sample_from_row(enc: Encoder, fmt: str, row: dict) -> GenerationSample | Non
 
 def eval_samples(cfg: Config, tokenizer) -> list[GenerationSample]:
     """The first ``eval.max_samples`` eval rows that have a completion, prompts truncated from the left."""
-    from lmforge.data.prepare import load_rows
-
     per_source, _, _ = load_rows(cfg, "eval")
     enc = Encoder(tokenizer, apply_chat_template=cfg.data.apply_chat_template)
     keep = max(cfg.data.max_length - cfg.eval.max_new_tokens, 1)
@@ -67,8 +67,6 @@ def eval_samples(cfg: Config, tokenizer) -> list[GenerationSample]:
 def generate_completions(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int) -> list[str]:
     """Greedy completions in input order, batched with left padding (prompt-learning adapters: equal lengths
     only, see ``needs_equal_lengths``); stops at EOS."""
-    from lmforge.inference.generate import length_batches, needs_equal_lengths
-
     pad = tokenizer.pad_token_id
     device = next(model.parameters()).device
     texts: list[str] = [""] * len(prompts)

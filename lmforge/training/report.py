@@ -29,6 +29,7 @@ import torch.distributed as dist
 from lmforge.config import Config
 from lmforge.training.outputs import read_metrics
 from lmforge.training.estimate import ESTIMATE_FILE, GB
+from lmforge.training.eval_metrics import eval_samples, generate_completions
 BASE_ANSWERS = "report_base_answers.json"  # in output_dir: a full fine-tune's base answers, written before step 1
 PROMPT_CHARS = 300  # a long prompt is shown by its last characters (where the question usually is)
 
@@ -52,15 +53,11 @@ def _skip_reason(cfg: Config, model) -> str | None:
 
 
 def _samples(cfg: Config, tokenizer):
-    from lmforge.training.eval_metrics import eval_samples
-
     limited = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, max_samples=cfg.eval.report_samples))
     return eval_samples(limited, tokenizer)
 
 
 def _answers(cfg: Config, model, tokenizer, samples) -> list[str]:
-    from lmforge.training.eval_metrics import generate_completions
-
     was_training = model.training
     model.eval()
     try:

@@ -27,6 +27,7 @@ from lmforge.models import (  # resolve_model_and_tokenizer lives in models.py (
     architecture, load_model, pick_dtype, resolve_model_and_tokenizer,
 )
 from lmforge.registry import METHODS
+from lmforge.training import flops
 from lmforge.training.callbacks import OutputsCallback, ProfileCallback, TokenCounter
 from lmforge.training.outputs import truncate_metrics_after
 from lmforge.training.checkpoint import (
@@ -145,8 +146,6 @@ def trainer_hooks(cfg: Config, flops_per_token: float | None = None, prec: Preci
 def outputs_callback(cfg: Config, flops_per_token: float | None = None,
                      prec: Precision | None = None) -> tuple[OutputsCallback, TokenCounter]:
     """metrics.jsonl, plots and progress; with ``flops_per_token`` (``flops.per_token``) also mfu."""
-    from lmforge.training import flops
-
     counter = TokenCounter()
     peak = flops.process_peak(prec.compute) if flops_per_token and prec is not None else None
     cb = OutputsCallback(cfg.train.output_dir, counter,
@@ -269,8 +268,6 @@ def finish_run(cfg: Config, write, barrier, is_main: bool, model, tokenizer, eng
 
 def upload_outputs(out: Path) -> None:
     """An output_dir URL: the final model, report and metrics go up from the local mirror (rank 0)."""
-    from lmforge import cloud
-
     url = cloud.remote_of(out)
     if url:
         cloud.upload_outputs(out)
