@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 
 EXPECTED_WORLD_ENV = "LMFORGE_EXPECTED_WORLD_SIZE"  # set by `lmforge train --nproc-per-node`, checked by workers
 
@@ -22,9 +23,10 @@ def local_rank() -> int:
 
 
 def _group_ready() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """A process group of several ranks exists. Without torch loaded there is none, and importing torch here would
+    cost `lmforge prepare` (which needs no torch) over a second."""
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def main_process_first(fn):
