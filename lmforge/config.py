@@ -191,6 +191,12 @@ class KtoConfig:
 
 
 @dataclass
+class RewardConfig:
+    center_coefficient: float | None = _f(None, "add this times mean((r_chosen + r_rejected)^2) to the loss, "
+                                               "keeping rewards centred on 0 (TRL's center_rewards_coefficient)")
+
+
+@dataclass
 class EvalConfig:
     metrics: list[str] = _f([], "generation metrics during training evals: rouge, bleu, exact_match")
     max_new_tokens: int = _f(64, "tokens generated per eval sample for generation metrics")
@@ -208,6 +214,7 @@ class Config:
     dpo: DpoConfig = _f(None, "DPO section", section=True)
     orpo: OrpoConfig = _f(None, "ORPO section", section=True)
     kto: KtoConfig = _f(None, "KTO section", section=True)
+    reward: RewardConfig = _f(None, "reward model section", section=True)
     eval: EvalConfig = _f(None, "evaluation-during-training section", section=True)
 
     def to_dict(self) -> dict:

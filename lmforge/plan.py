@@ -69,7 +69,7 @@ class Engine:
 
 # sections both engines take from the shared layers: model and adapter loading (models.py, adapters.py), data
 # (data/), the method's own section (its objective on native, TRL's config on hf), evaluation and outputs
-SHARED = ("method", "model.", "peft.", "data.", "dpo.", "orpo.", "kto.", "eval.")
+SHARED = ("method", "model.", "peft.", "data.", "dpo.", "orpo.", "kto.", "reward.", "eval.")
 # train.* keys both engines honour (the loop's own keys are listed per engine below)
 _TRAIN_BOTH = tuple(f"train.{k}" for k in (
     "output_dir engine max_steps num_train_epochs learning_rate lr_scheduler_type lr_scheduler_kwargs warmup_steps "
@@ -161,7 +161,8 @@ SCOPES = (
     Scope("dpo.", lambda c: c.method == "dpo", "applies to method: dpo"),
     Scope("orpo.", lambda c: c.method == "orpo", "applies to method: orpo"),
     Scope("kto.", lambda c: c.method == "kto", "applies to method: kto"),
-    Scope("data.max_prompt_length", _pairs, "applies to the preference methods (dpo, orpo, kto)"),
+    Scope("reward.", lambda c: c.method == "reward", "applies to method: reward"),
+    Scope("data.max_prompt_length", _pairs, "applies to the preference methods (dpo, orpo, kto, reward)"),
     Scope("data.shuffle_buffer", lambda c: c.data.streaming, "applies to data.streaming: true"),
     *(Scope(f"peft.{k}", lambda c: c.peft.kind in _LORA, "applies to peft.kind lora, qlora or dora", refuse=False)
       for k in ("r", "alpha", "dropout", "target_modules")),
@@ -332,7 +333,9 @@ def _metrics(cfg, engine: str) -> tuple[str, ...]:
     names = ["eval_loss"]
     if METHODS[cfg.method].token_loss:
         names.append("eval_perplexity")
-    if METHODS[cfg.method].pairs:
+    if cfg.method == "reward":
+        names += ["eval_accuracy", "eval_margin", "eval_mean_reward (TRL's names)"]
+    elif METHODS[cfg.method].pairs:
         names.append(f"eval_rewards/* ({'lmforge' if engine == 'native' else 'TRL'}'s names)")
     names += [f"eval_{m}" for m in cfg.eval.metrics if m in GENERATION_METRICS]
     return tuple(names)

@@ -33,6 +33,7 @@ METHODS: dict[str, Method] = {
     "dpo": Method(("preference",), {"decoder": "dpo"}, pairs=True),
     "orpo": Method(("preference",), {"decoder": "orpo"}, pairs=True),
     "kto": Method(("kto", "preference"), {"decoder": "kto"}, pairs=True),
+    "reward": Method(("preference",), {"decoder": "reward"}, pairs=True),  # a Bradley-Terry scorer, not a policy
     "mlm": Method(("text",), {"encoder-only": "mlm"}, token_loss=True),
 }
 NAMES = tuple(METHODS)

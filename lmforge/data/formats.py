@@ -5,6 +5,7 @@ Every accepted row becomes one canonical dict:
   prompt_completion {"prompt": str, "completion": str}
   chat              {"messages": [{"role": str, "content": str}, ...]}
   preference        {"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}
+                    (+ "margin": float when the row has one; method reward reads it)
   kto               {"prompt": str | messages, "completion": str | messages, "label": bool}
 """
 
@@ -119,6 +120,11 @@ def normalize(row: Any, fmt: str, src: DataSource) -> dict:
                 raise RowError(f"missing key {key!r}" + (" (a preference row needs both sides)" if key != "prompt" else ""))
             value = row[key]
             out[key] = _messages(value, key) if isinstance(value, list) else _text(row, key)
+        if row.get("margin") is not None:  # method reward: how much better chosen is (TRL's margin column)
+            margin = row["margin"]
+            if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin != margin:
+                raise RowError(f"'margin' must be a number, got {margin!r}")
+            out["margin"] = float(margin)
         return out
     if fmt == "kto":
         out = {}

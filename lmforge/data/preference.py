@@ -1,4 +1,4 @@
-"""Preference data (DPO, ORPO, KTO): prompt / chosen / rejected turned into token ids, written once.
+"""Preference data (DPO, ORPO, KTO, reward models): prompt / chosen / rejected turned into token ids, written once.
 
 Each side is rendered exactly as SFT renders it (``tokenize.Encoder``): message lists go through the chat
 template, a string prompt with message-list answers becomes a user turn (and vice versa), and plain strings
@@ -8,6 +8,8 @@ put loss on (the assistant turn up to and including its EOS); everything before 
 Records are pre-tokenised in the column layout TRL's collators read, so TRL never re-tokenises and the
 chat template cannot be applied twice or differently:
   dpo / orpo  {"prompt_ids", "chosen_ids", "rejected_ids"}
+  reward      {"prompt_ids", "chosen_ids", "rejected_ids", "margin"}   (the collator joins prompt and
+                                                          answer: ``reward_sequences``)
   kto         {"prompt_ids", "completion_ids", "label"}   (a preference row gives one desirable and one
                                                           undesirable record)
 
@@ -94,6 +96,8 @@ def encode_preference_rows(cfg, tokenizer, rows, stats) -> list[dict]:
                         for a, (_, lab) in zip(answers, sides)]
         else:
             records.append({"prompt_ids": prompt, "chosen_ids": answers[0], "rejected_ids": answers[1]})
+            if cfg.method == "reward":  # the row's margin, 0 (no margin) when it has none
+                records[-1]["margin"] = data.get("margin", 0.0)
         stats.tokens += sum(len(prompt) + len(a) for a in answers)
         stats.loss_tokens += sum(len(a) for a in answers)
     stats.samples = len(records)
@@ -101,6 +105,14 @@ def encode_preference_rows(cfg, tokenizer, rows, stats) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------- collation
+def reward_sequences(record: dict) -> dict:
+    """A reward record as TRL's RewardTrainer collator reads it: each side the whole sequence a reward model
+    scores (prompt + answer, the answer ending with EOS), and the margin."""
+    prompt = record["prompt_ids"]
+    return {"chosen_ids": prompt + record["chosen_ids"], "rejected_ids": prompt + record["rejected_ids"],
+            "margin": record["margin"]}
+
+
 class SharedPromptCollator:
     """DPO/ORPO records -> one packed row for the native engine: per pair ``[prompt, chosen, rejected]``.
 

@@ -44,11 +44,12 @@ class PreferenceRun:
     continues_adapter: bool  # the starting model is an adapter directory (e.g. an SFT LoRA run)
 
 
-def setup(cfg: Config) -> PreferenceRun:
-    """The plan, output dir + resume point, model and tokenizer, tokenised train/eval data."""
+def setup(cfg: Config, load: Callable = load_model_and_tokenizer) -> PreferenceRun:
+    """The plan, output dir + resume point, model and tokenizer (``load(cfg)``: a causal LM unless the method
+    scores, as reward does), tokenised train/eval data."""
     run = start(cfg)
     cfg, resume = run.cfg, run.resume
-    model, tokenizer, prec = load_model_and_tokenizer(cfg)
+    model, tokenizer, prec = load(cfg)
     train_ds, train_stats, _ = prepare_split(cfg, tokenizer, "train", packed=False)
     eval_ds, _, _ = prepare_split(cfg, tokenizer, "eval", packed=False)
     for line in train_stats.lines():
@@ -60,10 +61,11 @@ def setup(cfg: Config) -> PreferenceRun:
 
 
 def train(cfg: Config, native: Callable[[Config, PreferenceRun], Path],
-          build_trainer: Callable[[Config, PreferenceRun], object]) -> Path:
-    """The one train entry of dpo, orpo and kto: set up, then the plan's engine: ``native(cfg, run)``, or the
-    TRL trainer ``build_trainer(cfg, run)`` makes, run by ``run_trainer``."""
-    run = setup(cfg)
+          build_trainer: Callable[[Config, PreferenceRun], object],
+          load: Callable = load_model_and_tokenizer) -> Path:
+    """The one train entry of dpo, orpo, kto and reward: set up (the model from ``load``), then the plan's engine:
+    ``native(cfg, run)``, or the TRL trainer ``build_trainer(cfg, run)`` makes, run by ``run_trainer``."""
+    run = setup(cfg, load)
     if run.plan.engine == "native":
         return native(run.cfg, run)
     return run_trainer(build_trainer(run.cfg, run), run.cfg, run.tokenizer, run.resume, run.data_lines)
