@@ -16,8 +16,6 @@ renders them, ``data/preference.py``; a row's optional ``margin``), the checkpoi
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from transformers import AutoModelForSequenceClassification
 from trl import RewardConfig, RewardTrainer
@@ -95,6 +93,4 @@ def _no_native(cfg: Config, run: PreferenceRun):
 
 
 def train(cfg: Config):
-    # before/after answers need a model that generates; a reward model scores instead
-    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, report_samples=0))
     return preference.train(cfg, _no_native, build_trainer, load=load_reward_model)

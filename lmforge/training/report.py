@@ -49,6 +49,8 @@ def _skip_reason(cfg: Config, model) -> str | None:
                 "answers are generated on one process only (try `lmforge generate` on the final model)")
     if model.config.is_encoder_decoder:
         return "encoder-decoder model: before/after answers cover causal LMs only"
+    if cfg.method == "reward":
+        return "a reward model scores text; it does not generate answers"
     return None
 
 
