@@ -344,6 +344,46 @@ def is_adapter_dir(path: Path) -> bool:
     return (Path(path) / "adapter_config.json").exists()
 
 
+def is_score_model(path: Path) -> bool:
+    """A reward model (what method ``reward`` writes): a PEFT ``SEQ_CLS`` adapter, or a full model whose config
+    names a sequence classifier. Read from the JSON files alone, before any weights load."""
+    try:
+        if is_adapter_dir(path):
+            return json.loads((Path(path) / "adapter_config.json").read_text()).get("task_type") == "SEQ_CLS"
+        architectures = json.loads((Path(path) / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        return False
+    return any(a.endswith("ForSequenceClassification") for a in architectures)
+
+
+class ScoreModel:
+    """``AutoModelForSequenceClassification`` with one output (a reward model's score), called as ``load_model``
+    calls an auto class. A new head is initialised from ``seed`` (``load_model`` seeds only from-scratch models):
+    ``ScoreModel.with_seed(n)`` is the class for seed n."""
+
+    seed = 0
+
+    @classmethod
+    def with_seed(cls, seed: int):
+        return type("ScoreModel", (cls,), {"seed": seed})
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        import torch  # torch and transformers load lazily here, as in load_model: `lmforge prepare` needs neither
+
+        from transformers import AutoModelForSequenceClassification
+
+        torch.manual_seed(cls.seed)
+        return AutoModelForSequenceClassification.from_pretrained(*args, num_labels=1, **kwargs)
+
+    @classmethod
+    def from_config(cls, config, **kwargs):
+        from transformers import AutoModelForSequenceClassification  # lazily, as above
+
+        config.num_labels = 1
+        return AutoModelForSequenceClassification.from_config(config, **kwargs)
+
+
 def adapter_base(path: Path) -> str:
     """The base an adapter names. PEFT records the directory its base was loaded from: for the built-in alias
     or a .gguf file that is the machine-local import cache (``models/<gguf stem>-<key>``), which keeps

@@ -72,7 +72,8 @@ HF_TRACKERS = (
 )
 
 GENERATION_METRICS = ("rouge", "bleu", "exact_match")  # evaluation/metrics.py computes them
-MODEL_METRICS = ("perplexity",)  # needs the model: evaluation/evaluate.py
+REWARD_METRICS = ("reward_accuracy",)  # a reward model on preference pairs (`lmforge eval`): evaluation/evaluate.py
+MODEL_METRICS = ("perplexity",) + REWARD_METRICS  # needs the model: evaluation/evaluate.py
 VALID_METRICS = MODEL_METRICS + GENERATION_METRICS
 
 

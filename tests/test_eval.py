@@ -38,7 +38,7 @@ def test_exact_match_strips_whitespace():
 
 def test_perplexity_is_left_to_evaluate_and_unknown_names_fail():
     assert compute_metrics(["perplexity"], PREDS, REFS) == {}
-    with pytest.raises(ConfigError, match="rogue.*valid: perplexity, rouge, bleu, exact_match"):
+    with pytest.raises(ConfigError, match="rogue.*valid: perplexity, reward_accuracy, rouge, bleu, exact_match"):
         compute_metrics(["rogue"], PREDS, REFS)
 
 

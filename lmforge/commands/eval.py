@@ -1,4 +1,4 @@
-"""`lmforge eval --model M --data FILE [--metrics perplexity,rouge,bleu,exact_match] [--tasks T1,T2]`."""
+"""`lmforge eval --model M --data FILE [--metrics perplexity,rouge,bleu,exact_match,reward_accuracy] [--tasks T]`."""
 
 from __future__ import annotations
 
@@ -9,16 +9,20 @@ from lmforge.commands.generate import add_generation_options, options_from_args
 
 
 def add_parser(sub, formatter):
-    p = sub.add_parser("eval", help="score a model on a dataset (perplexity, ROUGE, BLEU, exact match, lm-eval tasks)",
+    p = sub.add_parser("eval", help="score a model on a dataset (perplexity, ROUGE, BLEU, exact match, reward "
+                                    "accuracy, lm-eval tasks)",
                        formatter_class=formatter,
                        description="Perplexity counts the tokens training would put loss on (completion/assistant "
                                    "tokens for prompt/completion and chat rows). Generation metrics generate from the "
-                                   "prompt and compare with the completion (or the last assistant turn). Prints a "
-                                   "table and writes a JSON report.")
+                                   "prompt and compare with the completion (or the last assistant turn). "
+                                   "reward_accuracy scores a reward model (method: reward) on preference rows: the "
+                                   "fraction of pairs with chosen scored above rejected, and the mean margin. Prints "
+                                   "a table and writes a JSON report.")
     p.add_argument("--model", required=True, help="model dir, adapter dir (merged on load), .gguf file or alias")
-    p.add_argument("--data", help="a .jsonl/.json/.csv/.parquet file or directory of text, prompt/completion or chat rows")
+    p.add_argument("--data", help="a .jsonl/.json/.csv/.parquet file or directory of text, prompt/completion or chat "
+                                   "rows (preference rows for reward_accuracy)")
     p.add_argument("--metrics", default="perplexity",
-                   help="comma-separated: perplexity, rouge, bleu, exact_match")
+                   help="comma-separated: perplexity, rouge, bleu, exact_match; reward_accuracy for a reward model")
     p.add_argument("--tasks", default=None,
                    help="comma-separated lm-eval-harness task names or task YAML files (needs lm-eval; data must be local)")
     p.add_argument("--limit", type=int, default=None, help="use at most N rows of --data (and N examples per task)")
@@ -40,7 +44,7 @@ def _table(results: dict) -> str:
 
 
 def run(args) -> int:
-    from lmforge.errors import ConfigError
+    from lmforge.errors import ConfigError, UnsupportedError
     from lmforge.evaluation.evaluate import evaluate, lm_eval_tasks, read_eval_data
     from lmforge.evaluation.metrics import check_metric_names
     from lmforge.inference.loading import load_for_inference
@@ -56,7 +60,9 @@ def run(args) -> int:
 
     source = cloud.local_input(args.data, "--data") if args.data else None  # a URL: copied into the cache once
     data = read_eval_data(source, args.limit) if source else None  # bad rows fail before loading the model
-    loaded = load_for_inference(args.model, args.dtype)
+    loaded = load_for_inference(args.model, args.dtype, reward_model_ok=True)
+    if tasks and loaded.is_reward_model:
+        raise UnsupportedError(f"--tasks: {args.model} is a reward model; lm-eval tasks need a language model")
     results, samples = evaluate(loaded, data, metrics if data else [], opts, args.batch_size, args.max_length)
     if tasks:
         results.update(lm_eval_tasks(loaded, tasks, args.batch_size or 8, args.limit))

@@ -4,6 +4,10 @@ Perplexity counts exactly the tokens training puts loss on (the shared Encoder's
 text rows, the completion of prompt/completion rows, the assistant turns of chat rows. Generation metrics
 generate from the prompt (or the conversation before the last assistant turn) and score against the
 completion (or that last assistant turn).
+
+``reward_accuracy`` scores a reward model (method ``reward``'s output) on preference rows: each side rendered and
+joined exactly as training scores it (``data/preference.py``), the fraction of pairs whose chosen answer scores
+above the rejected one, and the mean margin.
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ import torch
 
 from lmforge.config import DataSource
 from lmforge.data.formats import normalize_rows
+from lmforge.data.preference import encode_side, reward_sequences
 from lmforge.data.sources import read_source
 from lmforge.data.tokenize import IGNORE, Encoder
 from lmforge.errors import ConfigError, DataError, UnsupportedError
 from lmforge.evaluation.metrics import GENERATION_METRICS, check_metric_names, compute_metrics
 from lmforge.inference.generate import GenerationOptions, Generator, encode_prompt
 from lmforge.inference.loading import LoadedModel
+from lmforge.registry import REWARD_METRICS
 
 
 @dataclass
@@ -42,8 +48,8 @@ def read_eval_data(path: str, max_samples: int | None = None) -> EvalData:
     if bad:
         shown = "\n  ".join(str(b) for b in bad[:10])
         raise DataError(f"{len(bad)} bad row(s) in {path}:\n  {shown}")
-    if fmt not in ("text", "prompt_completion", "chat"):
-        raise DataError(f"{path}: lmforge eval reads text, prompt/completion or chat rows, not {fmt}")
+    if fmt not in ("text", "prompt_completion", "chat", "preference"):
+        raise DataError(f"{path}: lmforge eval reads text, prompt/completion, chat or preference rows, not {fmt}")
     data = [r.data for r in good]
     return EvalData(fmt, data[:max_samples] if max_samples else data, path)
 
@@ -77,6 +83,67 @@ def perplexity(loaded: LoadedModel, data: EvalData, batch_size: int = 8, max_len
         raise DataError(f"{data.path}: no tokens to score (every row empty after masking?)")
     loss = total_nll / total_tokens
     return {"perplexity": math.exp(loss), "eval_loss": loss, "tokens": total_tokens}
+
+
+# ------------------------------------------------------------------------------------------ reward models
+def _pair_sequences(enc: Encoder, row: dict, max_length: int) -> tuple[list[int], list[int]]:
+    """(chosen, rejected) of one preference row as the whole sequences training scores: each side rendered as
+    SFT renders it, prompt + answer (ending with EOS) joined by ``reward_sequences``; cut to ``max_length``."""
+    (prompt, chosen), (_, rejected) = (encode_side(enc, row["prompt"], row[side]) for side in ("chosen", "rejected"))
+    seqs = reward_sequences({"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected, "margin": 0.0})
+    return seqs["chosen_ids"][:max_length], seqs["rejected_ids"][:max_length]
+
+
+@torch.inference_mode()
+def reward_accuracy(loaded: LoadedModel, data: EvalData, batch_size: int = 8, max_length: int = 1024) -> dict:
+    """Fraction of pairs whose chosen side the reward model scores strictly above the rejected side (TRL's
+    ``accuracy``), the mean margin r_chosen - r_rejected, and the number of pairs."""
+    encoder = Encoder(loaded.tokenizer)
+    pairs = []
+    for k, row in enumerate(data.rows):
+        try:
+            pairs.append(_pair_sequences(encoder, row, max_length))
+        except DataError as e:
+            raise DataError(f"{data.path}: row {k + 1}: {e}") from None
+    if not pairs:
+        raise DataError(f"{data.path}: no preference pairs to score")
+    model, pad = loaded.model, loaded.tokenizer.pad_token_id
+    device = next(model.parameters()).device
+    chosen, rejected = [], []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        seqs = [c for c, _ in chunk] + [r for _, r in chunk]  # the chosen sides, then the rejected: (2B,) rows
+        width = max(len(s) for s in seqs)
+        # right padding as TRL's collator pads in training; the head reads the last token that is not pad
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+        scores = model(input_ids=ids, attention_mask=mask).logits[:, 0].float()  # (2B,)
+        chosen.append(scores[:len(chunk)])
+        rejected.append(scores[len(chunk):])
+    r_chosen, r_rejected = torch.cat(chosen), torch.cat(rejected)
+    return {"reward_accuracy": int((r_chosen > r_rejected).sum()) / len(pairs),
+            "reward_margin": (r_chosen - r_rejected).mean().item(), "pairs": len(pairs)}
+
+
+def check_model_data_metrics(loaded: LoadedModel, data: EvalData | None, metrics: list[str]) -> None:
+    """A reward model answers only the reward metrics, and they need a reward model and preference rows."""
+    reward = [m for m in metrics if m in REWARD_METRICS]
+    other = [m for m in metrics if m not in REWARD_METRICS]
+    if loaded.is_reward_model and other:
+        raise UnsupportedError(f"--metrics {','.join(other)}: {loaded.name} is a reward model (a sequence "
+                               f"classifier: no token probabilities, no generation); score it with "
+                               f"--metrics {','.join(REWARD_METRICS)} on preference rows")
+    if reward and not loaded.is_reward_model:
+        raise UnsupportedError(f"--metrics {','.join(reward)}: {loaded.name} is not a reward model (a one-label "
+                               "sequence classifier, what method: reward writes)")
+    if data is None:
+        return
+    if reward and data.fmt != "preference":
+        raise DataError(f"--metrics {','.join(reward)}: {data.path} has {data.fmt} rows; it needs preference rows "
+                        "(prompt, chosen, rejected)")
+    if other and data.fmt == "preference":
+        raise DataError(f"--metrics {','.join(other)}: {data.path} has preference rows; "
+                        f"they are scored with --metrics {','.join(REWARD_METRICS)} by a reward model")
 
 
 # ------------------------------------------------------------------------------------------ generation
@@ -152,12 +219,15 @@ def lm_eval_tasks(loaded: LoadedModel, tasks: list[str], batch_size: int, limit:
 def evaluate(loaded: LoadedModel, data: EvalData | None, metrics: list[str], opts: GenerationOptions,
              batch_size: int | None = None, max_length: int = 1024) -> tuple[dict, list[dict]]:
     """All requested dataset metrics: returns (metric -> value, per-row generation samples). No
-    ``batch_size``: 8 rows per perplexity batch, and generation's automatic batch size."""
+    ``batch_size``: 8 rows (pairs) per perplexity (reward) batch, and generation's automatic batch size."""
     check_metric_names(metrics, "--metrics")
+    check_model_data_metrics(loaded, data, metrics)
     results: dict = {}
     samples: list[dict] = []
     if data is None:
         return results, samples
+    if "reward_accuracy" in metrics:
+        results.update(reward_accuracy(loaded, data, batch_size or 8, max_length))
     if "perplexity" in metrics:
         results.update(perplexity(loaded, data, batch_size or 8, max_length))
     wanted = [m for m in metrics if m in GENERATION_METRICS]

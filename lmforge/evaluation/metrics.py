@@ -42,7 +42,8 @@ _FUNCTIONS = {"rouge": rouge, "bleu": bleu, "exact_match": exact_match}
 
 
 def compute_metrics(names: list[str], predictions: list[str], references: list[str]) -> dict[str, float]:
-    """Compute the named generation metrics; "perplexity" is accepted and left to evaluate.py."""
+    """Compute the named generation metrics; the model metrics (perplexity, reward_accuracy) are accepted and left
+    to evaluate.py."""
     check_metric_names(names)
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")

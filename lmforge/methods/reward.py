@@ -16,41 +16,23 @@ renders them, ``data/preference.py``; a row's optional ``margin``), the checkpoi
 
 from __future__ import annotations
 
-import torch
-from transformers import AutoModelForSequenceClassification
 from trl import RewardConfig, RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from lmforge.config import Config
 from lmforge.data.preference import reward_sequences
+from lmforge.models import ScoreModel
 from lmforge.training import preference
 from lmforge.training.checkpoint import LmforgeTrainerMixin
 from lmforge.training.preference import PreferenceRun, TokenCountingMixin
 from lmforge.training.run import load_model_and_tokenizer, trainer_hooks, training_args
 
 
-class ScoreModel:
-    """``AutoModelForSequenceClassification`` with one output (the reward), as ``load_model`` calls an auto
-    class. The head is new: it is initialised from ``train.seed`` (``load_model`` seeds only from-scratch models)."""
-
-    seed = 0
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        torch.manual_seed(cls.seed)
-        return AutoModelForSequenceClassification.from_pretrained(*args, num_labels=1, **kwargs)
-
-    @classmethod
-    def from_config(cls, config, **kwargs):
-        config.num_labels = 1
-        return AutoModelForSequenceClassification.from_config(config, **kwargs)
-
-
 def load_reward_model(cfg: Config):
     """(model with its adapter, tokenizer, precision): the score model, its pad token id set so the head reads
     each sequence's last real token."""
-    seeded = type("ScoreModel", (ScoreModel,), {"seed": cfg.train.seed})
-    model, tokenizer, prec = load_model_and_tokenizer(cfg, auto_class=seeded, task_type="SEQ_CLS")
+    model, tokenizer, prec = load_model_and_tokenizer(cfg, auto_class=ScoreModel.with_seed(cfg.train.seed),
+                                                      task_type="SEQ_CLS")
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer, prec
 
