@@ -22,7 +22,7 @@ from lmforge import plan
 from lmforge.distributed.checks import check_distributed
 from lmforge.errors import ConfigError
 from lmforge.registry import (
-    HF_SCHEDULERS, HF_TRACKERS, LMFORGE_TRACKERS, NAMES as METHOD_NAMES, OPTIMIZERS, check_metric_names,
+    HF_SCHEDULERS, HF_TRACKERS, LMFORGE_TRACKERS, NAMES as METHOD_NAMES, OPTIMIZERS, REWARD_METRICS, check_metric_names,
 )
 
 
@@ -482,6 +482,9 @@ def _check(cfg: Config, where: str) -> None:
     if cfg.peft.kind == "prompt_tuning" and cfg.peft.prompt_tuning_init == "text" and not cfg.peft.prompt_tuning_init_text:
         raise ConfigError(f"{where}: peft.prompt_tuning_init_text: required when prompt_tuning_init is text")
     check_metric_names(cfg.eval.metrics, f"{where}: eval.metrics")  # a typo fails before any work
+    for name in set(cfg.eval.metrics) & set(REWARD_METRICS):  # accepted by `lmforge eval`, never computed here
+        raise ConfigError(f"{where}: eval.metrics: {name} is a metric of `lmforge eval --model RM`; during training "
+                          "method reward logs eval_accuracy and eval_margin at each evaluation: remove it")
     check_distributed(cfg, where)
     try:  # the engines' table (plan.py): a key an engine cannot honour, or one that means nothing here
         plan.check(cfg)

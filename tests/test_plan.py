@@ -91,6 +91,11 @@ def test_adapter_settings_kept_while_peft_kind_is_switched_are_named_in_the_plan
     assert not plan.plan(load_config(None, tree=_tree(**{"peft.r": 8, "peft.kind": "lora"})), "decoder").unused
 
 
+def test_a_metric_only_lmforge_eval_computes_is_refused_in_a_training_config():
+    with pytest.raises(ConfigError, match="eval.metrics: reward_accuracy is a metric of `lmforge eval"):
+        load_config(None, tree=_tree(**{"method": "reward", "eval.metrics": ["reward_accuracy"]}))
+
+
 def test_architecture_scoped_keys_are_refused_once_the_architecture_is_known():
     cfg = load_config(None, tree=_tree(**{"train.predict_with_generate": True}))
     assert plan.plan(cfg, "encoder-decoder").engine == "hf"
