@@ -15,7 +15,8 @@ def add_parser(sub, formatter):
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, streaming)",
                        formatter_class=formatter,
                        description="Endpoints: GET /health, GET /v1/models, POST /v1/completions, "
-                                   "POST /v1/chat/completions (stream: true for server-sent events). Concurrent "
+                                   "POST /v1/chat/completions (stream: true for server-sent events); a reward model "
+                                   "answers POST /v1/score instead. Concurrent "
                                    "requests are batched into one generate call. SIGTERM finishes in-flight requests, "
                                    "then exits.")
     p.add_argument("--model", required=True, help="model dir, adapter dir (merged on load), .gguf file or alias")
@@ -99,9 +100,14 @@ def run(args) -> int:
     from lmforge.inference.engine import Engine
     from lmforge.inference.generate import Generator
     from lmforge.inference.loading import load_for_inference
-    from lmforge.inference.server import create_app, serve
+    from lmforge.inference.server import RewardScorer, create_app, serve
 
-    loaded = load_for_inference(args.model, args.dtype)
-    engine = Engine(Generator(loaded), max_batch_size=args.max_batch_size, max_queue=limits.max_queue)
-    serve(create_app(engine, model_id, args.api_key, args.max_new_tokens, limits), args.host, args.port)
+    loaded = load_for_inference(args.model, args.dtype, reward_model_ok=True)
+    if loaded.is_reward_model:  # it scores (POST /v1/score), it does not generate: no decode engine
+        scorer = RewardScorer(loaded, batch_size=args.max_batch_size)
+        app = create_app(None, model_id, args.api_key, args.max_new_tokens, limits, scorer=scorer)
+    else:
+        engine = Engine(Generator(loaded), max_batch_size=args.max_batch_size, max_queue=limits.max_queue)
+        app = create_app(engine, model_id, args.api_key, args.max_new_tokens, limits)
+    serve(app, args.host, args.port)
     return 0

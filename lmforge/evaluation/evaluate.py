@@ -29,6 +29,7 @@ from lmforge.errors import ConfigError, DataError, UnsupportedError
 from lmforge.evaluation.metrics import GENERATION_METRICS, check_metric_names, compute_metrics
 from lmforge.inference.generate import GenerationOptions, Generator, encode_prompt
 from lmforge.inference.loading import LoadedModel
+from lmforge.inference.score import score_sequences
 from lmforge.registry import REWARD_METRICS
 
 
@@ -107,20 +108,10 @@ def reward_accuracy(loaded: LoadedModel, data: EvalData, batch_size: int = 8, ma
             raise DataError(f"{data.path}: row {k + 1}: {e}") from None
     if not pairs:
         raise DataError(f"{data.path}: no preference pairs to score")
-    model, pad = loaded.model, loaded.tokenizer.pad_token_id
-    device = next(model.parameters()).device
-    chosen, rejected = [], []
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        seqs = [c for c, _ in chunk] + [r for _, r in chunk]  # the chosen sides, then the rejected: (2B,) rows
-        width = max(len(s) for s in seqs)
-        # right padding as TRL's collator pads in training; the head reads the last token that is not pad
-        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
-        scores = model(input_ids=ids, attention_mask=mask).logits[:, 0].float()  # (2B,)
-        chosen.append(scores[:len(chunk)])
-        rejected.append(scores[len(chunk):])
-    r_chosen, r_rejected = torch.cat(chosen), torch.cat(rejected)
+    # all chosen sides, then all rejected: 2 x batch_size sequences a forward, as pairs of batch_size
+    scores = torch.tensor(score_sequences(loaded.model, loaded.tokenizer.pad_token_id,
+                                          [c for c, _ in pairs] + [r for _, r in pairs], 2 * batch_size))
+    r_chosen, r_rejected = scores[:len(pairs)], scores[len(pairs):]
     return {"reward_accuracy": int((r_chosen > r_rejected).sum()) / len(pairs),
             "reward_margin": (r_chosen - r_rejected).mean().item(), "pairs": len(pairs)}
 

@@ -13,20 +13,24 @@ import asyncio
 import contextlib
 import hmac
 import json
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from lmforge.errors import LmforgeError
+from lmforge.data.tokenize import Encoder
+from lmforge.errors import DataError, LmforgeError
 from lmforge.inference.engine import Busy, Engine, Job, Unavailable
 from lmforge.inference.generate import Completion, GenerationOptions, encode_prompt
+from lmforge.inference.loading import LoadedModel
+from lmforge.inference.score import conversation_ids, score_sequences
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,13 @@ class ChatRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    input: Any  # a text, {"messages": [...]}, or a list of either (checked by hand: one clear message)
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
@@ -143,19 +154,68 @@ def _message_text(msg: ChatMessage, i: int) -> str:
     return "".join(parts)
 
 
+class RewardScorer:
+    """A reward model behind ``POST /v1/score``: texts tokenised as given, conversations rendered as reward
+    training renders prompt + answer (``lmforge.inference.score``); one forward at a time."""
+
+    def __init__(self, loaded: LoadedModel, batch_size: int = 8):
+        self.loaded, self.batch_size = loaded, batch_size
+        self.tok = loaded.tokenizer
+        self.encoder = Encoder(loaded.tokenizer)
+        self.lock = threading.Lock()
+
+    def encode(self, item, i: int, field: str) -> list[int]:
+        if isinstance(item, str):
+            ids = self.tok(item)["input_ids"]
+            if not ids:
+                raise BadRequest(field, "an empty text has no token to score")
+            return ids
+        if isinstance(item, dict) and set(item) == {"messages"} and isinstance(item["messages"], list) \
+                and item["messages"]:
+            try:
+                msgs = [ChatMessage(**m) if isinstance(m, dict) else None for m in item["messages"]]
+            except (TypeError, ValueError):
+                msgs = [None]
+            if None in msgs:
+                raise BadRequest(field, "messages must be a list of {role, content} objects")
+            messages = [{"role": "system" if m.role == "developer" else m.role, "content": _message_text(m, k)}
+                        for k, m in enumerate(msgs)]
+            try:
+                return conversation_ids(self.encoder, messages)
+            except DataError as e:
+                raise BadRequest(field, str(e)) from None
+        raise BadRequest(field, 'must be a text or {"messages": [...]} (or a non-empty list of them)')
+
+    def score(self, seqs: list[list[int]]) -> list[float]:
+        with self.lock:
+            return score_sequences(self.loaded.model, self.tok.pad_token_id, seqs, self.batch_size)
+
+
 # ------------------------------------------------------------------------------------------ the app
 class Api:
-    def __init__(self, engine: Engine, model_id: str, api_key: str | None, default_max_tokens: int,
-                 limits: ServeLimits):
+    def __init__(self, engine: Engine | None, model_id: str, api_key: str | None, default_max_tokens: int,
+                 limits: ServeLimits, scorer: RewardScorer | None = None):
         self.engine = engine
+        self.scorer = scorer
         self.model_id = model_id
         # the header value expected; compared as bytes (Starlette decodes headers as latin-1)
         self.expected = f"Bearer {api_key}".encode() if api_key else None
         self.default_max_tokens = default_max_tokens
         self.limits = limits
-        self.tok = engine.generator.tok
-        config = engine.generator.model.config
+        self.tok = engine.generator.tok if engine else scorer.tok
+        config = (engine.generator.model if engine else scorer.loaded.model).config
         self.context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+    def check_model(self, name: str, generates: bool) -> None:
+        """404 for a model not served here; 400 when the route needs the other kind of model."""
+        if name != self.model_id:
+            raise HTTPException(404, f"model {name!r} is not served here; this server has {self.model_id!r}")
+        if generates and self.engine is None:
+            raise BadRequest("model", f"{name!r} is a reward model: it scores sequences (POST /v1/score), it does "
+                                      "not generate")
+        if not generates and self.scorer is None:
+            raise BadRequest("model", f"{name!r} is a generative model, not a reward model: POST /v1/score needs a "
+                                      "reward model (what method: reward writes)")
 
     def key_ok(self, request: Request) -> bool:
         if self.expected is None:
@@ -280,15 +340,19 @@ async def _sse(engine: Engine, jobs: list[Job], events: asyncio.Queue, chunk, fi
     yield "data: [DONE]\n\n"
 
 
-def create_app(engine: Engine, model_id: str, api_key: str | None = None, default_max_tokens: int = 256,
-               limits: ServeLimits | None = None) -> FastAPI:
+def create_app(engine: Engine | None, model_id: str, api_key: str | None = None, default_max_tokens: int = 256,
+               limits: ServeLimits | None = None, scorer: RewardScorer | None = None) -> FastAPI:
+    """The app for a generative model (``engine``) or a reward model (``scorer``, no engine)."""
     limits = limits or ServeLimits()
-    if engine.max_queue is None:
+    if engine is not None and engine.max_queue is None:
         engine.max_queue = limits.max_queue
-    api = Api(engine, model_id, api_key, default_max_tokens, limits)
+    api = Api(engine, model_id, api_key, default_max_tokens, limits, scorer)
 
     @asynccontextmanager
     async def lifespan(app):
+        if engine is None:
+            yield
+            return
         engine.start()
         yield
         engine.stop()  # uvicorn gets here after in-flight requests finished (graceful shutdown)
@@ -316,6 +380,8 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, defaul
     @app.get("/health")
     async def health(request: Request):
         """200 {"status": "ok"} or 503 {"status": "unhealthy"}; the figures and the error only with the key."""
+        if engine is None:
+            return {"status": "ok"}
         if not engine.healthy():
             body = {"status": "unhealthy"}
             if api.key_ok(request):
@@ -336,6 +402,7 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, defaul
 
     @app.post("/v1/chat/completions", dependencies=[Depends(api.check_key)])
     async def chat(req: ChatRequest, request: Request):
+        api.check_model(req.model, generates=True)
         if len(req.messages) > limits.max_messages:
             raise BadRequest("messages", f"{len(req.messages)} messages; this server allows at most "
                                          f"{limits.max_messages}")
@@ -349,6 +416,7 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, defaul
 
     @app.post("/v1/completions", dependencies=[Depends(api.check_key)])
     async def completions(req: CompletionRequest, request: Request):
+        api.check_model(req.model, generates=True)
         texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if not texts or not all(texts):
             raise HTTPException(400, "prompt: must be a non-empty string or a list of them")
@@ -358,6 +426,23 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, defaul
         prompts = [encode_prompt({"prompt": t}, api.tok) for t in texts]
         jobs, events = api.jobs(req, prompts, req.max_tokens)
         return await _respond(api, req, jobs, events, request, chat=False)
+
+    @app.post("/v1/score", dependencies=[Depends(api.check_key)])
+    async def score(req: ScoreRequest):
+        api.check_model(req.model, generates=False)
+        items = req.input if isinstance(req.input, list) else [req.input]
+        if not items:
+            raise BadRequest("input", "an empty list: nothing to score")
+        if len(items) > limits.max_messages:
+            raise BadRequest("input", f"{len(items)} inputs; this server allows at most {limits.max_messages}")
+        seqs = [scorer.encode(x, i, f"input[{i}]" if isinstance(req.input, list) else "input")
+                for i, x in enumerate(items)]
+        for i, s in enumerate(seqs):
+            if api.context and len(s) > api.context:
+                raise BadRequest("input", f"input {i} has {len(s)} tokens; the model's context is {api.context}")
+        scores = await asyncio.to_thread(scorer.score, seqs)
+        return {"object": "list", "model": api.model_id,
+                "data": [{"object": "score", "index": i, "score": v} for i, v in enumerate(scores)]}
 
     return app
 
