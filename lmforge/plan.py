@@ -248,7 +248,7 @@ def choose_engine(cfg, architecture: str | None = None) -> tuple[str, str]:
         return cfg.train.engine, "train.engine as set"
     native = _refused(cfg, "native", architecture)
     if native is None:
-        return DEFAULT_ENGINE, "the native engine runs this config (the faster loop on CPU)"
+        return DEFAULT_ENGINE, "the default: the faster loop on CPU, and nothing in this config refuses it"
     hf = _refused(cfg, "hf", architecture)
     if hf is not None:
         raise ConfigError(f"no engine runs this config: {native}; and {hf}")
