@@ -78,7 +78,7 @@ class DataSource:
     loader: str | None = _f(None, "custom loader 'package.module:function' returning rows or a datasets.Dataset")
     weight: float | None = _f(None, "training sources: sampling proportion when several are mixed (default 1); "
                                     "refused on eval sources, which are read once each, in order")
-    format: Literal["auto", "text", "prompt_completion", "chat", "preference", "kto"] = _f(
+    format: Literal["auto", "text", "prompt_completion", "chat", "preference", "kto", "prompt"] = _f(
         "auto", "row format; auto detects it from the keys"
     )
     split: str | None = _f(None, "for a directory with train/val/test files: which split (default by role)")
@@ -197,6 +197,35 @@ class RewardConfig:
 
 
 @dataclass
+class GrpoReward:
+    function: str | None = _f(None, "a reward function 'package.module:fn' or 'path/to/file.py:fn' with TRL's signature "
+                                    "fn(prompts, completions, completion_ids, **columns) -> list[float | None]")
+    model: str | None = _f(None, "a reward model directory (method: reward's output, or any one-label "
+                                 "AutoModelForSequenceClassification) scoring prompt + completion")
+    weight: float = _f(1.0, "this reward's weight in the total")
+
+
+@dataclass
+class GrpoConfig:
+    rewards: list[GrpoReward] = _f([], "the rewards, each {function: ...} or {model: ...}, with an optional weight")
+    num_generations: int = _f(8, "completions sampled per prompt (a group)")
+    max_completion_length: int = _f(256, "tokens generated per completion at most")
+    temperature: float = _f(1.0, "sampling temperature (the loss's log-probs use it too)")
+    top_p: float = _f(1.0, "nucleus sampling")
+    top_k: int = _f(0, "sample from the k most likely tokens; 0 = all")
+    beta: float = _f(0.0, "weight of the KL to the reference model; 0 = no reference kept")
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = _f("dapo", "how the loss is normalised (TRL's names)")
+    scale_rewards: Literal["group", "batch", "none"] = _f("group", "divide advantages by the group's std, the batch's, or not")
+    advantage: Literal["group", "rloo"] = _f("group", "baseline: the group's mean (GRPO) or the other completions' mean (RLOO)")
+    epsilon: float = _f(0.2, "lower clip of the importance ratio")
+    epsilon_high: float | None = _f(None, "upper clip (default: epsilon)")
+    num_iterations: int = _f(1, "optimizer steps per rollout (the clipped ratio applies from the second)")
+    importance_sampling_level: Literal["token", "sequence"] = _f("token", "importance ratio per token, or per sequence (GSPO)")
+    mask_truncated_completions: bool = _f(False, "completions cut at max_completion_length carry no loss")
+    log_completions: int = _f(4, "prompts (with all their completions) written to rollouts.jsonl per logging step")
+
+
+@dataclass
 class EvalConfig:
     metrics: list[str] = _f([], "generation metrics during training evals: rouge, bleu, exact_match")
     max_new_tokens: int = _f(64, "tokens generated per eval sample for generation metrics")
@@ -215,6 +244,7 @@ class Config:
     orpo: OrpoConfig = _f(None, "ORPO section", section=True)
     kto: KtoConfig = _f(None, "KTO section", section=True)
     reward: RewardConfig = _f(None, "reward model section", section=True)
+    grpo: GrpoConfig = _f(None, "online RL (GRPO/RLOO) section", section=True)
     eval: EvalConfig = _f(None, "evaluation-during-training section", section=True)
 
     def to_dict(self) -> dict:
@@ -485,11 +515,47 @@ def _check(cfg: Config, where: str) -> None:
     for name in set(cfg.eval.metrics) & set(REWARD_METRICS):  # accepted by `lmforge eval`, never computed here
         raise ConfigError(f"{where}: eval.metrics: {name} is a metric of `lmforge eval --model RM`; during training "
                           "method reward logs eval_accuracy and eval_margin at each evaluation: remove it")
+    if cfg.method == "grpo":
+        _check_grpo(cfg, where)
     check_distributed(cfg, where)
     try:  # the engines' table (plan.py): a key an engine cannot honour, or one that means nothing here
         plan.check(cfg)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
+
+
+def _check_grpo(cfg: Config, where: str) -> None:
+    """method: grpo: at least one reward, each a function or a model, sampling numbers that can run, and what its
+    rollouts (the decode loop on whole weights, LoRA unmerged) cannot run with."""
+    g = cfg.grpo
+    if cfg.train.distributed in ("fsdp", "deepspeed"):
+        raise ConfigError(f"{where}: train.distributed: {cfg.train.distributed} cannot run method grpo yet (its "
+                          "rollouts decode on whole weights in each process); use ddp")
+    if cfg.peft.kind in ("prompt_tuning", "qlora"):
+        raise ConfigError(f"{where}: peft.kind: {cfg.peft.kind} cannot run method grpo (the decode loop runs full "
+                          "weights or LoRA/DoRA layers); use lora or dora")
+    if not g.rewards:
+        raise ConfigError(f"{where}: grpo.rewards: at least one reward is required, e.g. "
+                          "[{function: my_rewards.py:correct}] or [{model: path/to/reward_model}]")
+    for i, r in enumerate(g.rewards):
+        if (r.function is None) == (r.model is None):
+            raise ConfigError(f"{where}: grpo.rewards[{i}]: give exactly one of function or model")
+        if r.function is not None and ":" not in r.function:
+            raise ConfigError(f"{where}: grpo.rewards[{i}].function: {r.function!r} must be 'package.module:fn' or "
+                              "'path/to/file.py:fn'")
+    if g.num_generations < 2:
+        raise ConfigError(f"{where}: grpo.num_generations: must be >= 2 (advantages compare completions of one prompt)")
+    for name in ("max_completion_length", "num_iterations"):
+        if getattr(g, name) < 1:
+            raise ConfigError(f"{where}: grpo.{name}: must be >= 1")
+    if not g.temperature > 0:
+        raise ConfigError(f"{where}: grpo.temperature: must be > 0 (GRPO samples), got {g.temperature}")
+    if not 0 < g.top_p <= 1:
+        raise ConfigError(f"{where}: grpo.top_p: must be in (0, 1], got {g.top_p}")
+    if g.top_k < 0 or g.beta < 0 or g.epsilon < 0 or (g.epsilon_high is not None and g.epsilon_high < 0):
+        raise ConfigError(f"{where}: grpo.top_k, beta, epsilon and epsilon_high must be >= 0")
+    if g.log_completions < 0:
+        raise ConfigError(f"{where}: grpo.log_completions: must be >= 0")
 
 
 def _check_streaming(cfg: Config, where: str) -> None:

@@ -27,7 +27,8 @@ from lmforge.registry import GENERATION_METRICS, LMFORGE_TRACKERS, METHODS
 
 Config = Any  # a lmforge.config.Config: config.py imports this module (to check engines at load), not the reverse
 
-NATIVE_METHODS = ("pretrain", "sft", "dpo", "orpo", "kto")  # on causal LMs; mlm trains encoder-only models
+NATIVE_METHODS = ("pretrain", "sft", "dpo", "orpo", "kto", "grpo")
+NATIVE_ONLY_METHODS = ("grpo",)  # its generation runs on lmforge's decode loop, inside the native loop  # on causal LMs; mlm trains encoder-only models
 NATIVE_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_torch_foreach", "lamb", "sgd")
 # TRL 1.16's per-pair DPO losses the native engine computes (methods/dpo.py NATIVE_LOSSES, tested equal to this
 # list); the batch-level variants (aot, aot_unpaired, sft) and discopop stay on the hf engine.
@@ -69,7 +70,7 @@ class Engine:
 
 # sections both engines take from the shared layers: model and adapter loading (models.py, adapters.py), data
 # (data/), the method's own section (its objective on native, TRL's config on hf), evaluation and outputs
-SHARED = ("method", "model.", "peft.", "data.", "dpo.", "orpo.", "kto.", "reward.", "eval.")
+SHARED = ("method", "model.", "peft.", "data.", "dpo.", "orpo.", "kto.", "reward.", "grpo.", "eval.")
 # train.* keys both engines honour (the loop's own keys are listed per engine below)
 _TRAIN_BOTH = tuple(f"train.{k}" for k in (
     "output_dir engine max_steps num_train_epochs learning_rate lr_scheduler_type lr_scheduler_kwargs warmup_steps "
@@ -134,6 +135,9 @@ HF = Engine("hf", ("decoder", "encoder-decoder", "encoder-only"),
             _TRAIN_BOTH + ("train.torch_compile", "train.dataloader_num_workers"), (
     Refusal("data.streaming", lambda c: c.data.streaming,
             "runs on train.engine: native", {"data.streaming": True, "train.max_steps": 2}),
+    Refusal("method", lambda c: c.method in NATIVE_ONLY_METHODS,
+            "{v} runs on train.engine: native (its rollouts run on lmforge's decode loop, inside that loop)",
+            {"method": "grpo", "grpo.rewards": [{"function": "m:f"}]}),
     Refusal("train.optim", lambda c: c.train.optim == "adamw_torch_foreach",
             "{v} is the native engine's; on train.engine: hf use adamw_torch",
             {"train.optim": "adamw_torch_foreach"}),
@@ -162,7 +166,9 @@ SCOPES = (
     Scope("orpo.", lambda c: c.method == "orpo", "applies to method: orpo"),
     Scope("kto.", lambda c: c.method == "kto", "applies to method: kto"),
     Scope("reward.", lambda c: c.method == "reward", "applies to method: reward"),
-    Scope("data.max_prompt_length", _pairs, "applies to the preference methods (dpo, orpo, kto, reward)"),
+    Scope("grpo.", lambda c: c.method == "grpo", "applies to method: grpo"),
+    Scope("data.max_prompt_length", lambda c: _pairs(c) or c.method == "grpo",
+          "applies to the preference methods (dpo, orpo, kto, reward) and grpo"),
     Scope("data.shuffle_buffer", lambda c: c.data.streaming, "applies to data.streaming: true"),
     *(Scope(f"peft.{k}", lambda c: c.peft.kind in _LORA, "applies to peft.kind lora, qlora or dora", refuse=False)
       for k in ("r", "alpha", "dropout", "target_modules")),
@@ -256,7 +262,7 @@ def choose_engine(cfg, architecture: str | None = None) -> tuple[str, str]:
 
 
 # ----------------------------------------------------------------------------- data layout and packing
-CAUSAL, SEQ2SEQ, MLM, PAIRS = "causal", "seq2seq", "mlm", "pairs"
+CAUSAL, SEQ2SEQ, MLM, PAIRS, PROMPTS = "causal", "seq2seq", "mlm", "pairs", "prompts"
 
 
 def module_name(cfg, architecture: str) -> str:
@@ -273,10 +279,13 @@ def module_name(cfg, architecture: str) -> str:
 
 def layout(cfg, architecture: str) -> str:
     """What one sample is: ``causal`` (ids with aligned labels, decoder sft/pretrain), ``seq2seq`` (encoder input
-    ids and decoder labels), ``mlm`` (framed text blocks, masked by the collator), ``pairs`` (preference records)."""
+    ids and decoder labels), ``mlm`` (framed text blocks, masked by the collator), ``pairs`` (preference records),
+    ``prompts`` (prompt ids and the row's other columns, for online RL)."""
     module = module_name(cfg, architecture)
     if METHODS[cfg.method].pairs:
         return PAIRS
+    if cfg.method == "grpo":
+        return PROMPTS
     if module == "seq2seq":
         if cfg.data.apply_chat_template:
             raise ConfigError("data.apply_chat_template: an encoder-decoder model reads the prompt as encoder input "
@@ -335,6 +344,8 @@ def _metrics(cfg, engine: str) -> tuple[str, ...]:
         names.append("eval_perplexity")
     if cfg.method == "reward":
         names += ["eval_accuracy", "eval_margin", "eval_mean_reward (TRL's names)"]
+    elif cfg.method == "grpo":
+        names = ["eval_reward", "eval_reward_std (completions sampled from the eval prompts)"]
     elif METHODS[cfg.method].pairs:
         names.append(f"eval_rewards/* ({'lmforge' if engine == 'native' else 'TRL'}'s names)")
     names += [f"eval_{m}" for m in cfg.eval.metrics if m in GENERATION_METRICS]

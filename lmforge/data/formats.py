@@ -7,6 +7,8 @@ Every accepted row becomes one canonical dict:
   preference        {"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}
                     (+ "margin": float when the row has one; method reward reads it)
   kto               {"prompt": str | messages, "completion": str | messages, "label": bool}
+  prompt            {"prompt": str | messages, "columns": {every other key of the row}}   (online RL: the
+                    completions are sampled while training; the columns go to the reward functions)
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ def detect_format(keys: set[str]) -> str | None:
         return "prompt_completion"
     if "text" in keys or {"title", "content"} <= keys:
         return "text"
+    if "prompt" in keys:  # a prompt and no answer: online RL's rows (method grpo)
+        return "prompt"
     return None
 
 
@@ -137,6 +141,12 @@ def normalize(row: Any, fmt: str, src: DataSource) -> dict:
             raise RowError("'label' must be true or false")
         out["label"] = row["label"]
         return out
+    if fmt == "prompt":
+        if "prompt" not in row or row["prompt"] is None:
+            raise RowError("missing key 'prompt'")
+        value = row["prompt"]
+        prompt = _messages(value, "prompt") if isinstance(value, list) else _text(row, "prompt")
+        return {"prompt": prompt, "columns": {k: v for k, v in row.items() if k != "prompt"}}
     raise DataError(f"unknown format {fmt!r}")
 
 

@@ -32,13 +32,14 @@ import numpy as np
 from lmforge.config import Config, DataSource
 from lmforge.data.preference import PREFERENCE_METHODS
 from lmforge.data.preference import VERSION as PREFERENCE_VERSION
+from lmforge.data.prompts import VERSION as PROMPTS_VERSION
 from lmforge.data.rows import RowChecks
 from lmforge.data.sources import BadRow, Row, has_split, is_saved_dataset, iter_source_rows, resolve_files
 from lmforge.data.tokenize import (
     COMPOSED, FAST, IGNORE, MASK_PATHS, PER_PREFIX, PIECEWISE, Encoder, chunk, encoder_decoder_pairs, text_blocks,
 )
 from lmforge.cache import cache_root
-from lmforge.plan import CAUSAL, MLM, SEQ2SEQ
+from lmforge.plan import CAUSAL, MLM, PROMPTS, SEQ2SEQ
 
 CACHE_VERSION = "4"  # 3: causal splits built in bounded memory (data/bounded.py); 4: with their origins
 
@@ -463,6 +464,8 @@ def fingerprint(cfg: Config, tokenizer, role: str, packed: bool, layout: str = C
         key["layout"] = layout
     if cfg.method in PREFERENCE_METHODS:
         key.update(max_prompt_length=d.max_prompt_length, preference=PREFERENCE_VERSION)
+    if layout == PROMPTS:
+        key.update(layout=layout, max_prompt_length=d.max_prompt_length, prompts=PROMPTS_VERSION)
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 

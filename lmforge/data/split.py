@@ -22,9 +22,10 @@ from lmforge.data.prepare import (
     Stats, cache_dir, encode_mlm_rows, encode_seq2seq_rows, fingerprint, load_rows, sources_for, split_rows, to_table,
 )
 from lmforge.data.preference import encode_preference_rows
+from lmforge.data.prompts import encode_prompt_rows
 from lmforge.distributed.ranks import main_process_first
 from lmforge.errors import DataError
-from lmforge.plan import CAUSAL, PAIRS, SEQ2SEQ, layout as sample_layout
+from lmforge.plan import CAUSAL, PAIRS, PROMPTS, SEQ2SEQ, layout as sample_layout
 
 
 @main_process_first  # with several processes: built once per node, then read by the other ranks
@@ -80,8 +81,9 @@ def _build_in_memory(cfg: Config, tokenizer, role: str, layout: str):
                 raise DataError(f"{src.path or src.loader}: encoder-decoder SFT needs input/output (prompt/completion) "
                                 f"rows, got {fmt}")
     rows = split_rows(cfg, role, per_source)
-    if layout == PAIRS:  # prompt/chosen/rejected ids, never packed (data/preference.py)
-        samples = encode_preference_rows(cfg, tokenizer, rows, stats)
+    if layout in (PAIRS, PROMPTS):  # prompt/chosen/rejected ids (data/preference.py); prompts (data/prompts.py)
+        encode = encode_preference_rows if layout == PAIRS else encode_prompt_rows
+        samples = encode(cfg, tokenizer, rows, stats)
         if not samples:
             raise DataError(f"no {role} samples left after tokenisation ({stats.dropped or 'all rows were bad'})")
         return Dataset.from_list(samples), stats
