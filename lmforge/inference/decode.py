@@ -34,6 +34,7 @@ class Sequence:
     ids: list[int] = field(default_factory=list)
     finished: bool = False
     generator: torch.Generator | None = None
+    logprobs: list[float] = field(default_factory=list)  # per token in ``ids``, with ``Decoder(logprobs=True)``
 
     def sampling_key(self) -> tuple:
         o = self.opts
@@ -190,8 +191,11 @@ class Decoder:
     costs one prefill and a copy of the cache, so it is done for several sequences at once.
     """
 
-    def __init__(self, model, tokenizer, max_batch: int = 64, prefill_tokens: int = 8192):
+    def __init__(self, model, tokenizer, max_batch: int = 64, prefill_tokens: int = 8192, logprobs: bool = False):
         self.model, self.tokenizer = model, tokenizer
+        # keep each sampled token's log-prob under the temperature-scaled distribution, before top-k/top-p (what
+        # a training forward at that temperature computes: GRPO logs their mismatch)
+        self.logprobs = logprobs
         _use_decode_attention(model)
         self.device = next(model.parameters()).device
         self.max_batch = max_batch
@@ -355,6 +359,12 @@ class Decoder:
             probs = scores.softmax(-1)
             for j, row in enumerate(rows):
                 tokens[row] = torch.multinomial(probs[j], 1, generator=seqs[row].generator)[0]
+        if self.logprobs:
+            temperature = torch.tensor([s.sampling_key()[0] if s.sampling_key() else 1.0 for s in seqs],
+                                       device=logits.device)
+            chosen = (logits / temperature[:, None]).log_softmax(-1).gather(1, tokens[:, None])[:, 0].tolist()
+            for seq, value in zip(seqs, chosen):
+                seq.logprobs.append(value)
         return tokens
 
 

@@ -1,4 +1,4 @@
-"""lmforge's own training loop (``train.engine: native``) for causal-LM pretraining, SFT, DPO, ORPO and KTO.
+"""lmforge's own training loop (``train.engine: native``) for causal-LM pretraining, SFT, DPO, ORPO, KTO and GRPO.
 
 A plain PyTorch loop, read top to bottom like nanoGPT's ``train.py``: fetch the step's rows, forward,
 loss, backward, all-reduce, clip, step, log, evaluate, checkpoint. It exists beside the HF Trainer engine
@@ -104,8 +104,9 @@ class NativeTrainer:
         self.rows = StepRows(len(train_ds), cfg.train.seed, cfg.train.per_device_train_batch_size,
                              cfg.train.gradient_accumulation_steps, self.world) if stream is None else None
         self.global_batch = cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps * self.world
+        self.reuse = objective.reuse_steps  # optimizer steps on each step's rows (GRPO: num_iterations per rollout)
         self.max_steps = (cfg.train.max_steps if cfg.train.max_steps > 0
-                          else math.ceil(cfg.train.num_train_epochs * self.rows.steps_per_epoch))
+                          else math.ceil(cfg.train.num_train_epochs * self.rows.steps_per_epoch) * self.reuse)
         # full fine-tune in bf16: the model computes in bf16, the optimizer updates fp32 masters (precision.py)
         self.master = None
         self.sharded = None  # train.distributed: fsdp: a sharding.Sharded, made in train() after any resume weights
@@ -201,6 +202,8 @@ class NativeTrainer:
         records = self.step_records()
         self.step_rows = sorted(i for idx, _ in records for i in idx or [])  # for a NaN's message
         micro = [self.objective.batch("train", idx, recs) if recs else None for idx, recs in records]
+        # e.g. KTO's KL estimate, GRPO's rollouts (which make the units its loss is averaged over)
+        self.objective.before_step(self, [b for b in micro if b is not None])
         # the step's loss is sum / (units of the whole step: loss tokens or pairs, every micro-batch and rank)
         local_units = [0.0] * self.terms
         for b in micro:
@@ -208,7 +211,6 @@ class NativeTrainer:
                 local_units = [u + c for u, c in zip(local_units, self.units(b))]
         total = self.all_reduce(torch.tensor(local_units))
         denominators = [max(u, 1.0) for u in total.tolist()]
-        self.objective.before_step(self, [b for b in micro if b is not None])  # e.g. KTO's KL estimate
         keys = self.objective.stat_keys
         totals = StepTotals.zeros(self.terms, len(keys))
         for m, batch in enumerate(micro):
@@ -288,7 +290,7 @@ class NativeTrainer:
         if self.stream is not None:
             record = self.stream.peek()
         else:
-            first = next((idx for idx in self.rows.for_step(self.step, self.rank) if idx), [0])
+            first = next((idx for idx in self.rows.for_step(self.step // self.reuse, self.rank) if idx), [0])
             record = self.train_ds[first[0]]
         batch = self.objective.flops_batch([record])
         return flops.per_token(self.model, batch, self.autocast()) if batch is not None else None
@@ -298,15 +300,15 @@ class NativeTrainer:
         if self.stream is not None:
             return [(None, self.stream.take(self.t.per_device_train_batch_size))
                     for _ in range(self.t.gradient_accumulation_steps)]
-        return [(idx, [self.train_ds[i] for i in idx]) for idx in self.rows.for_step(self.step, self.rank)]
+        return [(idx, [self.train_ds[i] for i in idx]) for idx in self.rows.for_step(self.step // self.reuse, self.rank)]
 
     def epoch(self) -> float | None:
-        return self.step / self.rows.steps_per_epoch if self.rows else None  # a stream counts no epochs
+        return self.step / (self.rows.steps_per_epoch * self.reuse) if self.rows else None  # a stream counts no epochs
 
     def planned_batches(self):
         """(split, [(rows, dataset), ...]) of every micro-batch this rank will run: the steps still to come and
         every evaluation; for objectives that prepare something per row before training starts."""
-        train = [(idx, self.train_ds) for step in range(self.step, self.max_steps)
+        train = [(idx, self.train_ds) for step in range(self.step // self.reuse, -(-self.max_steps // self.reuse))
                  for idx in self.rows.for_step(step, self.rank) if idx]
         seen, unique = set(), []
         for idx, ds in train:  # rows repeat across epochs; prepare each once
@@ -377,6 +379,7 @@ class NativeTrainer:
                 row["flops_per_token"] = round(self.flops_per_token)
                 row["mfu"] = round(flops.mfu(self.flops_per_token, tps, self.peak, self.world), 4)
         row["tokens_seen"] = self.tokens_seen
+        row.update(self.objective.logged("train"))  # e.g. GRPO's rewards and rollout time over the window
         if self.t.on_nan == "skip_batch":
             row["skipped_batches"] = self.skipped
         if self.tracker:
@@ -391,14 +394,14 @@ class NativeTrainer:
         keys, K = self.objective.stat_keys, self.terms
         totals = StepTotals.zeros(K, len(keys))
         batches: list = self.eval_batches()
-        self.objective.before_step(self, [self.objective.batch("eval", idx, [self.eval_ds[i] for i in idx])
-                                          for idx in batches])  # e.g. KTO's KL estimate over the whole eval set
+        made = [self.objective.batch("eval", idx, [self.eval_ds[i] for i in idx]) for idx in batches]
+        self.objective.before_step(self, made)  # e.g. KTO's KL estimate over the whole eval set, GRPO's rollouts
         if self.sharded:  # every rank runs as many forwards (the weights are gathered together); extras count 0
             most = self.all_reduce(torch.tensor([len(batches)]), dist.ReduceOp.MAX).item()
             batches += [None] * (most - len(batches))
-        for idx in batches:
+        for k, idx in enumerate(batches):
             weight = 1.0 if idx is not None else 0.0
-            batch = self.objective.batch("eval", idx, [self.eval_ds[i] for i in idx]) if idx else self.stand_in()
+            batch = made[k] if idx else self.stand_in()
             batch.pop("num_tokens", None)
             loss, stats = self.forward(batch)
             totals.add(loss, [stats[k] for k in keys], weight, units=self.units(batch))
@@ -407,6 +410,7 @@ class NativeTrainer:
         row = {"step": self.step, "eval_loss": round(sum(v / u for v, u in zip(totals.loss.tolist(), units)), 6)}
         row.update({f"eval_{k}": round(v / units[self.stat_units.get(k, 0)], 6)
                     for k, v in zip(keys, totals.stats.tolist())})
+        row.update({f"eval_{k}": v for k, v in self.objective.logged("eval").items()})
         if self.objective.perplexity:  # a token NLL: pretrain and sft
             row["eval_perplexity"] = math.exp(min(row["eval_loss"], 50.0))
         if self.generation is not None and self.rank == 0:

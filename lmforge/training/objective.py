@@ -3,7 +3,7 @@
 ``Objective`` is the interface: how a method collates its rows, the units its loss is averaged over (loss tokens,
 pairs, examples), the loss sum of a micro-batch and the sums of its metrics; and hooks with no-op defaults that a
 method overrides where it needs them (DPO's reference log-probs before the first step, KTO's KL estimate before
-each step, a checkpointed state). The loop calls every hook unconditionally, so a reader sees all of them in
+each step, GRPO's rollouts, a checkpointed state). The loop calls every hook unconditionally, so a reader sees all of them in
 one place instead of ``hasattr`` probes.
 
 ``StepTotals`` is what one step sums on a rank: the loss terms, the tokens trained on, the stop signals pending
@@ -27,6 +27,7 @@ class Objective:
     perplexity = False  # eval_loss is a token NLL: eval_perplexity is logged
     stat_keys: tuple[str, ...] = ()  # the metrics ``loss`` sums (averaged over the step's units when logged)
     stat_units: dict[str, int] = {}  # metric -> index of the units it is averaged over (read only)
+    reuse_steps = 1  # optimizer steps trained on each step's rows (GRPO: num_iterations on one rollout)
 
     @property
     def terms(self) -> int:
@@ -55,6 +56,11 @@ class Objective:
     def flops_batch(self, records: list[dict]) -> dict | None:
         """A batch to count FLOPs per token on (``flops.per_token``), or None when the loss is no token loss."""
         return None
+
+    def logged(self, split: str) -> dict[str, float]:
+        """Metrics that are no sum over units (GRPO: the reward's spread, rollout time), for the next logged row of
+        ``split`` ("train": since the last log; "eval": of the evaluation just run). Rank 0's view; may be empty."""
+        return {}
 
     def state_dict(self) -> dict | None:
         """What a checkpoint keeps of this objective on this rank, or None for nothing."""

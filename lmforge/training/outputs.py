@@ -28,7 +28,7 @@ def plot_metrics(rows: list[dict], out: Path) -> None:
         return [p[0] for p in pts], [p[1] for p in pts]
 
     extra = sorted({k for r in rows for k in r if k.startswith(("rewards/", "eval_rewards/")) or k in (
-        "nll_loss", "log_odds_ratio", "eval_rouge", "eval_bleu", "eval_exact_match")})
+        "nll_loss", "log_odds_ratio", "eval_rouge", "eval_bleu", "eval_exact_match", "reward", "eval_reward")})
     fig, axes = plt.subplots(1, 2 if extra else 1, figsize=(11 if extra else 6, 4), squeeze=False)
     ax = axes[0][0]
     for key, style in (("loss", "-"), ("eval_loss", "o-")):
@@ -65,8 +65,10 @@ def refresh_plot(output_dir: Path) -> None:
 
 
 def progress_postfix(row: dict) -> dict[str, str]:
-    """What the progress bar shows of a logged training row: loss, tokens/s, MFU."""
+    """What the progress bar shows of a logged training row: loss, reward (GRPO), tokens/s, MFU."""
     post = {"loss": f"{row['loss']:.4f}"} if "loss" in row else {}
+    if "reward" in row:  # online RL: the reward is what rises (its loss stays near 0)
+        post["reward"] = f"{row['reward']:.3f}"
     if "tokens_per_second" in row:
         post["tok/s"] = f"{row['tokens_per_second']:.0f}"
     if "mfu" in row:

@@ -29,7 +29,7 @@ BASELINES = ("group", "rloo")
 STD_EPS = 1e-4  # TRL adds this to the std before dividing (grpo_trainer._generate_and_score_completions)
 
 
-def _nanstd(x: torch.Tensor) -> torch.Tensor:
+def nanstd(x: torch.Tensor) -> torch.Tensor:
     """Bessel-corrected std over the last dim ignoring NaNs, kept as (..., 1) (TRL's ``trainer.utils.nanstd``);
     NaN with fewer than 2 values."""
     mean = torch.nanmean(x, dim=-1, keepdim=True)
@@ -72,9 +72,9 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards:
         base = (torch.nansum(grouped, dim=1, keepdim=True) - grouped) / (scorable - 1)  # (B/G, G)
     advantages = grouped - base  # (B/G, G)
     if scale_rewards == "group":
-        advantages = advantages / (_nanstd(grouped) + STD_EPS)  # (B/G, 1)
+        advantages = advantages / (nanstd(grouped) + STD_EPS)  # (B/G, 1)
     elif scale_rewards == "batch":
-        advantages = advantages / (_nanstd(rewards.view(1, -1)) + STD_EPS)  # (1, 1)
+        advantages = advantages / (nanstd(rewards.view(1, -1)) + STD_EPS)  # (1, 1)
     return torch.nan_to_num(advantages, nan=0.0).view(-1)  # (B,)
 
 
@@ -84,7 +84,7 @@ def zero_std_groups(rewards: torch.Tensor, num_generations: int) -> float:
     A tie is TRL's test, ``isclose(group std, 0)``. TRL counts per completion from the std it scales by, so with
     ``scale_rewards: batch`` it reports 0 or 1 for the whole batch; this counts groups whatever the scaling.
     """
-    std = _nanstd(_grouped(rewards, num_generations)).squeeze(1)  # (B/G,)
+    std = nanstd(_grouped(rewards, num_generations)).squeeze(1)  # (B/G,)
     std = torch.nan_to_num(std, nan=0.0)  # a group with < 2 scorable rewards has no spread either
     return torch.isclose(std, torch.zeros_like(std)).float().mean().item()
 

@@ -1,0 +1,149 @@
+"""method: grpo on the tiny model: what a run writes, the decode loop's log-probs against the training forward's,
+split invariance (accumulation), tied groups, resume; the loss itself is checked against TRL in test_rl.py."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import base_config, write_config, write_jsonl
+from safetensors.torch import load_file
+
+from lmforge.config import load_config
+from lmforge.errors import DataError
+from lmforge.methods import grpo
+
+REWARDS = '''
+def even_tokens(prompts, completions, completion_ids, **kwargs):
+    """The fraction of even token ids: varies between samples, so groups have a spread."""
+    return [sum(1 for t in ids if t % 2 == 0) / max(len(ids), 1) for ids in completion_ids]
+
+def constant(prompts, completions, **kwargs):
+    return [1.0] * len(completions)
+
+def broken(prompts, completions, **kwargs):
+    raise KeyError("answer")
+'''
+
+
+def _rows(n: int, seed: int = 0) -> list[dict]:
+    words = "the quick brown fox jumps over a lazy dog while seven wizards judge".split()
+    return [{"prompt": " ".join(words[(i * 3 + seed + k) % len(words)] for k in range(4)), "answer": str(i)}
+            for i in range(n)]
+
+
+def _tree(tmp_path, model_dir, out="run", grpo_keys=None, **sections):
+    write_jsonl(tmp_path / "data" / "train.jsonl", _rows(8))
+    (tmp_path / "rewards.py").write_text(REWARDS)
+    g = {"rewards": [{"function": f"{tmp_path / 'rewards.py'}:even_tokens"}], "num_generations": 4,
+         "max_completion_length": 6, "temperature": 0.7, **(grpo_keys or {})}
+    tree = base_config(model_dir, tmp_path / "data" / "train.jsonl", tmp_path / out, method="grpo", grpo=g,
+                       peft={"kind": "lora", "r": 4, "alpha": 8})
+    tree["train"].update(per_device_train_batch_size=2, max_steps=3, save_steps=2, learning_rate=5e-2)
+    for name, values in sections.items():
+        tree.setdefault(name, {}).update(values)
+    return tree
+
+
+def _train_rows(out) -> list[dict]:
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_grpo_cli_run_writes_rewards_rollouts_and_an_adapter(tmp_path, tiny_model_dir, lmforge_cache):
+    """Through the CLI: the metrics a user watches, rollouts.jsonl, the plan; loss ~0 (grpo, one iteration,
+    beta 0) while the weights change; the decode loop's log-probs equal the training forward's at temperature
+    0.7 (trl#4159: a forward that forgot the temperature would differ by far more than 1e-4)."""
+    tree = _tree(tmp_path, tiny_model_dir, grpo_keys={"loss_type": "grpo"})
+    r = subprocess.run([sys.executable, "-m", "lmforge", "train", str(write_config(tmp_path / "c.yaml", tree))],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "run"
+    rows = _train_rows(out)
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    for key in ("reward", "reward_std", "frac_reward_zero_std", "rewards/even_tokens/mean", "completions/mean_length",
+                "completions/max_length", "completions/clipped_ratio", "clip_ratio/region_mean", "entropy",
+                "rollout_s", "train_s", "completions_per_second", "logp_mismatch"):
+        assert key in rows[0], key
+    assert all(abs(row["loss"]) < 1e-5 for row in rows)  # sum of group-centred advantages: 0 in each group
+    assert all(row["logp_mismatch"] < 1e-4 for row in rows)
+    assert all(0 <= row["reward"] <= 1 for row in rows)
+    rollouts = [json.loads(x) for x in (out / ROLLOUTS).read_text().splitlines()]
+    assert {x["step"] for x in rollouts} == {1, 2, 3}
+    assert all(len(x["completions"]) == len(x["rewards"]) == 4 and x["origin"].endswith(tuple("0123456789"))
+               for x in rollouts)
+    start = load_file(out / "checkpoint-2" / "adapter_model.safetensors")
+    end = load_file(out / "adapter_model.safetensors")
+    assert any(not torch.equal(start[k], end[k]) for k in start)
+    assert "# plan: method: grpo" in (out / "config.yaml").read_text()
+    assert (out / "plots" / "loss.png").exists()
+
+
+ROLLOUTS = grpo.ROLLOUTS
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "bnpo"])
+def test_accumulation_equals_a_large_batch(loss_type, tmp_path, tiny_model_dir, lmforge_cache):
+    """2 prompts x 4 completions per step == 1 prompt per micro-batch x 2 accumulation: the rollout is the step's
+    and the loss's normaliser is counted over the whole step (trl#3021), for every loss type. float64: the runs
+    differ only in summation order (see test_kto.py's accumulation test)."""
+    runs = {"large": {}, "accumulated": {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 2}}
+    for name, train in runs.items():
+        tree = _tree(tmp_path, tiny_model_dir, out=name, grpo_keys={"loss_type": loss_type},
+                     model={"dtype": "float64"}, train={"lr_scheduler_type": "constant", "save_strategy": "no",
+                                                        **train})
+        grpo.train(load_config(None, tree=tree))
+    large, accumulated = _train_rows(tmp_path / "large"), _train_rows(tmp_path / "accumulated")
+    for key in ("loss", "reward", "grad_norm", "entropy", "completions/mean_length"):
+        assert [r[key] for r in accumulated] == pytest.approx([r[key] for r in large], rel=0, abs=1.01e-6), key
+    a = load_file(tmp_path / "large" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "accumulated" / "adapter_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-10, msg=k)
+
+
+def test_tied_groups_give_no_gradient(tmp_path, tiny_model_dir, lmforge_cache):
+    """A reward every completion ties on: every group counts in frac_reward_zero_std and nothing moves."""
+    tree = _tree(tmp_path, tiny_model_dir, grpo_keys={"rewards": [{"function": f"{tmp_path / 'rewards.py'}:constant"}]},
+                 train={"save_strategy": "no", "weight_decay": 0.0})
+    grpo.train(load_config(None, tree=tree))
+    rows = _train_rows(tmp_path / "run")
+    assert all(r["frac_reward_zero_std"] == 1.0 and r["grad_norm"] == 0.0 for r in rows)
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "run")
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(torch.count_nonzero(p) == 0 for p in lora_b)  # still LoRA's zero init
+
+
+def test_a_reward_that_raises_names_the_function_and_the_row(tmp_path, tiny_model_dir, lmforge_cache):
+    tree = _tree(tmp_path, tiny_model_dir, grpo_keys={"rewards": [{"function": f"{tmp_path / 'rewards.py'}:broken"}]})
+    with pytest.raises(DataError) as e:
+        grpo.train(load_config(None, tree=tree))
+    assert "broken" in str(e.value) and "train.jsonl:" in str(e.value) and "KeyError" in str(e.value)
+
+
+@pytest.mark.parametrize("iterations", [1, 2])
+def test_resume_is_bitwise(iterations, tmp_path, tiny_model_dir, lmforge_cache):
+    """Resumed from checkpoint-2 (with num_iterations 2 also checkpoint-3, mid-way through a reused rollout), the
+    run regenerates the same completions (their seeds are the step's) and ends on the same weights."""
+    keys = {"num_iterations": iterations}
+    save = 2 if iterations == 1 else 3
+    tree = _tree(tmp_path, tiny_model_dir, out="full", grpo_keys=keys, train={"max_steps": 4, "save_steps": save})
+    grpo.train(load_config(None, tree=tree))
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "full" / f"checkpoint-{save}", resumed / f"checkpoint-{save}")
+    tree = _tree(tmp_path, tiny_model_dir, out="resumed", grpo_keys=keys, train={"max_steps": 4, "save_steps": save})
+    grpo.train(load_config(None, tree=tree))
+    a = load_file(tmp_path / "full" / "adapter_model.safetensors")
+    b = load_file(resumed / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    full, again = _train_rows(tmp_path / "full"), _train_rows(resumed)
+    assert [r["step"] for r in again] == list(range(save + 1, 5))
+    # (a step that reuses a rollout logs no reward: nothing was sampled)
+    assert [(r["loss"], r.get("reward")) for r in again] == [(r["loss"], r.get("reward")) for r in full][save:]
