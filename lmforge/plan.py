@@ -27,7 +27,7 @@ from lmforge.registry import GENERATION_METRICS, LMFORGE_TRACKERS, METHODS
 
 Config = Any  # a lmforge.config.Config: config.py imports this module (to check engines at load), not the reverse
 
-NATIVE_METHODS = ("pretrain", "sft", "dpo", "orpo", "kto", "grpo")
+NATIVE_METHODS = ("pretrain", "sft", "dpo", "orpo", "kto", "reward", "grpo")
 NATIVE_ONLY_METHODS = ("grpo",)  # its generation runs on lmforge's decode loop, inside the native loop  # on causal LMs; mlm trains encoder-only models
 NATIVE_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_torch_foreach", "lamb", "sgd")
 # TRL 1.16's per-pair DPO losses the native engine computes (methods/dpo.py NATIVE_LOSSES, tested equal to this

@@ -1,4 +1,5 @@
-"""Reward models on the tiny model: the loss against a hand computation, CLI end to end (full and LoRA), the
+"""Reward models on the tiny model: the loss against a hand computation, the native engine's packed scores and
+loss against TRL's RewardTrainer, native accumulation, CLI end to end on both engines (full and LoRA), the
 margin column, and a trained model that ranks held-out pairs above chance."""
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from conftest import base_config, write_config, write_jsonl
 from safetensors.torch import load_file
 
 from lmforge.config import load_config
-from lmforge.data.preference import encode_side
+from lmforge.data.packing import PACKED_ATTENTION
+from lmforge.data.preference import SharedPromptCollator, encode_side
 from lmforge.data.tokenize import Encoder
 from lmforge.errors import ConfigError
 from lmforge.methods import reward
 from lmforge.synthetic import preference_rows
+from lmforge.training.attention import use_packed_attention
 from lmforge.training.preference import setup
 
 
@@ -79,6 +82,84 @@ def test_loss_equals_hand_computation_on_a_fixed_batch(center, tmp_path, tiny_mo
     assert abs(hand.item() - no_margin.item()) > 1e-3  # the margins matter: dropping them would fail above
 
 
+@pytest.mark.parametrize("attention", [PACKED_ATTENTION, "sdpa"])
+@pytest.mark.parametrize("center, pad", [(None, "pad"), (0.01, "pad"), (0.01, "eos")])
+def test_native_scores_and_loss_equal_trl_on_a_fixed_batch(center, pad, attention, tmp_path, sharp_model_dir,
+                                                             lmforge_cache):
+    # float64; TRL right-pads prompt + answer rows, the native batch packs [prompt, chosen, rejected] in one row
+    # and reads the head at score_positions: each answer's reward must be the one transformers reads. "eos": a
+    # tokenizer that pads with its EOS, where transformers reads the token before the answer's EOS
+    tree = _tree(tmp_path, sharp_model_dir, _rows_with_margins(8, 0), model={"dtype": "float64"},
+                 reward={"center_coefficient": center}, train={"engine": "hf"})
+    run = setup(load_config(None, tree=tree), reward.load_reward_model)
+    trainer = reward.build_trainer(run.cfg, run)
+    model = trainer.model.eval()
+    pad_id = run.tokenizer.eos_token_id if pad == "eos" else run.tokenizer.pad_token_id
+    model.config.pad_token_id = pad_id
+    with torch.no_grad():  # a trained-looking head: the random init scores everything near 0
+        model.score.weight.normal_(0, 3.0)
+    records = [run.train_ds[i] for i in range(8)]
+    trl_batch = reward.RewardCollator(pad_id)(records)
+    if attention == PACKED_ATTENTION:  # as train_native switches the model (pair_attention)
+        assert use_packed_attention(model)
+    objective = reward.RewardObjective(SharedPromptCollator(attention), pad_id, center)
+    native_batch = objective.batch("train", list(range(8)), records)
+    assert native_batch["input_ids"].shape[0] == 1 and objective.count(native_batch) == 8
+    with torch.no_grad():
+        trl_rewards = model(**trl_batch).logits[:, 0].view(2, 8).T  # (8, 2): chosen, rejected
+        native_rewards = reward.pair_rewards(model, native_batch)
+        trl_loss = trainer.compute_loss(model, dict(trl_batch))
+        native_sum, stats = objective.loss(model, native_batch)
+    assert native_rewards.dtype == torch.float64
+    torch.testing.assert_close(native_rewards, trl_rewards, rtol=0, atol=1e-10)
+    assert abs(native_sum.item() / 8 - trl_loss.item()) < 1e-10, (native_sum.item() / 8, trl_loss.item())
+    logged = trainer._metrics["eval"]  # what TRL logs of this batch (the model is in eval mode)
+    for key in ("accuracy", "margin", "mean_reward"):
+        assert stats[key] / 8 == pytest.approx(logged[key][-1], rel=0, abs=1e-10), key
+    if pad == "eos":  # the case differs from reading each answer's last token, so the test can tell them apart
+        last = [p - 1 for p in _answer_ends(records)]
+        assert native_batch["score_index"].tolist() != last
+
+
+def _answer_ends(records) -> list[int]:
+    """Each answer's end in a packed row (chosen, rejected of pair 0, ...): one past its last token."""
+    ends, start = [], 0
+    for r in records:
+        P, C, R = (len(r[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
+        ends += [start + P + C, start + P + C + R]
+        start += P + C + R
+    return ends
+
+
+def _train_rows(out) -> list[dict]:
+    return [r for r in _metrics(out) if "loss" in r]
+
+
+@pytest.mark.parametrize("peft", ["none", "lora"])
+def test_native_accumulation_equals_a_large_batch(peft, tmp_path, tiny_model_dir, lmforge_cache):
+    """1 x 4 pairs per step == 4 x 1 with accumulation: the loss and the metrics are averaged over the step's
+    pairs. In float64, as tests/test_kto.py's check and for the same reason (fp32 summation order moves a
+    near-zero gradient element's first Adam step by its sign)."""
+    runs = {"large": {}, "accumulated": {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 4}}
+    for name, train in runs.items():
+        tree = _tree(tmp_path, tiny_model_dir, _rows_with_margins(16, 0), out=name, model={"dtype": "float64"},
+                     peft={"kind": peft, "r": 4, "alpha": 8} if peft != "none" else {"kind": "none"},
+                     reward={"center_coefficient": 0.01},
+                     train={"lr_scheduler_type": "constant", "save_steps": 100, **train})
+        reward.train(load_config(None, tree=tree))
+    large, accumulated = _train_rows(tmp_path / "large"), _train_rows(tmp_path / "accumulated")
+    assert len(large) == 4
+    for key in ("loss", "accuracy", "margin", "mean_reward", "grad_norm"):
+        # metrics.jsonl rounds to 6 decimals: equal values may round apart by one unit in the last place
+        assert [r[key] for r in accumulated] == pytest.approx([r[key] for r in large], rel=0, abs=1.01e-6), key
+    name = "adapter_model.safetensors" if peft == "lora" else "model.safetensors"
+    a, b = load_file(tmp_path / "large" / name), load_file(tmp_path / "accumulated" / name)
+    assert all(v.dtype == torch.float64 for v in a.values()) and any("score" in k for k in a)
+    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k or k.endswith("q_proj.weight"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-10, msg=k)
+
+
 def test_margin_must_be_a_number(tmp_path, tiny_model_dir, lmforge_cache):
     rows = preference_rows(4, 0)
     rows[2]["margin"] = "big"
@@ -96,12 +177,13 @@ def test_reward_keys_only_for_method_reward(tmp_path, tiny_model_dir):
         load_config(None, tree=tree)
 
 
+@pytest.mark.parametrize("engine", ["native", "hf"])
 @pytest.mark.parametrize("kind", ["none", "lora"])
-def test_cli_end_to_end(kind, tmp_path, tiny_model_dir, lmforge_cache):
+def test_cli_end_to_end(kind, engine, tmp_path, tiny_model_dir, lmforge_cache):
     rows = _rows_with_margins(24, 0)
     write_jsonl(tmp_path / "data" / "val.jsonl", preference_rows(8, 1))
     tree = _tree(tmp_path, tiny_model_dir, rows, peft={"kind": kind, "r": 4, "alpha": 8} if kind != "none"
-                 else {"kind": "none"})
+                 else {"kind": "none"}, train={"engine": engine} if engine == "hf" else {})
     tree["data"]["train"] = [{"path": str(tmp_path / "data")}]  # train.jsonl + val.jsonl
     cfg = write_config(tmp_path / "cfg.yaml", tree)
     env = {**os.environ, "LMFORGE_CACHE": str(lmforge_cache)}
@@ -110,7 +192,7 @@ def test_cli_end_to_end(kind, tmp_path, tiny_model_dir, lmforge_cache):
     out = tmp_path / "run"
     for name in ("config.yaml", "metrics.jsonl", "report.md", "checkpoint-2", "checkpoint-4", "tokenizer.json"):
         assert (out / name).exists(), name
-    assert "engine: hf" in (out / "config.yaml").read_text()
+    assert f"engine: {engine}" in (out / "config.yaml").read_text()  # native: the default engine
     rows_logged = _metrics(out)
     train_rows = [r for r in rows_logged if "loss" in r]
     for key in ("loss", "accuracy", "margin", "mean_reward", "tokens_per_second"):
