@@ -95,6 +95,14 @@ def run_inspect(args) -> int:
               f"are marked {legend}")
         show_records(tok, ds, args.n, lambda ids, labels: _marked(tok, ids, labels, color))
         return 0
+    if run_plan.layout == "prompts":  # online RL: the completions are sampled while training
+        print(f"{len(ds)} prompts; completions are sampled during training, and the rewards see the other columns")
+        for k in range(min(args.n, len(ds))):
+            rec = ds[k]
+            print(f"\n--- prompt {k} ({rec['origin']}): {len(rec['prompt_ids'])} tokens ---")
+            print(tok.decode(rec["prompt_ids"], skip_special_tokens=False))
+            print(f"columns: {rec['columns']}")
+        return 0
     if stats.layout == "seq2seq":  # encoder input and decoder target are separate sequences
         print(f"{len(ds)} input/target pairs; the target tokens (the decoder's labels, all carry loss) are marked "
               f"{legend}")

@@ -615,6 +615,9 @@ def render(est: Estimate) -> str:
         + f", {t['tokens_per_second']} tokens/s; the run: {_duration(t['run_seconds'])} for {s['steps']:,} steps",
         f"fits         {'yes' if est.fits else 'NO'}: {est.fit_note}",
     ]
+    if est.method == "grpo":  # the samples above are each prompt's completions at max_completion_length
+        lines.insert(-1, "             grpo: training on every completion at grpo.max_completion_length tokens; the "
+                         "rollouts (sampling them, usually most of a step) are not in this time or memory")
     if est.change is not None:
         c = est.change
         if c.get("change"):

@@ -26,11 +26,12 @@ from lmforge.cache import cache_root
 from lmforge.config import Config
 from lmforge.data.packing import pack_bins
 from lmforge.data.preference import encode_preference_rows
+from lmforge.data.prompts import encode_prompt_rows
 from lmforge.data.prepare import Stats, cache_dir, encode_rows, fingerprint, load_rows, split_rows
 from lmforge.data.streaming import PackedStream
 from lmforge.data.tokenize import IGNORE
 from lmforge.errors import ConfigError, DataError, UnsupportedError
-from lmforge.plan import CAUSAL, PAIRS
+from lmforge.plan import CAUSAL, PAIRS, PROMPTS
 from lmforge.training import flops
 from lmforge.training.sharding import decoder_layers
 
@@ -328,6 +329,15 @@ def sample_data(cfg: Config, tokenizer, packed: bool, layout: str, sample_rows: 
             lengths.append(p + sum(len(a) for a in answers))  # the native engine's shared-prompt row
             loss.append(sum(len(a) for a in answers))
             attention.append(sum((p + len(a)) ** 2 for a in answers))
+        packed = False
+    elif layout == PROMPTS:  # online RL: each prompt trains num_generations completions, at most this long each
+        G, L = cfg.grpo.num_generations, cfg.grpo.max_completion_length
+        lengths, loss, attention = [], [], []
+        for rec in encode_prompt_rows(cfg, tokenizer, sample, stats):
+            n = len(rec["prompt_ids"]) + L
+            lengths.append(G * n)
+            loss.append(G * L)
+            attention.append(G * n * n)
         packed = False
     else:
         tokens = encode_rows(cfg, tokenizer, sample, stats)

@@ -17,6 +17,7 @@ from transformers import TrainerCallback
 
 from lmforge.config import Config
 from lmforge.data.prepare import load_rows
+from lmforge.data.prompts import prompt_ids
 from lmforge.data.tokenize import Encoder
 from lmforge.evaluation.metrics import GENERATION_METRICS, check_metric_names, compute_metrics
 from lmforge.inference.generate import length_batches, needs_equal_lengths
@@ -41,6 +42,9 @@ def sample_from_row(enc: Encoder, fmt: str, row: dict) -> GenerationSample | Non
         messages = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
     elif fmt == "chat":
         messages = row["messages"]
+    elif fmt == "prompt":  # online RL: no reference answer, unless the row has an "answer" column for its reward
+        return GenerationSample(prompt_ids(enc, row["prompt"], enc.apply_chat_template),
+                                str(row["columns"].get("answer", "")))
     else:
         return None
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
