@@ -4,9 +4,12 @@ split invariance (accumulation), tied groups, resume; the loss itself is checked
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -147,3 +150,57 @@ def test_resume_is_bitwise(iterations, tmp_path, tiny_model_dir, lmforge_cache):
     assert [r["step"] for r in again] == list(range(save + 1, 5))
     # (a step that reuses a rollout logs no reward: nothing was sampled)
     assert [(r["loss"], r.get("reward")) for r in again] == [(r["loss"], r.get("reward")) for r in full][save:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss_type, scale", [("grpo", "group"), ("dapo", "batch")])
+def test_ddp_two_processes_equal_one_process(loss_type, scale, tmp_path, tiny_model_dir, lmforge_cache):
+    """2 processes x 1 prompt == 1 process x 2 prompts: each rank samples its own prompts' groups, the loss's units
+    and (scale_rewards: batch) the rewards' std span both ranks. float64, as the accumulation test."""
+    keys = {"loss_type": loss_type, "scale_rewards": scale}
+    common = {"lr_scheduler_type": "constant", "save_strategy": "no"}
+    two = _tree(tmp_path, tiny_model_dir, out="two", grpo_keys=keys, model={"dtype": "float64"},
+                train={**common, "distributed": "ddp", "per_device_train_batch_size": 1})
+    env = {**os.environ, "LMFORGE_CACHE": str(lmforge_cache), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "lmforge", "train", "--nproc-per-node", "2",
+                           str(write_config(tmp_path / "two.yaml", two))], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "distributed: ddp on 2 processes" in proc.stdout
+    grpo.train(load_config(None, tree=_tree(tmp_path, tiny_model_dir, out="one", grpo_keys=keys,
+                                            model={"dtype": "float64"}, train=common)))
+    a, b = _train_rows(tmp_path / "two"), _train_rows(tmp_path / "one")
+    for key in ("loss", "reward", "reward_std", "grad_norm", "completions/mean_length"):
+        assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=0, abs=1.01e-6), key
+    wa = load_file(tmp_path / "two" / "adapter_model.safetensors")
+    wb = load_file(tmp_path / "one" / "adapter_model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-10, msg=k)
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_auto_is_bitwise(tmp_path, tiny_model_dir, lmforge_cache):
+    """kill -9 once a checkpoint is written; `resume: auto` continues from it and ends on the uninterrupted run's
+    weights, sampling what it would have sampled (no RNG state to lose: each completion's seed is its step's)."""
+    keys = {"num_iterations": 2}
+    tree = _tree(tmp_path, tiny_model_dir, out="killed", grpo_keys=keys, train={"max_steps": 8, "save_steps": 3})
+    config = write_config(tmp_path / "killed.yaml", tree)
+    env = {**os.environ, "LMFORGE_CACHE": str(lmforge_cache)}
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "train", str(config)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "killed" / "checkpoint-3").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (tmp_path / "killed" / "checkpoint-3").exists() and not (tmp_path / "killed" / "adapter_model.safetensors").exists()
+    r = subprocess.run([sys.executable, "-m", "lmforge", "train", str(config)], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "checkpoint-" in r.stdout + r.stderr and "resum" in (r.stdout + r.stderr).lower()
+    grpo.train(load_config(None, tree=_tree(tmp_path, tiny_model_dir, out="whole", grpo_keys=keys,
+                                            train={"max_steps": 8, "save_steps": 3})))
+    a = load_file(tmp_path / "killed" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "whole" / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = _train_rows(tmp_path / "killed")
+    assert [r["step"] for r in rows] == list(range(1, 9))  # the killed run's rows after its checkpoint are dropped
