@@ -123,6 +123,17 @@ def test_tied_groups_give_no_gradient(tmp_path, tiny_model_dir, lmforge_cache):
     assert lora_b and all(torch.count_nonzero(p) == 0 for p in lora_b)  # still LoRA's zero init
 
 
+@pytest.mark.parametrize("peft", ["lora", "none"])
+def test_beta_measures_kl_to_the_starting_model(peft, tmp_path, tiny_model_dir, lmforge_cache):
+    """beta > 0: the reference is the adapter disabled (LoRA) or a frozen copy (full fine-tune). Before the first
+    update the policy is the reference (kl exactly 0); after it, kl > 0."""
+    tree = _tree(tmp_path, tiny_model_dir, grpo_keys={"beta": 0.1}, peft={"kind": peft},
+                 train={"save_strategy": "no"})
+    grpo.train(load_config(None, tree=tree))
+    rows = _train_rows(tmp_path / "run")
+    assert rows[0]["kl"] == 0.0 and all(r["kl"] > 0 for r in rows[1:])
+
+
 def test_a_reward_that_raises_names_the_function_and_the_row(tmp_path, tiny_model_dir, lmforge_cache):
     tree = _tree(tmp_path, tiny_model_dir, grpo_keys={"rewards": [{"function": f"{tmp_path / 'rewards.py'}:broken"}]})
     with pytest.raises(DataError) as e:

@@ -36,7 +36,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from lmforge.config import Config
 from lmforge.inference import decode
@@ -126,7 +125,7 @@ class GRPOObjective(Objective):
         with torch.no_grad(), trainer.autocast():
             for batch in batches:
                 if self.reuse_steps > 1 and split == "train":  # the sampling policy's log-probs, for the ratio
-                    batch["old_logps"] = self.token_logps(trainer.model, batch)[0].detach()
+                    batch["old_logps"] = self.token_logps(trainer.model, batch, entropy=False)[0].detach()
                 if self.g.beta:
                     batch["ref_logps"] = self.reference_logps(trainer.model, batch)
         if split == "train":
@@ -235,9 +234,9 @@ class GRPOObjective(Objective):
                      num_tokens=int(attention.sum()))
 
     # ------------------------------------------------------------------------------------------ the loss
-    def token_logps(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T) log-probs of the completion tokens at the sampling temperature, and their (B, T) entropies
-        (detached). The LM head runs only on the positions that predict a completion token."""
+    def token_logps(self, model, batch: dict, entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, T) log-probs of the completion tokens at the sampling temperature, and (with ``entropy``) their
+        (B, T) entropies, detached. The LM head runs only on the positions that predict a completion token."""
         valid = batch["valid"]
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         parts = decoder_and_head(model)
@@ -250,20 +249,22 @@ class GRPOObjective(Objective):
             logits = model(**inputs, use_cache=False).logits
             logits = logits.reshape(-1, logits.shape[-1])[flat]
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / self.g.temperature
-        token = -F.cross_entropy(logits, batch["targets"][valid], reduction="none")  # (N,)
-        with torch.no_grad():
-            logp = logits.log_softmax(-1)
-            entropy = -(logp.exp() * logp).sum(-1)
+        logp = logits.log_softmax(-1)  # (N, V): once, for the tokens' log-probs and the entropy
+        token = logp.gather(1, batch["targets"][valid][:, None])[:, 0]  # (N,)
         out = token.new_zeros(valid.shape).masked_scatter(valid, token)
-        return out, entropy.new_zeros(valid.shape).masked_scatter(valid, entropy)
+        if not entropy:
+            return out, None
+        with torch.no_grad():
+            spread = -(logp.exp() * logp).sum(-1)
+        return out, spread.new_zeros(valid.shape).masked_scatter(valid, spread)
 
     @torch.no_grad()
     def reference_logps(self, model, batch: dict) -> torch.Tensor:
         """(B, T) log-probs under the starting model: the adapter disabled, or the frozen copy."""
         if self.reference is None:
             with model.disable_adapter():
-                return self.token_logps(model, batch)[0]
-        return self.token_logps(self.reference, batch)[0]
+                return self.token_logps(model, batch, entropy=False)[0]
+        return self.token_logps(self.reference, batch, entropy=False)[0]
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         g = self.g
