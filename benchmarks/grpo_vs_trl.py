@@ -19,7 +19,9 @@ divided by the summed wall time of the optimizer steps (model loading and data p
 each step's rollout (sampling, without scoring) and the rest of the step (scoring, advantages, forward, backward,
 optimizer: "train") are reported apart: lmforge's from its metrics.jsonl (``rollout_s``, ``train_s``), TRL's by
 timing ``GRPOTrainer._generate`` in the child, train = step time - rollout. Each run is a subprocess, so peak RSS
-is per run. Completions are sampled, so their lengths differ between the sides (an EOS ends one early): the mean
+is per run, and so is "cores busy" (CPU time / wall time of its steps, of torch's threads: on a shared machine
+another process can slow one run many times over; a run well below its thread count is not a measurement).
+Completions are sampled, so their lengths differ between the sides (an EOS ends one early): the mean
 completion length is printed beside the rate. The mean reward of the first and last step of each side is printed
 as a sanity check only.
 
@@ -43,6 +45,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import StepTimer, child_result  # noqa: E402
 
 LR, SEED, LORA = 1e-4, 0, {"r": 16, "alpha": 32, "dropout": 0.05}
+
+
+class CpuStepTimer(StepTimer):
+    """StepTimer that also sums this process's CPU time (all threads) over the steps: CPU s / wall s near torch's
+    thread count means the run had the cores to itself; well below it, other processes took them."""
+
+    def __init__(self):
+        super().__init__()
+        self.cpu, self._c = 0.0, None
+
+    def on_step_begin(self, args, state, control, **kw):
+        super().on_step_begin(args, state, control, **kw)
+        self._c = time.process_time()
+
+    def on_step_end(self, args, state, control, **kw):
+        super().on_step_end(args, state, control, **kw)
+        self.cpu += time.process_time() - self._c
 
 REWARDS = '''
 import re
@@ -111,13 +130,13 @@ def run_trl(data: Path, rewards: Path, k: dict, out: Path) -> dict:
                       temperature=1.0, beta=0.0, loss_type="dapo", learning_rate=LR, bf16=bf16, use_cpu=True,
                       use_vllm=False, gradient_checkpointing=False, logging_steps=1, save_strategy="no",
                       report_to="none", seed=SEED, disable_tqdm=True, log_completions=False)
-    timer = StepTimer()
+    timer = CpuStepTimer()
     trainer = TimedGRPOTrainer(model=model, reward_funcs=[module.correct], args=args, train_dataset=ds,
                                processing_class=tok, peft_config=peft_config, callbacks=[timer])
     trainer.train()
     rows = [r for r in trainer.state.log_history if "reward" in r]  # one per step (logging_steps 1)
     return {"steps": timer.steps, "completions": timer.steps * completions_per_step, "seconds": timer.seconds,
-            "rollout_s": trainer.rollout_s, "train_s": timer.seconds - trainer.rollout_s,
+            "cpu_s": timer.cpu, "rollout_s": trainer.rollout_s, "train_s": timer.seconds - trainer.rollout_s,
             "mean_length": sum(r["completions/mean_length"] for r in rows) / len(rows),
             "reward_first": rows[0]["reward"], "reward_last": rows[-1]["reward"]}
 
@@ -141,13 +160,14 @@ def run_lmforge(data: Path, rewards: Path, k: dict, out: Path) -> dict:
                   "engine": "native", "resume": "never"},
     }
     cfg = load_config(None, tree=tree)
-    timer = StepTimer()
+    timer = CpuStepTimer()
     real_step = native.NativeTrainer.train_step
 
     def timed_step(self):  # one optimizer step, its rollout included (before_step runs inside train_step)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         result = real_step(self)
         timer.seconds += time.perf_counter() - t0
+        timer.cpu += time.process_time() - c0
         timer.steps += 1
         return result
 
@@ -155,16 +175,19 @@ def run_lmforge(data: Path, rewards: Path, k: dict, out: Path) -> dict:
     grpo.train(cfg)
     rows = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
     return {"steps": timer.steps, "completions": timer.steps * k["prompts"] * k["generations"],
-            "seconds": timer.seconds, "rollout_s": sum(r["rollout_s"] for r in rows),
+            "seconds": timer.seconds, "cpu_s": timer.cpu, "rollout_s": sum(r["rollout_s"] for r in rows),
             "train_s": sum(r["train_s"] for r in rows),
             "mean_length": sum(r["completions/mean_length"] for r in rows) / len(rows),
             "reward_first": rows[0]["reward"], "reward_last": rows[-1]["reward"]}
 
 
 def child(which: str, data: str, rewards: str, knobs: str, out: str) -> None:
+    import torch
+
     run = run_trl if which == "trl" else run_lmforge
     result = run(Path(data), Path(rewards), json.loads(knobs), Path(out))
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["threads"] = torch.get_num_threads()
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -205,17 +228,23 @@ def main() -> None:
           f"{args.generations} generations, max_completion_length {args.max_completion_length}, temperature 1.0, "
           f"beta 0, loss dapo, lr {LR}, gradient checkpointing off; TRL generates with transformers generate")
     print(f"{'':10}{'steps':>6}{'compl.':>8}{'mean len':>10}{'step s':>9}{'compl./s':>10}{'rollout s':>11}"
-          f"{'train s':>9}{'peak RSS MB':>13}{'reward first':>14}{'last':>7}")
+          f"{'train s':>9}{'peak RSS MB':>13}{'cores busy':>12}{'reward first':>14}{'last':>7}")
     for which, r in results.items():
         r["rate"] = r["completions"] / r["seconds"]
         print(f"{which:10}{r['steps']:>6}{r['completions']:>8}{r['mean_length']:>10.1f}{r['seconds']:>9.1f}"
               f"{r['rate']:>10.2f}{r['rollout_s']:>11.1f}{r['train_s']:>9.1f}{r['peak_rss_mb']:>13.0f}"
+              f"{r['cpu_s'] / r['seconds']:>8.1f}/{r['threads']:<3}"
               f"{r['reward_first']:>14.3f}{r['reward_last']:>7.3f}")
+    print("cores busy: CPU time / wall time of the steps, of torch's threads; well below them, other processes "
+          "took the cores during that run: re-run on an idle machine before comparing")
     if {"lmforge", "trl"} <= results.keys():
         a, b = results["lmforge"], results["trl"]
         print(f"ratio lmforge / TRL: completions/s {a['rate'] / b['rate']:.2f}x; rollout s "
               f"{a['rollout_s'] / b['rollout_s']:.2f}x; train s {a['train_s'] / b['train_s']:.2f}x; "
               f"peak RSS {a['peak_rss_mb'] / b['peak_rss_mb']:.2f}x")
+        crowded = [w for w, r in results.items() if r["cpu_s"] / r["seconds"] < 0.75 * r["threads"]]
+        if crowded:
+            print(f"WARNING: {', '.join(crowded)} had under 3/4 of its cores: these ratios are not a measurement")
 
 
 if __name__ == "__main__":
