@@ -229,7 +229,7 @@ class Decoder:
     # ------------------------------------------------------------------------------------- internals
     def _forward(self, input_ids, mask, positions, cache, last_only: bool):
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                         use_cache=True, logits_to_keep=1 if last_only else 0)
+                         use_cache=True, logits_to_keep=_last(input_ids) if last_only else 0)
         return out.logits[:, -1, :].float()
 
     def _prefill(self, seqs: list[Sequence]):
@@ -286,7 +286,7 @@ class Decoder:
         cache = new_cache(self.model)
         ids = torch.tensor([first[:n]], device=self.device)
         self.model(input_ids=ids, position_ids=torch.arange(n, device=self.device)[None], past_key_values=cache,
-                   use_cache=True, logits_to_keep=1)
+                   use_cache=True, logits_to_keep=_last(ids))
         self._prefix = (first[:n], [(layer.keys[:, :, :n], layer.values[:, :, :n]) for layer in cache.layers])
         return self._prefix
 
@@ -356,9 +356,13 @@ class Decoder:
                 scores = TopKLogitsWarper(top_k)(None, scores)
             if top_p < 1.0:
                 scores = TopPLogitsWarper(top_p)(None, scores)
-            probs = scores.softmax(-1)
-            for j, row in enumerate(rows):
-                tokens[row] = torch.multinomial(probs[j], 1, generator=seqs[row].generator)[0]
+            # inverse-CDF draws, one uniform from each row's own generator: torch.multinomial draws an exponential
+            # per vocabulary entry (measured: 0.9 ms a row at 49k entries, 15% of a GRPO rollout)
+            cdf = scores.softmax(-1).double().cumsum(-1)  # float64: no mass lost over a long vocabulary
+            draws = torch.cat([torch.rand(1, generator=seqs[row].generator, dtype=torch.float64, device=logits.device)
+                               for row in rows])
+            picked = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True)[:, 0]
+            tokens[idx] = picked.clamp(max=cdf.shape[1] - 1)
         if self.logprobs:
             temperature = torch.tensor([s.sampling_key()[0] if s.sampling_key() else 1.0 for s in seqs],
                                        device=logits.device)
@@ -366,6 +370,17 @@ class Decoder:
             for seq, value in zip(seqs, chosen):
                 seq.logprobs.append(value)
         return tokens
+
+
+def _last(input_ids: torch.Tensor) -> torch.Tensor:
+    """``logits_to_keep`` for the last position only, as an index tensor rather than the int 1.
+
+    Why: with the int, transformers slices the hidden states (``[:, -1:, :]``), a non-contiguous (B, 1, C) view
+    for a prefill; torch's matmul then cannot fold it into one matrix product and expands the LM head's weight to
+    a (B, C, vocab) batch, copied for every prompt (measured, torch 2.13 bf16: 2.4 s instead of 6 ms at B=32 on
+    the 135M model). Indexing with a tensor gives a contiguous copy of just the last positions.
+    """
+    return torch.tensor([input_ids.shape[1] - 1], device=input_ids.device)
 
 
 def _select(state, keep: list[int]):
