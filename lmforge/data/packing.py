@@ -59,15 +59,19 @@ def pack(samples: list[tuple[list[int], list[int]]], max_length: int, seed: int)
     return rows
 
 
-def shared_prompt_mask(P: int, C: int, R: int) -> torch.Tensor:
-    """(n, n) boolean mask, True = attend, of a preference pair laid out as [prompt, chosen, rejected]
-    (n = P + C + R): causal, except that the rejected answer does not see the chosen one. So each answer
-    attends to exactly what it would in its own row ``prompt + answer``, with the prompt computed once."""
+def shared_prompt_mask(P: int, *answers: int) -> torch.Tensor:
+    """(n, n) boolean mask, True = attend, of a prompt followed by several answers, ``[prompt, a1, a2, ...]``
+    (a preference pair's chosen and rejected; GRPO's completions of one prompt): causal, except that no answer
+    sees the answers before it. So each answer attends to exactly what it would in its own row ``prompt +
+    answer``, with the prompt computed once."""
     import torch  # here, not at import: `lmforge prepare` needs no torch
 
-    n = P + C + R
+    n = P + sum(answers)
     mask = torch.ones(n, n, dtype=torch.bool).tril_()
-    mask[P + C:, P:P + C] = False
+    start = P
+    for length in answers:
+        mask[start:start + length, P:start] = False
+        start += length
     return mask
 
 

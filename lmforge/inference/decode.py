@@ -14,6 +14,7 @@ else shares its batch. Beam search and encoder-decoder models stay on ``generate
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -157,6 +158,24 @@ def _use_decode_attention(model) -> None:
     AttentionInterface.register(ATTENTION, decode_attention)
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
     model.set_attn_implementation(ATTENTION)
+
+
+@contextlib.contextmanager
+def decoding_attention(model):
+    """``decode_attention`` inside the block, the model's own attention after it: for a model being trained
+    whose attention is SDPA or a function that falls back to SDPA's for unpacked batches (training's packed
+    attention), decoded between steps (GRPO's rollouts)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    before = model.config._attn_implementation
+    AttentionInterface.register(ATTENTION, decode_attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+    model.set_attn_implementation(ATTENTION)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
 
 
 def supports(model, opts: GenerationOptions | None = None) -> bool:

@@ -38,10 +38,12 @@ import torch
 import torch.distributed as dist
 
 from lmforge.config import Config
+from lmforge.data.packing import shared_prompt_mask
 from lmforge.inference import decode
 from lmforge.inference.options import GenerationOptions
 from lmforge.log import log
 from lmforge.training import preference, rl
+from lmforge.training.attention import use_packed_attention
 from lmforge.training.losses import decoder_and_head
 from lmforge.training.native import NativeTrainer
 from lmforge.training.objective import Objective
@@ -78,6 +80,9 @@ class GRPOObjective(Objective):
                           "logp_mismatch") + (("kl",) if self.g.beta else ())
         self.stat_units = {k: 1 if seq_level and k.startswith("clip_ratio") else 2 for k in self.stat_keys}
         self.eos = self._eos_ids()
+        self.per_sample = use_packed_attention(model)  # else a dense shared-prompt mask per micro-batch
+        if reference is not None and self.per_sample:
+            use_packed_attention(reference)  # the frozen copy reads the same packed rows
         self.decoder = None  # made at the first rollout (it switches the model's attention to the decode loop's)
         self.cached: list[dict] | None = None  # the rollout of the current num_iterations steps
         self.window: dict[str, dict[str, list[float]]] = {"train": {}, "eval": {}}
@@ -151,8 +156,9 @@ class GRPOObjective(Objective):
         base = model.get_base_model() if hasattr(model, "peft_config") else model  # LoRA layers stay in place
         if self.decoder is None:
             longest = max(len(s.prompt) for s in seqs) + g.max_completion_length
-            self.decoder = decode.Decoder(base, self.tokenizer, max_batch=decode.auto_batch_size(base, longest),
-                                          logprobs=True)
+            with decode.decoding_attention(base):
+                self.decoder = decode.Decoder(base, self.tokenizer, max_batch=decode.auto_batch_size(base, longest),
+                                              logprobs=True)
         pending = list(seqs)
 
         def source(n: int, wait: bool):
@@ -165,7 +171,8 @@ class GRPOObjective(Objective):
         was_training = model.training
         model.eval()
         try:
-            self.decoder.run(source)
+            with decode.decoding_attention(base):  # and back to the training forward's attention after
+                self.decoder.run(source)
         finally:
             model.train(was_training)
         return seqs
@@ -206,51 +213,56 @@ class GRPOObjective(Objective):
         return centred / (std + rl.STD_EPS)
 
     def _lay_out(self, batch: dict, seqs: list[decode.Sequence], advantages: torch.Tensor) -> None:
-        """Right-padded prompt + completion rows, and where each completion token is predicted."""
-        G, pad = self.g.num_generations, self.tokenizer.pad_token_id
-        prompts = [rec["prompt_ids"] for rec in batch["records"] for _ in range(G)]
-        width = max(len(p) + len(s.ids) for p, s in zip(prompts, seqs))
-        T = max(1, max(len(s.ids) for s in seqs))
-        B = len(seqs)
-        ids = torch.full((B, width), pad, dtype=torch.long)
-        attention = torch.zeros(B, width, dtype=torch.long)
-        mask = torch.zeros(B, T)
-        valid = torch.zeros(B, T, dtype=torch.bool)  # a completion token is there (carrying loss or not)
-        targets = torch.zeros(B, T, dtype=torch.long)
-        decode_logps = torch.zeros(B, T)
-        pred = torch.zeros(B, T, dtype=torch.long)  # flat (B * width) index of the position predicting each token
-        for b, (p, s) in enumerate(zip(prompts, seqs)):
-            n, c = len(p), len(s.ids)
-            ids[b, :n + c] = torch.tensor(p + s.ids)
-            attention[b, :n + c] = 1
-            valid[b, :c] = True
-            if c and not (self.g.mask_truncated_completions and self._truncated(s)):
-                mask[b, :c] = 1
-            targets[b, :c] = torch.tensor(s.ids)
-            decode_logps[b, :c] = torch.tensor(s.logprobs)
-            pred[b, :c] = b * width + n - 1 + torch.arange(c)
-        batch.update(input_ids=ids, attention_mask=attention, mask=mask, valid=valid, targets=targets, pred=pred,
+        """The micro-batch as one packed row: per prompt ``[prompt, completion 1, ..., completion G]``, the prompt
+        computed once and each completion attending to the prompt and itself only (``shared_prompt_mask``), so
+        it sees what it would in its own row ``prompt + completion``. TRL pads G rows of prompt + completion:
+        here the prompt's share of the forward is 1/G of that, and there is no padding."""
+        G = self.g.num_generations
+        ids, positions, shapes, pred = [], [], [], []
+        for k, rec in enumerate(batch["records"]):
+            prompt = rec["prompt_ids"]
+            P, start = len(prompt), len(ids)
+            ids += prompt
+            positions += range(P)
+            lengths = []
+            for s in seqs[k * G:(k + 1) * G]:  # each completion has at least one token
+                first = len(ids)
+                ids += s.ids
+                positions += range(P, P + len(s.ids))
+                pred += [start + P - 1] + list(range(first, first + len(s.ids) - 1))  # who predicts each token
+                lengths.append(len(s.ids))
+            shapes.append((P, *lengths))
+        B, T = len(seqs), max(len(s.ids) for s in seqs)
+        valid = torch.arange(T)[None, :] < torch.tensor([len(s.ids) for s in seqs])[:, None]  # (B, T)
+        mask = valid.float()
+        if self.g.mask_truncated_completions:
+            mask[torch.tensor([self._truncated(s) for s in seqs])] = 0.0
+        targets = torch.tensor([t for s in seqs for t in s.ids])  # (N,): valid's True cells in row-major order
+        decode_logps = torch.zeros(B, T).masked_scatter(valid, torch.tensor([x for s in seqs for x in s.logprobs]))
+        inputs = {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions])}
+        if self.per_sample:
+            inputs["packed_seq_lens"] = [shapes]
+        else:
+            inputs["attention_mask"] = torch.block_diag(*[shared_prompt_mask(*s) for s in shapes])[None, None]
+        batch.update(inputs=inputs, mask=mask, valid=valid, targets=targets, pred=torch.tensor(pred),
                      decode_logps=decode_logps, advantages=advantages.float(), old_logps=None, ref_logps=None,
-                     num_tokens=int(attention.sum()))
+                     num_tokens=len(ids))
 
     # ------------------------------------------------------------------------------------------ the loss
     def token_logps(self, model, batch: dict, entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, T) log-probs of the completion tokens at the sampling temperature, and (with ``entropy``) their
         (B, T) entropies, detached. The LM head runs only on the positions that predict a completion token."""
-        valid = batch["valid"]
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         parts = decoder_and_head(model)
-        flat = batch["pred"][valid]
         if parts is not None:
             decoder, head = parts
-            hidden = decoder(**inputs, use_cache=False).last_hidden_state
-            logits = head(hidden.reshape(-1, hidden.shape[-1])[flat])  # (N, V)
+            hidden = decoder(**batch["inputs"], use_cache=False).last_hidden_state[0]  # (T, C): one packed row
+            logits = head(hidden[batch["pred"]])  # (N, V)
         else:
-            logits = model(**inputs, use_cache=False).logits
-            logits = logits.reshape(-1, logits.shape[-1])[flat]
+            logits = model(**batch["inputs"], use_cache=False).logits[0, batch["pred"]]
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / self.g.temperature
         logp = logits.log_softmax(-1)  # (N, V): once, for the tokens' log-probs and the entropy
-        token = logp.gather(1, batch["targets"][valid][:, None])[:, 0]  # (N,)
+        token = logp.gather(1, batch["targets"][:, None])[:, 0]  # (N,)
+        valid = batch["valid"]
         out = token.new_zeros(valid.shape).masked_scatter(valid, token)
         if not entropy:
             return out, None

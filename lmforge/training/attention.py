@@ -12,9 +12,9 @@ Registered with transformers' ``AttentionInterface`` under ``NAME``; the collato
 lengths as ``packed_seq_lens``, which transformers forwards to the attention function. Batches without it
 (unpacked, generation) go to transformers' own SDPA function unchanged.
 
-A sample may also be a preference pair laid out as ``[prompt, chosen, rejected]`` with the prompt computed
-once (``data/preference.py:SharedPromptCollator``): its entry is the tuple ``(P, C, R)`` and its mask is
-``shared_prompt_mask``.
+A sample may also be a prompt with several answers laid out as ``[prompt, a1, a2, ...]`` with the prompt computed
+once (a preference pair, ``data/preference.py:SharedPromptCollator``; GRPO's completions of one prompt,
+``methods/grpo.py``): its entry is the tuple ``(P, len(a1), len(a2), ...)`` and its mask is ``shared_prompt_mask``.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from lmforge.data.packing import shared_prompt_mask
 def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                      packed_seq_lens: list[list] | None = None, **kwargs):
     """(B, H, T, D) query, (B, Hkv, T, D) key/value -> ((B, T, H, D) output, None), as transformers expects.
-    Each sample attends causally within itself only (a ``(P, C, R)`` pair: its answers each see the prompt
-    and themselves); positions after the last sample (padding) get zeros."""
+    Each sample attends causally within itself only (a ``(P, a1, a2, ...)`` prompt with answers: each answer sees
+    the prompt and itself); positions after the last sample (padding) get zeros."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if packed_seq_lens is None or query.shape[2] == 1:
@@ -66,7 +66,7 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
 _CAUSAL: dict[torch.device, torch.Tensor] = {}  # device -> the largest causal mask asked for so far
 
 
-def _masked(sample: int | tuple[int, int, int], device: torch.device) -> torch.Tensor:
+def _masked(sample: int | tuple[int, ...], device: torch.device) -> torch.Tensor:
     """The masked-out positions of one sample. A causal mask is the top-left corner of any larger one, so one
     mask serves every length (a mask cached per length held sum(n^2) bytes: 2.8 GB at max_length 2048)."""
     if isinstance(sample, tuple):
@@ -78,7 +78,7 @@ def _masked(sample: int | tuple[int, int, int], device: torch.device) -> torch.T
 
 
 @functools.lru_cache(maxsize=64)  # one step's pairs, reused by every layer; pairs rarely recur across steps
-def _shared_prompt_masked(sample: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+def _shared_prompt_masked(sample: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return ~shared_prompt_mask(*sample).to(device)
 
 
