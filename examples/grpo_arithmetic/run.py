@@ -25,7 +25,7 @@ def questions(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        a, b = rng.randint(1, 30), rng.randint(1, 30)
+        a, b = rng.randint(1, 20), rng.randint(1, 20)
         rows.append({"prompt": [{"role": "user", "content": f"What is {a} + {b}? Answer with just the number."}],
                      "answer": str(a + b)})
     return rows
