@@ -134,6 +134,23 @@ def test_beta_measures_kl_to_the_starting_model(peft, tmp_path, tiny_model_dir, 
     assert rows[0]["kl"] == 0.0 and all(r["kl"] > 0 for r in rows[1:])
 
 
+def test_a_reward_model_as_a_reward(tmp_path, tiny_model_dir, lmforge_cache):
+    """{model: DIR} beside a function: the run logs each reward's mean, and the total is their weighted sum."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rm = tmp_path / "rm"
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1).save_pretrained(rm)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(rm)
+    rewards = [{"function": f"{tmp_path / 'rewards.py'}:constant", "weight": 1.0}, {"model": str(rm), "weight": 0.5}]
+    tree = _tree(tmp_path, tiny_model_dir, grpo_keys={"rewards": rewards}, train={"save_strategy": "no"})
+    grpo.train(load_config(None, tree=tree))
+    for r in _train_rows(tmp_path / "run"):
+        assert r["rewards/constant/mean"] == 1.0
+        assert r["reward"] == pytest.approx(1.0 + 0.5 * r["rewards/rm_rm/mean"], abs=2e-6)
+        assert r["frac_reward_zero_std"] < 1.0  # the model's scores differ between completions
+
+
 def test_a_reward_that_raises_names_the_function_and_the_row(tmp_path, tiny_model_dir, lmforge_cache):
     tree = _tree(tmp_path, tiny_model_dir, grpo_keys={"rewards": [{"function": f"{tmp_path / 'rewards.py'}:broken"}]})
     with pytest.raises(DataError) as e:
