@@ -302,8 +302,11 @@ def packing(cfg, architecture: str = "decoder") -> tuple[bool, str]:
         what = f"method {cfg.method}" if not METHODS[cfg.method].packs else f"an {architecture} model"
         raise ConfigError(f"data.packing: true: {what} trains on one row per sample (packing is for causal-LM "
                           "pretrain and sft); remove the key or set it to false")
+    if cfg.method == "grpo":
+        return False, "method grpo packs each prompt's sampled completions into one row itself (methods/grpo.py)"
     if not packs:
-        return False, f"method {cfg.method} on an {architecture} model trains one row per sample"
+        article = "an" if architecture[0] in "aeiou" else "a"
+        return False, f"method {cfg.method} on {article} {architecture} model trains one row per sample"
     if cfg.data.packing is False:
         return False, "data.packing: false"
     if cfg.peft.kind == "prompt_tuning":

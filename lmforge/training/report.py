@@ -305,10 +305,16 @@ def write_report(output_dir: str | Path, cfg_summary: dict, data_lines: list[str
     lines = []
     if train:
         lines.append(f"steps: {train[-1]['step']}; first loss {train[0]['loss']:.4f}, last loss {train[-1]['loss']:.4f}")
+        rewards = [r["reward"] for r in train if "reward" in r]  # online RL: the reward is what should rise
+        if rewards:
+            fifth = max(1, len(rewards) // 5)
+            lines.append(f"reward: mean {sum(rewards[:fifth]) / fifth:.4f} over the first {fifth} logged step(s), "
+                         f"{sum(rewards[-fifth:]) / fifth:.4f} over the last {fifth} (a loss near 0 is normal in GRPO)")
     if evals:
         e = evals[-1]
         ppl = f", perplexity {e['eval_perplexity']:.2f}" if "eval_perplexity" in e else ""
-        lines.append(f"last eval (step {e['step']}): eval_loss {e['eval_loss']:.4f}{ppl}")
+        reward = f", eval_reward {e['eval_reward']:.4f}" if "eval_reward" in e else ""
+        lines.append(f"last eval (step {e['step']}): eval_loss {e['eval_loss']:.4f}{ppl}{reward}")
     rep.items(lines or ["no training steps logged"])
     rep.heading("Resources (measured)")
     rep.items(_resources(train))
