@@ -78,7 +78,7 @@ class DataSource:
     loader: str | None = _f(None, "custom loader 'package.module:function' returning rows or a datasets.Dataset")
     weight: float | None = _f(None, "training sources: sampling proportion when several are mixed (default 1); "
                                     "refused on eval sources, which are read once each, in order")
-    format: Literal["auto", "text", "prompt_completion", "chat", "preference", "kto", "prompt"] = _f(
+    format: Literal["auto", "text", "prompt_completion", "chat", "preference", "kto", "prompts"] = _f(
         "auto", "row format; auto detects it from the keys"
     )
     split: str | None = _f(None, "for a directory with train/val/test files: which split (default by role)")

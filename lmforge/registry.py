@@ -34,7 +34,7 @@ METHODS: dict[str, Method] = {
     "orpo": Method(("preference",), {"decoder": "orpo"}, pairs=True),
     "kto": Method(("kto", "preference"), {"decoder": "kto"}, pairs=True),
     "reward": Method(("preference",), {"decoder": "reward"}, pairs=True),  # a Bradley-Terry scorer, not a policy
-    "grpo": Method(("prompt",), {"decoder": "grpo"}),  # online RL: prompts in, completions sampled while training
+    "grpo": Method(("prompts",), {"decoder": "grpo"}),  # online RL: prompts in, completions sampled while training
     "mlm": Method(("text",), {"encoder-only": "mlm"}, token_loss=True),
 }
 NAMES = tuple(METHODS)

@@ -7,7 +7,7 @@ Every accepted row becomes one canonical dict:
   preference        {"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}
                     (+ "margin": float when the row has one; method reward reads it)
   kto               {"prompt": str | messages, "completion": str | messages, "label": bool}
-  prompt            {"prompt": str | messages, "columns": {every other key of the row}}   (online RL: the
+  prompts           {"prompt": str | messages, "columns": {every other key of the row}}   (online RL: the
                     completions are sampled while training; the columns go to the reward functions)
 """
 
@@ -44,7 +44,7 @@ def detect_format(keys: set[str]) -> str | None:
     if "text" in keys or {"title", "content"} <= keys:
         return "text"
     if "prompt" in keys:  # a prompt and no answer: online RL's rows (method grpo)
-        return "prompt"
+        return "prompts"
     return None
 
 
@@ -141,7 +141,7 @@ def normalize(row: Any, fmt: str, src: DataSource) -> dict:
             raise RowError("'label' must be true or false")
         out["label"] = row["label"]
         return out
-    if fmt == "prompt":
+    if fmt == "prompts":
         if "prompt" not in row or row["prompt"] is None:
             raise RowError("missing key 'prompt'")
         value = row["prompt"]

@@ -42,7 +42,7 @@ def sample_from_row(enc: Encoder, fmt: str, row: dict) -> GenerationSample | Non
         messages = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
     elif fmt == "chat":
         messages = row["messages"]
-    elif fmt == "prompt":  # online RL: no reference answer, unless the row has an "answer" column for its reward
+    elif fmt == "prompts":  # online RL: no reference answer, unless the row has an "answer" column for its reward
         return GenerationSample(prompt_ids(enc, row["prompt"], enc.apply_chat_template),
                                 str(row["columns"].get("answer", "")))
     else:
