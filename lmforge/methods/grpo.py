@@ -196,9 +196,7 @@ class GRPOObjective(Objective):
         else:
             parts = [None] * trainer.world
             dist.all_gather_object(parts, mine)
-        out = {k: [v for p in parts for v in p[k]] for k in mine}
-        out["groups"] = [len(p["total"]) // self.g.num_generations for p in parts]
-        return out
+        return {k: [v for p in parts for v in p[k]] for k in mine}
 
     def _truncated(self, seq: decode.Sequence) -> bool:
         return not seq.ids or seq.ids[-1] not in self.eos
