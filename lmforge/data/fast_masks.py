@@ -30,6 +30,7 @@ which ``MASK_PATHS`` a row is counted by the path that gave it.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from operator import itemgetter
 
 from lmforge.data.composition import PROBES, ChatLayout, Composition, Gaps, NotComposable
@@ -57,7 +58,7 @@ def _roles(messages: list[dict]) -> tuple[str, ...]:
     return tuple(map(_ROLE, messages))
 
 
-class FastPath:
+class FastPath(ABC):
     """A faster way to a chat row's spans or tokens, held to its reference by ``check``.
 
     A subclass says once why it cannot be used (``_refusal``: "" when it can) and proposes rows (``propose``: a
@@ -73,8 +74,9 @@ class FastPath:
         self.rows = 0  # rows it gave that the check let through
         self._checked: set[tuple[str, ...]] = set()  # role sequences of a row that agreed with the reference
 
+    @abstractmethod
     def _refusal(self) -> str:
-        raise NotImplementedError
+        """Why this path cannot be used, or "" when it can."""
 
     def on(self) -> bool:
         if self.reason is None:

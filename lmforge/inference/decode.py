@@ -47,6 +47,20 @@ class Sequence:
 Source = Callable[[int, bool], "list[Sequence] | None"]
 
 
+def from_list(seqs: list[Sequence]) -> Source:
+    """A source handing out ``seqs`` in order, as many as there is room for, then None."""
+    waiting = list(seqs)
+
+    def source(n: int, wait: bool):
+        if not waiting:
+            return None
+        taken = waiting[:n]
+        del waiting[:n]
+        return taken
+
+    return source
+
+
 ATTENTION = "lmforge_decode"
 MIN_PREFIX = 8  # shorter shared prompt prefixes are prefilled with the rest
 TRIM = 16  # leading all-padding cache positions worth a copy to drop

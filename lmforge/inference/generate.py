@@ -186,15 +186,7 @@ class Generator:
         """All ``prompts`` through the decode loop (continuous batching, see lmforge.inference.decode), up to
         ``max_batch`` decoding at once; longest prompts are admitted first. Results in input order."""
         seqs = self.sequences(prompts, opts)
-        waiting = sorted(seqs, key=lambda s: -len(s.prompt))
-
-        def source(n: int, wait: bool):
-            if not waiting:
-                return None
-            taken = waiting[:n]
-            del waiting[:n]
-            return taken
-
+        source = decode.from_list(sorted(seqs, key=lambda s: -len(s.prompt)))
         decode.Decoder(self.model, self.tok, max_batch).run(source, on_done=on_row and (lambda seq: on_row()))
         return [self.completion(s) for s in seqs]
 

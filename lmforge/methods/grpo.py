@@ -159,20 +159,11 @@ class GRPOObjective(Objective):
             with decode.decoding_attention(base):
                 self.decoder = decode.Decoder(base, self.tokenizer, max_batch=decode.auto_batch_size(base, longest),
                                               logprobs=True)
-        pending = list(seqs)
-
-        def source(n: int, wait: bool):
-            if not pending:
-                return None
-            out = pending[:n]
-            del pending[:n]
-            return out
-
         was_training = model.training
         model.eval()
         try:
             with decode.decoding_attention(base):  # and back to the training forward's attention after
-                self.decoder.run(source)
+                self.decoder.run(decode.from_list(seqs))
         finally:
             model.train(was_training)
         return seqs

@@ -12,12 +12,13 @@ and the metric sums, packed into one float64 vector for the step's single all-re
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
 
 
-class Objective:
+class Objective(ABC):
     """A method's loss for the native engine. A loss of several terms, each averaged over its own units (ORPO:
     the odds-ratio term over pairs, the NLL over tokens), names a tuple of units, counts a tuple and returns a
     vector of term sums; units past the loss terms average metrics only (KTO: desirable, undesirable examples),
@@ -34,17 +35,17 @@ class Objective:
         """How many kinds of units ``count`` counts."""
         return len(self.unit) if isinstance(self.unit, tuple) else 1
 
+    @abstractmethod
     def batch(self, split: str, rows: list[int] | None, records: list[dict]) -> dict:
         """The collated micro-batch of ``records`` (rows ``rows`` of ``split``, or None from a stream)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def count(self, batch: dict) -> int | tuple[int, ...]:
         """The units in ``batch`` (one number, or one per kind of unit)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         """(the loss sum over the batch's units, a 0-d tensor or one per term; the metric sums by key)."""
-        raise NotImplementedError
 
     # hooks: no-ops unless a method needs them
     def start(self, trainer) -> None:
