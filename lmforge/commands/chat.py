@@ -14,6 +14,9 @@ def add_parser(sub, formatter):
     p.add_argument("--model", required=True, help="model dir, adapter dir (merged on load), .gguf file or alias")
     p.add_argument("--backend", choices=["hf", "vllm"], default="hf",
                    help="hf = transformers models in lmforge's decode loop; vllm = vLLM where it is installed")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="a LoRA/DoRA adapter over --model (unmerged, hf backend), answered with after /model NAME; "
+                        "repeatable, to compare adapters in one conversation on one loaded base")
     p.add_argument("--system", default=None, help="system prompt to start with")
     p.add_argument("--max-new-tokens", type=int, default=512,
                    help="tokens per answer at most (fewer when the conversation nears the model's context)")
@@ -40,6 +43,8 @@ def run(args) -> int:
     # an ignored SIGINT is inherited from whatever launched the chat (a test runner, a script): take it back.
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
+    from lmforge.errors import ConfigError
+    from lmforge.inference.adapter_set import parse_adapter_flags
     from lmforge.inference.backends import load_backend
     from lmforge.inference.chat import HELP, Chat, open_answers
     from lmforge.inference.generate import GenerationOptions
@@ -51,7 +56,10 @@ def run(args) -> int:
         warnings.simplefilter("ignore", FutureWarning)
     if sys.stdin.isatty():
         import readline  # noqa: F401  (input() then edits lines and recalls earlier ones with the arrow keys)
-    answers = open_answers(load_backend(args.backend, args.model, args.dtype))
+    adapters = parse_adapter_flags(args.adapter)
+    if adapters and args.backend != "hf":
+        raise ConfigError("--adapter: with --backend hf only")
+    answers = open_answers(load_backend(args.backend, args.model, args.dtype), adapters)
     try:
         chat = Chat(answers, opts, system=args.system, seed=args.seed)
         print(f"lmforge chat with {args.model} ({args.backend}). {HELP}.", flush=True)

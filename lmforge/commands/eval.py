@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -19,6 +20,9 @@ def add_parser(sub, formatter):
                                    "fraction of pairs with chosen scored above rejected, and the mean margin. Prints "
                                    "a table and writes a JSON report.")
     p.add_argument("--model", required=True, help="model dir, adapter dir (merged on load), .gguf file or alias")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="also score the LoRA/DoRA adapter DIR over --model (the base is loaded once; adapters stay "
+                        "unmerged), reported under NAME; repeatable, to compare adapters on one base")
     p.add_argument("--data", help="a .jsonl/.json/.csv/.parquet file or directory of text, prompt/completion or chat "
                                    "rows (preference rows for reward_accuracy)")
     p.add_argument("--metrics", default="perplexity",
@@ -47,6 +51,7 @@ def run(args) -> int:
     from lmforge.errors import ConfigError, UnsupportedError
     from lmforge.evaluation.evaluate import evaluate, lm_eval_tasks, read_eval_data
     from lmforge.evaluation.metrics import check_metric_names
+    from lmforge.inference.adapter_set import AdapterSet, parse_adapter_flags
     from lmforge.inference.loading import load_for_inference
 
     metrics = check_metric_names([m.strip() for m in args.metrics.split(",") if m.strip()], "--metrics")
@@ -60,18 +65,34 @@ def run(args) -> int:
 
     source = cloud.local_input(args.data, "--data") if args.data else None  # a URL: copied into the cache once
     data = read_eval_data(source, args.limit) if source else None  # bad rows fail before loading the model
+    named = parse_adapter_flags(args.adapter)
     loaded = load_for_inference(args.model, args.dtype, reward_model_ok=True)
     if tasks and loaded.is_reward_model:
         raise UnsupportedError(f"--tasks: {args.model} is a reward model; lm-eval tasks need a language model")
-    results, samples = evaluate(loaded, data, metrics if data else [], opts, args.batch_size, args.max_length)
-    if tasks:
-        results.update(lm_eval_tasks(loaded, tasks, args.batch_size or 8, args.limit))
+    adapters = AdapterSet(loaded) if named else None
+    for name, root in named.items():
+        adapters.add(name, root)
+
+    def score(name: str | None) -> tuple[dict, list]:
+        with adapters.rows.applied(adapters.get(name) if name else None) if adapters else contextlib.nullcontext():
+            results, samples = evaluate(loaded, data, metrics if data else [], opts, args.batch_size, args.max_length)
+            if tasks:
+                results.update(lm_eval_tasks(loaded, tasks, args.batch_size or 8, args.limit))
+        return results, samples
+
+    results, samples = score(None)
     report = {"model": args.model, "data": args.data, "format": data.fmt if data else None,
               "rows": len(data.rows) if data else 0, "metrics": results, "samples": samples}
+    by_adapter = {name: score(name) for name in named}
+    if by_adapter:
+        report["adapters"] = {name: {"root": named[name], "metrics": r, "samples": s}
+                              for name, (r, s) in by_adapter.items()}
     with cloud.local_output(args.output, "--output") as target:
         out = Path(target)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     print(_table(results))
+    for name, (r, _) in by_adapter.items():
+        print(f"\nadapter {name} ({named[name]}):\n{_table(r)}")
     print(f"report written to {args.output}")
     return 0

@@ -1,4 +1,5 @@
-"""`lmforge serve --model M [--host 127.0.0.1] [--port 8000] [--api-key KEY]`: OpenAI-compatible server."""
+"""`lmforge serve --model M [--adapter NAME=DIR ...] [--allow-adapter-loading] [--host 127.0.0.1] [--port 8000]
+[--api-key KEY]`: OpenAI-compatible server; several adapters over one base, chosen by a request's ``model``."""
 
 from __future__ import annotations
 
@@ -20,6 +21,15 @@ def add_parser(sub, formatter):
                                    "requests are batched into one generate call. SIGTERM finishes in-flight requests, "
                                    "then exits.")
     p.add_argument("--model", required=True, help="model dir, adapter dir (merged on load), .gguf file or alias")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="serve the LoRA/DoRA adapter DIR (a directory or URL) over --model as model NAME, unmerged; "
+                        "repeatable: requests for different adapters and the base share one batch")
+    p.add_argument("--allow-adapter-loading", action="store_true",
+                   help="enable POST /v1/load_lora_adapter {lora_name, lora_path} and /v1/unload_lora_adapter "
+                        "{lora_name} (vLLM's routes; behind --api-key)")
+    p.add_argument("--max-adapters", type=int, default=16,
+                   help="adapters kept in memory at most; the least recently used is dropped first and read again "
+                        "from its path when a request names it")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument("--api-key", default=os.environ.get("LMFORGE_API_KEY"),
@@ -91,23 +101,37 @@ def _run_vllm(args, model_id: str) -> int:
 def run(args) -> int:
     from lmforge.errors import ConfigError
 
-    if args.max_batch_size < 1 or args.max_new_tokens < 1:
-        raise ConfigError("--max-batch-size and --max-new-tokens: must be >= 1")
+    if args.max_batch_size < 1 or args.max_new_tokens < 1 or args.max_adapters < 1:
+        raise ConfigError("--max-batch-size, --max-new-tokens and --max-adapters: must be >= 1")
     limits = limits_from(args)
     model_id = args.served_model_name or args.model
     if args.backend == "vllm":
+        if args.adapter or args.allow_adapter_loading:
+            raise ConfigError("--adapter, --allow-adapter-loading: with --backend hf only (vLLM takes its own "
+                              "--lora-modules)")
         return _run_vllm(args, model_id)
+    from lmforge.inference.adapter_set import AdapterSet, parse_adapter_flags
     from lmforge.inference.engine import Engine
     from lmforge.inference.generate import Generator
     from lmforge.inference.loading import load_for_inference
     from lmforge.inference.server import RewardScorer, create_app, serve
 
+    named = parse_adapter_flags(args.adapter)
     loaded = load_for_inference(args.model, args.dtype, reward_model_ok=True)
+    adapters = None
+    if named or args.allow_adapter_loading:
+        adapters = AdapterSet(loaded, args.max_adapters)
+        for name, root in named.items():
+            if name == model_id:
+                raise ConfigError(f"--adapter {name}: the name of the base model (--served-model-name); choose another")
+            adapters.add(name, root)  # a mismatched base or an unmixable kind: one message, exit 2
     if loaded.is_reward_model:  # it scores (POST /v1/score), it does not generate: no decode engine
         scorer = RewardScorer(loaded, batch_size=args.max_batch_size)
         app = create_app(None, model_id, args.api_key, args.max_new_tokens, limits, scorer=scorer)
     else:
-        engine = Engine(Generator(loaded), max_batch_size=args.max_batch_size, max_queue=limits.max_queue)
-        app = create_app(engine, model_id, args.api_key, args.max_new_tokens, limits)
+        engine = Engine(Generator(loaded), max_batch_size=args.max_batch_size, max_queue=limits.max_queue,
+                        rows=adapters.rows if adapters else None)
+        app = create_app(engine, model_id, args.api_key, args.max_new_tokens, limits, adapters=adapters,
+                         allow_adapter_loading=args.allow_adapter_loading)
     serve(app, args.host, args.port)
     return 0

@@ -24,12 +24,14 @@ from dataclasses import replace
 from typing import TextIO
 
 from lmforge.errors import ConfigError
+from lmforge.inference.adapter_set import AdapterSet
 from lmforge.inference.backends import HfBackend
 from lmforge.inference.engine import Engine, Job, stream_safe_text
 from lmforge.inference.generate import Completion, GenerationOptions, Generator, render_prompt
 
 PROMPT = ">>> "
 HELP = ("/system TEXT sets the system prompt (/system alone clears it), /reset clears the conversation, "
+        "/model NAME answers with an --adapter (or the base; /model alone lists them), "
         "/exit (or Ctrl-D) quits, /help shows this; Ctrl-C stops an answer")
 
 
@@ -49,10 +51,13 @@ class EngineAnswers:
     long enough to take each event, so the chat itself stays plain blocking code.
     """
 
-    def __init__(self, generator: Generator):
+    def __init__(self, generator: Generator, adapters: AdapterSet | None = None):
         self.tokenizer = generator.tok
         self.context = context_length(generator.model.config)
-        self.engine = Engine(generator, max_batch_size=1)  # one conversation: one sequence at a time
+        self.base = str(generator.loaded.name)
+        self.adapters, self.adapter = adapters, None  # the adapter answers decode with (None: the base)
+        self.engine = Engine(generator, max_batch_size=1,  # one conversation: one sequence at a time
+                             rows=adapters.rows if adapters else None)
         self._loop = asyncio.new_event_loop()
         self.engine.start()
 
@@ -61,7 +66,7 @@ class EngineAnswers:
         """Generate the answer to ``prompt``, calling ``on_text`` with each new piece of text. An exception
         raised meanwhile (KeyboardInterrupt from Ctrl-C, or from ``on_text``) cancels the job."""
         events: asyncio.Queue = asyncio.Queue()
-        job = Job(prompt, opts, self._loop, events, seeded=seeded, stream=True)
+        job = Job(prompt, opts, self._loop, events, seeded=seeded, stream=True, adapter=self.adapter)
         sent, caught = "", False
         try:
             caught = self._interrupt_as_event(events)
@@ -86,6 +91,13 @@ class EngineAnswers:
                 self._loop.remove_signal_handler(signal.SIGINT)  # back to KeyboardInterrupt
             if not job.finished:
                 self.engine.cancel([job])  # it leaves the batch at its next token
+
+    def models(self) -> list[str]:
+        """The base, then each adapter (``--adapter``): what ``use`` takes."""
+        return [self.base] + [name for name, _ in self.adapters.names()] if self.adapters else [self.base]
+
+    def use(self, name: str) -> None:
+        self.adapter = None if name == self.base else self.adapters.get(name)
 
     def _interrupt_as_event(self, events: asyncio.Queue) -> bool:
         """Ctrl-C becomes an event on this answer's queue, so KeyboardInterrupt is raised between events, never
@@ -112,6 +124,13 @@ class VllmAnswers:
         self.engine = backend.llm.llm_engine
         self.context = self.engine.model_config.max_model_len
         self._ids = itertools.count()
+        self.name = backend.name
+
+    def models(self) -> list[str]:
+        return [self.name]
+
+    def use(self, name: str) -> None:
+        pass  # one model only (--adapter is refused with --backend vllm)
 
     def answer(self, prompt: list[int], opts: GenerationOptions, seeded: bool, on_text: Callable[[str], None]
                ) -> Completion:
@@ -145,9 +164,15 @@ class VllmAnswers:
         pass
 
 
-def open_answers(backend) -> EngineAnswers | VllmAnswers:
-    """The streaming answerer for a backend from ``lmforge.inference.backends.load_backend``."""
-    return EngineAnswers(backend.generator) if isinstance(backend, HfBackend) else VllmAnswers(backend)
+def open_answers(backend, adapters: dict[str, str] | None = None) -> EngineAnswers | VllmAnswers:
+    """The streaming answerer for a backend from ``lmforge.inference.backends.load_backend``; ``adapters``
+    (name -> directory, hf backend) are read over its model for ``/model NAME``."""
+    if not isinstance(backend, HfBackend):
+        return VllmAnswers(backend)
+    named = AdapterSet(backend.loaded) if adapters else None
+    for name, root in (adapters or {}).items():
+        named.add(name, root)
+    return EngineAnswers(backend.generator, named)
 
 
 class Chat:
@@ -167,6 +192,7 @@ class Chat:
         self.seed = seed
         self.stdin, self.stdout = stdin or sys.stdin, stdout or sys.stdout
         self.history: list[dict] = []  # user and assistant messages, in order
+        self.model = answers.models()[0]  # what answers: the base, or an adapter (/model NAME)
         self.last_prompt: str | None = None  # the text the model was given for the latest answer
         self.turns = 0
 
@@ -242,11 +268,24 @@ class Chat:
         elif command == "/system":
             self.system = arg.strip() or None
             self._say("[system prompt set]" if self.system else "[system prompt cleared]")
+        elif command == "/model":
+            self._use(arg.strip())
         elif command == "/help":
             self._say(HELP)
         else:
             self._say(f"[unknown command {command}: {HELP}]")
         return True
+
+    def _use(self, name: str) -> None:
+        """Answer with the model ``name`` from now on (the conversation stays); no name: list them."""
+        names = self.answers.models()
+        if name and name in names:
+            self.answers.use(name)
+            self.model = name
+            self._say(f"[answering with {name}]")
+        else:
+            unknown = f"unknown model {name}; " if name else ""
+            self._say(f"[{unknown}models: {', '.join(names)}; answering with {self.model}]")
 
     def run(self) -> int:
         """Read and answer lines until /exit or end of input. Ctrl-C at the prompt only clears the line;

@@ -32,6 +32,7 @@ class Sequence:
     opts: GenerationOptions
     eos: frozenset[int]
     handle: object = None  # the caller's reference (a row index, a server job)
+    adapter: object = None  # a row_lora.RowAdapter applied to this row only (Decoder(rows=...)); None: the base
     ids: list[int] = field(default_factory=list)
     finished: bool = False
     generator: torch.Generator | None = None
@@ -224,8 +225,10 @@ class Decoder:
     costs one prefill and a copy of the cache, so it is done for several sequences at once.
     """
 
-    def __init__(self, model, tokenizer, max_batch: int = 64, prefill_tokens: int = 8192, logprobs: bool = False):
+    def __init__(self, model, tokenizer, max_batch: int = 64, prefill_tokens: int = 8192, logprobs: bool = False,
+                 rows=None):
         self.model, self.tokenizer = model, tokenizer
+        self.rows = rows  # a row_lora.RowLora: each sequence's adapter applied to its row of every forward
         # keep each sampled token's log-prob under the temperature-scaled distribution, before top-k/top-p (what
         # a training forward at that temperature computes: GRPO logs their mismatch)
         self.logprobs = logprobs
@@ -236,6 +239,7 @@ class Decoder:
         self.steps = 0  # decode forwards run (for tests and logs)
         self.peak = 0  # most rows decoding at once
         self._prefix = None  # (tokens, per-layer (keys, values)) of the last shared prompt prefix
+        self._prefix_adapter = None  # the adapter its keys/values were computed with
 
     @torch.inference_mode()
     def run(self, source: Source, on_token: Callable[[Sequence, int], None] | None = None,
@@ -260,10 +264,19 @@ class Decoder:
             live, state = self._step(live, state, on_token, on_done)
 
     # ------------------------------------------------------------------------------------- internals
-    def _forward(self, input_ids, mask, positions, cache, last_only: bool):
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                         use_cache=True, logits_to_keep=_last(input_ids) if last_only else 0)
+    def _forward(self, seqs: list[Sequence], input_ids, mask, positions, cache, last_only: bool):
+        """The model's forward over the rows of ``seqs`` (each with its own adapter); last-position logits."""
+        with self._adapters([s.adapter for s in seqs]):
+            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                             use_cache=True, logits_to_keep=_last(input_ids) if last_only else 0)
         return out.logits[:, -1, :].float()
+
+    def _adapters(self, adapters: list):
+        if self.rows is None:
+            if any(a is not None for a in adapters):
+                raise ValueError("a sequence names an adapter, but this Decoder has no rows=RowLora")
+            return contextlib.nullcontext()
+        return self.rows.rows(adapters)
 
     def _prefill(self, seqs: list[Sequence]):
         """Prefill of ``seqs``: their shared prefix from the prefix cache, the rest left-padded in chunks of
@@ -292,7 +305,7 @@ class Decoder:
                 for layer, (k, v) in zip(cache.layers, prefix[1]):
                     layer.update(k.expand(len(chunk), -1, -1, -1), v.expand(len(chunk), -1, -1, -1))
             positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, n:]
-            logits.append(self._forward(ids, mask, positions, cache, last_only=True))
+            logits.append(self._forward(chunk, ids, mask, positions, cache, last_only=True))
             parts.append((cache, mask, mask.sum(-1)))
             start = end
         return parts, torch.cat(logits)
@@ -302,11 +315,14 @@ class Decoder:
 
         Why: chat prompts repeat the same system prompt and template head (SmolLM2's default system prompt
         is 30 of about 40 tokens); computing it once and reusing its keys/values saves most of the prefill.
-        The last prefix is kept, so requests arriving one by one reuse the one found in an earlier group.
+        The last prefix is kept, so requests arriving one by one reuse the one found in an earlier group. Its
+        keys/values depend on the adapter: ``seqs`` all have the same one (``_admit``), and so must a kept prefix.
         """
         shortest = min(len(s.prompt) for s in seqs)
+        adapter = seqs[0].adapter
         kept = self._prefix
-        if kept and len(kept[0]) < shortest and all(s.prompt[:len(kept[0])] == kept[0] for s in seqs):
+        if kept and self._prefix_adapter is adapter and len(kept[0]) < shortest and \
+                all(s.prompt[:len(kept[0])] == kept[0] for s in seqs):
             return kept
         if len(seqs) < 2:
             return None
@@ -318,21 +334,31 @@ class Decoder:
             return None
         cache = new_cache(self.model)
         ids = torch.tensor([first[:n]], device=self.device)
-        self.model(input_ids=ids, position_ids=torch.arange(n, device=self.device)[None], past_key_values=cache,
-                   use_cache=True, logits_to_keep=_last(ids))
+        with self._adapters([adapter]):
+            self.model(input_ids=ids, position_ids=torch.arange(n, device=self.device)[None], past_key_values=cache,
+                       use_cache=True, logits_to_keep=_last(ids))
         self._prefix = (first[:n], [(layer.keys[:, :, :n], layer.values[:, :, :n]) for layer in cache.layers])
+        self._prefix_adapter = adapter
         return self._prefix
 
     def _admit(self, live, state, new, on_token, on_done):
-        parts, logits = self._prefill(new)
-        firsts = self._pick(new, logits).split([mask.shape[0] for _, mask, _ in parts])
+        by_adapter: dict[object, list[Sequence]] = {}  # prefilled per adapter: a shared prefix needs one adapter
+        for seq in new:
+            by_adapter.setdefault(seq.adapter, []).append(seq)
+        new = [seq for group in by_adapter.values() for seq in group]
+        parts, logits = [], []
+        for group in by_adapter.values():
+            group_parts, group_logits = self._prefill(group)
+            parts += group_parts
+            logits.append(group_logits)
+        firsts = self._pick(new, torch.cat(logits)).split([mask.shape[0] for _, mask, _ in parts])
         states = ([state] if state is not None else []) + [(*p, t) for p, t in zip(parts, firsts)]
         return self._advance(live + new, _merge(states), on_token, on_done, fresh=len(new))
 
     def _step(self, live, state, on_token, on_done):
         cache, mask, positions, last = state
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        logits = self._forward(last[:, None], mask, positions[:, None], cache, last_only=False)
+        logits = self._forward(live, last[:, None], mask, positions[:, None], cache, last_only=False)
         self.steps += 1
         self.peak = max(self.peak, len(live))
         state = (cache, mask, positions + 1, self._pick(live, logits))

@@ -40,6 +40,7 @@ class Job:
     index: int = 0  # the choice this job answers within its request
     seeded: bool = False  # the request set a seed: only jobs with the same seed share a batch
     stream: bool = False
+    adapter: object = None  # the row_lora.RowAdapter this job decodes with (None: the base); held until it ends
     ids: list[int] = field(default_factory=list)
     sent: str = ""  # text already streamed
     finished: bool = False
@@ -110,7 +111,7 @@ CRASH_WINDOW = 60.0
 
 class Engine:
     def __init__(self, generator: Generator, max_batch_size: int = 32, gather_seconds: float = 0.01,
-                 max_queue: int | None = None):
+                 max_queue: int | None = None, rows=None):
         self.generator = generator
         self.max_batch_size = max_batch_size
         self.gather_seconds = gather_seconds  # how long an idle engine waits for more requests to join
@@ -126,8 +127,8 @@ class Engine:
         self._crashes: collections.deque[float] = collections.deque(maxlen=MAX_CRASHES)
         self._lock = threading.Lock()  # orders submissions against the engine giving up (no job left behind)
         self.decoder = None
-        if decode.supports(generator.model):
-            self.decoder = decode.Decoder(generator.model, generator.tok, max_batch_size)
+        if decode.supports(generator.model):  # rows: a row_lora.RowLora applying each job's adapter to its row
+            self.decoder = decode.Decoder(generator.model, generator.tok, max_batch_size, rows=rows)
 
     def start(self) -> None:
         self.thread.start()
@@ -236,7 +237,8 @@ class Engine:
             if job.opts.num_beams > 1:  # beam search is transformers generate's; it runs now, on its own
                 self._run_static([job])
                 continue
-            seqs.append(decode.Sequence(job.prompt, job.opts, frozenset(self.generator.eos_ids(job.opts)), job))
+            seqs.append(decode.Sequence(job.prompt, job.opts, frozenset(self.generator.eos_ids(job.opts)), job,
+                                        adapter=job.adapter))
         if seqs:
             self.batches.append(len(seqs))
         return seqs

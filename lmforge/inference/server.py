@@ -22,14 +22,16 @@ from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from lmforge.data.tokenize import Encoder
 from lmforge.errors import DataError, LmforgeError
+from lmforge.inference.adapter_set import AdapterSet
 from lmforge.inference.engine import Busy, Engine, Job, Unavailable
 from lmforge.inference.generate import Completion, GenerationOptions, encode_prompt
 from lmforge.inference.loading import LoadedModel
+from lmforge.inference.row_lora import RowAdapter
 from lmforge.inference.score import conversation_ids, score_sequences
 
 
@@ -75,6 +77,19 @@ class ChatRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
+
+
+class LoadLoraRequest(BaseModel):  # vLLM's body for POST /v1/load_lora_adapter
+    model_config = ConfigDict(extra="ignore")
+
+    lora_name: str = Field(min_length=1, max_length=256)
+    lora_path: str = Field(min_length=1, max_length=4096)
+
+
+class UnloadLoraRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    lora_name: str = Field(min_length=1, max_length=256)
 
 
 class ScoreRequest(BaseModel):
@@ -194,9 +209,10 @@ class RewardScorer:
 # ------------------------------------------------------------------------------------------ the app
 class Api:
     def __init__(self, engine: Engine | None, model_id: str, api_key: str | None, default_max_tokens: int,
-                 limits: ServeLimits, scorer: RewardScorer | None = None):
+                 limits: ServeLimits, scorer: RewardScorer | None = None, adapters: AdapterSet | None = None):
         self.engine = engine
         self.scorer = scorer
+        self.adapters = adapters
         self.model_id = model_id
         # the header value expected; compared as bytes (Starlette decodes headers as latin-1)
         self.expected = f"Bearer {api_key}".encode() if api_key else None
@@ -206,14 +222,18 @@ class Api:
         config = (engine.generator.model if engine else scorer.loaded.model).config
         self.context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
+    def served(self) -> list[str]:
+        return [self.model_id] + [name for name, _ in self.adapters.names()] if self.adapters else [self.model_id]
+
     def check_model(self, name: str, generates: bool) -> None:
         """404 for a model not served here; 400 when the route needs the other kind of model."""
-        if name != self.model_id:
-            raise HTTPException(404, f"model {name!r} is not served here; this server has {self.model_id!r}")
+        if name != self.model_id and not (self.adapters and name in self.adapters):
+            served = ", ".join(repr(n) for n in self.served())
+            raise HTTPException(404, f"model {name!r} is not served here; this server has {served}")
         if generates and self.engine is None:
             raise BadRequest("model", f"{name!r} is a reward model: it scores sequences (POST /v1/score), it does "
                                       "not generate")
-        if not generates and self.scorer is None:
+        if not generates and self.scorer is None:  # (an adapter is generative too)
             raise BadRequest("model", f"{name!r} is a generative model, not a reward model: POST /v1/score needs a "
                                       "reward model (what method: reward writes)")
 
@@ -246,9 +266,20 @@ class Api:
                                  temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, stop=stop,
                                  seed=req.seed or 0)
 
-    def jobs(self, req: _Sampling, prompts: list[list[int]], max_tokens: int | None) -> tuple[list[Job], asyncio.Queue]:
-        if req.model != self.model_id:
-            raise HTTPException(404, f"model {req.model!r} is not served here; this server has {self.model_id!r}")
+    async def adapter(self, name: str) -> RowAdapter | None:
+        """The adapter a request's ``model`` names (None: the base), read again from its path if it was dropped
+        from memory (--max-adapters). Its jobs hold it, so unloading it later does not cut them short."""
+        if name == self.model_id or self.adapters is None:
+            return None
+        try:
+            return await asyncio.to_thread(self.adapters.get, name)
+        except KeyError:
+            raise HTTPException(404, f"model {name!r} is not served here (it was unloaded)") from None
+        except Exception as e:  # its files changed or went away since it was loaded
+            raise HTTPException(500, f"adapter {name!r} could not be read again: {type(e).__name__}: {e}") from None
+
+    def jobs(self, req: _Sampling, prompts: list[list[int]], max_tokens: int | None,
+             adapter: RowAdapter | None = None) -> tuple[list[Job], asyncio.Queue]:
         most = self.engine.max_queue
         if most is not None and len(prompts) * req.n > most:  # it would never fit: a 400, not an endless 429
             raise BadRequest("n", f"{len(prompts)} prompts x n={req.n} sequences; the server queues at most {most}")
@@ -266,7 +297,8 @@ class Api:
                 opts.max_new_tokens = self.context - len(p)
             for _ in range(req.n):  # choice i of a seeded request samples with seed + i, so the n choices differ
                 jobs.append(Job(p, GenerationOptions(**{**opts.__dict__, "seed": opts.seed + len(jobs)}), loop,
-                                events, index=len(jobs), seeded=req.seed is not None, stream=req.stream))
+                                events, index=len(jobs), seeded=req.seed is not None, stream=req.stream,
+                                adapter=adapter))
         try:
             self.engine.submit_all(jobs)
         except Busy as e:
@@ -341,12 +373,14 @@ async def _sse(engine: Engine, jobs: list[Job], events: asyncio.Queue, chunk, fi
 
 
 def create_app(engine: Engine | None, model_id: str, api_key: str | None = None, default_max_tokens: int = 256,
-               limits: ServeLimits | None = None, scorer: RewardScorer | None = None) -> FastAPI:
-    """The app for a generative model (``engine``) or a reward model (``scorer``, no engine)."""
+               limits: ServeLimits | None = None, scorer: RewardScorer | None = None,
+               adapters: AdapterSet | None = None, allow_adapter_loading: bool = False) -> FastAPI:
+    """The app for a generative model (``engine``; ``adapters`` over it, chosen by a request's ``model``, loaded
+    and unloaded at run time with ``allow_adapter_loading``) or a reward model (``scorer``, no engine)."""
     limits = limits or ServeLimits()
     if engine is not None and engine.max_queue is None:
         engine.max_queue = limits.max_queue
-    api = Api(engine, model_id, api_key, default_max_tokens, limits, scorer)
+    api = Api(engine, model_id, api_key, default_max_tokens, limits, scorer, adapters)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -398,7 +432,16 @@ def create_app(engine: Engine | None, model_id: str, api_key: str | None = None,
 
     @app.get("/v1/models", dependencies=[Depends(api.check_key)])
     async def models():
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": "lmforge"}]}
+        """The base and each adapter with ``root`` (where it came from) and ``parent`` (its base), as vLLM has them."""
+        card = {"object": "model", "created": 0, "owned_by": "lmforge"}
+        root = str((engine.generator.loaded if engine else scorer.loaded).name)
+        data = [{"id": model_id, **card, "root": root, "parent": None}]
+        for name, where in adapters.names() if adapters else []:
+            data.append({"id": name, **card, "root": where, "parent": model_id})
+        return {"object": "list", "data": data}
+
+    if allow_adapter_loading and adapters is not None:
+        _adapter_routes(app, api)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(api.check_key)])
     async def chat(req: ChatRequest, request: Request):
@@ -411,7 +454,7 @@ def create_app(engine: Engine | None, model_id: str, api_key: str | None = None,
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": _message_text(m, i)}
                     for i, m in enumerate(req.messages)]
         prompt = encode_prompt({"messages": messages}, api.tok)
-        jobs, events = api.jobs(req, [prompt], max_tokens)
+        jobs, events = api.jobs(req, [prompt], max_tokens, await api.adapter(req.model))
         return await _respond(api, req, jobs, events, request, chat=True)
 
     @app.post("/v1/completions", dependencies=[Depends(api.check_key)])
@@ -424,7 +467,7 @@ def create_app(engine: Engine | None, model_id: str, api_key: str | None = None,
             raise BadRequest("prompt", f"{len(texts)} prompts; this server allows at most {limits.max_messages}")
         api.check_limits(req, req.max_tokens, "max_tokens")
         prompts = [encode_prompt({"prompt": t}, api.tok) for t in texts]
-        jobs, events = api.jobs(req, prompts, req.max_tokens)
+        jobs, events = api.jobs(req, prompts, req.max_tokens, await api.adapter(req.model))
         return await _respond(api, req, jobs, events, request, chat=False)
 
     @app.post("/v1/score", dependencies=[Depends(api.check_key)])
@@ -447,10 +490,34 @@ def create_app(engine: Engine | None, model_id: str, api_key: str | None = None,
     return app
 
 
+def _adapter_routes(app: FastAPI, api: Api) -> None:
+    """vLLM's run-time adapter routes (``--allow-adapter-loading``); their bodies and answers are vLLM's too."""
+
+    @app.post("/v1/load_lora_adapter", dependencies=[Depends(api.check_key)])
+    async def load_lora_adapter(req: LoadLoraRequest):
+        if req.lora_name == api.model_id or req.lora_name in api.adapters:
+            raise BadRequest("lora_name", f"the lora adapter {req.lora_name!r} has already been loaded" if
+                             req.lora_name in api.adapters else f"{req.lora_name!r} is the base model's name")
+        try:
+            await asyncio.to_thread(api.adapters.add, req.lora_name, req.lora_path)
+        except LmforgeError as e:
+            raise BadRequest("lora_path", str(e)) from None
+        except Exception as e:  # unreadable files (a corrupt safetensors file, permissions): the client's adapter
+            raise BadRequest("lora_path", f"adapter {req.lora_name!r} cannot be loaded from {req.lora_path}: "
+                                          f"{type(e).__name__}: {e}") from None
+        return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter", dependencies=[Depends(api.check_key)])
+    async def unload_lora_adapter(req: UnloadLoraRequest):
+        if not api.adapters.remove(req.lora_name):
+            raise HTTPException(404, f"the lora adapter {req.lora_name!r} cannot be found")
+        return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")
+
+
 async def _respond(api: Api, req: _Sampling, jobs: list[Job], events: asyncio.Queue, request: Request, chat: bool):
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
-    head = {"id": rid, "created": created, "model": api.model_id}
+    head = {"id": rid, "created": created, "model": req.model}
     if req.stream:
         obj = "chat.completion.chunk" if chat else "text_completion"
 

@@ -1,0 +1,299 @@
+"""Several adapters over one base (issue 25): per-row LoRA/DoRA in one batch equals each adapter merged and run
+alone; `lmforge serve --adapter NAME=DIR` driven by the real `openai` client on 127.0.0.1 (mixed concurrent
+requests, /v1/models, run-time load/unload, a mismatched adapter refused while the others keep serving, the API
+key and limits on the new routes).
+
+The adapters are real PEFT adapter directories, built in code with random (nonzero) B matrices so that each
+answers the same prompt differently; one is DoRA (with a rescaled magnitude), one is built on another model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from test_serve_limits import KEY, request, start_cli_server, stop_cli_server
+
+openai = pytest.importorskip("openai")
+
+PROMPTS = ["the quick brown", "alpha lives in beta", "extract the name from: gamma works in delta", "seven wizards"]
+CHAT = [{"role": "user", "content": "extract the name from: alpha lives in beta"}]
+
+
+def _save_adapter(model_dir, out, seed: int, **lora) -> str:
+    """A PEFT adapter over ``model_dir`` with random A and B (and DoRA magnitudes), saved to ``out``."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                p.normal_(0, 0.4)
+            elif "lora_magnitude_vector" in name:
+                p.mul_(torch.empty_like(p).uniform_(0.5, 1.5))
+    peft_model.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dir, tmp_path_factory):
+    """name -> adapter dir: two LoRA adapters (different ranks, targets, rsLoRA), a DoRA one, and 'other', a LoRA
+    adapter trained on a model of another hidden size (a mismatched base)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("adapters")
+    out = {
+        "alpha": _save_adapter(tiny_model_dir, root / "alpha", 1, r=4, lora_alpha=8, target_modules="all-linear"),
+        "beta": _save_adapter(tiny_model_dir, root / "beta", 2, r=8, lora_alpha=8, use_rslora=True,
+                              target_modules=["q_proj", "v_proj", "down_proj"]),
+        "gamma": _save_adapter(tiny_model_dir, root / "gamma", 3, r=4, lora_alpha=4, use_dora=True,
+                               target_modules=["q_proj", "o_proj", "up_proj"]),
+    }
+    cfg = LlamaConfig(vocab_size=400, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=512)
+    other_dir = root / "other-base"
+    LlamaForCausalLM(cfg).save_pretrained(other_dir)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(other_dir)
+    out["other"] = _save_adapter(other_dir, root / "other", 4, r=4, lora_alpha=8, target_modules=["q_proj"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def merged(tiny_model_dir, adapters):
+    """Greedy answers of each adapter merged into the base and run alone (plain generate), and of the base."""
+    from lmforge.inference.generate import GenerationOptions, Generator, encode_prompt
+    from lmforge.inference.loading import load_for_inference
+
+    generators = {name: Generator(load_for_inference(adapters[name] if name != "base" else str(tiny_model_dir),
+                                                     dtype="float32"))
+                  for name in ("base", "alpha", "beta", "gamma")}
+
+    def answer(name: str, row: dict, n: int):
+        gen = generators[name]
+        return gen.generate([encode_prompt(row, gen.tok)], GenerationOptions(max_new_tokens=n))[0]
+
+    return answer
+
+
+def _adapter_set(tiny_model_dir, adapters, names, max_adapters=None):
+    from lmforge.inference.adapter_set import AdapterSet
+    from lmforge.inference.loading import load_for_inference
+
+    aset = AdapterSet(load_for_inference(str(tiny_model_dir), dtype="float32"), max_adapters)
+    for name in names:
+        aset.add(name, adapters[name])
+    return aset
+
+
+def test_adapters_answer_differently(merged):
+    answers = {name: merged(name, {"prompt": PROMPTS[0]}, 10).token_ids for name in ("base", "alpha", "beta", "gamma")}
+    assert len({tuple(a) for a in answers.values()}) == 4, answers  # else the mixing tests below prove nothing
+
+
+def test_mixed_batch_rows_equal_each_adapter_merged(tiny_model_dir, adapters, merged):
+    """One continuous batch mixing the base, two LoRA adapters and a DoRA one: each row's greedy tokens equal its
+    adapter merged and run alone."""
+    from lmforge.inference import decode
+    from lmforge.inference.generate import GenerationOptions, encode_prompt
+
+    aset = _adapter_set(tiny_model_dir, adapters, ["alpha", "beta", "gamma"])
+    tok = aset.base.tokenizer
+    names = ["base", "alpha", "beta", "gamma"]
+    rows = [(names[i % 4], {"prompt": PROMPTS[(i // 4) % len(PROMPTS)]}) for i in range(16)]
+    rows += [(n, {"messages": CHAT}) for n in names]  # a shared chat prefix, prefilled per adapter
+    opts = GenerationOptions(max_new_tokens=10)
+    seqs = [decode.Sequence(encode_prompt(row, tok), opts, frozenset([tok.eos_token_id]), handle=i,
+                            adapter=None if name == "base" else aset.get(name)) for i, (name, row) in enumerate(rows)]
+    decoder = decode.Decoder(aset.base.model, tok, max_batch=8, rows=aset.rows)
+    decoder.run(decode.from_list(seqs))
+    assert decoder.peak == 8  # rows of different adapters really shared batches
+    for (name, row), seq in zip(rows, seqs):
+        assert seq.ids == merged(name, row, 10).token_ids, (name, row)
+
+
+def test_max_adapters_drops_the_least_recently_used_and_reads_it_again(tiny_model_dir, adapters):
+    aset = _adapter_set(tiny_model_dir, adapters, ["alpha", "beta"], max_adapters=1)
+    assert aset.resident() == ["beta"]  # alpha, used least recently, was dropped from memory
+    held = aset.get("beta")
+    alpha = aset.get("alpha")  # read again from its path; beta dropped
+    assert aset.resident() == ["alpha"] and [n for n, _ in aset.names()] == ["alpha", "beta"]
+    assert set(alpha.layers) and held.layers  # a row still holding beta keeps its weights
+    assert aset.get("beta") is not held  # a fresh read
+
+
+def test_unmixable_and_mismatched_adapters_are_refused_with_the_reason(tiny_model_dir, adapters, tmp_path):
+    from peft import PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lmforge.errors import ConfigError, UnsupportedError
+
+    aset = _adapter_set(tiny_model_dir, adapters, [])
+    with pytest.raises(ConfigError, match="hidden_size 48 vs 32"):
+        aset.add("other", adapters["other"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).save_pretrained(
+        tmp_path / "pt")
+    with pytest.raises(UnsupportedError, match="virtual tokens cannot share a batch"):
+        aset.add("pt", str(tmp_path / "pt"))
+    with pytest.raises(ConfigError, match="not a directory"):
+        aset.add("missing", str(tmp_path / "nowhere"))
+    assert aset.names() == []
+
+
+def test_cli_refuses_a_mismatched_adapter_at_start(tiny_model_dir, adapters):
+    proc = subprocess.run([sys.executable, "-m", "lmforge", "serve", "--model", str(tiny_model_dir), "--dtype",
+                           "float32", "--adapter", f"alpha={adapters['alpha']}", "--adapter",
+                           f"other={adapters['other']}"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "LMFORGE_API_KEY": ""})
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("lmforge: error: adapter 'other'") and "hidden_size 48 vs 32" in proc.stderr
+
+
+def test_chat_switches_adapters_on_one_base(tiny_model_dir, adapters, merged):
+    import io
+
+    from lmforge.inference.backends import HfBackend
+    from lmforge.inference.chat import Chat, open_answers
+    from lmforge.inference.generate import GenerationOptions
+
+    answers = open_answers(HfBackend(str(tiny_model_dir), "float32"), {"gamma": adapters["gamma"]})
+    try:
+        out = io.StringIO()
+        chat = Chat(answers, GenerationOptions(max_new_tokens=10), stdout=out)
+        chat.handle("/model gamma")
+        assert chat.ask(CHAT[0]["content"]).token_ids == merged("gamma", {"messages": CHAT}, 10).token_ids
+        chat.handle("/reset")
+        chat.handle(f"/model {tiny_model_dir}")
+        assert chat.ask(CHAT[0]["content"]).token_ids == merged("base", {"messages": CHAT}, 10).token_ids
+        chat.handle("/model nope")
+        assert "[unknown model nope; models: " in out.getvalue() and chat.model == str(tiny_model_dir)
+    finally:
+        answers.close()
+
+
+def test_eval_scores_each_adapter_on_one_base(tiny_model_dir, adapters, tmp_path):
+    from conftest import write_jsonl
+
+    from lmforge.cli import main
+
+    data = write_jsonl(tmp_path / "val.jsonl", [{"prompt": p, "completion": " alpha beta"} for p in PROMPTS])
+    common = ["--data", str(data), "--metrics", "perplexity", "--dtype", "float32"]
+    assert main(["eval", "--model", str(tiny_model_dir), "--adapter", f"beta={adapters['beta']}", "--adapter",
+                 f"gamma={adapters['gamma']}", "--output", str(tmp_path / "all.json"), *common]) == 0
+    report = json.loads((tmp_path / "all.json").read_text())
+    for name in ("beta", "gamma"):
+        assert main(["eval", "--model", adapters[name], "--output", str(tmp_path / f"{name}.json"), *common]) == 0
+        alone = json.loads((tmp_path / f"{name}.json").read_text())["metrics"]["perplexity"]
+        assert report["adapters"][name]["metrics"]["perplexity"] == pytest.approx(alone, rel=1e-4)
+    assert report["metrics"]["perplexity"] != pytest.approx(report["adapters"]["beta"]["metrics"]["perplexity"])
+
+
+# ------------------------------------------------------------------------------------------ the server
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, adapters, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve-adapters") / "server.log"
+    proc, base = start_cli_server(tiny_model_dir, log, "--api-key", KEY, "--max-new-tokens", "16",
+                                  "--adapter", f"alpha={adapters['alpha']}", "--adapter", f"gamma={adapters['gamma']}",
+                                  "--allow-adapter-loading", "--max-body-bytes", "4096")
+    yield base
+    stop_cli_server(proc)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def test_models_lists_the_base_and_each_adapter(client, adapters, tiny_model_dir):
+    models = {m.id: m.model_dump() for m in client.models.list().data}
+    assert list(models) == ["tiny", "alpha", "gamma"]
+    assert models["tiny"]["parent"] is None and models["tiny"]["root"] == str(tiny_model_dir)
+    assert models["alpha"]["parent"] == "tiny" and models["alpha"]["root"] == adapters["alpha"]
+    assert models["gamma"]["parent"] == "tiny" and models["gamma"]["root"] == adapters["gamma"]
+
+
+def test_24_concurrent_mixed_requests_each_equal_its_adapter_alone(server, client, merged):
+    names = ["tiny", "alpha", "gamma"]
+
+    def one(i: int):
+        model = names[i % 3]
+        if i % 2:
+            r = client.completions.create(model=model, prompt=PROMPTS[i % 4], max_tokens=10, temperature=0)
+            return model, {"prompt": PROMPTS[i % 4]}, r.choices[0].text, r.model
+        r = client.chat.completions.create(model=model, messages=CHAT, max_tokens=10, temperature=0)
+        return model, {"messages": CHAT}, r.choices[0].message.content, r.model
+
+    before = request(server, "/health")[1]
+    with ThreadPoolExecutor(24) as pool:
+        results = list(pool.map(one, range(24)))
+    after = request(server, "/health")[1]
+    for model, row, text, answered_as in results:
+        assert (text, answered_as) == (merged("base" if model == "tiny" else model, row, 10).text, model), (model, row)
+    assert after["requests"] - before["requests"] == 24 and after["largest_batch"] > 3
+
+
+def test_load_use_unload_then_404(server, client, adapters, merged):
+    code, body, _ = request(server, "/v1/load_lora_adapter", {"lora_name": "beta", "lora_path": adapters["beta"]})
+    assert code == 200, body
+    assert [m.id for m in client.models.list().data] == ["tiny", "alpha", "gamma", "beta"]
+    r = client.completions.create(model="beta", prompt=PROMPTS[1], max_tokens=10, temperature=0)
+    assert r.choices[0].text == merged("beta", {"prompt": PROMPTS[1]}, 10).text
+    code, body, _ = request(server, "/v1/load_lora_adapter", {"lora_name": "beta", "lora_path": adapters["beta"]})
+    assert code == 400 and "already been loaded" in body["error"]["message"]
+    assert request(server, "/v1/unload_lora_adapter", {"lora_name": "beta"})[0] == 200
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="beta", prompt=PROMPTS[1], max_tokens=2)
+    code, body, _ = request(server, "/v1/unload_lora_adapter", {"lora_name": "beta"})
+    assert code == 404 and "cannot be found" in body["error"]["message"]
+    assert [m.id for m in client.models.list().data] == ["tiny", "alpha", "gamma"]
+
+
+def test_a_mismatched_or_bad_adapter_is_refused_and_the_others_keep_serving(server, client, adapters, merged,
+                                                                             tmp_path):
+    code, body, _ = request(server, "/v1/load_lora_adapter", {"lora_name": "other", "lora_path": adapters["other"]})
+    assert code == 400 and "hidden_size 48 vs 32" in body["error"]["message"], body
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "x"}))
+    (broken / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    code, body, _ = request(server, "/v1/load_lora_adapter", {"lora_name": "broken", "lora_path": str(broken)})
+    assert code == 400 and "broken" in body["error"]["message"], body
+    code, body, _ = request(server, "/v1/load_lora_adapter", {"lora_name": "tiny", "lora_path": adapters["beta"]})
+    assert code == 400 and "base model" in body["error"]["message"]
+    assert [m.id for m in client.models.list().data] == ["tiny", "alpha", "gamma"]
+    r = client.completions.create(model="alpha", prompt=PROMPTS[2], max_tokens=10, temperature=0)
+    assert r.choices[0].text == merged("alpha", {"prompt": PROMPTS[2]}, 10).text
+
+
+def test_the_new_routes_need_the_key_and_obey_the_limits(server, adapters):
+    body = {"lora_name": "beta", "lora_path": adapters["beta"]}
+    assert request(server, "/v1/load_lora_adapter", body, key=None)[0] == 401
+    assert request(server, "/v1/load_lora_adapter", body, key="wrong")[0] == 401
+    assert request(server, "/v1/unload_lora_adapter", {"lora_name": "alpha"}, key=None)[0] == 401
+    code, _, _ = request(server, "/v1/load_lora_adapter", {"lora_name": "beta", "lora_path": "x" * 5000})
+    assert code == 413  # --max-body-bytes 4096
+    code, err, _ = request(server, "/v1/load_lora_adapter", {"lora_name": "beta"})
+    assert code == 400 and err["error"]["param"] == "lora_path"
+    code, err, _ = request(server, "/v1/chat/completions", {"model": "alpha", "messages": CHAT, "n": 99})
+    assert code == 400 and err["error"]["param"] == "n"  # the request limits hold for adapters too
+    assert "alpha" in [m["id"] for m in request(server, "/v1/models")[1]["data"]]  # nothing was unloaded
+
+
+def test_the_routes_exist_only_with_allow_adapter_loading(tiny_model_dir, adapters, tmp_path):
+    proc, base = start_cli_server(tiny_model_dir, tmp_path / "log", "--adapter", f"alpha={adapters['alpha']}")
+    try:
+        code, _, _ = request(base, "/v1/load_lora_adapter", {"lora_name": "beta", "lora_path": adapters["beta"]})
+        assert code == 404
+        assert [m["id"] for m in request(base, "/v1/models")[1]["data"]] == ["tiny", "alpha"]
+    finally:
+        stop_cli_server(proc)
