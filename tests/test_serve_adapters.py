@@ -26,6 +26,20 @@ PROMPTS = ["the quick brown", "alpha lives in beta", "extract the name from: gam
 CHAT = [{"role": "user", "content": "extract the name from: alpha lives in beta"}]
 
 
+def lora_route(base: str, path: str, body: dict, key: str | None = KEY) -> tuple[int, str | dict]:
+    """POST to a load/unload route: (status, the plain-text answer on success as vLLM gives it, else the JSON)."""
+    import urllib.error
+    import urllib.request
+
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    req = urllib.request.Request(f"{base}{path}", data=json.dumps(body).encode(), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
 def _save_adapter(model_dir, out, seed: int, **lora) -> str:
     """A PEFT adapter over ``model_dir`` with random A and B (and DoRA magnitudes), saved to ``out``."""
     from peft import LoraConfig, get_peft_model
@@ -156,7 +170,8 @@ def test_cli_refuses_a_mismatched_adapter_at_start(tiny_model_dir, adapters):
                           env={**os.environ, "LMFORGE_API_KEY": ""})
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.startswith("lmforge: error: adapter 'other'") and "hidden_size 48 vs 32" in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]  # (libraries may warn above it)
+    assert last.startswith("lmforge: error: adapter 'other'") and "hidden_size 48 vs 32" in last
 
 
 def test_chat_switches_adapters_on_one_base(tiny_model_dir, adapters, merged):
@@ -243,32 +258,32 @@ def test_24_concurrent_mixed_requests_each_equal_its_adapter_alone(server, clien
 
 
 def test_load_use_unload_then_404(server, client, adapters, merged):
-    code, body, _ = request(server, "/v1/load_lora_adapter", {"lora_name": "beta", "lora_path": adapters["beta"]})
+    code, body = lora_route(server, "/v1/load_lora_adapter", {"lora_name": "beta", "lora_path": adapters["beta"]})
     assert code == 200, body
     assert [m.id for m in client.models.list().data] == ["tiny", "alpha", "gamma", "beta"]
     r = client.completions.create(model="beta", prompt=PROMPTS[1], max_tokens=10, temperature=0)
     assert r.choices[0].text == merged("beta", {"prompt": PROMPTS[1]}, 10).text
-    code, body, _ = request(server, "/v1/load_lora_adapter", {"lora_name": "beta", "lora_path": adapters["beta"]})
+    code, body = lora_route(server, "/v1/load_lora_adapter", {"lora_name": "beta", "lora_path": adapters["beta"]})
     assert code == 400 and "already been loaded" in body["error"]["message"]
-    assert request(server, "/v1/unload_lora_adapter", {"lora_name": "beta"})[0] == 200
+    assert lora_route(server, "/v1/unload_lora_adapter", {"lora_name": "beta"})[0] == 200
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="beta", prompt=PROMPTS[1], max_tokens=2)
-    code, body, _ = request(server, "/v1/unload_lora_adapter", {"lora_name": "beta"})
+    code, body = lora_route(server, "/v1/unload_lora_adapter", {"lora_name": "beta"})
     assert code == 404 and "cannot be found" in body["error"]["message"]
     assert [m.id for m in client.models.list().data] == ["tiny", "alpha", "gamma"]
 
 
 def test_a_mismatched_or_bad_adapter_is_refused_and_the_others_keep_serving(server, client, adapters, merged,
                                                                              tmp_path):
-    code, body, _ = request(server, "/v1/load_lora_adapter", {"lora_name": "other", "lora_path": adapters["other"]})
+    code, body = lora_route(server, "/v1/load_lora_adapter", {"lora_name": "other", "lora_path": adapters["other"]})
     assert code == 400 and "hidden_size 48 vs 32" in body["error"]["message"], body
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "x"}))
     (broken / "adapter_model.safetensors").write_bytes(b"not safetensors")
-    code, body, _ = request(server, "/v1/load_lora_adapter", {"lora_name": "broken", "lora_path": str(broken)})
+    code, body = lora_route(server, "/v1/load_lora_adapter", {"lora_name": "broken", "lora_path": str(broken)})
     assert code == 400 and "broken" in body["error"]["message"], body
-    code, body, _ = request(server, "/v1/load_lora_adapter", {"lora_name": "tiny", "lora_path": adapters["beta"]})
+    code, body = lora_route(server, "/v1/load_lora_adapter", {"lora_name": "tiny", "lora_path": adapters["beta"]})
     assert code == 400 and "base model" in body["error"]["message"]
     assert [m.id for m in client.models.list().data] == ["tiny", "alpha", "gamma"]
     r = client.completions.create(model="alpha", prompt=PROMPTS[2], max_tokens=10, temperature=0)
@@ -277,12 +292,12 @@ def test_a_mismatched_or_bad_adapter_is_refused_and_the_others_keep_serving(serv
 
 def test_the_new_routes_need_the_key_and_obey_the_limits(server, adapters):
     body = {"lora_name": "beta", "lora_path": adapters["beta"]}
-    assert request(server, "/v1/load_lora_adapter", body, key=None)[0] == 401
-    assert request(server, "/v1/load_lora_adapter", body, key="wrong")[0] == 401
-    assert request(server, "/v1/unload_lora_adapter", {"lora_name": "alpha"}, key=None)[0] == 401
-    code, _, _ = request(server, "/v1/load_lora_adapter", {"lora_name": "beta", "lora_path": "x" * 5000})
+    assert lora_route(server, "/v1/load_lora_adapter", body, key=None)[0] == 401
+    assert lora_route(server, "/v1/load_lora_adapter", body, key="wrong")[0] == 401
+    assert lora_route(server, "/v1/unload_lora_adapter", {"lora_name": "alpha"}, key=None)[0] == 401
+    code, _ = lora_route(server, "/v1/load_lora_adapter", {"lora_name": "beta", "lora_path": "x" * 5000})
     assert code == 413  # --max-body-bytes 4096
-    code, err, _ = request(server, "/v1/load_lora_adapter", {"lora_name": "beta"})
+    code, err = lora_route(server, "/v1/load_lora_adapter", {"lora_name": "beta"})
     assert code == 400 and err["error"]["param"] == "lora_path"
     code, err, _ = request(server, "/v1/chat/completions", {"model": "alpha", "messages": CHAT, "n": 99})
     assert code == 400 and err["error"]["param"] == "n"  # the request limits hold for adapters too
@@ -292,7 +307,7 @@ def test_the_new_routes_need_the_key_and_obey_the_limits(server, adapters):
 def test_the_routes_exist_only_with_allow_adapter_loading(tiny_model_dir, adapters, tmp_path):
     proc, base = start_cli_server(tiny_model_dir, tmp_path / "log", "--adapter", f"alpha={adapters['alpha']}")
     try:
-        code, _, _ = request(base, "/v1/load_lora_adapter", {"lora_name": "beta", "lora_path": adapters["beta"]})
+        code, _ = lora_route(base, "/v1/load_lora_adapter", {"lora_name": "beta", "lora_path": adapters["beta"]})
         assert code == 404
         assert [m["id"] for m in request(base, "/v1/models")[1]["data"]] == ["tiny", "alpha"]
     finally:
