@@ -17,6 +17,7 @@ weights, ``adapter_set.py``); the weights stay unmerged, in the compute dtype.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 from dataclasses import dataclass, field
 
@@ -107,11 +108,13 @@ class RowLora:
     unloaded while a row still decodes stays alive (and applied) until that row is done.
     """
 
+    KEEP = 4  # adapter sets whose tables are kept
+
     def __init__(self, model: nn.Module):
         self.model = model
         self.layers: dict[str, nn.Linear] = {}
         self.current: _Batch | None = None
-        self._cached: tuple[tuple, dict[str, _Table]] = ((), {})
+        self._cached: collections.OrderedDict[tuple, dict[str, _Table]] = collections.OrderedDict()
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         for name, module in list(model.named_modules()):
             for child_name, child in list(module.named_children()):
@@ -123,7 +126,8 @@ class RowLora:
     @contextlib.contextmanager
     def rows(self, adapters: list[RowAdapter | None]):
         """Within the block, row i of the model's batch gets ``adapters[i]`` (None: the base alone)."""
-        present = tuple(dict.fromkeys(a for a in adapters if a is not None))
+        # one order for a set, whatever the rows' order (else every row joining or leaving would rebuild the tables)
+        present = tuple(sorted({a for a in adapters if a is not None}, key=id))
         position = {a: i + 1 for i, a in enumerate(present)}
         device = next(self.model.parameters()).device
         index = torch.tensor([position[a] if a is not None else 0 for a in adapters], device=device)
@@ -144,10 +148,12 @@ class RowLora:
             self.current = None
 
     def _tables(self, present: tuple) -> dict[str, _Table]:
-        """The concatenated updates for the adapters ``present``; rebuilt only when that set changes (one set is
-        kept: in a continuous batch it changes only when an adapter's first row joins or its last row leaves)."""
-        if present == self._cached[0]:
-            return self._cached[1]
+        """The concatenated updates for the adapters ``present``. The last ``KEEP`` sets are kept: in a continuous
+        batch the set changes when an adapter's first row joins or its last row leaves, and prompts are prefilled
+        one adapter at a time (a set of one shares the adapter's own tensors: no copy)."""
+        if present in self._cached:
+            self._cached.move_to_end(present)
+            return self._cached[present]
         tables, owners = {}, {}
         for name in dict.fromkeys(n for a in present for n in a.layers):
             users = [(i + 1, a.layers[name]) for i, a in enumerate(present) if name in a.layers]
@@ -161,7 +167,12 @@ class RowLora:
                 for i, u in users:
                     if u.g is not None:
                         g[i] = u.g
-            tables[name] = _Table(torch.cat([u.a for _, u in users]), torch.cat([u.b for _, u in users], dim=1),
-                                  owner, g)
-        self._cached = (present, tables)
+            if len(users) == 1:
+                a, b = users[0][1].a, users[0][1].b
+            else:
+                a, b = torch.cat([u.a for _, u in users]), torch.cat([u.b for _, u in users], dim=1)
+            tables[name] = _Table(a, b, owner, g)
+        self._cached[present] = tables
+        while len(self._cached) > self.KEEP:
+            self._cached.popitem(last=False)
         return tables
