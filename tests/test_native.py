@@ -236,6 +236,47 @@ def test_fast_dropout_drops_p_and_keeps_the_mean():
     assert not any(type(m) is torch.nn.Dropout and m.p > 0 for m in model.modules())
 
 
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_lora_linear_equals_peft(dropout):
+    """The fused LoRA layer's output and gradients (input, A, B; a trainable bias too) against PEFT's own forward on
+    the same dropout draws, in float64; adapters disabled or several active fall back to PEFT's forward."""
+    from peft import LoraConfig, get_peft_model
+
+    from lmforge.training.dropout import use_fast_lora_dropout
+    from lmforge.training.lora_linear import use_fused_lora
+
+    def build():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(12, 20), torch.nn.ReLU(), torch.nn.Linear(20, 6, bias=False))
+        model = get_peft_model(net, LoraConfig(r=3, lora_alpha=5, lora_dropout=dropout, target_modules=["0", "2"],
+                                               modules_to_save=None, init_lora_weights=False)).double()
+        model.base_model.model[0].base_layer.bias.requires_grad_(True)
+        use_fast_lora_dropout(model)
+        return model
+
+    x = torch.randn(4, 5, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    results = []
+    for fused in (False, True):
+        model = build()
+        if fused:
+            assert use_fused_lora(model) == 2
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(2)  # the same dropout draws for both
+        out = model(xi)
+        out.pow(2).sum().backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        assert len(grads) == 5  # A and B of both layers, and the bias
+        results.append((out.detach(), xi.grad, grads))
+    (out0, gx0, g0), (out1, gx1, g1) = results
+    torch.testing.assert_close(out1, out0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx1, gx0, rtol=1e-12, atol=1e-12)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-12, atol=1e-12, msg=name)
+    with model.disable_adapter():  # PEFT's own path: the base alone
+        torch.testing.assert_close(model(x), model.base_model.model[2].base_layer(
+            torch.relu(model.base_model.model[0].base_layer(x))))
+
 _FRAGMENTED_HEAP = """
 import json
 from lmforge.training.memory import HeapTrim, rss_bytes

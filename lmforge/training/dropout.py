@@ -43,15 +43,20 @@ class FastDropout(torch.nn.Module):
         self.scale = LEVELS / (LEVELS - self.threshold) if self.threshold < LEVELS else 0.0  # 1 / keep-probability
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = self.mask(x)
+        return x if mask is None else _MaskedScale.apply(x, mask)
+
+    def mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The multiplier (0 or 1/keep, x's shape and dtype) for ``x``, drawn from the default generator; None when
+        nothing is dropped (evaluation, p = 0)."""
         if not self.training or self.threshold == 0 or x.numel() == 0:  # p < 1/65536 rounds to no dropout
-            return x
+            return None
         n = -(-x.numel() // 4)  # 64-bit draws needed, four lanes each
         draws = torch.empty(n, dtype=torch.int64, device=x.device).random_()
         lanes = draws.view(torch.int16)[:x.numel()].view(x.shape) & LANE  # uniform in [0, 32767]
         # lanes >= threshold -> 1, else 0, without a bool tensor; no int16 overflow since threshold >= 1
         keep = lanes.sub_(self.threshold - 1).clamp_(0, 1)
-        mask = keep.to(x.dtype).mul_(self.scale)
-        return _MaskedScale.apply(x, mask)
+        return keep.to(x.dtype).mul_(self.scale)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

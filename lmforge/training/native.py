@@ -47,6 +47,7 @@ from lmforge.training.checkpoint import (
     EpochSampler, load_weights, read_weights, rng_state, set_rng_state, weights_bytes, write_checkpoint_atomically,
 )
 from lmforge.training.dropout import use_fast_lora_dropout
+from lmforge.training.lora_linear import use_fused_lora
 from lmforge.training.memory import HeapTrim
 from lmforge.training.objective import Objective, StepTotals
 from lmforge.training.optim import build_optimizer, scheduler_for
@@ -115,6 +116,7 @@ class NativeTrainer:
             self.master = MasterWeights(model, prec.compute, trainable_only=cfg.peft.kind != "none")
         if cfg.peft.kind in ("lora", "dora", "qlora"):  # PEFT's per-layer dropout draws, 3.6x cheaper
             use_fast_lora_dropout(model)
+            use_fused_lora(model)  # plain LoRA linears: one autograd node each (training/lora_linear.py)
         if cfg.train.gradient_checkpointing:  # recompute each decoder layer's activations in the backward
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.params: list[torch.nn.Parameter] = []  # what the optimizer updates; set in train()
