@@ -79,7 +79,14 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def run_requests(base: str, models: list[str], n: int, concurrency: int, max_new: int) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of the server process: less disturbed by other jobs on a shared machine than wall
+    time (reported beside it)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_requests(base: str, models: list[str], n: int, concurrency: int, max_new: int, pid: int) -> dict:
     def one(i: int) -> int:
         body = {"model": models[i % len(models)], "max_tokens": max_new, "temperature": 0,
                 "messages": [{"role": "user", "content": f"Write a short paragraph about {TOPICS[i % len(TOPICS)]}."}]}
@@ -90,22 +97,22 @@ def run_requests(base: str, models: list[str], n: int, concurrency: int, max_new
 
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(one, range(min(4, n))))  # warm-up
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), cpu_seconds(pid)
         tokens = sum(pool.map(one, range(n)))
-    return {"tokens": tokens, "seconds": time.perf_counter() - start}
+    return {"tokens": tokens, "seconds": time.perf_counter() - start, "cpu": cpu_seconds(pid) - cpu}
 
 
 def measure(name: str, serve_args: list[str], models: list[str], args, work: Path) -> dict:
     proc, base = start_server(serve_args + ["--max-batch-size", str(args.concurrency)], work / f"{name}.log")
     try:
-        result = run_requests(base, models, args.requests, args.concurrency, args.max_new_tokens)
+        result = run_requests(base, models, args.requests, args.concurrency, args.max_new_tokens, proc.pid)
         result["rss"] = peak_rss_mib(proc.pid)
     finally:
         proc.terminate()
         proc.wait(timeout=120)
     rate = result["tokens"] / result["seconds"]
-    print(f"{name:<12} {result['tokens']:>7} tokens {result['seconds']:>7.1f} s {rate:>7.1f} tok/s  "
-          f"peak RSS {result['rss']:.0f} MiB", flush=True)
+    print(f"{name:<12} {result['tokens']:>7} tokens {result['seconds']:>7.1f} s {rate:>7.1f} tok/s "
+          f"{result['tokens'] / result['cpu']:>7.1f} tok/cpu-s  peak RSS {result['rss']:.0f} MiB", flush=True)
     return result
 
 
@@ -117,6 +124,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--adapters", type=int, default=4)
+    ap.add_argument("--repeat", type=int, default=1, help="rounds of both runs (interleaved); the median is reported")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from lmforge.inference.merge import merge_adapter_to_dir
@@ -133,12 +141,17 @@ def main() -> None:
           f"max_tokens {args.max_new_tokens}; {args.adapters} adapters of rank {args.rank} ({adapter_mib:.1f} MiB "
           "of float32 files)", flush=True)
     names = [f"a{i}" for i in range(args.adapters)]
-    mixed = measure("4 adapters", ["--model", str(base_dir), *[x for n, d in zip(names, dirs)
-                                                                for x in ("--adapter", f"{n}={d}")]],
-                    names, args, work)
-    single = measure("merged", ["--model", str(merged), "--served-model-name", "m"], ["m"], args, work)
+    runs: dict[str, list[dict]] = {"adapters": [], "merged": []}
+    for _ in range(args.repeat):  # interleaved, so a slow spell of the machine hits both alike
+        runs["adapters"].append(measure(f"{args.adapters} adapters", ["--model", str(base_dir), *[
+            x for n, d in zip(names, dirs) for x in ("--adapter", f"{n}={d}")]], names, args, work))
+        runs["merged"].append(measure("merged", ["--model", str(merged), "--served-model-name", "m"], ["m"], args,
+                                      work))
+    mixed, single = (sorted(rs, key=lambda r: r["tokens"] / r["seconds"])[len(rs) // 2] for rs in runs.values())
     ratio = (mixed["tokens"] / mixed["seconds"]) / (single["tokens"] / single["seconds"])
-    print(f"\nthroughput, {args.adapters} adapters mixed / one merged model: {ratio:.2f}x; peak RSS "
+    per_cpu = (mixed["tokens"] / mixed["cpu"]) / (single["tokens"] / single["cpu"])
+    print(f"\nthroughput, {args.adapters} adapters mixed / one merged model: {ratio:.2f}x tokens/s ({per_cpu:.2f}x "
+          f"tokens per CPU-second); median of {args.repeat}; peak RSS "
           f"{mixed['rss']:.0f} MiB vs {single['rss']:.0f} MiB (+{mixed['rss'] - single['rss']:.0f} MiB for "
           f"{args.adapters} adapters; a second base would add about the merged server's weights again)")
 

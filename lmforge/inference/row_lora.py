@@ -22,6 +22,7 @@ import contextlib
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -72,12 +73,13 @@ class RowLinear(nn.Module):
         table = batch.tables.get(self.name) if batch is not None else None
         if table is None:
             return y
-        h = x @ table.a.T  # (B, T, in) -> (B, T, C)
+        h = F.linear(x, table.a)  # (B, T, in) -> (B, T, C)
         if batch.index is not None:  # each row keeps only its own adapter's ranks
-            h = h * batch.mask(table.owner, x.dtype)
-        delta = h @ table.b.T
-        if table.g is None:
-            return y + delta
+            h.mul_(batch.mask(table.owner, x.dtype))
+        if table.g is None:  # y += h @ B_cat^T in one op: in decoding each layer's extra ops cost more than FLOPs
+            y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), table.b.T)
+            return y
+        delta = F.linear(h, table.b)
         g = table.g[1] if batch.index is None else table.g[batch.index][:, None, :]  # (out,) or (B, 1, out)
         bias = self.base.bias
         if bias is None:
