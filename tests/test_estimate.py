@@ -196,9 +196,9 @@ def test_activations_track_saved_tensors_and_checkpointing(setup, tiny_model_dir
     total += head_transient(e.shape.vocab, e.shape.hidden, loss_tokens, 4, trained=peft == "none")
     mb = MicroBatch(positions=100, tokens=100, loss_tokens=loss_tokens, attention=100 * 100)
     adapters = e._adapter_activations(trainable_of(e, cfg), cfg, "native", 4)
-    predicted = activation_bytes(e.shape, mb, 4, False, per_sample_attention=False, **adapters)
+    predicted = activation_bytes(e.shape, mb, 4, False, **adapters)
     assert 0.85 * total < predicted < 1.2 * total, (predicted, total)  # measured 1.01 (full), 1.09 (LoRA)
-    checkpointed = activation_bytes(e.shape, mb, 4, True, per_sample_attention=False, **adapters)
+    checkpointed = activation_bytes(e.shape, mb, 4, True, **adapters)
     assert checkpointed < predicted
 
 

@@ -21,7 +21,7 @@ What the engines hold (read from ``native.py``, ``precision.py``, ``sharding.py`
 Activations are counted per decoder layer from the tensors a Llama-style layer saves for backward (norm
 inputs, q/k/v before and after rotary, attention output, the MLP's four intermediates; with a frozen base only
 what the input gradients need, plus LoRA dropout's masks and outputs; QLoRA's in fp32 but for the matmuls'
-inputs), plus attention scores where lmforge's per-sample attention stores them, plus the LM head's logits (one
+inputs; lmforge's per-sample attention keeps no scores: its backward recomputes them), plus the LM head's logits (one
 chunk of the loss positions at a time: ``cross_entropy.py``); gradient checkpointing keeps each layer's input
 and recomputes one layer at a time. RSS is above those live bytes by what the C heap keeps
 (``ACTIVATION_OVERHEAD``, ``HEAP_SLACK``, ``QLORA_HEAP``).
@@ -158,7 +158,7 @@ def _opt_bytes(optim: str) -> int:
 
 
 def activation_bytes(shape: ModelShape, mb: MicroBatch, compute_bytes: int, checkpointing: bool,
-                     head_on_all: bool = False, per_sample_attention: bool = True, frozen_base: bool = False,
+                     head_on_all: bool = False, frozen_base: bool = False,
                      adapter_inputs: int = 0, adapter_outputs: int = 0, dropout_mask_bytes: int = 0,
                      residual_bytes: int | None = None) -> int:
     """Bytes saved for backward by one micro-batch (module docstring). ``head_on_all``: the LM head runs on every
@@ -180,8 +180,9 @@ def activation_bytes(shape: ModelShape, mb: MicroBatch, compute_bytes: int, chec
             per_position += adapter_inputs * (dropout_mask_bytes + b)
         elif adapter_outputs:  # LoRA without dropout keeps the linears' inputs (q/k/v share one, gate/up one)
             per_position += b * (2 * H + q + I)
-    scores = shape.heads * (4 + b) * mb.attention if per_sample_attention else 0  # fp32 softmax + its cast
-    one_layer = mb.positions * per_position + scores
+    # no attention scores: the per-sample attention's backward recomputes them (training/attention.py), and the
+    # hf engine's dense SDPA keeps none either
+    one_layer = mb.positions * per_position
     if checkpointing:
         layers = shape.layers * mb.positions * H * e + one_layer  # each layer's input, + one layer recomputed
     else:
@@ -369,8 +370,8 @@ class Estimator:
         mean, worst = micro_batches(self.data, t.per_device_train_batch_size, per_sample, t.seed)
         head_on_all = train.kind == "prompt_tuning" or not self.token_loss or (engine == "hf" and world > 1)
         adapters = self._adapter_activations(train, cfg, engine, b)
-        act = activation_bytes(self.shape, worst, b, False, head_on_all, per_sample, **adapters)
-        act_gc = activation_bytes(self.shape, worst, b, True, head_on_all, per_sample, **adapters)
+        act = activation_bytes(self.shape, worst, b, False, head_on_all, **adapters)
+        act_gc = activation_bytes(self.shape, worst, b, True, head_on_all, **adapters)
         mems = {}
         for s in STRATEGIES:
             if train.kind == "qlora" and (s == "fsdp" or s.startswith("zero3")):
