@@ -1,17 +1,21 @@
 """Paths that are URLs (``s3://bucket/key``, ``gs://...``, any fsspec protocol): data sources, the base model,
 ``train.output_dir``, and the inputs and outputs of generate and eval.
 
-fsspec (``s3fs``, ``gcsfs``: extra ``lmforge[cloud]``) does the transfers with the standard configuration
+fsspec does the transfers (its filesystem for each protocol is an optional extra: ``lmforge[cloud]`` for
+s3:// and gs://, ``lmforge[azure]`` for az:// and abfs://, ``lmforge[hdfs]`` for hdfs://), with the standard configuration
 (for S3 the AWS environment variables including ``AWS_ENDPOINT_URL``, and profiles). What lmforge adds:
 
   * **Inputs are copied once into the lmforge cache**, keyed by the URL and the objects' ETags (or sizes and
     modification times), so a base model or a dataset is downloaded once and a changed object is fetched
     again. The rest of lmforge then reads local files.
-  * **An output_dir URL trains in a local mirror** (``<cache>/outputs/<hash>``) and uploads each complete
-    checkpoint and the final model. A marker (``.lmforge-complete``) is written last, after every other file
-    of that checkpoint or model: a partial upload (a killed job, a lost connection) is never taken for
-    complete. ``train.resume: auto`` finds the newest complete checkpoint in the bucket, downloads it into
-    the mirror, and the run continues bitwise as from a local checkpoint.
+  * **An output_dir URL trains in a local mirror** (``<cache>/outputs/<hash>``), one on each node: every
+    rank writes its part of a checkpoint (its shards, optimizer state, RNG) into its node's mirror, each
+    node uploads the files its ranks wrote, and once every node has, global rank 0 writes the marker
+    (``.lmforge-complete``), last: a partial upload (a killed job, a lost connection, one node's part
+    missing) is never taken for complete. So nodes need no shared disk. ``train.resume: auto`` takes the
+    newest complete checkpoint in the bucket (global rank 0 decides, every rank follows), each node
+    downloads it whole into its mirror, and the run continues bitwise as from a local checkpoint.
+  * ``file://`` URLs go the same way (a mounted bucket, or a test of these code paths without a server).
 """
 
 from __future__ import annotations
@@ -34,12 +38,30 @@ STAGING = ".staging"  # in a run directory: checkpoints, final models and downlo
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
+# protocol -> (the package its fsspec filesystem needs, what installs it)
+PACKAGES = {
+    "s3": ("s3fs", "pip install 'lmforge[cloud]'"), "s3a": ("s3fs", "pip install 'lmforge[cloud]'"),
+    "gs": ("gcsfs", "pip install 'lmforge[cloud]'"), "gcs": ("gcsfs", "pip install 'lmforge[cloud]'"),
+    "az": ("adlfs", "pip install 'lmforge[azure]'"), "abfs": ("adlfs", "pip install 'lmforge[azure]'"),
+    "abfss": ("adlfs", "pip install 'lmforge[azure]'"), "adl": ("adlfs", "pip install 'lmforge[azure]'"),
+    "hdfs": ("pyarrow", "pip install 'lmforge[hdfs]', and a Java runtime with libhdfs (HADOOP_HOME)"),
+    "arrow_hdfs": ("pyarrow", "pip install 'lmforge[hdfs]', and a Java runtime with libhdfs (HADOOP_HOME)"),
+}
+
+
 def is_remote(path: str | os.PathLike | None) -> bool:
-    return path is not None and bool(_URL.match(str(path))) and not str(path).startswith("file://")
+    """A URL that fsspec reads (``s3://``, ``gs://``, ``file://``, ...), as opposed to a plain local path."""
+    return path is not None and bool(_URL.match(str(path)))
+
+
+def protocol(url: str) -> str:
+    return str(url).split("://", 1)[0].lower()
 
 
 def filesystem(url: str):
-    """(fsspec filesystem, path inside it) for ``url``; a clear error when its package is missing."""
+    """(fsspec filesystem, path inside it) for ``url``; a clear error naming the package when its protocol's
+    filesystem is not installed. Credentials come from the protocol's own configuration (environment
+    variables, profiles), never from lmforge's config."""
     import fsspec
 
     kwargs = {}
@@ -47,11 +69,18 @@ def filesystem(url: str):
         # fsspec reuses a filesystem made with the same arguments: with the endpoint among them, a changed
         # AWS_ENDPOINT_URL gets a new client instead of one still talking to the old endpoint
         kwargs["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
+    proto = protocol(url)
     try:
         fs, path = fsspec.core.url_to_fs(url, **kwargs)
-    except ImportError as e:
-        raise ConfigError(f"{url}: reading this URL needs {e.name or 'an fsspec backend'} (pip install "
-                          "'lmforge[cloud]', which has s3fs and gcsfs)") from None
+    except ImportError:
+        package, install = PACKAGES.get(proto, (None, None))
+        what = f"the package {package}, which is not installed: {install}" if package else \
+            "an fsspec filesystem package that is not installed (see fsspec's list of implementations)"
+        raise ConfigError(f"{url}: the {proto}:// protocol needs {what}") from None
+    except ValueError as e:
+        raise ConfigError(f"{url}: no fsspec filesystem knows the protocol {proto}:// ({e})") from None
+    except OSError as e:  # e.g. hdfs:// without a Java runtime, or an unreachable name node
+        raise ConfigError(f"{url}: cannot open the {proto}:// filesystem: {str(e).splitlines()[0]}") from None
     fs.invalidate_cache()  # listings cached by fsspec miss what other processes (ranks, reruns) wrote
     return fs, path
 
@@ -113,39 +142,55 @@ def remote_of(local: Path) -> str | None:
     return json.loads(f.read_text())["url"] if f.exists() else None
 
 
-def open_mirror(url: str, resume: str, is_main: bool) -> Path:
-    """Set up the local mirror of an output_dir URL (rank 0 downloads; call ``barrier`` after): with
-    ``resume: auto`` the newest complete checkpoint in the bucket (and metrics.jsonl) comes down unless the
-    mirror has it already; with ``resume: never`` the bucket's earlier checkpoints are moved aside, so a
-    later ``resume: auto`` cannot pick one up."""
+def newest_complete_checkpoint(url: str) -> str | None:
+    """The name (``checkpoint-N``) of the bucket's newest checkpoint whose marker exists, or None."""
+    fs, root = filesystem(url)
+    found = _complete_remote_checkpoints(fs, root)
+    return found[-1][1] if found else None
+
+
+def set_aside_remote_checkpoints(url: str) -> None:
+    """``resume: never``: move the bucket's checkpoints to ``previous-run-TIMESTAMP/``, so that a later
+    ``resume: auto`` cannot pick one up (one process does this, before any checkpoint is written)."""
+    import time
+
+    fs, root = filesystem(url)
+    aside = f"{root}/previous-run-{time.strftime('%Y%m%d-%H%M%S')}"
+    for _, name in _complete_remote_checkpoints(fs, root):
+        for f in fs.find(f"{root}/{name}"):  # file by file (s3fs's recursive mv trips over prefixes): copy, delete
+            fs.copy(f, f"{aside}/{name}/{f[len(root) + len(name) + 2:]}")
+        _remove_remote(fs, f"{root}/{name}")
+
+
+def open_mirror(url: str, checkpoint: str | None = None, fetch_metrics: bool = False) -> Path:
+    """Set up this node's mirror of an output_dir URL (one process per node: its local rank 0), and return it.
+
+    The bucket holds the truth: checkpoints in the mirror other than ``checkpoint`` are removed (an earlier
+    run's, or this node's part of one whose upload never completed), and ``checkpoint`` (the name global
+    rank 0 chose, ``newest_complete_checkpoint``) comes down whole, every node's part of it, as each rank
+    may read any part (a DCP checkpoint stores a replicated tensor once, in one rank's file). With
+    ``fetch_metrics`` (global rank 0) metrics.jsonl comes down too."""
     local = local_mirror(url)
-    if not is_main:
-        return local
     local.mkdir(parents=True, exist_ok=True)
     (local / MIRROR).write_text(json.dumps({"url": url.rstrip("/")}))
+    for p in local.iterdir():
+        if re.fullmatch(r"checkpoint-\d+", p.name) and p.name != checkpoint:
+            shutil.rmtree(p, ignore_errors=True)
+    if checkpoint is None:
+        return local
     fs, root = filesystem(url)
-    remote = _complete_remote_checkpoints(fs, root)
-    if resume == "auto" and remote:
-        step, name = remote[-1]
-        if not (local / name / "trainer_state.json").exists():
-            staged = local / STAGING / name
-            shutil.rmtree(staged, ignore_errors=True)
-            staged.parent.mkdir(parents=True, exist_ok=True)
-            fs.get(f"{root}/{name}/", str(staged) + "/", recursive=True)
-            (staged / MARKER).unlink(missing_ok=True)
-            shutil.rmtree(local / name, ignore_errors=True)  # an incomplete local copy
-            os.replace(staged, local / name)
-            if fs.exists(f"{root}/metrics.jsonl"):
-                fs.get(f"{root}/metrics.jsonl", str(local / "metrics.jsonl"))
-    elif resume == "never" and remote:
-        import time
-
-        aside = f"{root}/previous-run-{time.strftime('%Y%m%d-%H%M%S')}"
-        for _, name in remote:  # file by file (s3fs's recursive mv trips over prefixes): copy, then delete
-            for f in fs.find(f"{root}/{name}"):
-                fs.copy(f, f"{aside}/{name}/{f[len(root) + len(name) + 2:]}")
-            fs.rm(f"{root}/{name}/{MARKER}")  # first: a half-deleted checkpoint is never complete
-            fs.rm(f"{root}/{name}", recursive=True)
+    staged = local / STAGING / checkpoint
+    shutil.rmtree(staged, ignore_errors=True)
+    prefix = f"{root}/{checkpoint}/"
+    files = [f for f in fs.find(prefix) if not f.endswith("/" + MARKER)]
+    targets = [str(staged / f[len(prefix):]) for f in files]
+    for parent in sorted({os.path.dirname(t) for t in targets}):
+        os.makedirs(parent, exist_ok=True)
+    fs.get(files, targets)
+    shutil.rmtree(local / checkpoint, ignore_errors=True)  # this node's own, possibly partial, copy
+    os.replace(staged, local / checkpoint)
+    if fetch_metrics and fs.exists(f"{root}/metrics.jsonl"):
+        fs.get(f"{root}/metrics.jsonl", str(local / "metrics.jsonl"))
     return local
 
 
@@ -159,31 +204,53 @@ def _complete_remote_checkpoints(fs, root: str) -> list[tuple[int, str]]:
     return sorted((s, n) for s, n in found if fs.exists(f"{root}/{n}/{MARKER}"))
 
 
-def upload_checkpoint(ckpt: Path) -> None:
-    """After a checkpoint is complete in a mirror: upload it, then its marker; metrics.jsonl beside it."""
+def _remove_remote(fs, path: str) -> None:
+    """Remove a checkpoint or output folder from the bucket, its marker first: a half-deleted one is never
+    complete."""
+    if fs.exists(f"{path}/{MARKER}"):
+        fs.rm(f"{path}/{MARKER}")
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def clear_remote_checkpoint(local_root: Path, name: str) -> None:
+    """Before checkpoint ``name`` is written (global rank 0): drop what the bucket holds under that name (an
+    earlier upload cut off before its marker), so that no stale part is taken for one of this checkpoint's."""
+    url = remote_of(local_root)
+    if url is not None:
+        fs, root = filesystem(url)
+        _remove_remote(fs, f"{root}/{name}")
+
+
+def upload_checkpoint_part(ckpt: Path) -> None:
+    """Upload the files of checkpoint ``ckpt`` that this node's ranks wrote (each node's local rank 0, once
+    every rank has written its part). The checkpoint is not complete until ``complete_checkpoint``."""
     url = remote_of(ckpt.parent)
     if url is None:
         return
     fs, root = filesystem(url)
-    if fs.exists(f"{root}/{ckpt.name}"):
-        fs.rm(f"{root}/{ckpt.name}", recursive=True)  # an earlier, partial upload
-    fs.put(str(ckpt) + "/", f"{root}/{ckpt.name}/", recursive=True)
+    files = sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != MARKER)
+    targets = [f"{root}/{ckpt.name}/{p.relative_to(ckpt).as_posix()}" for p in files]
+    for parent in sorted({t.rsplit("/", 1)[0] for t in targets}):
+        fs.makedirs(parent, exist_ok=True)  # object stores have no folders; a file:// URL needs them
+    if files:
+        fs.put([str(p) for p in files], targets)
+
+
+def complete_checkpoint(ckpt: Path) -> None:
+    """After every node uploaded its part of ``ckpt`` (global rank 0): metrics.jsonl and config.yaml beside
+    it, then its marker, last; then checkpoints rotated away locally (save_total_limit) go from the bucket."""
+    url = remote_of(ckpt.parent)
+    if url is None:
+        return
+    fs, root = filesystem(url)
     for name in ("metrics.jsonl", "config.yaml"):
         if (ckpt.parent / name).exists():
             fs.put(str(ckpt.parent / name), f"{root}/{name}")
     fs.pipe(f"{root}/{ckpt.name}/{MARKER}", b"complete\n")
-
-
-def prune_remote(local_root: Path) -> None:
-    """Checkpoints rotated away locally (save_total_limit) go from the bucket too, each marker first."""
-    url = remote_of(local_root)
-    if url is None:
-        return
-    fs, root = filesystem(url)
     for _, name in _complete_remote_checkpoints(fs, root):
-        if not (Path(local_root) / name).exists():
-            fs.rm(f"{root}/{name}/{MARKER}")
-            fs.rm(f"{root}/{name}", recursive=True)
+        if not (ckpt.parent / name).exists():
+            _remove_remote(fs, f"{root}/{name}")
 
 
 def upload_outputs(local: Path) -> None:

@@ -28,8 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmforge.cloud import STAGING, prune_remote, upload_checkpoint
+from lmforge import cloud
+from lmforge.cloud import STAGING
 from lmforge.data.origins import ROWS
+from lmforge.distributed.ranks import local_rank
 from lmforge.errors import ConfigError, TrainingError
 from lmforge.training.optim import hf_scheduler, optimizer_cls_and_kwargs
 
@@ -116,10 +118,19 @@ def publish(staged: Path, final: Path) -> None:
         os.replace(staged, final)
 
 
-def _write_staged(staged: Path, write, barrier, is_main: bool, disk_full) -> None:
+def node_main(root: Path, is_main: bool) -> bool:
+    """Whether this process looks after its node's copy of output_dir ``root``: an output_dir URL trains in a
+    mirror on each node (no shared disk), looked after by each node's local rank 0; a local output_dir is one
+    directory, looked after by global rank 0 (several nodes must share it)."""
+    return local_rank() == 0 if cloud.remote_of(root) else is_main
+
+
+def _write_staged(staged: Path, write, barrier, is_main: bool, disk_full, mine: bool | None = None) -> None:
     """Empty ``staged`` and ``write`` into it on every rank. On a failure ``disk_full(e)`` raises its clear
-    error if the disk is full; either way the partial write is removed and nothing takes a real name."""
-    if is_main:
+    error if the disk is full; either way the partial write is removed and nothing takes a real name.
+    ``mine``: this process makes ``staged`` on its node (``node_main``; default ``is_main``)."""
+    mine = is_main if mine is None else mine
+    if mine:
         shutil.rmtree(staged, ignore_errors=True)  # left over from a crash
         staged.mkdir(parents=True)
     barrier()
@@ -127,7 +138,7 @@ def _write_staged(staged: Path, write, barrier, is_main: bool, disk_full) -> Non
         write(staged)
     except BaseException as e:
         disk_full(e)
-        if is_main:
+        if mine:
             shutil.rmtree(staged, ignore_errors=True)
         raise
     barrier()  # every rank has written its part
@@ -137,8 +148,9 @@ def write_checkpoint_atomically(root: Path, name: str, write, barrier, is_main: 
                                 save_total_limit: int | None = None) -> Path:
     """Write checkpoint ``name`` through ``write(staging_dir)`` (called on every rank), then rename it into
     ``root/name`` only once every rank is done: a crash or a full disk mid-write leaves the previous
-    checkpoints as they were and no half-written one under a checkpoint name. Used by the native engine;
-    ``LmforgeTrainerMixin`` does the same around the Trainer's own writer."""
+    checkpoints as they were and no half-written one under a checkpoint name. For an output_dir URL each
+    node then uploads its ranks' part and global rank 0 writes the marker last (``publish_checkpoint``).
+    Used by the native engine; ``LmforgeTrainerMixin`` does the same around the Trainer's own writer."""
     staged, final = root / STAGING / name, root / name
 
     def disk_full(e: BaseException) -> None:
@@ -147,21 +159,38 @@ def write_checkpoint_atomically(root: Path, name: str, write, barrier, is_main: 
                             expected=dir_size(previous[-1]) if previous else None,
                             kept=f"{previous[-1].name} is intact" if previous else "no earlier checkpoint exists")
 
-    _write_staged(staged, write, barrier, is_main, disk_full)
     if is_main:
-        publish(staged, final)
+        cloud.clear_remote_checkpoint(root, name)  # a cut-off upload of this name: none of its parts may stay
+    _write_staged(staged, write, barrier, is_main, disk_full, mine=node_main(root, is_main))
+
+    def rotate() -> None:
         if save_total_limit:
-            for stale in complete_checkpoints(root)[:-save_total_limit]:
+            for stale in _checkpoint_dirs(root)[:-save_total_limit]:
                 shutil.rmtree(stale, ignore_errors=True)
-        mirror_checkpoint(final)
-    barrier()
+
+    publish_checkpoint(root, name, barrier, is_main, rotate)
     return final
 
 
-def mirror_checkpoint(ckpt: Path) -> None:
-    """An output_dir URL (``cloud.py``): upload the complete checkpoint, drop the rotated ones from the bucket."""
-    upload_checkpoint(ckpt)
-    prune_remote(ckpt.parent)
+def _checkpoint_dirs(root: Path) -> list[Path]:
+    """Every ``checkpoint-N`` directory in step order: on a node other than the first, a mirror holds only
+    its ranks' part of each (no trainer_state.json), and rotates them all the same."""
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def publish_checkpoint(root: Path, name: str, barrier, is_main: bool, rotate) -> None:
+    """After every rank wrote its part of ``root/.staging/name``: rename it into place and ``rotate()`` older
+    checkpoints (on each node that holds a copy); for an output_dir URL each node uploads its part, and once
+    all have (a barrier), global rank 0 writes the marker (``cloud.py``). Every rank calls this."""
+    if node_main(root, is_main):
+        publish(root / STAGING / name, root / name)
+        rotate()
+        cloud.upload_checkpoint_part(root / name)
+    barrier()  # every node's part is in the bucket
+    if is_main:
+        cloud.complete_checkpoint(root / name)
+    barrier()
 
 
 def save_final_atomically(root: Path, write, barrier, is_main: bool, expected_bytes: int | None = None) -> Path:
@@ -180,7 +209,7 @@ def save_final_atomically(root: Path, write, barrier, is_main: bool, expected_by
                 f"is {ckpts[-1].name}" if ckpts else "the final model was not written and no checkpoint exists")
         _raise_if_disk_full(e, f"the final model in {root}", root, staged, is_main, expected_bytes, kept)
 
-    _write_staged(staged, write, barrier, is_main, disk_full)
+    _write_staged(staged, write, barrier, is_main, disk_full, mine=node_main(root, is_main))
     if is_main:
         new = {p.name for p in staged.iterdir()}
         for p in sorted(staged.iterdir()):
@@ -305,31 +334,36 @@ class LmforgeTrainerMixin:
     def _save_checkpoint(self, model, trial):
         root = super()._get_output_dir(trial)
         name = f"checkpoint-{self.state.global_step}"
-        staged, final = os.path.join(root, STAGING, name), os.path.join(root, name)
-        if self.args.should_save and os.path.exists(staged):
-            shutil.rmtree(staged)  # left over from a crash
+        staged = os.path.join(root, STAGING, name)
+        is_main = self.args.should_save
+        if is_main:
+            cloud.clear_remote_checkpoint(Path(root), name)  # a cut-off upload of this name
+        if node_main(Path(root), is_main):  # each node's mirror of an output_dir URL has its own staging
+            shutil.rmtree(staged, ignore_errors=True)  # left over from a crash
+            os.makedirs(staged)
         self.accelerator.wait_for_everyone()
         self._staging = True
         try:
             super()._save_checkpoint(model, trial)
         except BaseException as e:
             previous = complete_checkpoints(root)
-            _raise_if_disk_full(e, f"{name} in {root}", Path(root), Path(staged), self.args.should_save,
+            _raise_if_disk_full(e, f"{name} in {root}", Path(root), Path(staged), is_main,
                                 expected=dir_size(previous[-1]) if previous else None,
                                 kept=f"{previous[-1].name} is intact" if previous else "no earlier checkpoint exists")
             raise
         finally:
             self._staging = False
         self.accelerator.wait_for_everyone()  # every rank has written its shards
-        if self.args.should_save:
+        if is_main:
             Path(staged, "config.yaml").write_text(self.lmforge.config_yaml)
-            publish(Path(staged), Path(final))
+
+        def rotate() -> None:
             from transformers.trainer_utils import rotate_checkpoints
 
             rotate_checkpoints(output_dir=root, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
-            mirror_checkpoint(Path(final))
-        self.accelerator.wait_for_everyone()
+
+        publish_checkpoint(Path(root), name, self.accelerator.wait_for_everyone, is_main, rotate)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None and getattr(self, "optimizer_cls_and_kwargs", None) is None:

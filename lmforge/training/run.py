@@ -21,6 +21,7 @@ from lmforge.adapters import (
 )
 from lmforge.config import Config
 from lmforge.distributed import strategy
+from lmforge.distributed.ranks import local_rank
 from lmforge.errors import ConfigError
 from lmforge.log import is_main_process, log
 from lmforge.models import (  # resolve_model_and_tokenizer lives in models.py (prepare/inspect load no trainer)
@@ -198,14 +199,13 @@ def open_output_dir(cfg: Config, run_plan: plan.RunPlan) -> tuple[Config, str | 
         if cfg.train.resume not in ("auto", "never"):
             raise ConfigError(f"train.resume: {cfg.train.resume}: with an output_dir URL, resume is auto or never")
         url = cfg.train.output_dir
-        mirror = str(cloud.open_mirror(url, cfg.train.resume, is_main_process()))
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output_dir=mirror))
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()  # rank 0 set the mirror up (and downloaded the checkpoint to resume)
-        log(f"train.output_dir {url}: training in {mirror}, each checkpoint and the final model uploaded when "
-            "complete")
+        mirror, resume = open_remote_output_dir(url, cfg.train.resume)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output_dir=str(mirror)))
+        log(f"train.output_dir {url}: training in {mirror} (on each node), each checkpoint and the final model "
+            "uploaded when complete")
+    else:
+        resume = resolve_resume(cfg.train.resume, cfg.train.output_dir)
     out = Path(cfg.train.output_dir)
-    resume = resolve_resume(cfg.train.resume, str(out))
     if resume:
         written_by = json.loads((Path(resume) / "trainer_state.json").read_text()).get("engine", "hf")
         if written_by != cfg.train.engine:
@@ -225,6 +225,31 @@ def open_output_dir(cfg: Config, run_plan: plan.RunPlan) -> tuple[Config, str | 
         else:
             (out / "metrics.jsonl").unlink(missing_ok=True)
     return cfg, resume
+
+
+def open_remote_output_dir(url: str, resume: str) -> tuple[Path, str | None]:
+    """The local mirror of an output_dir URL on this node, and the checkpoint in it to resume from.
+
+    Global rank 0 alone decides from the bucket (``resume: auto``: its newest complete checkpoint; ``never``:
+    the bucket's checkpoints set aside) and tells every rank, so that all resume from the same step; then local
+    rank 0 of each node sets up that node's mirror and downloads the checkpoint into it (nodes share no disk)."""
+    name = None
+    if is_main_process():
+        if resume == "auto":
+            name = cloud.newest_complete_checkpoint(url)
+        else:
+            cloud.set_aside_remote_checkpoints(url)
+    group = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    if group:
+        chosen = [name]
+        torch.distributed.broadcast_object_list(chosen, src=0)
+        name = chosen[0]
+    if local_rank() == 0:
+        cloud.open_mirror(url, name, fetch_metrics=is_main_process())
+    if group:
+        torch.distributed.barrier()  # each node's mirror is set up, with the checkpoint to resume
+    mirror = cloud.local_mirror(url)
+    return mirror, str(mirror / name) if name else None
 
 
 def run_trainer(trainer, cfg: Config, tokenizer, resume: str | None, data_lines: list[str]) -> Path:
