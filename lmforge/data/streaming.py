@@ -3,7 +3,9 @@ larger than memory or the disk cache trains (pretrain and sft on the native engi
 the length, as a stream has no epochs to count).
 
 The pipeline, in a background thread that stays a few rows ahead of the training loop:
-  sources (read lazily: JSONL line by line, other files one at a time, epoch after epoch)
+  sources (read lazily where they are, local or at any fsspec URL, in ranges of ``sources.BLOCK`` bytes: JSONL line
+           by line, Parquet by row group, a ``datasets`` save_to_disk directory's Arrow files by record batch, JSON
+           and CSV files whole; epoch after epoch; nothing is copied to disk)
   -> this rank's rows (row k of a source goes to rank k % world: no overlap between ranks)
   -> weighted mixing (a seeded draw of the source for each row, ``weight`` as in the cached mode)
   -> row checks and tokenisation (the same ``rows.RowChecks`` and ``Encoder`` as the cached mode; long pretraining
@@ -13,7 +15,10 @@ The pipeline, in a background thread that stays a few rows ahead of the training
 
 Exact resume: a checkpoint holds this rank's whole stream state (each source's position, the RNG, the shuffle
 buffer, the row being packed, and the rows produced ahead but not yet trained on), taken while the producer
-waits, so a resumed run gets the same rows as an uninterrupted one, bitwise.
+waits, so a resumed run gets the same rows as an uninterrupted one, bitwise. A source's position is its epoch,
+file index, rows read from the file (``line``: lines for JSONL, blank ones included) and where in the file that is
+(``sources.rows_from``: a byte offset for JSONL and Arrow; Parquet's footer maps the row to its row group), so a
+resumed stream seeks there instead of reading the file from its start.
 """
 
 from __future__ import annotations
@@ -21,58 +26,38 @@ from __future__ import annotations
 import copy
 import random
 import threading
-from itertools import islice
-from pathlib import Path
 
 from lmforge.config import Config, DataSource
 from lmforge.data.rows import RowChecks
-from lmforge.data.sources import (
-    BadRow, Row, is_saved_dataset, iter_file_rows, parse_jsonl_line, resolve_files,
-)
+from lmforge.data.sources import START, BadRow, iter_file_rows, parsed, rows_from, source_files
 from lmforge.data.tokenize import IGNORE, Encoder, chunk
 from lmforge.errors import ConfigError
 
 
-def _jsonl_lines(path: Path, start: int):
-    """(1-based line number, raw line) of a JSONL file from line ``start`` + 1: lines are parsed only when used."""
-    with path.open("r", encoding="utf-8", errors="surrogateescape") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if lineno > start:
-                yield lineno, line
-
-
 class _Source:
-    """One config source read lazily and endlessly; its position is (epoch, file index, rows read in file). Its format
-    and the check of its rows come from ``checks`` (rows.RowChecks), as in the cached mode."""
+    """One config source read lazily and endlessly; its position is (epoch, file index, the position in the file:
+    ``sources.rows_from``). Its format and the check of its rows come from ``checks`` (rows.RowChecks), as in the
+    cached mode."""
 
     def __init__(self, src: DataSource, index: int, checks: RowChecks):
-        if src.loader or is_saved_dataset(Path(src.path).expanduser()):
+        if src.loader:
             raise ConfigError(f"data.train[{index}]: data.streaming reads files (JSONL, JSON, CSV, Parquet; a "
-                              "directory or glob of them); a loader or a saved dataset needs data.streaming: false")
-        self.files = resolve_files(src, "train")
+                              "directory or glob of them; a saved dataset); a loader needs data.streaming: false")
+        self.files = source_files(src, "train")  # where they are: nothing is downloaded
         # the format: from the source's first object row, read here (rows.SourceCheck), as in the cached mode
-        self.check = checks.add_source(src, (row for path in self.files for row in iter_file_rows(path)))
-        self.pos = {"epoch": 0, "file": 0, "line": 0, "seen": 0}
+        self.check = checks.add_source(src, (row for f in self.files for row in iter_file_rows(f)))
+        self.pos = {"epoch": 0, "file": 0, **START, "seen": 0}
 
     def raw(self):
         """(origin, unparsed JSON Lines line, or Row / BadRow of another file), forever, from the current position."""
         # rows in this pass over the files; none in a whole pass: an empty source (else this would loop forever)
         read, whole = 0, self.pos["file"] == 0 and self.pos["line"] == 0
         while True:
-            path = self.files[self.pos["file"]]
-            if path.suffix == ".jsonl":
-                for lineno, line in _jsonl_lines(path, self.pos["line"]):
-                    self.pos["line"] = lineno
-                    if line.strip():
-                        read += 1
-                        yield f"{path}:{lineno}", line
-            else:  # JSON and CSV files are read whole, Parquet by record batch (sources.iter_file_rows)
-                for k, row in enumerate(islice(iter_file_rows(path), self.pos["line"], None), start=self.pos["line"]):
-                    self.pos["line"] = k + 1
-                    read += 1
-                    yield row.origin, row
-            self.pos["line"] = 0
-            self.pos["file"] += 1
+            for after, origin, row in rows_from(self.files[self.pos["file"]], self.pos):
+                self.pos.update(after)
+                read += 1
+                yield origin, row
+            self.pos.update(START, file=self.pos["file"] + 1)
             if self.pos["file"] == len(self.files):
                 if whole:
                     self.check.require_rows(read)
@@ -86,10 +71,7 @@ class _Source:
             self.pos["seen"] += 1
             if not mine:
                 continue
-            if isinstance(row, str):  # a JSON Lines line, parsed by the one rank that reads it
-                data, reason = parse_jsonl_line(row)
-                row = BadRow(origin, reason) if reason else Row(data, origin)
-            yield self.check.check(row)
+            yield self.check.check(parsed(origin, row))  # a JSON Lines line is parsed by the one rank that reads it
 
 
 class PackedStream:
