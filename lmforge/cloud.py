@@ -80,7 +80,8 @@ def filesystem(url: str):
     except ValueError as e:
         raise ConfigError(f"{url}: no fsspec filesystem knows the protocol {proto}:// ({e})") from None
     except OSError as e:  # e.g. hdfs:// without a Java runtime, or an unreachable name node
-        raise ConfigError(f"{url}: cannot open the {proto}:// filesystem: {str(e).splitlines()[0]}") from None
+        hint = f" ({proto}:// needs {PACKAGES[proto][1].removeprefix('pip install ')})" if proto in PACKAGES else ""
+        raise ConfigError(f"{url}: cannot open the {proto}:// filesystem: {str(e).splitlines()[0]}{hint}") from None
     fs.invalidate_cache()  # listings cached by fsspec miss what other processes (ranks, reruns) wrote
     return fs, path
 
@@ -202,6 +203,12 @@ def _complete_remote_checkpoints(fs, root: str) -> list[tuple[int, str]]:
         return []
     found = [(int(m.group(1)), n) for n in names if (m := re.fullmatch(r"checkpoint-(\d+)", n))]
     return sorted((s, n) for s, n in found if fs.exists(f"{root}/{n}/{MARKER}"))
+
+
+def is_complete(url: str) -> bool:
+    """Whether the uploaded checkpoint or output directory ``url`` has its marker (every part is there)."""
+    fs, path = filesystem(url)
+    return fs.exists(f"{path.rstrip('/')}/{MARKER}")
 
 
 def _remove_remote(fs, path: str) -> None:

@@ -144,7 +144,7 @@ def test_a_missing_object_is_a_clear_error(bucket, tiny_model_dir, tmp_path, mon
     assert f"s3://{bucket}/nothing.jsonl names no file" in err and "Traceback" not in err
 
 
-def test_eval_merge_and_consolidate_read_and_write_s3(bucket, tiny_model_dir, tmp_path, monkeypatch):
+def test_eval_merge_and_consolidate_read_and_write_s3(bucket, tiny_model_dir, tmp_path, monkeypatch, capsys):
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM
 
@@ -163,6 +163,9 @@ def test_eval_merge_and_consolidate_read_and_write_s3(bucket, tiny_model_dir, tm
 
     assert main(["merge", "--model", str(tmp_path / "run"), "--output", f"s3://{bucket}/merged"]) == 0
     assert main(["merge", "--model", str(tmp_path / "run"), "--output", f"s3://{bucket}/merged"]) == 2  # exists
+    assert main(["consolidate", f"s3://{bucket}/ckpt/checkpoint-2", "--output", f"s3://{bucket}/plain"]) == 2
+    assert "has no .lmforge-complete" in capsys.readouterr().err  # as uploaded: no marker, maybe a part missing
+    cloud.filesystem(f"s3://{bucket}")[0].pipe(f"{bucket}/ckpt/checkpoint-2/.lmforge-complete", b"complete\n")
     assert main(["consolidate", f"s3://{bucket}/ckpt/checkpoint-2", "--output", f"s3://{bucket}/plain"]) == 0
     assert ".lmforge-complete" in _keys(bucket, "merged/") and ".lmforge-complete" in _keys(bucket, "plain/")
 
@@ -231,3 +234,43 @@ def test_killed_run_resumes_from_the_bucket_on_another_machine_bitwise(bucket, t
     fs.get(f"{bucket}/runs/k/adapter_model.safetensors", str(tmp_path / "k.safetensors"))
     a, b = load_file(tmp_path / "k.safetensors"), load_file(tmp_path / "ref" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("url, package", [("gs://b/ckpt", "gcsfs"), ("az://c/ckpt", "adlfs"), ("abfs://c/ckpt", "adlfs"),
+                                          ("hdfs://namenode:8020/ckpt", "pyarrow")])
+def test_a_missing_protocol_package_is_named(tmp_path, monkeypatch, capsys, url, package):
+    import sys
+
+    for name in [m for m in sys.modules if m == package or m.startswith(package + ".")] or [package]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed: importing it (or a part) fails
+    assert main(["consolidate", url, "--output", str(tmp_path / "plain")]) == 2
+    err = capsys.readouterr().err
+    assert f"the {url.split(':')[0]}:// protocol needs the package {package}, which is not installed" in err
+    assert "pip install 'lmforge[" in err and "Traceback" not in err
+    assert main(["consolidate", "nosuchproto://x/ckpt", "--output", str(tmp_path / "plain")]) == 2
+    assert "no fsspec filesystem knows the protocol nosuchproto://" in capsys.readouterr().err
+
+
+def test_a_file_url_output_dir_goes_through_the_mirror_and_resumes_bitwise(tiny_model_dir, tmp_path, monkeypatch,
+                                                                           capsys):
+    """A second fsspec protocol, file://, takes the s3:// code paths: data and model fetched into the cache, the
+    output_dir trained in a mirror and uploaded with markers, resume from the 'bucket' on an empty machine."""
+    store = tmp_path / "store"
+    data = write_jsonl(store / "data" / "train.jsonl", chat_rows(16))
+    url = f"file://{store}/runs/f"
+    _machine(monkeypatch, tmp_path, "ref")
+    ref = write_config(tmp_path / "ref.yaml", _config(tmp_path, str(tiny_model_dir), str(data), str(tmp_path / "ref")))
+    assert main(["train", str(ref)]) == 0
+    _machine(monkeypatch, tmp_path, "one")
+    cfg = write_config(tmp_path / "f.yaml", _config(tmp_path, f"file://{tiny_model_dir}", f"file://{data}", url))
+    assert main(["train", str(cfg), "train.max_steps=2"]) == 0
+    assert (store / "runs" / "f" / "checkpoint-2" / ".lmforge-complete").exists()
+    assert (tmp_path / "cache-one" / "outputs").is_dir()  # trained in the mirror, not in the store
+    _machine(monkeypatch, tmp_path, "two")
+    capsys.readouterr()
+    assert main(["train", str(cfg)]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    a = load_file(store / "runs" / "f" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "ref" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (store / "runs" / "f" / ".lmforge-complete").exists()

@@ -158,10 +158,8 @@ def test_local_output_dir_is_refused(aws, config, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("overrides,extra,message", [
-    (["train.distributed=fsdp"], [], "train.distributed: fsdp across 2 instances is not supported"),
-    (["train.distributed=none"], [], "train.distributed: set ddp to train on 2 instances"),
+    (["train.distributed=none"], [], "train.distributed: set ddp, fsdp or deepspeed to train on 2 instances"),
     (["train.resume=never"], ["--spot", "--instance-count", "1"], "train.resume: never with --spot"),
-    ([], ["--spot"], "--spot with several instances"),
     (["train.resume=/tmp/ckpt"], [], "train.resume: /tmp/ckpt: with an s3:// output_dir, auto or never"),
 ])
 def test_what_cannot_run_on_sagemaker_is_refused(config, capsys, overrides, extra, message):
@@ -300,22 +298,34 @@ def test_entry_trains_into_s3_and_a_restarted_job_resumes(aws, tmp_path, tiny_mo
     assert "runs/e2e/checkpoint-4/.lmforge-complete" in keys
 
 
-def test_a_second_host_fetches_the_checkpoint_before_torchrun(aws, tmp_path, config, monkeypatch):
-    """Hosts share no disk: host 2 of a restarted 2-host job gets the bucket's newest complete checkpoint itself."""
-    s3 = aws.client("s3")
-    for step in (2, 4):
-        s3.put_object(Bucket=BUCKET, Key=f"runs/sm/checkpoint-{step}/trainer_state.json", Body=b'{"global_step": 1}')
-    s3.put_object(Bucket=BUCKET, Key="runs/sm/checkpoint-2/.lmforge-complete", Body=b"complete\n")
-    # checkpoint-4 has no marker: its upload was cut off, so it is not taken
-    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
-    root, env = _job_dirs(tmp_path, config, ["algo-1", "algo-2"], "algo-2", gpus=1)
-    plan = sagemaker.plan_entry(env, root / "work")
-    resumed = sagemaker.prefetch_checkpoint(plan)
-    assert resumed is not None and resumed.endswith("checkpoint-2")
-    fetched = next((tmp_path / "cache" / "outputs").glob("*/checkpoint-2/trainer_state.json"))
-    assert json.loads(fetched.read_text()) == {"global_step": 1}
-    root1, env1 = _job_dirs(tmp_path / "one", config, ["algo-1"], "algo-1", gpus=1)
-    assert sagemaker.prefetch_checkpoint(sagemaker.plan_entry(env1, root1 / "work")) is None  # rank 0 does it
+@pytest.mark.parametrize("strategy", [["train.distributed=fsdp"],
+                                      ["train.distributed=deepspeed", "train.deepspeed=zero3"]])
+def test_sharded_strategies_span_instances(aws, tmp_path, config, capsys, strategy):
+    """FSDP and ZeRO-3 on 2 instances (spot included): each instance uploads its processes' part of a checkpoint,
+    so nothing needs a shared disk. The request holds both hosts and the channels; each host's entry point
+    builds its torchrun node; the loopback SageMaker accepts the job."""
+    tree = yaml.safe_load(config.read_text())
+    for item in strategy:
+        key, value = item.split("=")
+        tree["train"][key.split(".")[1]] = value
+    sharded = write_config(tmp_path / "sharded.yaml", tree)
+    assert main(_argv(sharded, "--dry-run", "--spot")) == 0
+    request = json.loads(capsys.readouterr().out)
+    assert request["ResourceConfig"]["InstanceCount"] == 2 and request["EnableManagedSpotTraining"] is True
+    assert set(_channels(request)) == {"lmforge_config", "train_0", "train_1", "eval_0"}
+    for rank, host in enumerate(["algo-1", "algo-2"]):
+        root, env = _job_dirs(tmp_path / host, sharded, ["algo-1", "algo-2"], host, gpus=2)
+        plan = sagemaker.plan_entry(env, root / "work")
+        assert plan.cfg.train.distributed == tree["train"]["distributed"]
+        assert plan.cfg.train.output_dir == f"s3://{BUCKET}/runs/sm"  # every host writes its part there
+        cmd = launch.torchrun_command(plan.args, [plan.args.config])
+        i = cmd.index("torch.distributed.run")
+        assert cmd[i + 1:i + 13] == ["--nproc-per-node", "2", "--nnodes", "2", "--node-rank", str(rank),
+                                     "--master-addr", "algo-1", "--master-port", "29500", "-m", "lmforge"]
+    assert main(_argv(sharded, "--spot")) == 0
+    job = aws.client("sagemaker").describe_training_job(TrainingJobName="lmforge-test-job")
+    assert job["ResourceConfig"]["InstanceCount"] == 2
+    assert job["InputDataConfig"] == request["InputDataConfig"]
 
 
 def test_entry_reads_the_toolkits_decoded_hyperparameters(tmp_path, config):

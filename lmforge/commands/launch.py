@@ -106,10 +106,6 @@ def _run_entry(args) -> int:
         os.environ.update(plan.env)
         print(f"[lmforge] SageMaker host {plan.args.node_rank + 1} of {plan.args.nnodes}, "
               f"{plan.args.nproc_per_node} process(es); config {plan.args.config}", flush=True)
-        resumed = sagemaker.prefetch_checkpoint(plan)
-        if resumed:
-            print(f"[lmforge] this host resumes from {resumed} (downloaded from {plan.cfg.train.output_dir})",
-                  flush=True)
         code = launch.relaunch(plan.args, plan.cfg)
     except LmforgeError as e:
         sagemaker.write_failure(str(e), dict(os.environ))

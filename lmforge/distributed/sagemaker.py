@@ -7,10 +7,11 @@ request (boto3 rather than the ``sagemaker`` SDK: one call, no extra dependency 
   * every ``s3://`` data source becomes an input channel (File or FastFile mode); the hyperparameter
     ``lmforge_channels`` maps each config key to its channel and the path inside it;
   * ``train.output_dir`` must be ``s3://``, and stays so inside the job: lmforge's own S3 output (cloud.py)
-    uploads each complete checkpoint and the final model with its marker written last, and a restarted
-    (spot) job resumes from the newest complete one. SageMaker's CheckpointConfig is deliberately not used:
-    its sync of /opt/ml/checkpoints copies files as they appear, with no marker, so a job killed mid-upload
-    would restore a partial checkpoint, and lmforge outside the job would not take its uploads for complete.
+    uploads each checkpoint (every instance its processes' part) and the final model with its marker written
+    last, and a restarted (spot) job resumes from the newest complete one, each instance downloading it.
+    SageMaker's CheckpointConfig is deliberately not used: its sync of /opt/ml/checkpoints copies files as
+    they appear, with no marker, so a job killed mid-upload would restore a partial checkpoint, and lmforge
+    outside the job would not take its uploads for complete.
 
 Inside (the container), ``plan_entry`` reads SageMaker's environment (``SM_HOSTS``, ``SM_CURRENT_HOST``,
 ``SM_NUM_GPUS``, ``SM_CHANNEL_<NAME>``, or /opt/ml/input/config/resourceconfig.json and
@@ -33,7 +34,6 @@ from typing import Callable
 
 import yaml
 
-from lmforge import cloud
 from lmforge.config import Config, load_config
 from lmforge.errors import ConfigError, LmforgeError
 
@@ -152,14 +152,10 @@ def check_config(cfg: Config, where: str, instance_count: int) -> None:
             raise ConfigError(f"{where}: model.{key}: {value} is on this machine, which the SageMaker job cannot "
                               "read: upload it to S3 and give its s3:// URL")
     if instance_count > 1 and cfg.train.distributed == "none":
-        raise ConfigError(f"{where}: train.distributed: set ddp to train on {instance_count} instances")
-    if instance_count > 1 and cfg.train.distributed in ("fsdp", "deepspeed"):
-        # every process writes its shard of a checkpoint into output_dir's local mirror, which instances do not
-        # share: the shards of instances 2.. would never reach S3, and the uploaded checkpoint could not resume
-        raise ConfigError(f"{where}: train.distributed: {cfg.train.distributed} across {instance_count} instances is "
-                          "not supported: its checkpoints are sharded over every process, and SageMaker instances "
-                          "share no disk to gather them on. Use ddp, or one instance with several GPUs "
-                          "(e.g. ml.g5.12xlarge or ml.p4d.24xlarge)")
+        raise ConfigError(f"{where}: train.distributed: set ddp, fsdp or deepspeed to train on {instance_count} "
+                          "instances")
+    # ddp, fsdp and deepspeed all span instances: each instance keeps a mirror of output_dir, uploads the part of
+    # every checkpoint its processes wrote, and the marker is written once all parts are in S3 (cloud.py)
 
 
 def default_job_name(cfg: Config, now: _dt.datetime | None = None) -> str:
@@ -225,12 +221,6 @@ def build_request(spec: JobSpec, cfg: Config) -> tuple[dict, str]:
         raise ConfigError(f"{where}: data: too many sources for one SageMaker job (the channel map exceeds the "
                           "2500-character limit of a hyperparameter); put the sources under fewer S3 folders")
     if spec.spot:
-        if spec.instance_count > 1:
-            # each process writes files of its own into a checkpoint (its RNG state); only instance 1's reach S3,
-            # so the other instances of a restarted job could not resume exactly
-            raise ConfigError("--spot with several instances: a restarted job could not resume exactly (each "
-                              "process's RNG state is in the checkpoint, and only the first instance's are "
-                              "uploaded); use --spot with one instance of several GPUs")
         if cfg.train.resume == "never":
             raise ConfigError(f"{where}: train.resume: never with --spot: each spot interruption would start the "
                               "run over; use resume: auto (the default)")
@@ -428,19 +418,6 @@ def plan_entry(environ: dict[str, str], work_dir: Path, debug: bool = False) -> 
     if env.network_interface:  # the interface between the job's hosts, for NCCL's and gloo's connections
         extra = {k: env.network_interface for k in ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME") if k not in environ}
     return EntryPlan(load_config(path), launch_args(env, str(path), debug), extra)
-
-
-def prefetch_checkpoint(plan: EntryPlan) -> str | None:
-    """Several hosts: download the bucket's newest complete checkpoint into this host's output mirror first.
-
-    In ``lmforge train`` only global rank 0 downloads it (one machine's ranks share the mirror); the hosts of a
-    SageMaker job share no disk, so each gets its own copy before torchrun starts, and every rank resumes."""
-    if plan.args.nnodes == 1 or plan.cfg.train.resume != "auto":
-        return None
-    from lmforge.training.checkpoint import complete_checkpoints  # lazy: torch, which `launch sagemaker` never loads
-
-    found = complete_checkpoints(cloud.open_mirror(plan.cfg.train.output_dir, "auto", is_main=True))
-    return str(found[-1]) if found else None
 
 
 def write_failure(message: str, environ: dict[str, str]) -> None:
