@@ -33,22 +33,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stream_speed import _rss_at, config, generate, watch  # noqa: E402
 
+from lmforge.training.checkpoint import dir_size  # noqa: E402
+
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _dir_bytes(root: Path) -> int:
-    total = 0
-    for dirpath, _, names in os.walk(root):
-        for n in names:
-            try:
-                total += os.lstat(os.path.join(dirpath, n)).st_size
-            except OSError:
-                pass  # removed while walking
-    return total
 
 
 def fill_bucket(url: str, gb: float, shards: int, scratch: Path) -> tuple[int, int]:
@@ -112,7 +103,7 @@ def main() -> None:
 
         def poll_cache():
             while not stop.is_set():
-                disk.append(_dir_bytes(cache))
+                disk.append(dir_size(cache))
                 time.sleep(0.5)
 
         poller = threading.Thread(target=poll_cache, daemon=True)
@@ -131,7 +122,7 @@ def main() -> None:
             print(f"{'RSS max (MB)':40}{max(mb for _, _, mb in samples):10.0f}")
             print(f"{'lmforge cache, max over the run (MB)':40}{max(disk) / 2**20:10.1f}")
             print(f"{'lmforge cache, at the end (MB)':40}{disk[-1] / 2**20:10.1f}")
-            print(f"{'of which data (cache/remote, MB)':40}{_dir_bytes(cache / 'remote') / 2**20:10.1f}")
+            print(f"{'of which data (cache/remote, MB)':40}{dir_size(cache / 'remote') / 2**20:10.1f}")
             print(f"{'wall s, whole run':40}{samples[-1][0]:10.1f}")
         print(f"load after: {os.getloadavg()[0]:.2f}")
     finally:

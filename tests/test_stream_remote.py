@@ -18,6 +18,7 @@ import torch
 from conftest import base_config, chat_rows, corpus, write_config, write_jsonl
 from safetensors.torch import load_file
 from test_cloud import _upload_dir, bucket, s3_server  # noqa: F401, F811  (fixtures)
+from test_streaming import streamed_sft_tree
 
 from lmforge import cloud
 from lmforge.cli import main
@@ -173,12 +174,7 @@ def test_streamed_run_from_the_bucket_resumes_bitwise(bucket, tiny_model_dir, tm
     _upload_dir(shards, f"s3://{bucket}/shards")
     runs = {}
     for name, data, steps in (("local", shards, [6]), ("bucket", f"s3://{bucket}/shards", [3, 6])):
-        tree = base_config(tiny_model_dir, data, tmp_path / name,
-                           data={"streaming": True, "shuffle_buffer": 4, "max_length": 96},
-                           train={"max_steps": 6, "save_steps": 3, "engine": "native", "lr_scheduler_type": "constant",
-                                  "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2},
-                           peft={"kind": "lora", "r": 4, "dropout": 0.1})
-        cfg = write_config(tmp_path / f"{name}.yaml", tree)
+        cfg = write_config(tmp_path / f"{name}.yaml", streamed_sft_tree(tiny_model_dir, data, tmp_path / name))
         for max_steps in steps:
             monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / f"cache-{name}-{max_steps}"))  # a machine each
             assert main(["train", str(cfg), f"train.max_steps={max_steps}"]) == 0

@@ -109,6 +109,14 @@ def test_streaming_refuses_what_it_cannot_do(tmp_path, tiny_model_dir, capsys, o
     assert message in capsys.readouterr().err
 
 
+def streamed_sft_tree(model_dir, data, out) -> dict:
+    """A streamed LoRA SFT run of 6 steps (dropout on) that checkpoints at step 3."""
+    return base_config(model_dir, data, out, data={"streaming": True, "shuffle_buffer": 4, "max_length": 96},
+                       train={"max_steps": 6, "save_steps": 3, "engine": "native", "lr_scheduler_type": "constant",
+                              "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2},
+                       peft={"kind": "lora", "r": 4, "dropout": 0.1})
+
+
 def test_streamed_sft_run_resumes_bitwise(tmp_path, tiny_model_dir, lmforge_cache):
     """A streamed SFT run stopped at step 3 (its checkpoint holds the stream's state) and resumed ends with the
     same weights and losses as an uninterrupted one; shards of a directory are read in turn."""
@@ -117,12 +125,7 @@ def test_streamed_sft_run_resumes_bitwise(tmp_path, tiny_model_dir, lmforge_cach
         write_jsonl(shards / f"part-{k}.jsonl", chat_rows(12, seed=k))
     runs = {}
     for name, steps in (("full", [6]), ("stop", [3, 6])):
-        tree = base_config(tiny_model_dir, shards, tmp_path / name,
-                           data={"streaming": True, "shuffle_buffer": 4, "max_length": 96},
-                           train={"max_steps": 6, "save_steps": 3, "engine": "native", "lr_scheduler_type": "constant",
-                                  "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2},
-                           peft={"kind": "lora", "r": 4, "dropout": 0.1})
-        cfg = write_config(tmp_path / f"{name}.yaml", tree)
+        cfg = write_config(tmp_path / f"{name}.yaml", streamed_sft_tree(tiny_model_dir, shards, tmp_path / name))
         for max_steps in steps:
             assert main(["train", str(cfg), f"train.max_steps={max_steps}"]) == 0
         runs[name] = tmp_path / name
