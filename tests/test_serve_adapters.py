@@ -213,6 +213,31 @@ def test_eval_scores_each_adapter_on_one_base(tiny_model_dir, adapters, tmp_path
     assert report["metrics"]["perplexity"] != pytest.approx(report["adapters"]["beta"]["metrics"]["perplexity"])
 
 
+
+def test_generate_compares_adapters_on_one_base(tiny_model_dir, adapters, merged, tmp_path, capsys):
+    """`generate --adapter`: a row naming no model comes out once per model (the base, then each adapter), a row
+    naming one comes out once; each completion equals that adapter merged and run alone. An unknown name stops the
+    run before the model loads, naming the row."""
+    from conftest import write_jsonl
+
+    from lmforge.cli import main
+
+    rows = [{"prompt": PROMPTS[0]}, {"messages": CHAT, "model": "gamma"}, {"prompt": PROMPTS[1], "model": "alpha"}]
+    data = write_jsonl(tmp_path / "in.jsonl", rows)
+    flags = ["--model", str(tiny_model_dir), "--adapter", f"alpha={adapters['alpha']}", "--adapter",
+             f"gamma={adapters['gamma']}", "--max-new-tokens", "10", "--dtype", "float32", "--no-progress"]
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", *flags, "--input", str(data), "--output", str(out)]) == 0
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    expected = [("base", rows[0]), ("alpha", rows[0]), ("gamma", rows[0]), ("gamma", rows[1]), ("alpha", rows[2])]
+    assert [g["model"] for g in got] == [str(tiny_model_dir) if n == "base" else n for n, _ in expected]
+    for g, (name, row) in zip(got, expected):
+        assert g["completion"] == merged(name, row, 10).text, name
+    bad = write_jsonl(tmp_path / "bad.jsonl", [rows[0], {"prompt": "x", "model": "delta"}])
+    assert main(["generate", *flags, "--input", str(bad), "--output", str(tmp_path / "o2.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl:2: model 'delta' is neither --model" in err and "Traceback" not in err
+
 # ------------------------------------------------------------------------------------------ the server
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, adapters, tmp_path_factory):
@@ -312,3 +337,19 @@ def test_the_routes_exist_only_with_allow_adapter_loading(tiny_model_dir, adapte
         assert [m["id"] for m in request(base, "/v1/models")[1]["data"]] == ["tiny", "alpha"]
     finally:
         stop_cli_server(proc)
+
+
+def test_layers_sharing_an_input_are_found_and_share_one_weight(tiny_model_dir, adapters):
+    """q/k/v and gate/up take one input each: found from a forward and computed as one (their base weights become
+    views into one tensor, so serving them together costs no copy)."""
+    aset = _adapter_set(tiny_model_dir, adapters, [])
+    layers = aset.base.model.config.num_hidden_layers
+    names = {g.names for g in aset.rows.siblings}
+    expected = set()
+    for i in range(layers):
+        expected.add(tuple(f"model.layers.{i}.self_attn.{p}_proj" for p in "qkv"))
+        expected.add((f"model.layers.{i}.mlp.gate_proj", f"model.layers.{i}.mlp.up_proj"))
+    assert names == expected
+    for group in aset.rows.siblings:
+        start = group.weight.data_ptr()
+        assert all(start <= aset.rows.layers[n].weight.data_ptr() < start + group.weight.nbytes for n in group.names)

@@ -27,16 +27,28 @@ class HfBackend:
 
     name = "hf"
 
-    def __init__(self, model: str, dtype: str = "auto", batching: str = "continuous", batch_size: int | None = None):
+    def __init__(self, model: str, dtype: str = "auto", batching: str = "continuous", batch_size: int | None = None,
+                 adapters: dict[str, str] | None = None):
         self.loaded = load_for_inference(model, dtype)
         self.generator = Generator(self.loaded)
         self.batching, self.batch_size = batching, batch_size
+        self.adapters = None  # adapter_set.AdapterSet of ``adapters`` (name -> dir) over the loaded model
+        if adapters:
+            from lmforge.inference.adapter_set import AdapterSet
+
+            self.adapters = AdapterSet(self.loaded)
+            for name, root in adapters.items():
+                self.adapters.add(name, root)
 
     def encode(self, row: dict) -> list[int]:
         return encode_prompt(row, self.loaded.tokenizer)
 
-    def generate(self, prompts: list[list[int]], opts: GenerationOptions, on_row=None) -> list[Completion]:
-        return self.generator.generate_all(prompts, opts, self.batch_size, self.batching == "continuous", on_row)
+    def generate(self, prompts: list[list[int]], opts: GenerationOptions, on_row=None,
+                 models: list[str | None] | None = None) -> list[Completion]:
+        """``models``: per prompt, an adapter's name or None for the loaded model itself."""
+        adapters = (self.adapters, models) if models is not None else None
+        return self.generator.generate_all(prompts, opts, self.batch_size, self.batching == "continuous", on_row,
+                                           adapters)
 
 
 class VllmBackend:
@@ -81,8 +93,9 @@ class VllmBackend:
 
 
 def load_backend(name: str, model: str, dtype: str = "auto", batching: str = "continuous",
-                 batch_size: int | None = None):
-    """``batch_size`` None: the hf backend picks one (Generator.auto_batch_size)."""
+                 batch_size: int | None = None, adapters: dict[str, str] | None = None):
+    """``batch_size`` None: the hf backend picks one (Generator.auto_batch_size); ``adapters`` (name -> dir):
+    LoRA/DoRA adapters over ``model``, hf backend only."""
     if name == "vllm":
         if importlib.util.find_spec("vllm") is None:
             raise UnsupportedError(
@@ -91,4 +104,4 @@ def load_backend(name: str, model: str, dtype: str = "auto", batching: str = "co
                 "--backend hf works everywhere"
             )
         return VllmBackend(model, dtype)
-    return HfBackend(model, dtype, batching, batch_size)
+    return HfBackend(model, dtype, batching, batch_size, adapters)

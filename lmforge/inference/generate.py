@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from transformers import StoppingCriteria
 
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, UnsupportedError
 from lmforge.inference import decode
 from lmforge.inference.loading import LoadedModel
 from lmforge.inference.options import GenerationOptions
@@ -143,15 +143,19 @@ class Generator:
         return [self._decode(row.tolist()[:n], eos, opts.stop, len(p)) for row, p, n in zip(new, prompts, limits)]
 
     def generate_all(self, prompts: list[list[int]], opts: GenerationOptions, batch_size: int | None = None,
-                     continuous: bool = True, on_row=None) -> list[Completion]:
+                     continuous: bool = True, on_row=None, adapters=None) -> list[Completion]:
         """All ``prompts``, results in input order: through the decode loop with up to ``batch_size`` rows
         decoding at once where it applies (``continuous``), else in ``generate`` batches of ``batch_size``
         (``length_batches``). ``on_row()`` follows each row.
-        No ``batch_size``: ``auto_batch_size`` for these prompts."""
+        No ``batch_size``: ``auto_batch_size`` for these prompts. ``adapters``: (an adapter_set.AdapterSet, one
+        adapter name or None (the base) per prompt), in the decode loop only."""
         if batch_size is None:
             batch_size = self.auto_batch_size(opts, max((len(p) for p in prompts), default=1))
         if continuous and self.can_batch_continuously(opts):
-            return self.generate_continuous(prompts, opts, batch_size, on_row)
+            return self.generate_continuous(prompts, opts, batch_size, on_row, adapters)
+        if adapters is not None:
+            raise UnsupportedError("--adapter: needs lmforge's decode loop (continuous batching of a decoder-only "
+                                   "model, no beam search)")
         results: list[Completion | None] = [None] * len(prompts)
         done = 0
         for idx in length_batches([len(p) for p in prompts], batch_size, self.equal_lengths):
@@ -182,12 +186,20 @@ class Generator:
                 for i, (p, h) in enumerate(zip(prompts, handles))]
 
     def generate_continuous(self, prompts: list[list[int]], opts: GenerationOptions, max_batch: int = 64,
-                            on_row=None) -> list[Completion]:
+                            on_row=None, adapters=None) -> list[Completion]:
         """All ``prompts`` through the decode loop (continuous batching, see lmforge.inference.decode), up to
-        ``max_batch`` decoding at once; longest prompts are admitted first. Results in input order."""
+        ``max_batch`` decoding at once; longest prompts are admitted first. Results in input order.
+        ``adapters``: as ``generate_all``; rows of different adapters share batches (row_lora.py)."""
         seqs = self.sequences(prompts, opts)
+        rows = None
+        if adapters is not None:
+            named, names = adapters
+            rows = named.rows
+            for seq, name in zip(seqs, names):
+                seq.adapter = named.get(name) if name is not None else None
         source = decode.from_list(sorted(seqs, key=lambda s: -len(s.prompt)))
-        decode.Decoder(self.model, self.tok, max_batch).run(source, on_done=on_row and (lambda seq: on_row()))
+        decode.Decoder(self.model, self.tok, max_batch, rows=rows).run(source,
+                                                                       on_done=on_row and (lambda seq: on_row()))
         return [self.completion(s) for s in seqs]
 
     def completion(self, seq) -> Completion:

@@ -10,6 +10,12 @@ wrapped layer two matmuls over all those adapters' ranks and a mask that zeroes 
     h = (x @ A_cat.T) * mask[row]      # (B, T, sum of ranks)
     y = base(x) + h @ B_cat.T          # B_cat holds B * scaling
 
+Layers that take the same input (q/k/v of an attention, gate/up of an MLP: learnt from the first forward, as the
+layers called one after another with one tensor) are computed together (``Siblings``): one matmul over their
+concatenated base weights (each layer's weight becomes a view into it: no copy) and, for the adapters, one
+A matmul, one mask and one B matmul with a block-diagonal B; the other layers of the group take their slice.
+A decoding step is bound by the number of ops per layer more than by FLOPs (measured: ``benchmarks/serve_adapters.py``).
+
 DoRA's magnitude rescales the whole output: y = g * (W x + s B A x) + bias, with g = m / ||W + s B A|| per output
 feature, a constant at inference (PEFT detaches the norm), taken per row. PEFT reads the adapters (config and
 weights, ``adapter_set.py``); the weights stay unmerged, in the compute dtype.
@@ -66,10 +72,18 @@ class RowLinear(nn.Module):
         super().__init__()
         self.base, self.name = base, name
         self._rows = [rows]  # in a list: not registered as a submodule (it is not part of the model's state)
+        self.siblings: Siblings | None = None  # the layers computed together with this one, if any
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self._rows[0]
+        if rows.recording is not None:
+            rows.recording.append((self, x))
+        batch = rows.current
+        if self.siblings is not None:
+            key = self.siblings.names
+            if batch is None or key not in batch.tables or batch.tables[key] is not None:
+                return self.siblings.output(self, x, batch)
         y = self.base(x)
-        batch = self._rows[0].current
         table = batch.tables.get(self.name) if batch is not None else None
         if table is None:
             return y
@@ -87,10 +101,72 @@ class RowLinear(nn.Module):
         return g * (y - bias + delta) + bias
 
 
+class Siblings:
+    """Linear layers that take the same input, computed as one: their base weights concatenated (each layer's
+    weight and bias become views into these), and the batch's adapters as one table with a block-diagonal B.
+    The first of them called with an input computes every one's output; the others take their slice of it."""
+
+    def __init__(self, members: list[RowLinear]):
+        self.names = tuple(m.name for m in members)
+        first = members[0].base.weight
+        self.weight = torch.cat([m.base.weight.detach() for m in members])
+        has_bias = any(m.base.bias is not None for m in members)
+        self.bias = torch.cat([m.base.bias.detach() if m.base.bias is not None else first.new_zeros(m.base.out_features)
+                               for m in members]) if has_bias else None
+        self.slices: dict[str, slice] = {}
+        start = 0
+        for m in members:
+            end = start + m.base.out_features
+            self.slices[m.name] = slice(start, end)
+            m.base.weight = nn.Parameter(self.weight[start:end], requires_grad=False)
+            if m.base.bias is not None:
+                m.base.bias = nn.Parameter(self.bias[start:end], requires_grad=False)
+            m.siblings = self
+            start = end
+        self._x: torch.Tensor | None = None  # the input whose outputs ``_y`` holds, until every member took its part
+        self._y: torch.Tensor | None = None
+        self._waiting: set[str] = set()
+
+    def output(self, layer: RowLinear, x: torch.Tensor, batch: "_Batch | None") -> torch.Tensor:
+        # the same tensor object (held here, so its id cannot be reused): no layer between siblings changes its
+        # input in place in the models the decode loop runs (an inference tensor has no version counter to check)
+        if self._x is not x:
+            self._x, self._y, self._waiting = x, self._compute(x, batch), set(self.names)
+        y = self._y[..., self.slices[layer.name]]
+        self._waiting.discard(layer.name)
+        if not self._waiting:
+            self._x = self._y = None
+        return y
+
+    def _compute(self, x: torch.Tensor, batch: "_Batch | None") -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        table = batch.tables.get(self.names) if batch is not None else None
+        if table is None:
+            return y
+        h = F.linear(x, table.a)
+        if batch.index is not None:
+            h.mul_(batch.mask(table.owner, x.dtype))
+        y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), table.b.T)
+        return y
+
+    def table(self, tables: dict[str, "_Table"]) -> "_Table | None":
+        """The group's table from its members' (None: a member rescales its output (DoRA): each computes its own)."""
+        parts = [(self.slices[n], tables[n]) for n in self.names if n in tables]
+        if any(t.g is not None for _, t in parts):
+            return None
+        a = torch.cat([t.a for _, t in parts])
+        b = a.new_zeros(self.weight.shape[0], a.shape[0])
+        col = 0
+        for rows, t in parts:
+            b[rows, col:col + t.a.shape[0]] = t.b
+            col += t.a.shape[0]
+        return _Table(a, b, torch.cat([t.owner for _, t in parts]), None)
+
+
 @dataclass
 class _Batch:
     index: torch.Tensor | None  # (B,) 0 = base, i = the i-th adapter present; None: every row has the one adapter
-    tables: dict[str, _Table]
+    tables: dict  # layer name or siblings.names -> _Table (None: the siblings compute one by one)
     masks: dict = field(default_factory=dict)
 
     def mask(self, owner: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -116,6 +192,7 @@ class RowLora:
         self.model = model
         self.layers: dict[str, nn.Linear] = {}
         self.current: _Batch | None = None
+        self.recording: list | None = None  # (layer, input) of each call, while the siblings are being found
         self._cached: collections.OrderedDict[tuple, dict[str, _Table]] = collections.OrderedDict()
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         for name, module in list(model.named_modules()):
@@ -124,6 +201,30 @@ class RowLora:
                     full = f"{name}.{child_name}" if name else child_name
                     self.layers[full] = child
                     setattr(module, child_name, RowLinear(child, full, self))
+        self.siblings = self._find_siblings()
+
+    def _find_siblings(self) -> list[Siblings]:
+        """Groups of layers called one after another with one input tensor, in a one-token forward."""
+        device = next(self.model.parameters()).device
+        self.recording = []
+        try:
+            with torch.inference_mode():
+                self.model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
+            calls = self.recording
+        finally:
+            self.recording = None
+        runs: list[list[RowLinear]] = []
+        previous = None
+        for layer, x in calls:
+            if runs and x is previous:
+                runs[-1].append(layer)
+            else:
+                runs.append([layer])
+            previous = x
+        counts = collections.Counter(layer for layer, _ in calls)
+        return [Siblings(run) for run in runs
+                if len(run) > 1 and all(counts[m] == 1 for m in run)
+                and len({(m.base.weight.dtype, m.base.weight.device) for m in run}) == 1]
 
     @contextlib.contextmanager
     def rows(self, adapters: list[RowAdapter | None]):
@@ -174,6 +275,9 @@ class RowLora:
             else:
                 a, b = torch.cat([u.a for _, u in users]), torch.cat([u.b for _, u in users], dim=1)
             tables[name] = _Table(a, b, owner, g)
+        for group in self.siblings:
+            if any(n in tables for n in group.names):
+                tables[group.names] = group.table(tables)  # None: its members compute their own (DoRA)
         self._cached[present] = tables
         while len(self._cached) > self.KEEP:
             self._cached.popitem(last=False)
