@@ -21,7 +21,7 @@ from lmforge.adapters import (
 )
 from lmforge.config import Config
 from lmforge.distributed import strategy
-from lmforge.distributed.ranks import local_rank
+from lmforge.distributed.ranks import local_rank, nodes
 from lmforge.errors import ConfigError
 from lmforge.log import is_main_process, log
 from lmforge.models import (  # resolve_model_and_tokenizer lives in models.py (prepare/inspect load no trainer)
@@ -204,6 +204,7 @@ def open_output_dir(cfg: Config, run_plan: plan.RunPlan) -> tuple[Config, str | 
         log(f"train.output_dir {url}: training in {mirror} (on each node), each checkpoint and the final model "
             "uploaded when complete")
     else:
+        check_shared(cfg.train.output_dir)
         resume = resolve_resume(cfg.train.resume, cfg.train.output_dir)
     out = Path(cfg.train.output_dir)
     if resume:
@@ -225,6 +226,34 @@ def open_output_dir(cfg: Config, run_plan: plan.RunPlan) -> tuple[Config, str | 
         else:
             (out / "metrics.jsonl").unlink(missing_ok=True)
     return cfg, resume
+
+
+def check_shared(output_dir: str) -> None:
+    """Several nodes with a local output_dir: it must be one directory they all see, as rank 0 renames each
+    checkpoint into place there once every rank wrote its part. On a disk of each node's own the other nodes'
+    parts would be missing from every checkpoint: refused at start, on every rank alike (none is left waiting)."""
+    if nodes() <= 1 or not torch.distributed.is_initialized():
+        return
+    import uuid
+
+    token = [uuid.uuid4().hex if is_main_process() else None]
+    torch.distributed.broadcast_object_list(token, src=0)
+    probe = Path(output_dir) / ".lmforge-shared"
+    if is_main_process():
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text(token[0])
+    torch.distributed.barrier()
+    seen = local_rank() != 0 or (probe.exists() and probe.read_text() == token[0])
+    every = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every, seen)
+    torch.distributed.barrier()
+    if is_main_process():
+        probe.unlink(missing_ok=True)
+    if not all(every):
+        raise ConfigError(f"train.output_dir: {output_dir} is not one directory shared by the {nodes()} nodes (a "
+                          "file written there on node 0 is not seen on every node): give all nodes a shared "
+                          "directory (NFS, Lustre, ...), or an output_dir URL (s3://..., gs://..., any fsspec "
+                          "URL), with which nodes share nothing but the bucket")
 
 
 def open_remote_output_dir(url: str, resume: str) -> tuple[Path, str | None]:
