@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -234,8 +235,6 @@ def check_shared(output_dir: str) -> None:
     parts would be missing from every checkpoint: refused at start, on every rank alike (none is left waiting)."""
     if nodes() <= 1 or not torch.distributed.is_initialized():
         return
-    import uuid
-
     token = [uuid.uuid4().hex if is_main_process() else None]
     torch.distributed.broadcast_object_list(token, src=0)
     probe = Path(output_dir) / ".lmforge-shared"
