@@ -235,10 +235,10 @@ def parse_jsonl_line(line: str) -> tuple[Any, str | None]:
 
 def jsonl_lines(fh, at: dict | None = None):
     """The lines of a JSON Lines file (``fh``: binary, seekable) as text mode reads them (universal newlines,
-    undecodable bytes kept as surrogates), from position ``at`` on (``ranged.START`` or None: the beginning):
+    undecodable bytes kept as surrogates), from position ``at`` on (``START`` or None: the beginning):
     yields (the position after the line, the line). A position is ``line`` (lines read, blank ones included),
     ``offset`` (the byte offset of the next line: ``fh`` is seeked there, nothing before it is read) and ``sub``
-    (lines already read of the one at ``offset``: text mode also ends a line at a lone \r)."""
+    (lines already read of the one at ``offset``: text mode also ends a line at a lone CR)."""
     at = at or {}
     line, offset, sub = at.get("line", 0), at.get("offset"), at.get("sub", 0)
     again = 0
