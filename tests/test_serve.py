@@ -210,3 +210,27 @@ def test_stream_safe_text_holds_back_possible_stop_strings_and_partial_character
     assert stream_safe_text("hello world and more", ["world"]) == "hello "
     assert stream_safe_text("hello wax", ["world"]) == "hello wax"
     assert stream_safe_text("caf\ufffd", []) == "caf"  # the rest of a multi-byte character has not arrived
+
+
+def test_a_thread_done_with_torch_lets_its_openmp_workers_go():
+    """openmp.release_thread_pool: the main thread's OpenMP workers end (so the engine thread's pool is the only
+    one and keeps spinning between ops); the next parallel op starts them again. In a fresh process: 2 threads."""
+    code = """
+import os, time, torch
+from lmforge.inference import openmp
+torch.set_num_threads(2)
+def threads():
+    time.sleep(0.2)
+    return len(os.listdir('/proc/self/task'))
+before = threads()
+(torch.randn(512, 512) @ torch.randn(512, 512)).sum()
+pooled = threads()
+openmp.release_thread_pool()
+released = threads()
+(torch.randn(512, 512) @ torch.randn(512, 512)).sum()
+print(before, pooled, released, threads())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "2"})
+    before, pooled, released, again = map(int, out.stdout.split())
+    assert pooled > before and released == pooled - 1 and again == pooled, out.stdout

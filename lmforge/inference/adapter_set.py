@@ -134,7 +134,7 @@ def read_adapter(name: str, root: str, base: LoadedModel, layers: dict[str, torc
             norm = torch.linalg.norm(layer.weight.detach().float().cpu() + scaling * (b @ a), dim=1)
             g = (parts["magnitude_vector"].float() / norm).to(dtype)
         device = layer.weight.device
-        out.layers[module] = LayerUpdate(a.to(dtype).to(device), (b * scaling).to(dtype).to(device),
+        out.layers[module] = LayerUpdate(a.to(dtype).to(device), (b * scaling).T.contiguous().to(dtype).to(device),
                                          None if g is None else g.to(device))
     if not out.layers:
         raise ConfigError(f"adapter {name!r} ({path}) holds no LoRA weights")

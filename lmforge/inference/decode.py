@@ -64,6 +64,7 @@ def from_list(seqs: list[Sequence]) -> Source:
 
 ATTENTION = "lmforge_decode"
 MIN_PREFIX = 8  # shorter shared prompt prefixes are prefilled with the rest
+PREFIX_ADAPTERS = 8  # adapters whose keys/values of the shared prefix are kept
 TRIM = 16  # leading all-padding cache positions worth a copy to drop
 
 
@@ -238,8 +239,8 @@ class Decoder:
         self.prefill_tokens = prefill_tokens  # padded tokens per prefill forward (bounds its activations)
         self.steps = 0  # decode forwards run (for tests and logs)
         self.peak = 0  # most rows decoding at once
-        self._prefix = None  # (tokens, per-layer (keys, values)) of the last shared prompt prefix
-        self._prefix_adapter = None  # the adapter its keys/values were computed with
+        # (tokens, {adapter (None: the base): per-layer (keys, values)}) of the last shared prompt prefix
+        self._prefix = None
 
     @torch.inference_mode()
     def run(self, source: Source, on_token: Callable[[Sequence, int], None] | None = None,
@@ -302,8 +303,7 @@ class Decoder:
             ids, mask = ids.to(self.device), mask.to(self.device)
             cache = new_cache(self.model)
             if prefix:
-                for layer, (k, v) in zip(cache.layers, prefix[1]):
-                    layer.update(k.expand(len(chunk), -1, -1, -1), v.expand(len(chunk), -1, -1, -1))
+                _prefix_rows(cache, prefix[1], [s.adapter for s in chunk])
             positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, n:]
             logits.append(self._forward(chunk, ids, mask, positions, cache, last_only=True))
             parts.append((cache, mask, mask.sum(-1)))
@@ -311,47 +311,46 @@ class Decoder:
         return parts, torch.cat(logits)
 
     def _shared_prefix(self, seqs: list[Sequence]):
-        """The (tokens, per-layer keys/values) of a prefix every prompt of ``seqs`` starts with, or None.
+        """The (tokens, {adapter: per-layer keys/values}) of a prefix every prompt of ``seqs`` starts with, or None.
 
         Why: chat prompts repeat the same system prompt and template head (SmolLM2's default system prompt
         is 30 of about 40 tokens); computing it once and reusing its keys/values saves most of the prefill.
         The last prefix is kept, so requests arriving one by one reuse the one found in an earlier group. Its
-        keys/values depend on the adapter: ``seqs`` all have the same one (``_admit``), and so must a kept prefix.
+        keys/values depend on the adapter: they are kept per adapter (the rows' adapters missing are computed in
+        one forward), so rows of several adapters are prefilled together.
         """
         shortest = min(len(s.prompt) for s in seqs)
-        adapter = seqs[0].adapter
         kept = self._prefix
-        if kept and self._prefix_adapter is adapter and len(kept[0]) < shortest and \
-                all(s.prompt[:len(kept[0])] == kept[0] for s in seqs):
-            return kept
-        if len(seqs) < 2:
-            return None
-        n = 0
-        first = seqs[0].prompt
-        while n < shortest - 1 and all(s.prompt[n] == first[n] for s in seqs):
-            n += 1
-        if n < MIN_PREFIX:
-            return None
-        cache = new_cache(self.model)
-        ids = torch.tensor([first[:n]], device=self.device)
-        with self._adapters([adapter]):
-            self.model(input_ids=ids, position_ids=torch.arange(n, device=self.device)[None], past_key_values=cache,
-                       use_cache=True, logits_to_keep=_last(ids))
-        self._prefix = (first[:n], [(layer.keys[:, :, :n], layer.values[:, :, :n]) for layer in cache.layers])
-        self._prefix_adapter = adapter
-        return self._prefix
+        if not (kept and len(kept[0]) < shortest and all(s.prompt[:len(kept[0])] == kept[0] for s in seqs)):
+            if len(seqs) < 2:
+                return None
+            n = 0
+            first = seqs[0].prompt
+            while n < shortest - 1 and all(s.prompt[n] == first[n] for s in seqs):
+                n += 1
+            if n < MIN_PREFIX:
+                return None
+            kept = self._prefix = (first[:n], {})
+        tokens, by_adapter = kept
+        missing = list(dict.fromkeys(s.adapter for s in seqs if s.adapter not in by_adapter))
+        if missing:
+            n = len(tokens)
+            cache = new_cache(self.model)
+            ids = torch.tensor([tokens] * len(missing), device=self.device)
+            with self._adapters(missing):
+                self.model(input_ids=ids, position_ids=torch.arange(n, device=self.device).expand(len(missing), -1),
+                           past_key_values=cache, use_cache=True, logits_to_keep=_last(ids))
+            for i, adapter in enumerate(missing):
+                by_adapter[adapter] = [(layer.keys[i:i + 1, :, :n], layer.values[i:i + 1, :, :n])
+                                       for layer in cache.layers]
+            used = {s.adapter for s in seqs}  # the oldest others go: a kept key holds an adapter's weights alive
+            for adapter in [a for a in by_adapter if a not in used][:max(0, len(by_adapter) - PREFIX_ADAPTERS)]:
+                del by_adapter[adapter]
+        return kept
 
     def _admit(self, live, state, new, on_token, on_done):
-        by_adapter: dict[object, list[Sequence]] = {}  # prefilled per adapter: a shared prefix needs one adapter
-        for seq in new:
-            by_adapter.setdefault(seq.adapter, []).append(seq)
-        new = [seq for group in by_adapter.values() for seq in group]
-        parts, logits = [], []
-        for group in by_adapter.values():
-            group_parts, group_logits = self._prefill(group)
-            parts += group_parts
-            logits.append(group_logits)
-        firsts = self._pick(new, torch.cat(logits)).split([mask.shape[0] for _, mask, _ in parts])
+        parts, logits = self._prefill(new)
+        firsts = self._pick(new, logits).split([mask.shape[0] for _, mask, _ in parts])
         states = ([state] if state is not None else []) + [(*p, t) for p, t in zip(parts, firsts)]
         return self._advance(live + new, _merge(states), on_token, on_done, fresh=len(new))
 
@@ -440,6 +439,17 @@ def _last(input_ids: torch.Tensor) -> torch.Tensor:
     the 135M model). Indexing with a tensor gives a contiguous copy of just the last positions.
     """
     return torch.tensor([input_ids.shape[1] - 1], device=input_ids.device)
+
+
+def _prefix_rows(cache, by_adapter: dict, adapters: list) -> None:
+    """Start ``cache`` with the shared prefix's keys/values of each row's adapter (one adapter: a view, no copy)."""
+    if len(set(adapters)) == 1:
+        for layer, (k, v) in zip(cache.layers, by_adapter[adapters[0]]):
+            layer.update(k.expand(len(adapters), -1, -1, -1), v.expand(len(adapters), -1, -1, -1))
+        return
+    for li, layer in enumerate(cache.layers):
+        layer.update(torch.cat([by_adapter[a][li][0] for a in adapters]),
+                     torch.cat([by_adapter[a][li][1] for a in adapters]))
 
 
 def _select(state, keep: list[int]):

@@ -25,7 +25,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
-from lmforge.inference import decode
+from lmforge.inference import decode, openmp
 from lmforge.inference.generate import GenerationOptions, Generator, cut_at_stop
 
 
@@ -131,6 +131,9 @@ class Engine:
             self.decoder = decode.Decoder(generator.model, generator.tok, max_batch_size, rows=rows)
 
     def start(self) -> None:
+        """Start the engine thread (from the thread that loaded the model: its OpenMP pool is let go, see
+        openmp.py, so the engine thread's is the only one)."""
+        openmp.release_thread_pool()
         self.thread.start()
 
     def stop(self) -> None:

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lmforge.data.tokenize import Encoder
 from lmforge.errors import DataError, LmforgeError
+from lmforge.inference import openmp
 from lmforge.inference.adapter_set import AdapterSet
 from lmforge.inference.engine import Busy, Engine, Job, Unavailable
 from lmforge.inference.generate import Completion, GenerationOptions, encode_prompt
@@ -272,7 +273,7 @@ class Api:
         if name == self.model_id or self.adapters is None:
             return None
         try:
-            return await asyncio.to_thread(self.adapters.get, name)
+            return await asyncio.to_thread(openmp.released(self.adapters.get), name)
         except KeyError:
             raise HTTPException(404, f"model {name!r} is not served here (it was unloaded)") from None
         except Exception as e:  # its files changed or went away since it was loaded
@@ -499,7 +500,7 @@ def _adapter_routes(app: FastAPI, api: Api) -> None:
             raise BadRequest("lora_name", f"the lora adapter {req.lora_name!r} has already been loaded" if
                              req.lora_name in api.adapters else f"{req.lora_name!r} is the base model's name")
         try:
-            await asyncio.to_thread(api.adapters.add, req.lora_name, req.lora_path)
+            await asyncio.to_thread(openmp.released(api.adapters.add), req.lora_name, req.lora_path)
         except LmforgeError as e:
             raise BadRequest("lora_path", str(e)) from None
         except Exception as e:  # unreadable files (a corrupt safetensors file, permissions): the client's adapter
