@@ -284,6 +284,9 @@ class RowLora:
         for group in self.siblings:
             if any(n in tables for n in group.names):
                 tables[group.names] = group.table(tables, owners)  # None: its members compute their own (DoRA)
+                if tables[group.names] is not None:  # the members' own tables go unused: not kept
+                    for name in group.names:
+                        tables.pop(name, None)
         self._cached[present] = tables
         while len(self._cached) > self.KEEP:
             self._cached.popitem(last=False)
