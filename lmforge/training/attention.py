@@ -82,7 +82,6 @@ class PerSampleAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, samples, scale):
         B, H, T, D = query.shape
-        groups = H // key.shape[1]
         out = query.new_zeros(B, H, T, D)  # padding after the last sample attends nowhere: zeros
         for b, row in enumerate(samples):
             for start, masked in row:
@@ -91,7 +90,7 @@ class PerSampleAttention(torch.autograd.Function):
                 probs = _probs(query[b, :, start:end], k, masked, scale).to(query.dtype)
                 out[b, :, start:end] = torch.matmul(probs.flatten(1, 2), v).view(H, end - start, D)
         ctx.save_for_backward(query, key, value)
-        ctx.samples, ctx.scale, ctx.groups = samples, scale, groups
+        ctx.samples, ctx.scale = samples, scale
         return out
 
     @staticmethod

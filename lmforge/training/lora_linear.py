@@ -36,7 +36,7 @@ class LoraLinear(torch.autograd.Function):
         out = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())  # (T, out)
         out.addmm_(h, b.t(), alpha=scaling)
         ctx.save_for_backward(x2, weight, a, b, h, None if mask is None else mask.reshape(x2.shape))
-        ctx.scaling, ctx.has_bias = scaling, bias is not None
+        ctx.scaling = scaling
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -56,7 +56,7 @@ class LoraLinear(torch.autograd.Function):
             grad_x = grad_x.view(*grad.shape[:-1], x2.shape[-1])
         if need_w:
             grad_w = g.t() @ x2
-        if need_bias and ctx.has_bias:
+        if need_bias:  # False for a None bias
             grad_bias = g.sum(0)
         if need_a:
             grad_a = gh.t() @ (x2 if mask is None else x2 * mask)  # (r, in)
