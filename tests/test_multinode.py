@@ -123,7 +123,8 @@ def test_two_nodes_without_a_shared_disk_resume_from_the_bucket_after_kill_9(buc
     assert any(RANK_1_PART.search(k) for k in _keys(bucket, f"{prefix}checkpoint-{step}/"))  # node 1's part is there
     _half_written(bucket, prefix, step, step + 2)
 
-    # the reference: the same 2 processes on one node, uninterrupted, all local
+    # the reference: the same 2 processes on one node, uninterrupted, all local (run alone: a DeepSpeed job beside
+    # the two nodes once left them waiting before their first step)
     ref = tmp_path / "ref"
     ref_cfg = write_config(tmp_path / "ref.yaml", _tree(str(tiny_model_dir), str(data), str(ref), **train))
     _run([sys.executable, "-m", "lmforge", "train", "--nproc-per-node", "2", str(ref_cfg)], tmp_path / "ref-cache")
