@@ -1,6 +1,7 @@
 """s3:// paths against an S3-compatible server started here on 127.0.0.1 (moto's server mode): data, the base
 model and output_dir in a bucket; checkpoints uploaded with a marker written last; resume from the bucket on
-a machine that has nothing local, bitwise; a partial upload is never resumed from."""
+a machine that has nothing local, bitwise; a partial upload is never resumed from. A run killed with kill -9
+and resumed from the bucket alone: tests/test_multinode.py."""
 
 from __future__ import annotations
 
@@ -191,49 +192,6 @@ def test_generate_reads_and_writes_s3(bucket, tiny_model_dir, tmp_path, monkeypa
     capsys.readouterr()
     assert main(args + ["--input", f"s3://{bucket}/in.jsonl", "--output", f"s3://{bucket}/out/gen.jsonl"]) == 0
     assert "nothing to do" in capsys.readouterr().out
-
-
-@pytest.mark.slow
-def test_killed_run_resumes_from_the_bucket_on_another_machine_bitwise(bucket, tiny_model_dir, tmp_path, monkeypatch):
-    """kill -9 once a checkpoint is in the bucket; a rerun with an empty cache resumes from the newest complete
-    checkpoint there and ends equal to an uninterrupted run."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(64))
-    cloud.upload_file(data, f"s3://{bucket}/data/train.jsonl")
-    tree = _config(tmp_path, str(tiny_model_dir), f"s3://{bucket}/data/train.jsonl", f"s3://{bucket}/runs/k",
-                   max_steps=40, save_steps=4)
-    cfg = write_config(tmp_path / "k.yaml", tree)
-    ref = write_config(tmp_path / "ref.yaml", {**tree, "train": {**tree["train"], "output_dir": str(tmp_path / "ref")}})
-    env = lambda name: {**os.environ, "LMFORGE_CACHE": str(tmp_path / f"cache-{name}"),  # noqa: E731
-                        "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "train", str(cfg)], env=env("one"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    fs, _ = cloud.filesystem(f"s3://{bucket}")
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        fs.invalidate_cache()
-        if fs.exists(f"{bucket}/runs/k/checkpoint-4/.lmforge-complete"):
-            break
-        time.sleep(0.1)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
-    assert not fs.exists(f"{bucket}/runs/k/.lmforge-complete")  # no final model: it was killed mid-run
-    logs = {}
-    for name, config in (("two", cfg), ("ref", ref)):
-        done = subprocess.run([sys.executable, "-m", "lmforge", "train", str(config)], env=env(name),
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-        logs[name] = done.stdout
-    assert "resuming from" in logs["two"] and "resuming from" not in logs["ref"]
-    fs.get(f"{bucket}/runs/k/adapter_model.safetensors", str(tmp_path / "k.safetensors"))
-    a, b = load_file(tmp_path / "k.safetensors"), load_file(tmp_path / "ref" / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("url, package", [("gs://b/ckpt", "gcsfs"), ("az://c/ckpt", "adlfs"), ("abfs://c/ckpt", "adlfs"),

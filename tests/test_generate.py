@@ -224,24 +224,10 @@ def test_worker_command_line_parses_back_to_the_same_options():
 
 
 @pytest.mark.slow
-def test_cli_two_processes_equal_one_row_for_row(tmp_path, tiny_model_dir, capfd):
-    inp = write_jsonl(tmp_path / "in.jsonl", SHARDED_PROMPTS)
-    outs = {}
-    for n in (1, 2):
-        outs[n] = tmp_path / f"out{n}.jsonl"
-        assert _generate(tiny_model_dir, inp, outs[n], *(["--nproc-per-node", "2"] if n == 2 else [])) == 0
-    assert "--nproc-per-node 2" in capfd.readouterr().out  # it did run under torchrun
-    one, two = _read(outs[1]), _read(outs[2])
-    assert [r["id"] for r in two] == list(range(len(SHARDED_PROMPTS)))  # input order
-    assert [{k: r[k] for k in p} for r, p in zip(two, SHARDED_PROMPTS)] == SHARDED_PROMPTS
-    assert two == one
-    assert _parts(outs[2]) == []  # the parts were merged and removed
-
-
-@pytest.mark.slow
 def test_cli_two_processes_sample_like_one(tmp_path, tiny_model_dir):
-    """Contiguous shards keep each row's seed (seed + input index): seeded sampling matches one process too.
-    The two processes are started by the user's own torchrun here (no --nproc-per-node)."""
+    """Two processes give one process's rows, in input order: contiguous shards keep each row's seed (seed + input
+    index), so seeded sampling matches too. The two processes are started by the user's own torchrun here;
+    `--nproc-per-node 2` (lmforge's launcher, merging the parts): the failing-rank test below."""
     import subprocess
     import sys
 
@@ -253,7 +239,10 @@ def test_cli_two_processes_sample_like_one(tmp_path, tiny_model_dir):
                     "--output", str(tmp_path / "two.jsonl"), "--max-new-tokens", "8", "--batch-size", "2",
                     "--dtype", "float32", "--no-progress", *sample], check=True, timeout=600)
     assert _generate(tiny_model_dir, inp, tmp_path / "greedy.jsonl") == 0
-    assert _read(tmp_path / "two.jsonl") == _read(tmp_path / "one.jsonl") != _read(tmp_path / "greedy.jsonl")
+    two = _read(tmp_path / "two.jsonl")
+    assert [r["id"] for r in two] == list(range(len(SHARDED_PROMPTS)))  # input order
+    assert two == _read(tmp_path / "one.jsonl") != _read(tmp_path / "greedy.jsonl")
+    assert _parts(tmp_path / "two.jsonl") == []  # the parts were merged and removed
 
 
 @pytest.mark.slow

@@ -113,10 +113,9 @@ def test_default_engine_falls_back_to_hf_with_a_reason(tmp_path, tiny_model_dir,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_signal_mid_run_then_resume_equals_uninterrupted(tmp_path, sharp_model_dir, sig):
-    """SIGTERM: the step finishes, a checkpoint is written, exit 1 with how to resume. kill -9: the last
-    periodic checkpoint survives. Either way `resume: auto` continues to the same bits as a run never stopped."""
+def test_kill_9_mid_run_then_resume_equals_uninterrupted(tmp_path, sharp_model_dir):
+    """kill -9: the last periodic checkpoint survives, and `resume: auto` continues to the same bits as a run never
+    stopped (LoRA dropout on, so the RNG state is restored too). SIGTERM on this engine: tests/test_signals.py."""
     env = {**os.environ, "LMFORGE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     data = write_jsonl(tmp_path / "d.jsonl", chat_rows(120))
     sections = dict(train={"engine": "native", "max_steps": 40, "save_steps": 5, "logging_steps": 1,
@@ -132,16 +131,11 @@ def test_signal_mid_run_then_resume_equals_uninterrupted(tmp_path, sharp_model_d
             break
         time.sleep(0.05)
     assert proc.poll() is None, proc.communicate()
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=120)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=120)
     last = max(int(line.split('"step": ')[1].split(",")[0]) for line in metrics.read_text().splitlines())
     assert last < 40, "the run ended before the signal; nothing was tested"
-    if sig == signal.SIGTERM:
-        assert proc.returncode == 1, err
-        assert f"stopped by SIGTERM at step {last}" in err and "train.resume: auto" in err
-        assert (tmp_path / "stop" / f"checkpoint-{last}" / "adapter_model.safetensors").exists()
-    else:
-        assert proc.returncode == -signal.SIGKILL
+    assert proc.returncode == -signal.SIGKILL
     subprocess.run(cmd + [str(stopped)], env=env, check=True, capture_output=True)
     subprocess.run(cmd + [str(full)], env=env, check=True, capture_output=True)
     a = load_file(tmp_path / "full" / "adapter_model.safetensors")
