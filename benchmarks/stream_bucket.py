@@ -12,6 +12,8 @@ first step within 30 s).
 3. Reports, from ``stream_speed.watch`` (0.5 s polls of the child's process tree): the first logged step (s from
    spawn), RSS at step ~10 and at the end, its maximum; and from its own 0.5 s polls of the cache directory: the
    largest size it reached and its size at the end (a download of the corpus would put ``--gb`` GB there).
+   Before the first step: when the child's log lines appeared (s from spawn, to the 0.5 s poll), and the requests
+   moto served (its request log: listings, HEADs, GETs of the corpus' objects).
 Prints the CPU kind and the load before and after; exits nonzero if the run failed.
 
     .venv/bin/python benchmarks/stream_bucket.py [--gb 5] [--steps 30] [--shards N] [--dir TMP]
@@ -20,7 +22,9 @@ Prints the CPU kind and the load before and after; exits nonzero if the run fail
 from __future__ import annotations
 
 import argparse
+import collections
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -59,6 +63,20 @@ def fill_bucket(url: str, gb: float, shards: int, scratch: Path) -> tuple[int, i
     return docs, size
 
 
+MARKS = ("[lmforge] estimate", "[lmforge] plan", "[lmforge] model:", "[lmforge] train data", "[lmforge] native engine")
+
+
+def requests(log: Path, start: int, end: int) -> collections.Counter:
+    """The requests in moto's request log between two byte offsets, by kind (LIST, HEAD, GET of an object)."""
+    with log.open("rb") as fh:
+        fh.seek(start)
+        text = fh.read(end - start).decode(errors="replace")
+    counts: collections.Counter = collections.Counter()
+    for m in re.finditer(r'"(GET|HEAD|PUT|POST|DELETE) (\S+) HTTP', text):
+        counts["LIST" if "list-type" in m.group(2) else f"{m.group(1)} object"] += 1
+    return counts
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gb", type=float, default=5.0, help="corpus size in GB (the issue's measure: 5)")
@@ -77,8 +95,9 @@ def main() -> None:
     port = _free_port()
     os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
                        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
+    server_log = work / "moto.log"  # its request log (werkzeug's, one line per request)
     server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=server_log.open("w"),
                               env=dict(os.environ, TMPDIR=str(work)))
     failed = True
     print(f"CPU: {cpu_kind()}; cores: {len(os.sched_getaffinity(0))}; load before: {os.getloadavg()[0]:.2f}")
@@ -108,7 +127,18 @@ def main() -> None:
 
         poller = threading.Thread(target=poll_cache, daemon=True)
         poller.start()
-        rc, first, samples, rows, _ = watch(cfg, work / "out" / "metrics.jsonl", work / "train.log")
+        marks: dict[str, float] = {}
+        served = [server_log.stat().st_size, None]  # moto's log at spawn, at the first step
+
+        def on_poll(now: float, stepped: bool) -> None:
+            text = (work / "train.log").read_text(errors="replace")
+            for m in MARKS:
+                if m not in marks and m in text:
+                    marks[m] = now
+            if stepped and served[1] is None:
+                served[1] = server_log.stat().st_size
+
+        rc, first, samples, rows, _ = watch(cfg, work / "out" / "metrics.jsonl", work / "train.log", on_poll)
         stop.set()
         poller.join()
         failed = rc != 0 or not rows or int(rows[-1]["step"]) < args.steps
@@ -116,7 +146,11 @@ def main() -> None:
             print(f"training failed (exit {rc}); last lines of its log:\n"
                   + "\n".join((work / "train.log").read_text().splitlines()[-30:]))
         if rows and samples:
+            for m, t in sorted(marks.items(), key=lambda kv: kv[1]):
+                print(f"{f'  log line {m[10:]!r} seen (s)':40}{t:10.1f}")
             print(f"{'first step logged (s from spawn)':40}{first:10.1f}")
+            before = requests(server_log, served[0], served[1] or server_log.stat().st_size)
+            print(f"{'requests to moto before it':40}{', '.join(f'{k} {v}' for k, v in sorted(before.items()))}")
             for k in sorted({min(10, args.steps), args.steps}):
                 print(f"{f'RSS at step ~{k} (MB, process tree)':40}{_rss_at(samples, k):10.0f}")
             print(f"{'RSS max (MB)':40}{max(mb for _, _, mb in samples):10.0f}")

@@ -121,8 +121,9 @@ def _records(path: Path) -> list[dict]:
     return [r for r in rows if r.get("step", 0) >= 1 and "loss" in r]
 
 
-def watch(cfg: Path, metrics: Path, log: Path) -> tuple[int, float | None, list[tuple], list[dict], dict]:
-    """Run the training child; returns (rc, first-step s, RSS samples (t, step, MB), records, step -> seen s)."""
+def watch(cfg: Path, metrics: Path, log: Path, on_poll=None) -> tuple[int, float | None, list[tuple], list[dict], dict]:
+    """Run the training child; returns (rc, first-step s, RSS samples (t, step, MB), records, step -> seen s).
+    ``on_poll(s from spawn, first step seen)``, if given, is called at every poll."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     with log.open("w") as out:
         t0 = time.time()
@@ -139,6 +140,8 @@ def watch(cfg: Path, metrics: Path, log: Path) -> tuple[int, float | None, list[
             if rows and first is None:
                 first = min(now, metrics.stat().st_mtime - t0)  # the file's first write, if we polled late
             step = int(rows[-1]["step"]) if rows else 0
+            if on_poll is not None:
+                on_poll(now, first is not None)
             if done:
                 break
             samples.append((now, step, _tree_rss(ps) / 2**20))

@@ -5,8 +5,10 @@ batches) so that a resumed stream seeks and continues exactly; a datasets save_t
 
 from __future__ import annotations
 
+import collections
 import io
 import json
+import re
 import socket
 import threading
 import uuid
@@ -23,7 +25,7 @@ from test_streaming import streamed_sft_tree
 from lmforge import cloud
 from lmforge.cli import main
 from lmforge.config import DataSource, load_config
-from lmforge.data import sources
+from lmforge.data import sources, streaming
 from lmforge.data.sources import START, jsonl_lines
 from lmforge.data.streaming import PackedStream
 from lmforge.models import load_tokenizer
@@ -31,7 +33,8 @@ from lmforge.models import load_tokenizer
 
 class _Relay:
     """A TCP relay on 127.0.0.1 in front of the S3 server: every byte the server sends (what clients download,
-    HTTP headers included) is counted in ``served``. Point AWS_ENDPOINT_URL at ``url``."""
+    HTTP headers included) is counted in ``served``, and the requests clients make in ``requests`` by kind ("LIST",
+    "HEAD", "GET": of an object). Point AWS_ENDPOINT_URL at ``url``."""
 
     def __init__(self, server_url: str):
         host, port = server_url.removeprefix("http://").split(":")
@@ -39,6 +42,7 @@ class _Relay:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         self.served = 0
+        self.requests: collections.Counter = collections.Counter()
         self.lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -55,9 +59,11 @@ class _Relay:
     def _pump(self, src, dst, count: bool):
         try:
             while data := src.recv(1 << 16):
-                if count:
-                    with self.lock:
+                with self.lock:
+                    if count:
                         self.served += len(data)
+                    elif m := re.match(rb"(GET|HEAD|PUT|POST|DELETE) (\S+) HTTP/", data):  # a request's first line
+                        self.requests["LIST" if b"list-type" in m.group(2) else m.group(1).decode()] += 1
                 dst.sendall(data)
         except OSError:
             pass
@@ -153,6 +159,9 @@ def test_stream_from_the_bucket_reads_ranges_and_a_resumed_stream_seeks(bucket, 
     offset = state["positions"][0]["offset"]
     assert offset > 15 * sources.BLOCK  # ~640 rows of ~2 KB read (taken, shuffled, read ahead)
     assert first.served < offset + 6 * sources.BLOCK < size / 2
+    # one HEAD for the listing (is it a file?) and one open: the format check's reader goes on as the stream's, so
+    # the object is opened once and each block up to the position is fetched once (the first one too)
+    assert first.requests["HEAD"] == 2 and first.requests["GET"] == -(-offset // sources.BLOCK)
     assert _cache_bytes(lmforge_cache) == 0  # nothing copied into lmforge's cache
 
     again = relay()  # another "machine" resumes from the state
@@ -201,7 +210,8 @@ def _mixed_dir(root, rows: list[dict]) -> None:
 
 
 @pytest.mark.parametrize("where", ["memory", "file"])
-def test_another_protocol_streams_every_file_kind_and_resumes_anywhere(where, memory_dir, tiny_model_dir, tmp_path):
+def test_another_protocol_streams_every_file_kind_and_resumes_anywhere(where, memory_dir, tiny_model_dir, tmp_path,
+                                                                       monkeypatch):
     """A directory of JSONL, Parquet, CSV and JSON files at a memory:// or file:// URL streams the rows the same
     directory gives locally (the same code path as s3://), and a stream resumed from its state after any number of
     rows (inside a Parquet row group, across files, into the next epoch) goes on exactly as the uninterrupted one."""
@@ -229,6 +239,10 @@ def test_another_protocol_streams_every_file_kind_and_resumes_anywhere(where, me
         again = PackedStream(cfg, tok, packed=False, ahead=1)
         again.load_state_dict(head.state_dict())
         assert _ids(again.take(30 - k)) == _ids(whole[k:]), k
+    # the first file, opened for the format check, goes on as the stream's (the test above); when its rows are not
+    # kept (more than streaming.READ_AHEAD_ROWS before an object row), it is opened again at the start: same rows
+    monkeypatch.setattr(streaming, "READ_AHEAD_ROWS", 0)
+    assert _ids(PackedStream(cfg, tok, packed=False).take(30)) == _ids(whole)
 
 
 @pytest.mark.parametrize("where", ["local", "memory"])

@@ -34,6 +34,9 @@ from lmforge.data.tokenize import IGNORE, Encoder, chunk
 from lmforge.errors import ConfigError
 
 
+READ_AHEAD_ROWS = 1000  # rows the format check may read and keep for the stream (it stops at the first object row)
+
+
 class _Source:
     """One config source read lazily and endlessly; its position is (epoch, file index, the position in the file:
     ``sources.rows_from``). Its format and the check of its rows come from ``checks`` (rows.RowChecks), as in the
@@ -44,16 +47,45 @@ class _Source:
             raise ConfigError(f"data.train[{index}]: data.streaming reads files (JSONL, JSON, CSV, Parquet; a "
                               "directory or glob of them; a saved dataset); a loader needs data.streaming: false")
         self.files = source_files(src, "train")  # where they are: nothing is downloaded
+        # The first file is opened once: the format check reads its first rows, which are kept, and a stream that
+        # starts at the beginning goes on from there (an object in a bucket: no second open, no second first range)
+        self.opened = rows_from(self.files[0], START)
+        self.read_ahead: list | None = []  # the rows of self.opened read so far; None: too many kept, reopen instead
         # the format: from the source's first object row, read here (rows.SourceCheck), as in the cached mode
-        self.check = checks.add_source(src, (row for f in self.files for row in iter_file_rows(f)))
+        self.check = checks.add_source(src, self._first_rows())
         self.pos = {"epoch": 0, "file": 0, **START, "seen": 0}
+
+    def _first_rows(self):
+        """The source's rows for its format check: the first file's through ``self.opened`` (kept in
+        ``self.read_ahead`` up to READ_AHEAD_ROWS), then the other files'."""
+        for item in self.opened:
+            if self.read_ahead is not None:
+                self.read_ahead.append(item)
+                if len(self.read_ahead) > READ_AHEAD_ROWS:  # a long run of rows that are not objects: not kept
+                    self.read_ahead = None
+            yield parsed(item[1], item[2])
+        for f in self.files[1:]:
+            yield from iter_file_rows(f)
+
+    def _rows_of_file(self):
+        """(position after, origin, row) of the current file from the current position: the first file's reader,
+        opened for the format check, when the stream starts at the beginning; else the file opened at the
+        position."""
+        opened, kept, self.opened, self.read_ahead = self.opened, self.read_ahead, None, None
+        if opened is not None and kept is not None and self.pos["file"] == 0 and self.pos["line"] == 0:
+            yield from kept
+            yield from opened
+            return
+        if opened is not None:
+            opened.close()
+        yield from rows_from(self.files[self.pos["file"]], self.pos)
 
     def raw(self):
         """(origin, unparsed JSON Lines line, or Row / BadRow of another file), forever, from the current position."""
         # rows in this pass over the files; none in a whole pass: an empty source (else this would loop forever)
         read, whole = 0, self.pos["file"] == 0 and self.pos["line"] == 0
         while True:
-            for after, origin, row in rows_from(self.files[self.pos["file"]], self.pos):
+            for after, origin, row in self._rows_of_file():
                 self.pos.update(after)
                 read += 1
                 yield origin, row
