@@ -28,3 +28,35 @@ def file_lock(path: Path, what: str):
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def cached_measurement(name: str, key: str, measure, what: str) -> tuple[object, bool]:
+    """``(value, cached)``: the value under ``key`` in the JSON object ``cache_root()/name``, made by ``measure()``
+    and stored when it is not there yet (``cached`` False then). Processes that start together (the ranks of a run)
+    measure one at a time under a file lock, and one that waited reads what the first wrote: measured side by side
+    each would see the others' load, and the cache would keep that figure for good."""
+    import json
+
+    path = cache_root() / name
+    stored = _read_json(path)
+    if key in stored:
+        return stored[key], True
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(path.with_suffix(".lock"), what):
+        stored = _read_json(path)
+        if key in stored:
+            return stored[key], True
+        stored[key] = measure()
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(stored, indent=1))
+        os.replace(tmp, path)
+    return stored[key], False
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}

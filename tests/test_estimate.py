@@ -3,6 +3,7 @@ heavy is loaded (no weights read or dequantised), --json, the cheapest change th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -14,7 +15,7 @@ from conftest import base_config, chat_rows, write_config, write_jsonl
 from lmforge.cli import main
 from lmforge.config import load_config
 from lmforge.training import estimate as est_mod
-from lmforge.training import estimate_inputs
+from lmforge.training import estimate_inputs, estimate_probe
 from lmforge.training.estimate import GB, Estimator
 from lmforge.training.estimate_inputs import Machine
 
@@ -567,3 +568,37 @@ def test_a_checkpointed_full_fine_tune_is_timed_at_its_own_measured_efficiency(s
     assert gc["efficiency"] == est_mod.EFFICIENCY_CHECKPOINTED[("native", "full")] > plain["efficiency"]
     assert lora_gc["efficiency"] == est_mod.EFFICIENCY[("native", "adapter")]
     assert gc["flops_per_step"] > plain["flops_per_step"]  # the recomputed forward is still counted
+
+
+def test_speed_is_the_probes_measure_cached_per_machine(setup, lmforge_cache):
+    """On a CPU the speed is the probe's (one decoder layer of the run's model timed on this machine, the rest of a
+    micro-batch, the optimizer): measured once, then read from lmforge's cache, whose figures decide the estimate.
+    A machine twice as slow in the cache (the real file, edited) halves tokens/s, by the hand formula."""
+    cfg = setup(peft={"kind": "lora", "r": 4}, train={"gradient_accumulation_steps": 2})
+    here = dataclasses.replace(machine(), probe=True, threads=1)
+    first = Estimator(cfg, 1, machine=here).estimate()
+    p = first.time["probe"]
+    assert first.time["speed_from"] == "probe" and not p["cached"] and p["repeats"] >= 2
+    assert p["layer_seconds"] > 0 and p["rest_seconds"] > 0 and p["optimizer_seconds"] > 0
+    assert p["optimizer_params"] < first.trainable  # the adapters of one layer of two
+    path = lmforge_cache / estimate_probe.CACHE_FILE
+    stored = json.loads(path.read_text())
+    (key,) = stored
+    assert "lora r=4" in key and "4 rows x" in key  # the method kind and the micro-batch are keyed
+    slow = {**stored[key], "layer_seconds": 0.25, "rest_seconds": 0.5, "optimizer_seconds": 0.1,
+            "optimizer_params": first.trainable // 4}
+    path.write_text(json.dumps({key: slow}))
+    second = Estimator(cfg, 1, machine=here).estimate()
+    t = second.time
+    assert t["probe"]["cached"] and t["probe"]["measured_at"] == p["measured_at"]  # not measured again
+    by_hand = 2 * (L * 0.25 + 0.5) + 0.1 * 4  # accumulation x (layers x layer + rest) + the optimizer, scaled
+    assert t["seconds_per_step"] == pytest.approx(by_hand, abs=1e-3)
+    assert t["tokens_per_second"] == pytest.approx(second.step["tokens"] / by_hand, rel=2e-3)
+    path.write_text(json.dumps({key: {**slow, **{k: 2 * slow[k] for k in ("layer_seconds", "rest_seconds",
+                                                                           "optimizer_seconds")}}}))
+    twice = Estimator(cfg, 1, machine=here).estimate()
+    assert twice.time["tokens_per_second"] == pytest.approx(t["tokens_per_second"] / 2, rel=2e-3)
+    assert "measured on this machine (cached" in est_mod.render(twice)
+    # a config that the probe does not time (QLoRA) keeps the fitted efficiency, and says so
+    q = Estimator(setup(peft={"kind": "qlora", "r": 4}), 1, machine=here).estimate().time
+    assert q["speed_from"] == "fitted" and q["efficiency"] == est_mod.EFFICIENCY[("native", "qlora")]

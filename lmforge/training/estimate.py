@@ -25,10 +25,14 @@ inputs; lmforge's per-sample attention keeps no scores: its backward recomputes 
 chunk of the loss positions at a time: ``cross_entropy.py``); gradient checkpointing keeps each layer's input
 and recomputes one layer at a time. RSS is above those live bytes by what the C heap keeps
 (``ACTIVATION_OVERHEAD``, ``HEAP_SLACK``, ``QLORA_HEAP``).
-Time is FLOPs (6N-style linear FLOPs on the positions computed, the LM head on loss positions, attention as
-``flops.py`` counts it) over this machine's measured matmul peak (``flops.peak_flops``) times an efficiency
-measured on the native and hf engines (``EFFICIENCY``; docs/estimate.md; ``benchmarks/estimate_accuracy.py``
-re-measures it).
+Time, on a CPU, for the native engine's full fine-tune and LoRA/DoRA with a token loss: a probe of the step on this
+machine (``estimate_probe.py``: one decoder layer of the model, the rest of a micro-batch and the optimizer, timed
+at the run's mean micro-batch and cached), layers x layer + rest, x accumulation, + the optimizer. Elsewhere (a
+GPU, the hf engine, QLoRA, FSDP/DeepSpeed, preference methods, a config that does not fit): FLOPs (6N-style linear
+FLOPs on the positions computed, the LM head on loss positions, attention as ``flops.py`` counts it) over this
+machine's measured matmul peak (``flops.peak_flops``) times an efficiency fitted on SmolLM2-135M on a Zen 4
+(``EFFICIENCY``; docs/estimate.md). Either way the MFU it implies is over that same peak, as the engines log ``mfu``
+(``flops.process_peak``). ``benchmarks/estimate_accuracy.py`` sets both beside real runs.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from lmforge.training.estimate_inputs import (
     sample_data, sample_tokenizer, this_machine, trainable,
 )
 from lmforge.training.cross_entropy import rows_per_chunk
+from lmforge.training.estimate_probe import probe_batch, probed
 from lmforge.training.flops import node_threads
 from lmforge.training.memory import SLACK
 
@@ -327,6 +332,7 @@ class Estimator:
                 tok = load_tokenizer(cfg.model, None)
             config = from_scratch_config(cfg.model, tok)
         self.tokenizer = tok
+        self.model_config = config  # the probe builds one layer of it (estimate_probe.py)
         self.arch = arch = architecture_of(config)
         self.shape = model_shape(config, arch, source, len(tok), cfg.model.trust_remote_code)
         self.plan = plan.plan(cfg, arch)  # the run's plan: the same as `lmforge train` makes
@@ -392,8 +398,8 @@ class Estimator:
                 mine.weights += self.shape.total * 4  # a reference copy, loaded as the policy (training/preference.py)
                 mine.peak += self.shape.total * 4
                 mine.note = "includes TRL's reference model copy"
-        time = self._time(cfg, train, engine, strategy, world, mean)
         fits, note = self._fits(mine, world)
+        time = self._time(cfg, train, engine, strategy, world, mean, per_sample, fits)
         est = Estimate(
             config=self.config_name, method=cfg.method, engine=engine, strategy=strategy, world=world,
             compute=str(self.compute).replace("torch.", ""),
@@ -435,8 +441,11 @@ class Estimator:
             out["dropout_mask_bytes"] = residual if engine == "native" else 1
         return out
 
-    def _time(self, cfg: Config, train: Trainable, engine: str, strategy: str, world: int, mb: MicroBatch) -> dict:
-        """FLOPs per step over the peak x efficiency, + the gradient exchange between processes."""
+    def _time(self, cfg: Config, train: Trainable, engine: str, strategy: str, world: int, mb: MicroBatch,
+              per_sample: bool, fits: bool) -> dict:
+        """Seconds per step from the probe of this machine (``estimate_probe.py``: layers x one layer + the rest of
+        a micro-batch, x accumulation, + the optimizer; the processes of a node share its cores) where it runs,
+        else FLOPs per step over the peak x the fitted efficiency; + the gradient exchange between processes."""
         t, s = cfg.train, self.shape
         full = train.kind == "none"
         head_on_all = train.kind == "prompt_tuning" or not self.token_loss or (engine == "hf" and world > 1)
@@ -447,6 +456,12 @@ class Estimator:
         key = (engine if engine in ("native", "hf") else "hf", kind)
         eff = EFFICIENCY_CHECKPOINTED.get(key, EFFICIENCY[key]) if t.gradient_checkpointing else EFFICIENCY[key]
         compute_s = flops_step / (self.machine.peak_flops * eff)
+        probe, why = self._probe(cfg, train, engine, strategy, mb, per_sample, fits)
+        if probe is not None:
+            micro_s = s.layers * probe["layer_seconds"] + probe["rest_seconds"]
+            optim_s = probe["optimizer_seconds"] * train.params / max(probe["optimizer_params"], 1)
+            compute_s = world * (accumulation * micro_s + optim_s)
+            eff = flops_step / (self.machine.peak_flops * compute_s)  # the MFU this predicts
         comm = 0.0
         if world > 1:
             exchanged = 4 * train.params * 2 * (world - 1) / world
@@ -466,10 +481,32 @@ class Estimator:
                      "epochs": round(steps / steps_per_epoch, 3) if steps_per_epoch else None,
                      "checkpointing": t.gradient_checkpointing},
             "flops_per_token": round(flops_mb / max(mb.tokens, 1)), "flops_per_step": flops_step,
-            "efficiency": eff, "seconds_per_step": round(step_s, 3), "communication_seconds": round(comm, 3),
+            "efficiency": eff, "speed_from": "probe" if probe is not None else "fitted", "probe": probe,
+            "fitted_because": why, "seconds_per_step": round(step_s, 3), "communication_seconds": round(comm, 3),
             "tokens_per_second": round(tokens_step / step_s, 1) if step_s else None,
             "run_seconds": round(steps * step_s, 1),
         }
+
+    def _probe(self, cfg: Config, train: Trainable, engine: str, strategy: str, mb: MicroBatch, per_sample: bool,
+               fits: bool) -> tuple[dict | None, str]:
+        """(the probe's figures for this config with ``cached`` and ``batch`` added, "") or (None, why the fitted
+        efficiency is used): the probe times the native engine's token-loss step of a full fine-tune or LoRA/DoRA
+        on a CPU, and only a config that fits (its micro-batch could exhaust the memory)."""
+        if not self.machine.probe:
+            return None, "no probe on this machine" + (" (a GPU)" if self.machine.gpu_memory is not None else "")
+        if engine != "native" or train.kind not in ("none", "lora", "dora") or not self.token_loss \
+                or strategy not in ("none", "ddp"):
+            return None, "the probe times the native engine's full fine-tune or LoRA/DoRA with a token loss, no sharding"
+        if not fits:
+            return None, "not probed: it does not fit"
+        batch = probe_batch(cfg.train.per_device_train_batch_size, mb.positions, mb.tokens, mb.attention,
+                            mb.loss_tokens, per_sample)
+        try:
+            figures, cached = probed(cfg, self.model_config, self.compute, batch, self.machine.threads or
+                                     _threads())
+        except Exception as e:  # noqa: BLE001 - the estimate falls back to the fitted efficiency and says why
+            return None, f"the probe failed ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
+        return {**figures, "cached": cached, "batch": batch.describe()}, ""
 
     def _fits(self, mem: Memory, world: int) -> tuple[bool, str]:
         m = self.machine
@@ -533,6 +570,12 @@ def _float32():
     return torch.float32
 
 
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def _gb(n: float) -> str:
     return f"{n / GB:.2f} GB"
 
@@ -553,7 +596,8 @@ def run_estimate(cfg: Config, world: int = 1, config_name: str = "config") -> Es
 def one_line(est: Estimate) -> str:
     t = est.time
     line = (f"estimate: peak {_gb(est.peak)} per process ({est.fit_note.split(', ', 1)[-1]}), "
-            f"{t['tokens_per_second']} tokens/s, {t['seconds_per_step']} s per step, {est.step['steps']} steps in "
+            f"{t['tokens_per_second']} tokens/s ({_speed_source(t)}), {t['seconds_per_step']} s per step, "
+            f"{est.step['steps']} steps in "
             f"about {_duration(t['run_seconds'])}")
     if not est.fits:
         line += "; DOES NOT FIT" + (f": try {' '.join(est.change['overrides'])}" if est.change and
@@ -573,6 +617,25 @@ def _data_line(d: dict) -> str:
             f"{d['mean_row_tokens']} per row, {100 * d['loss_fraction']:.0f}% carry loss"
             + (f"; {d['truncated']:,} truncated" if d["truncated"] else "")
             + (f"; {d['dropped']:,} dropped" if d["dropped"] else ""))
+
+
+def _speed_source(t: dict) -> str:
+    p = t.get("probe")
+    if not p:
+        return "fitted efficiency"
+    return "probe cached " + p["measured_at"][:10] if p["cached"] else f"probe measured now, {p['probe_seconds']} s"
+
+
+def _probe_line(t: dict) -> str:
+    p = t.get("probe")
+    if not p:
+        return f"             speed from the efficiency fitted on SmolLM2-135M: {t.get('fitted_because') or 'no probe'}"
+    when = (f"cached, measured {p['measured_at']}" if p["cached"]
+            else f"measured now in {p['probe_seconds']} s")
+    return (f"             measured on this machine ({when}): one decoder layer forward + backward "
+            f"{1e3 * p['layer_seconds']:.1f} ms, the rest (embeddings, head, loss) {1e3 * p['rest_seconds']:.1f} ms, "
+            f"the optimizer {1e3 * p['optimizer_seconds']:.1f} ms per {p['optimizer_params'] / 1e6:.2f}M parameters; "
+            f"on {p['batch']}")
 
 
 def render(est: Estimate) -> str:
@@ -610,7 +673,8 @@ def render(est: Estimate) -> str:
         "",
         f"time         {t['flops_per_token'] / 1e9:.2f} GFLOP per token, {t['flops_per_step'] / 1e12:.2f} TFLOP per "
         f"step; {est.machine['peak_flops'] / 1e9:.0f} GFLOP/s {est.compute} matmul peak x {t['efficiency']:.0%} "
-        f"efficiency ({est.machine['cpu']})",
+        + ("MFU as measured" if t.get("probe") else "efficiency (fitted)") + f" ({est.machine['cpu']})",
+        _probe_line(t),
         f"             {t['seconds_per_step']} s per step"
         + (f" ({t['communication_seconds']} s exchanging gradients)" if t["communication_seconds"] else "")
         + f", {t['tokens_per_second']} tokens/s; the run: {_duration(t['run_seconds'])} for {s['steps']:,} steps",

@@ -426,6 +426,8 @@ class Machine:
     available: int  # bytes of RAM available now
     gpu_memory: int | None  # bytes per GPU, None without one
     peak_flops: float  # matmul FLOP/s of the compute dtype (flops.peak_flops)
+    threads: int = 0  # torch threads the peak and the probe are measured at (0: this process's)
+    probe: bool = False  # the speed may be measured here (estimate_probe.py): a CPU, this machine
 
 
 def this_machine(compute, threads: int | None = None) -> Machine:
@@ -441,4 +443,6 @@ def this_machine(compute, threads: int | None = None) -> Machine:
         available = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo")
                          if line.startswith("MemAvailable"))
     gpu = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
-    return Machine(flops.cpu_kind(), available, gpu, flops.peak_flops(compute, threads))
+    threads = threads or torch.get_num_threads()
+    # no probe on a GPU machine: it measures the CPU (the GPU keeps the fitted efficiencies, docs/estimate.md)
+    return Machine(flops.cpu_kind(), available, gpu, flops.peak_flops(compute, threads), threads, gpu is None)

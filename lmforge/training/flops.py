@@ -10,7 +10,6 @@ peak is its share of its node's peak (``process_peak``), the node's being the fi
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -18,7 +17,7 @@ import time
 
 import torch
 
-from lmforge.cache import cache_root, file_lock
+from lmforge.cache import cached_measurement
 from lmforge.training.losses import token_loss_sum
 
 
@@ -129,31 +128,16 @@ def peak_flops(dtype: torch.dtype, threads: int | None = None) -> float:
     by side each would see the others' load, and the cache would keep that figure for good."""
     threads = threads or torch.get_num_threads()
     key = f"{cpu_kind()} | threads {threads} | torch {torch.__version__} | {dtype}"
-    path = cache_root() / "peak_flops.json"
-    cached = _read_cache(path)
-    if key in cached:
-        return cached[key]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(path.with_suffix(".lock"), "measuring the matmul peak"):
-        cached = _read_cache(path)
-        if key not in cached:
-            before = torch.get_num_threads()
-            torch.set_num_threads(threads)
-            try:
-                cached[key] = measure_peak(dtype)
-            finally:
-                torch.set_num_threads(before)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(cached, indent=1))
-            os.replace(tmp, path)
-    return cached[key]
 
+    def measure() -> float:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return measure_peak(dtype)
+        finally:
+            torch.set_num_threads(before)
 
-def _read_cache(path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
+    return cached_measurement("peak_flops.json", key, measure, "measuring the matmul peak")[0]
 
 
 def node_threads() -> int:
