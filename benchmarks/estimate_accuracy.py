@@ -3,7 +3,8 @@
 same as `lmforge estimate --json` for that config and process count) against what it measured: peak RSS per
 process (psutil, sampled over the process tree: the largest any one process reached) and, from metrics.jsonl,
 tokens/s, MFU and seconds per step, read the way the run report reads them (``report.measured_speed``: the
-first logged step left out as warm-up).
+first logged step left out as warm-up), and which speed model the estimate used: ``probe`` (measured on this
+machine at the run's start, training/estimate_probe.py) or ``fitted`` (the efficiency fitted on a Zen 4).
 
     python benchmarks/estimate_accuracy.py                                      # all configs, 20 steps each
     python benchmarks/estimate_accuracy.py --configs lora --steps 3 --rows 40   # a quick check that it runs
@@ -106,7 +107,8 @@ def row(name: str, procs: int, got: dict) -> str:
     est_mfu = t["flops_per_token"] * t["tokens_per_second"] / est["machine"]["peak_flops"]
     mfu = got.get("mfu")
     tps, step = got.get("tokens_per_second"), got.get("seconds_per_step")
-    return (f"| {name} | {procs} | {est['compute']} | {est['peak'] / GB:.2f} / {got['peak_rss'] / GB:.2f} | "
+    return (f"| {name} | {procs} | {est['compute']} | {t.get('speed_from', 'fitted')} | "
+            f"{est['peak'] / GB:.2f} / {got['peak_rss'] / GB:.2f} | "
             f"{ratio(got['peak_rss'], est['peak'])} | {t['tokens_per_second']:.0f} / {tps or 0:.0f} | "
             f"{ratio(tps, t['tokens_per_second'])} | {100 * est_mfu:.1f} / "
             f"{'-' if mfu is None else f'{100 * mfu:.1f}'} | {t['seconds_per_step']:.2f} / "
@@ -140,12 +142,18 @@ def main() -> int:
             print(f"{name}: estimated peak {est['peak'] / GB:.2f} GB, {est['time']['tokens_per_second']} tok/s; "
                   f"measured {got['peak_rss'] / GB:.2f} GB, {got.get('tokens_per_second') or 0:.1f} tok/s "
                   f"({got['seconds']:.0f} s, load before {load:.1f})", flush=True)
+            probe = est["time"].get("probe")
+            if probe:  # what the run's estimate measured on this machine (training/estimate_probe.py)
+                print(f"  probe ({'cached' if probe['cached'] else 'measured'} {probe['measured_at']}, "
+                      f"{probe['probe_seconds']} s): layer {1e3 * probe['layer_seconds']:.1f} ms, rest "
+                      f"{1e3 * probe['rest_seconds']:.1f} ms, optimizer {1e3 * probe['optimizer_seconds']:.1f} ms per "
+                      f"{probe['optimizer_params']:,} parameters; {probe['batch']}", flush=True)
     print(f"\nCPU: {cpu_kind()} (bf16 flags listed when present); {os.cpu_count()} cores; {args.steps} steps, "
           f"batch {args.batch}, max_length {args.max_length}, {args.rows} rows; load average now "
           f"{os.getloadavg()[0]:.1f}\n")
-    print("| config | processes | compute | peak RSS per process est / measured (GB) | ratio | tokens/s est / "
-          "measured | ratio | MFU % est / measured | s per step est / measured | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| config | processes | compute | speed from | peak RSS per process est / measured (GB) | ratio | tokens/s "
+          "est / measured | ratio | MFU % est / measured | s per step est / measured | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, procs, got in results:
         print(row(name, procs, got))
     print("\nratio = measured / estimated")

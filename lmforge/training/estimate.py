@@ -496,7 +496,8 @@ class Estimator:
             return None, "no probe on this machine" + (" (a GPU)" if self.machine.gpu_memory is not None else "")
         if engine != "native" or train.kind not in ("none", "lora", "dora") or not self.token_loss \
                 or strategy not in ("none", "ddp"):
-            return None, "the probe times the native engine's full fine-tune or LoRA/DoRA with a token loss, no sharding"
+            return None, ("the probe times the native engine's full fine-tune or LoRA/DoRA with a token loss, no "
+                          "sharding")
         if not fits:
             return None, "not probed: it does not fit"
         batch = probe_batch(cfg.train.per_device_train_batch_size, mb.positions, mb.tokens, mb.attention,
@@ -630,8 +631,8 @@ def _probe_line(t: dict) -> str:
     p = t.get("probe")
     if not p:
         return f"             speed from the efficiency fitted on SmolLM2-135M: {t.get('fitted_because') or 'no probe'}"
-    when = (f"cached, measured {p['measured_at']}" if p["cached"]
-            else f"measured now in {p['probe_seconds']} s")
+    when = (f"cached, measured {p['measured_at']}" if p["cached"] else f"measured now in {p['probe_seconds']} s") \
+        + f", load {p['load_average']}"
     return (f"             measured on this machine ({when}): one decoder layer forward + backward "
             f"{1e3 * p['layer_seconds']:.1f} ms, the rest (embeddings, head, loss) {1e3 * p['rest_seconds']:.1f} ms, "
             f"the optimizer {1e3 * p['optimizer_seconds']:.1f} ms per {p['optimizer_params'] / 1e6:.2f}M parameters; "

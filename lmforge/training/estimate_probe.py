@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import datetime
 import json
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -262,4 +263,5 @@ def _measure(cfg: Config, model_config, compute, batch: ProbeBatch) -> dict:
     return {"layer_seconds": statistics.median(layer_s), "rest_seconds": statistics.median(rest_s),
             "optimizer_seconds": optim_s[-1], "optimizer_params": sum(p.numel() for p in params),
             "repeats": len(layer_s), "probe_seconds": round(time.perf_counter() - start, 2),
+            "load_average": round(os.getloadavg()[0], 2),  # a probe measured on a busy machine shows it
             "measured_at": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
