@@ -75,11 +75,30 @@ def sharp_model_dir(tiny_model_dir, tmp_path_factory):
     return out
 
 
+# The matmul peak lmforge measures into an empty cache (0.5 s a dtype) is measured once a test session: each
+# test's fresh cache starts with the peaks measured so far and hands back any it measured.
+SESSION_MEASURED = "peak_flops.json"
+
+
+@pytest.fixture(scope="session")
+def measured_peaks(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("machine") / SESSION_MEASURED
+
+
 @pytest.fixture()
-def lmforge_cache(tmp_path, monkeypatch) -> Path:
+def lmforge_cache(tmp_path, monkeypatch, measured_peaks) -> Path:
     cache = tmp_path / "cache"
+    cache.mkdir()
+    if measured_peaks.exists():
+        (cache / SESSION_MEASURED).write_text(measured_peaks.read_text())
     monkeypatch.setenv("LMFORGE_CACHE", str(cache))
-    return cache
+    yield cache
+    try:
+        peaks = {**json.loads((cache / SESSION_MEASURED).read_text()),
+                 **(json.loads(measured_peaks.read_text()) if measured_peaks.exists() else {})}
+    except (OSError, ValueError):
+        return  # the test measured nothing (or left no readable file)
+    measured_peaks.write_text(json.dumps(peaks))
 
 
 def write_jsonl(path: Path, rows) -> Path:
