@@ -39,14 +39,12 @@ _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
 # protocol -> (the package its fsspec filesystem needs, what installs it)
-PACKAGES = {
-    "s3": ("s3fs", "pip install 'lmforge[cloud]'"), "s3a": ("s3fs", "pip install 'lmforge[cloud]'"),
-    "gs": ("gcsfs", "pip install 'lmforge[cloud]'"), "gcs": ("gcsfs", "pip install 'lmforge[cloud]'"),
-    "az": ("adlfs", "pip install 'lmforge[azure]'"), "abfs": ("adlfs", "pip install 'lmforge[azure]'"),
-    "abfss": ("adlfs", "pip install 'lmforge[azure]'"), "adl": ("adlfs", "pip install 'lmforge[azure]'"),
-    "hdfs": ("pyarrow", "pip install 'lmforge[hdfs]', and a Java runtime with libhdfs (HADOOP_HOME)"),
-    "arrow_hdfs": ("pyarrow", "pip install 'lmforge[hdfs]', and a Java runtime with libhdfs (HADOOP_HOME)"),
-}
+_CLOUD = ("s3fs", "pip install 'lmforge[cloud]'")
+_GCS = ("gcsfs", "pip install 'lmforge[cloud]'")
+_AZURE = ("adlfs", "pip install 'lmforge[azure]'")
+_HDFS = ("pyarrow", "pip install 'lmforge[hdfs]', and a Java runtime with libhdfs (HADOOP_HOME)")
+PACKAGES = {"s3": _CLOUD, "s3a": _CLOUD, "gs": _GCS, "gcs": _GCS, "az": _AZURE, "abfs": _AZURE, "abfss": _AZURE,
+            "adl": _AZURE, "hdfs": _HDFS, "arrow_hdfs": _HDFS}
 
 
 def is_remote(path: str | os.PathLike | None) -> bool:
