@@ -30,11 +30,12 @@ def file_lock(path: Path, what: str):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def cached_measurement(name: str, key: str, measure, what: str) -> tuple[object, bool]:
+def cached_measurement(name: str, key: str, measure, what: str, keep=None) -> tuple[object, bool]:
     """``(value, cached)``: the value under ``key`` in the JSON object ``cache_root()/name``, made by ``measure()``
     and stored when it is not there yet (``cached`` False then). Processes that start together (the ranks of a run)
     measure one at a time under a file lock, and one that waited reads what the first wrote: measured side by side
-    each would see the others' load, and the cache would keep that figure for good."""
+    each would see the others' load, and the cache would keep that figure for good. ``keep(value)`` False: the value
+    is returned but not stored (e.g. measured while other processes were busy)."""
     import json
 
     path = cache_root() / name
@@ -46,7 +47,10 @@ def cached_measurement(name: str, key: str, measure, what: str) -> tuple[object,
         stored = _read_json(path)
         if key in stored:
             return stored[key], True
-        stored[key] = measure()
+        value = measure()
+        if keep is not None and not keep(value):
+            return value, False
+        stored[key] = value
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(stored, indent=1))
         os.replace(tmp, path)

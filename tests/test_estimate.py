@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import base_config, chat_rows, write_config, write_jsonl
+from lmforge.cache import cached_measurement
 from lmforge.cli import main
 from lmforge.config import load_config
 from lmforge.training import estimate as est_mod
@@ -336,7 +337,9 @@ def test_gguf_read_from_metadata_without_dequantising(tmp_path, tiny_model_dir, 
     assert not (lmforge_cache / "models").exists()  # no import cache entry was made
 
 
-def test_text_output_and_train_logs_the_one_line(tmp_path, tiny_model_dir, lmforge_cache, capsys):
+def test_text_output_and_train_logs_the_one_line(tmp_path, tiny_model_dir, lmforge_cache, capsys, monkeypatch):
+    monkeypatch.setattr(estimate_probe, "BUSY", float("inf"))  # the speed probe is cached even on a shared machine,
+    # so `train` reads the one `estimate` measured
     data = write_jsonl(tmp_path / "d.jsonl", chat_rows(20))
     cfg = write_config(tmp_path / "c.yaml", base_config(tiny_model_dir, data, tmp_path / "out",
                                                           train={"max_steps": 1, "save_steps": 1}))
@@ -570,10 +573,14 @@ def test_a_checkpointed_full_fine_tune_is_timed_at_its_own_measured_efficiency(s
     assert gc["flops_per_step"] > plain["flops_per_step"]  # the recomputed forward is still counted
 
 
-def test_speed_is_the_probes_measure_cached_per_machine(setup, lmforge_cache):
+def test_speed_is_the_probes_measure_cached_per_machine(setup, lmforge_cache, monkeypatch):
     """On a CPU the speed is the probe's (one decoder layer of the run's model timed on this machine, the rest of a
     micro-batch, the optimizer): measured once, then read from lmforge's cache, whose figures decide the estimate.
     A machine twice as slow in the cache (the real file, edited) halves tokens/s, by the hand formula."""
+    # a probe measured while other processes keep the CPUs busy is not cached ...
+    assert cached_measurement("m.json", "k", lambda: 1, "measuring", keep=lambda v: False) == (1, False)
+    assert not (lmforge_cache / "m.json").exists()
+    monkeypatch.setattr(estimate_probe, "BUSY", float("inf"))  # ... and this test's machine may be shared
     cfg = setup(peft={"kind": "lora", "r": 4}, train={"gradient_accumulation_steps": 2})
     here = dataclasses.replace(machine(), probe=True, threads=1)
     first = Estimator(cfg, 1, machine=here).estimate()

@@ -58,7 +58,7 @@ from lmforge.training.estimate_inputs import (
     sample_data, sample_tokenizer, this_machine, trainable,
 )
 from lmforge.training.cross_entropy import rows_per_chunk
-from lmforge.training.estimate_probe import probe_batch, probed
+from lmforge.training.estimate_probe import BUSY, probe_batch, probed
 from lmforge.training.flops import node_threads
 from lmforge.training.memory import SLACK
 
@@ -632,7 +632,8 @@ def _probe_line(t: dict) -> str:
     if not p:
         return f"             speed from the efficiency fitted on SmolLM2-135M: {t.get('fitted_because') or 'no probe'}"
     when = (f"cached, measured {p['measured_at']}" if p["cached"] else f"measured now in {p['probe_seconds']} s") \
-        + f", load {p['load_average']}"
+        + f", load {p.get('load_average')}, other processes {100 * p.get('others_busy', 0):.0f}% of the CPUs" \
+        + ("" if p["cached"] or p.get("others_busy", 0) <= BUSY else ": not cached, measure again on a quiet machine")
     return (f"             measured on this machine ({when}): one decoder layer forward + backward "
             f"{1e3 * p['layer_seconds']:.1f} ms, the rest (embeddings, head, loss) {1e3 * p['rest_seconds']:.1f} ms, "
             f"the optimizer {1e3 * p['optimizer_seconds']:.1f} ms per {p['optimizer_params'] / 1e6:.2f}M parameters; "

@@ -4,7 +4,7 @@ Why measured: a step is not its matmuls. Once they run on AMX tiles, the element
 attention, the optimizer and per-op overhead are most of a step, and they do not scale with the matmul peak: the
 efficiency (MFU) fitted on a Zen 4 was 2.2-2.7x too optimistic on a Xeon with AMX-BF16 (docs/estimate.md). So the
 probe builds ONE decoder layer of the run's model (its config with one layer, random weights, the native engine's
-code path: its precision (``run.precision_for``, ``MasterWeights``), PEFT's adapters with the engine's fused LoRA
+code path: its precision (``MasterWeights``), PEFT's adapters with the engine's fused LoRA
 and dropout, gradient checkpointing, the packed per-sample attention and the chunked loss), and times on a
 micro-batch of the run's mean shape, after a warm-up, the median of a few repeats of:
 
@@ -29,19 +29,32 @@ import statistics
 import time
 from dataclasses import dataclass
 
+import torch
+
+from lmforge.adapters import apply_peft
 from lmforge.cache import cached_measurement
 from lmforge.config import Config
+from lmforge.data.packing import PACKED_ATTENTION, CausalCollator
+from lmforge.data.tokenize import IGNORE
+from lmforge.training.attention import use_packed_attention
+from lmforge.training.dropout import use_fast_lora_dropout
+from lmforge.training.flops import cpu_kind
+from lmforge.training.lora_linear import use_fused_lora
+from lmforge.training.losses import token_loss_sum
+from lmforge.training.optim import build_optimizer
+from lmforge.training.precision import MasterWeights
 
 CACHE_FILE = "estimate_probe.json"
 BUDGET_SECONDS = 1.2  # timed repeats stop once the probe has run this long (model build included) ...
 MIN_REPEATS, MAX_REPEATS = 2, 3  # ... after at least this many (and at most this many), after one warm-up
+LAYER_BUDGET_SECONDS, LAYER_REPEATS = 1.8, 8  # then the layer alone, for more samples of its time
+BUSY = 0.25  # a probe during which other processes used more than this share of the CPUs is used, not cached
 
 
 @dataclass
 class ProbeBatch:
     """The micro-batch the probe runs: ``rows`` rows padded to ``positions`` each, of which ``tokens`` are
     samples of ``sample`` tokens (the last one shorter) and the last ``loss`` of each sample's carry loss."""
-
     rows: int
     positions: int
     tokens: int
@@ -76,52 +89,58 @@ def method_kind(cfg: Config) -> str:
 
 def probed(cfg: Config, model_config, compute, batch: ProbeBatch, threads: int) -> tuple[dict, bool]:
     """(the probe's figures, whether they came from the cache): measured once per machine kind and key."""
-    import torch
-
-    from lmforge.training.flops import cpu_kind
-
     layer = {k: v for k, v in sorted(model_config.to_dict().items()) if isinstance(v, (int, float, str, bool))
              and k not in ("num_hidden_layers", "transformers_version", "_name_or_path", "torch_dtype", "dtype")}
     key = " | ".join([cpu_kind(), f"threads {threads}", f"torch {torch.__version__}", str(compute),
                       json.dumps(layer, sort_keys=True), method_kind(cfg), batch.describe()])
     return cached_measurement(CACHE_FILE, key, lambda: measure(cfg, model_config, compute, batch, threads),
-                              "probing a training step")
+                              "probing a training step", keep=lambda v: v["others_busy"] <= BUSY)
 
 
 def measure(cfg: Config, model_config, compute, batch: ProbeBatch, threads: int) -> dict:
-    import torch
-
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
+    busy, own, t0 = _cpu_busy(), os.times(), time.perf_counter()
     try:
         with torch.random.fork_rng(devices=[]):
-            return _measure(cfg, model_config, compute, batch)
+            out = _measure(cfg, model_config, compute, batch)
     finally:
         torch.set_num_threads(before)
+    # the share of the machine other processes used meanwhile: with threads on every core, a busy neighbour
+    # slows the probe many times over (measured: a layer 5.2 s instead of 0.11 s), and the cache would keep that
+    mine = (os.times().user - own.user) + (os.times().system - own.system)
+    out["others_busy"] = round(max(0.0, (_cpu_busy() - busy - mine) / ((time.perf_counter() - t0) *
+                                                                        (os.cpu_count() or 1))), 2)
+    return out
+
+
+def _cpu_busy() -> float:
+    """Seconds every CPU of the machine has been busy (``/proc/stat``), 0 where it cannot be read."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = [float(x) for x in fh.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return 0.0
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
 
 
 def _one_layer_model(cfg: Config, model_config, compute, layers: int = 1):
     """The run's model with one decoder layer (or ``layers``), random weights, set up as the native engine sets it
     up."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # lazy: transformers loads only when a probe runs
     from transformers.initialization import no_init_weights
 
-    from lmforge.adapters import apply_peft
-    from lmforge.training.attention import use_packed_attention
-    from lmforge.training.dropout import use_fast_lora_dropout
-    from lmforge.training.lora_linear import use_fused_lora
-    from lmforge.training.precision import MasterWeights
-    from lmforge.training.run import precision_for
 
     conf = copy.deepcopy(model_config)
     conf.num_hidden_layers = layers
     if isinstance(getattr(conf, "layer_types", None), list):
         conf.layer_types = conf.layer_types[:layers]
     conf._attn_implementation = "sdpa"
-    prec = precision_for(cfg)
+    # in the compute dtype: a full fine-tune loads fp32 weights (run.precision_for), but MasterWeights turns them into
+    # the same bf16 model + fp32 masters
     with no_init_weights():  # transformers' init of a 49k x 576 embedding alone takes ~0.2 s: filled below instead
-        model = AutoModelForCausalLM.from_config(conf, dtype=prec.weights, trust_remote_code=cfg.model.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(conf, dtype=compute,
+                                                 trust_remote_code=cfg.model.trust_remote_code)
     model.tie_weights()
     _fill(model)
     torch.manual_seed(0)
@@ -142,8 +161,6 @@ def _one_layer_model(cfg: Config, model_config, compute, layers: int = 1):
 def _fill(model) -> None:
     """Weights of the usual scale, cheaply: a random block of rows repeated down each matrix; norms (and biases)
     1. Only the time is read, and it does not depend on the values as long as they are ordinary numbers."""
-    import torch
-
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
@@ -158,11 +175,6 @@ def _fill(model) -> None:
 
 def _batch(batch: ProbeBatch, vocab: int, packed: bool) -> dict:
     """Rows as the engine's collator makes them (``data.packing.CausalCollator``)."""
-    import torch
-
-    from lmforge.data.packing import PACKED_ATTENTION, CausalCollator
-    from lmforge.data.tokenize import IGNORE
-
     g = torch.Generator().manual_seed(0)
     lens = [batch.sample] * (batch.tokens // batch.sample) + ([batch.tokens % batch.sample]
                                                               if batch.tokens % batch.sample else [])
@@ -191,12 +203,32 @@ def _batch(batch: ProbeBatch, vocab: int, packed: bool) -> dict:
     return out
 
 
+def _layer_alone(model, layer, called: dict, start: float) -> list[float]:
+    """More samples of the layer's forward + backward, the largest term (x layers), cheaply: the layer alone on the
+    arguments it had in the model (its input as a leaf that wants a gradient, a fixed output gradient), while the
+    probe's budget lasts."""
+    from transformers.cache_utils import Cache  # lazy, as above
+
+    # no KV cache: the model's forward made one (use_cache), and appending to it again would attend to old keys
+    args = called["args"]
+    kwargs = {k: None if isinstance(v, Cache) else v for k, v in called["kwargs"].items() if k != "use_cache"}
+    h = (args[0] if args else kwargs.pop("hidden_states")).detach().requires_grad_(True)
+    args = args[1:]
+    grad, out = None, []
+    while len(out) < LAYER_REPEATS and time.perf_counter() - start < LAYER_BUDGET_SECONDS:
+        t0 = time.perf_counter()
+        o = layer(h, *args, **kwargs)
+        o = o[0] if isinstance(o, tuple) else o
+        if grad is None:
+            grad = torch.full_like(o, 1e-3)
+        o.backward(grad)
+        out.append(time.perf_counter() - t0)
+        model.zero_grad(set_to_none=True)
+        h.grad = None
+    return out
+
+
 def _measure(cfg: Config, model_config, compute, batch: ProbeBatch) -> dict:
-    import torch
-
-    from lmforge.training.losses import token_loss_sum
-    from lmforge.training.optim import build_optimizer
-
     start = time.perf_counter()
     model, master, packed = _one_layer_model(cfg, model_config, compute)
     inputs = _batch(batch, model_config.vocab_size, packed)
@@ -205,6 +237,7 @@ def _measure(cfg: Config, model_config, compute, batch: ProbeBatch) -> dict:
     optimizer = build_optimizer(cfg, model, named)
     layer = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList))[0]
     marks: dict[str, float] = {}
+    called: dict = {}  # the layer's arguments in the last pass, to time it alone
 
     def mark(name: str):
         def hook(_):
@@ -215,6 +248,7 @@ def _measure(cfg: Config, model_config, compute, batch: ProbeBatch) -> dict:
         if "f0" in marks:  # the recompute of a checkpointed layer, inside its backward
             return
         marks["f0"] = time.perf_counter()
+        called["args"], called["kwargs"] = args, kwargs
         h = args[0] if args else kwargs["hidden_states"]
         if h.requires_grad:
             h.register_hook(mark("b1"))  # the layer's input gradient: its backward is done
@@ -260,8 +294,10 @@ def _measure(cfg: Config, model_config, compute, batch: ProbeBatch) -> dict:
     finally:
         for h in hooks:
             h.remove()
+    layer_s += _layer_alone(model, layer, called, start)
     return {"layer_seconds": statistics.median(layer_s), "rest_seconds": statistics.median(rest_s),
             "optimizer_seconds": optim_s[-1], "optimizer_params": sum(p.numel() for p in params),
-            "repeats": len(layer_s), "probe_seconds": round(time.perf_counter() - start, 2),
+            "repeats": len(rest_s), "layer_repeats": len(layer_s),
+            "probe_seconds": round(time.perf_counter() - start, 2),
             "load_average": round(os.getloadavg()[0], 2),  # a probe measured on a busy machine shows it
             "measured_at": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
