@@ -75,30 +75,33 @@ def sharp_model_dir(tiny_model_dir, tmp_path_factory):
     return out
 
 
-# The matmul peak lmforge measures into an empty cache (0.5 s a dtype) is measured once a test session: each
-# test's fresh cache starts with the peaks measured so far and hands back any it measured.
-SESSION_MEASURED = "peak_flops.json"
+# What lmforge measures of the machine into an empty cache, the matmul peak (0.5 s a dtype) and the estimate's speed
+# probe (0.1 s on the tiny model, per model shape, method kind and micro-batch), is measured once a test session: each
+# test's fresh cache starts with what was measured so far and hands back what it measured.
+SESSION_MEASURED = ("peak_flops.json", "estimate_probe.json")
 
 
 @pytest.fixture(scope="session")
 def measured_peaks(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("machine") / SESSION_MEASURED
+    return tmp_path_factory.mktemp("machine")
 
 
 @pytest.fixture()
 def lmforge_cache(tmp_path, monkeypatch, measured_peaks) -> Path:
     cache = tmp_path / "cache"
     cache.mkdir()
-    if measured_peaks.exists():
-        (cache / SESSION_MEASURED).write_text(measured_peaks.read_text())
+    for name in SESSION_MEASURED:
+        if (measured_peaks / name).exists():
+            (cache / name).write_text((measured_peaks / name).read_text())
     monkeypatch.setenv("LMFORGE_CACHE", str(cache))
     yield cache
-    try:
-        peaks = {**json.loads((cache / SESSION_MEASURED).read_text()),
-                 **(json.loads(measured_peaks.read_text()) if measured_peaks.exists() else {})}
-    except (OSError, ValueError):
-        return  # the test measured nothing (or left no readable file)
-    measured_peaks.write_text(json.dumps(peaks))
+    for name in SESSION_MEASURED:
+        try:
+            got = {**json.loads((cache / name).read_text()),
+                   **(json.loads((measured_peaks / name).read_text()) if (measured_peaks / name).exists() else {})}
+        except (OSError, ValueError):
+            continue  # the test measured nothing (or left no readable file)
+        (measured_peaks / name).write_text(json.dumps(got))
 
 
 def write_jsonl(path: Path, rows) -> Path:

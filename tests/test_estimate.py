@@ -581,6 +581,8 @@ def test_speed_is_the_probes_measure_cached_per_machine(setup, lmforge_cache, mo
     assert cached_measurement("m.json", "k", lambda: 1, "measuring", keep=lambda v: False) == (1, False)
     assert not (lmforge_cache / "m.json").exists()
     monkeypatch.setattr(estimate_probe, "BUSY", float("inf"))  # ... and this test's machine may be shared
+    path = lmforge_cache / estimate_probe.CACHE_FILE
+    path.unlink(missing_ok=True)  # not what other tests of the session measured (conftest.SESSION_MEASURED)
     cfg = setup(peft={"kind": "lora", "r": 4}, train={"gradient_accumulation_steps": 2})
     here = dataclasses.replace(machine(), probe=True, threads=1)
     first = Estimator(cfg, 1, machine=here).estimate()
@@ -588,7 +590,6 @@ def test_speed_is_the_probes_measure_cached_per_machine(setup, lmforge_cache, mo
     assert first.time["speed_from"] == "probe" and not p["cached"] and p["repeats"] >= 2
     assert p["layer_seconds"] > 0 and p["rest_seconds"] > 0 and p["optimizer_seconds"] > 0
     assert p["optimizer_params"] < first.trainable  # the adapters of one layer of two
-    path = lmforge_cache / estimate_probe.CACHE_FILE
     stored = json.loads(path.read_text())
     (key,) = stored
     assert "lora r=4" in key and "4 rows x" in key  # the method kind and the micro-batch are keyed
@@ -609,3 +610,4 @@ def test_speed_is_the_probes_measure_cached_per_machine(setup, lmforge_cache, mo
     # a config that the probe does not time (QLoRA) keeps the fitted efficiency, and says so
     q = Estimator(setup(peft={"kind": "qlora", "r": 4}), 1, machine=here).estimate().time
     assert q["speed_from"] == "fitted" and q["efficiency"] == est_mod.EFFICIENCY[("native", "qlora")]
+    path.unlink()  # the slow figures written here go to no other test
