@@ -35,13 +35,16 @@ def cached_measurement(name: str, key: str, measure, what: str, keep=None) -> tu
     and stored when it is not there yet (``cached`` False then). Processes that start together (the ranks of a run)
     measure one at a time under a file lock, and one that waited reads what the first wrote: measured side by side
     each would see the others' load, and the cache would keep that figure for good. ``keep(value)`` False: the value
-    is returned but not stored (e.g. measured while other processes were busy)."""
+    is returned but not stored (e.g. measured while other processes were busy). ``measure`` None: only read,
+    ``(None, False)`` when nothing is stored."""
     import json
 
     path = cache_root() / name
     stored = _read_json(path)
     if key in stored:
         return stored[key], True
+    if measure is None:
+        return None, False
     path.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(path.with_suffix(".lock"), what):
         stored = _read_json(path)

@@ -610,4 +610,9 @@ def test_speed_is_the_probes_measure_cached_per_machine(setup, lmforge_cache, mo
     # a config that the probe does not time (QLoRA) keeps the fitted efficiency, and says so
     q = Estimator(setup(peft={"kind": "qlora", "r": 4}), 1, machine=here).estimate().time
     assert q["speed_from"] == "fitted" and q["efficiency"] == est_mod.EFFICIENCY[("native", "qlora")]
+    # under torchrun (rank 0 beside the other ranks starting) the probe is only read from the cache
+    other = setup(peft={"kind": "lora", "r": 4}, train={"per_device_train_batch_size": 2})
+    late = Estimator(other, 1, machine=here, probe_now=False).estimate().time
+    assert late["speed_from"] == "fitted" and late["fitted_because"].startswith("not probed")
+    assert Estimator(cfg, 1, machine=here, probe_now=False).estimate().time["probe"]["cached"]
     path.unlink()  # the slow figures written here go to no other test

@@ -320,8 +320,10 @@ class Estimator:
     """Holds what was read once (model shape, tokenizer, data sample, machine); ``estimate(cfg)`` is arithmetic,
     so candidate changes (``cheapest_change``) are estimated without reading anything again."""
 
-    def __init__(self, cfg: Config, world: int = 1, config_name: str = "config", machine: Machine | None = None):
+    def __init__(self, cfg: Config, world: int = 1, config_name: str = "config", machine: Machine | None = None,
+                 probe_now: bool = True):
         self.cfg, self.world, self.config_name = cfg, world, config_name
+        self.probe_now = probe_now  # False: the speed probe only from the cache (log_at_start under torchrun)
         self.compute = pick_dtype(cfg.model.dtype)
         config, tok, self.adapter, source = read_model_config(cfg)
         if config is None:  # from scratch: model.config's keys, with the tokenizer's vocabulary
@@ -504,9 +506,12 @@ class Estimator:
                             mb.loss_tokens, per_sample)
         try:
             figures, cached = probed(cfg, self.model_config, self.compute, batch, self.machine.threads or
-                                     _threads())
+                                     _threads(), self.probe_now)
         except Exception as e:  # noqa: BLE001 - the estimate falls back to the fitted efficiency and says why
             return None, f"the probe failed ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
+        if figures is None:
+            return None, (f"not probed: the other processes of the run are starting beside it; `lmforge estimate "
+                          f"--nproc-per-node {self.world}` measures it once for later runs")
         return {**figures, "cached": cached, "batch": batch.describe()}, ""
 
     def _fits(self, mem: Memory, world: int) -> tuple[bool, str]:
@@ -730,8 +735,10 @@ def log_at_start(cfg: Config, config_name: str = "config") -> None:
         drop("")
         return
     try:
+        # under torchrun the other ranks load the model while rank 0 estimates: a probe measured now would see their
+        # load, so it is only read from the cache there
         est = Estimator(copy.deepcopy(cfg), world_size(), config_name,
-                        this_machine(pick_dtype(cfg.model.dtype), node_threads())).estimate()
+                        this_machine(pick_dtype(cfg.model.dtype), node_threads()), world_size() == 1).estimate()
     except Exception as e:  # noqa: BLE001 - the estimate is advice; the run reports real errors itself
         drop(f"estimate: unavailable ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
         return

@@ -87,14 +87,16 @@ def method_kind(cfg: Config) -> str:
     return kind + (" + gradient checkpointing" if cfg.train.gradient_checkpointing else "")
 
 
-def probed(cfg: Config, model_config, compute, batch: ProbeBatch, threads: int) -> tuple[dict, bool]:
-    """(the probe's figures, whether they came from the cache): measured once per machine kind and key."""
+def probed(cfg: Config, model_config, compute, batch: ProbeBatch, threads: int,
+           now: bool = True) -> tuple[dict | None, bool]:
+    """(the probe's figures, whether they came from the cache): measured once per machine kind and key; ``now``
+    False: only from the cache (None when it is not there)."""
     layer = {k: v for k, v in sorted(model_config.to_dict().items()) if isinstance(v, (int, float, str, bool))
              and k not in ("num_hidden_layers", "transformers_version", "_name_or_path", "torch_dtype", "dtype")}
     key = " | ".join([cpu_kind(), f"threads {threads}", f"torch {torch.__version__}", str(compute),
                       json.dumps(layer, sort_keys=True), method_kind(cfg), batch.describe()])
-    return cached_measurement(CACHE_FILE, key, lambda: measure(cfg, model_config, compute, batch, threads),
-                              "probing a training step", keep=lambda v: v["others_busy"] <= BUSY)
+    return cached_measurement(CACHE_FILE, key, (lambda: measure(cfg, model_config, compute, batch, threads))
+                              if now else None, "probing a training step", keep=lambda v: v["others_busy"] <= BUSY)
 
 
 def measure(cfg: Config, model_config, compute, batch: ProbeBatch, threads: int) -> dict:
