@@ -4,7 +4,8 @@ requests, /v1/models, run-time load/unload, a mismatched adapter refused while t
 key and limits on the new routes).
 
 The adapters are real PEFT adapter directories, built in code with random (nonzero) B matrices so that each
-answers the same prompt differently; one is DoRA (with a rescaled magnitude), one is built on another model.
+answers the same prompt differently; one is DoRA (with a rescaled magnitude), one is built on another model, and
+one is a prompt-tuning adapter (random virtual token embeddings) served in the same batches as the others.
 """
 
 from __future__ import annotations
@@ -58,10 +59,25 @@ def _save_adapter(model_dir, out, seed: int, **lora) -> str:
     return str(out)
 
 
+def _save_prompt_tuning(model_dir, out, seed: int, tokens: int = 5) -> str:
+    """A PEFT prompt-tuning adapter over ``model_dir`` with random virtual token embeddings, saved to ``out``."""
+    from peft import PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    peft_model = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=tokens))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        peft_model.prompt_encoder["default"].embedding.weight.normal_(0, 1)
+    peft_model.save_pretrained(out)
+    return str(out)
+
+
 @pytest.fixture(scope="module")
 def adapters(tiny_model_dir, tmp_path_factory):
-    """name -> adapter dir: two LoRA adapters (different ranks, targets, rsLoRA), a DoRA one, and 'other', a LoRA
-    adapter trained on a model of another hidden size (a mismatched base)."""
+    """name -> adapter dir: two LoRA adapters (different ranks, targets, rsLoRA), a DoRA one, 'pt' a prompt-tuning
+    one (5 virtual tokens), and 'other', a LoRA adapter trained on a model of another hidden size (a mismatched
+    base)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("adapters")
@@ -71,6 +87,7 @@ def adapters(tiny_model_dir, tmp_path_factory):
                               target_modules=["q_proj", "v_proj", "down_proj"]),
         "gamma": _save_adapter(tiny_model_dir, root / "gamma", 3, r=4, lora_alpha=4, use_dora=True,
                                target_modules=["q_proj", "o_proj", "up_proj"]),
+        "pt": _save_prompt_tuning(tiny_model_dir, root / "pt", 5),
     }
     cfg = LlamaConfig(vocab_size=400, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=512)
@@ -81,19 +98,41 @@ def adapters(tiny_model_dir, tmp_path_factory):
     return out
 
 
+def _peft_forward_greedy(gen, prompt: list[int], n: int):
+    """Greedy tokens from the PeftModel's own forward (its virtual tokens before the prompt's embeddings, the mask
+    extended with ones) over the whole sequence at every step, no cache: the prompt-tuning reference. Not PEFT's
+    ``generate``: PEFT 0.21.2 under transformers 5.25 inserts the virtual tokens again at every decoding step (it
+    looks for the cache under ``past_key_values``, which transformers now passes as ``cache``), so its answers
+    drift from its own forward after a few tokens (so does ``lmforge serve --model PT_DIR``, which calls it)."""
+    from lmforge.inference.generate import GenerationOptions
+
+    eos = set(gen.eos_ids(GenerationOptions()))
+    seq, out = list(prompt), []
+    with torch.inference_mode():
+        while len(out) < n and not (out and out[-1] in eos):
+            x = torch.tensor([seq])
+            out.append(int(gen.model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0, -1].argmax()))
+            seq.append(out[-1])
+    return gen._decode(out, eos, [], len(prompt))
+
+
 @pytest.fixture(scope="module")
 def merged(tiny_model_dir, adapters):
-    """Greedy answers of each adapter merged into the base and run alone (plain generate), and of the base."""
+    """Greedy answers of each adapter merged into the base and run alone (plain generate), and of the base; the
+    prompt-tuning adapter's from PEFT's own forward (``_peft_forward_greedy``)."""
     from lmforge.inference.generate import GenerationOptions, Generator, encode_prompt
     from lmforge.inference.loading import load_for_inference
 
     generators = {name: Generator(load_for_inference(adapters[name] if name != "base" else str(tiny_model_dir),
                                                      dtype="float32"))
-                  for name in ("base", "alpha", "beta", "gamma")}
+                  for name in ("base", "alpha", "beta", "gamma", "pt")}
 
     def answer(name: str, row: dict, n: int):
         gen = generators[name]
-        return gen.generate([encode_prompt(row, gen.tok)], GenerationOptions(max_new_tokens=n))[0]
+        prompt = encode_prompt(row, gen.tok)
+        if name == "pt":
+            return _peft_forward_greedy(gen, prompt, n)
+        return gen.generate([prompt], GenerationOptions(max_new_tokens=n))[0]
 
     return answer
 
@@ -109,21 +148,23 @@ def _adapter_set(tiny_model_dir, adapters, names, max_adapters=None):
 
 
 def test_adapters_answer_differently(merged):
-    answers = {name: merged(name, {"prompt": PROMPTS[0]}, 10).token_ids for name in ("base", "alpha", "beta", "gamma")}
-    assert len({tuple(a) for a in answers.values()}) == 4, answers  # else the mixing tests below prove nothing
+    answers = {name: merged(name, {"prompt": PROMPTS[0]}, 10).token_ids
+               for name in ("base", "alpha", "beta", "gamma", "pt")}
+    assert len({tuple(a) for a in answers.values()}) == 5, answers  # else the mixing tests below prove nothing
 
 
 def test_mixed_batch_rows_equal_each_adapter_merged(tiny_model_dir, adapters, merged):
-    """One continuous batch mixing the base, two LoRA adapters and a DoRA one: each row's greedy tokens equal its
-    adapter merged and run alone."""
+    """One continuous batch mixing the base, two LoRA adapters, a DoRA one and a prompt-tuning one: each row's greedy
+    tokens equal its adapter merged and run alone (prompt tuning: PEFT's generate on the PeftModel)."""
     from lmforge.inference import decode
     from lmforge.inference.generate import GenerationOptions, encode_prompt
 
-    aset = _adapter_set(tiny_model_dir, adapters, ["alpha", "beta", "gamma"])
+    aset = _adapter_set(tiny_model_dir, adapters, ["alpha", "beta", "gamma", "pt"])
     tok = aset.base.tokenizer
-    names = ["base", "alpha", "beta", "gamma"]
-    rows = [(names[i % 4], {"prompt": PROMPTS[(i // 4) % len(PROMPTS)]}) for i in range(16)]
-    rows += [(n, {"messages": CHAT}) for n in names]  # a shared chat prefix, prefilled per adapter
+    names = ["base", "alpha", "beta", "gamma", "pt"]
+    rows = [(names[i % 5], {"prompt": PROMPTS[(i // 5) % len(PROMPTS)]}) for i in range(20)]
+    rows += [(n, {"messages": CHAT}) for n in names]  # a shared chat prefix, prefilled per adapter (pt: after its
+    # virtual tokens)
     opts = GenerationOptions(max_new_tokens=10)
     seqs = [decode.Sequence(encode_prompt(row, tok), opts, frozenset([tok.eos_token_id]), handle=i,
                             adapter=None if name == "base" else aset.get(name)) for i, (name, row) in enumerate(rows)]
@@ -134,6 +175,40 @@ def test_mixed_batch_rows_equal_each_adapter_merged(tiny_model_dir, adapters, me
         assert seq.ids == merged(name, row, 10).token_ids, (name, row)
 
 
+def test_prompt_tuning_rows_count_their_virtual_tokens(sharp_model_dir, tmp_path):
+    """On a model with peaked attention (at random init attention is nearly uniform, so wrong positions barely
+    show): two prompt-tuning adapters of 3 and 6 virtual tokens share a continuous batch with base rows, with and
+    without a shared prompt prefix; each row equals PEFT's own forward of its adapter (the base's: generate)."""
+    from lmforge.inference import decode
+    from lmforge.inference.adapter_set import AdapterSet
+    from lmforge.inference.generate import GenerationOptions, Generator, encode_prompt
+    from lmforge.inference.loading import load_for_inference
+
+    dirs = {f"pt{n}": _save_prompt_tuning(sharp_model_dir, tmp_path / f"pt{n}", n, tokens=n) for n in (3, 6)}
+    aset = AdapterSet(load_for_inference(str(sharp_model_dir), dtype="float32"))
+    for name, root in dirs.items():
+        aset.add(name, root)
+    alone = {name: Generator(load_for_inference(root, dtype="float32")) for name, root in dirs.items()}
+    base, tok = Generator(aset.base), aset.base.tokenizer
+    rows = [(name, row) for row in [{"prompt": p} for p in PROMPTS] + [{"messages": CHAT}]
+            for name in ("base", "pt3", "pt6")]
+    opts = GenerationOptions(max_new_tokens=8)
+    seqs = [decode.Sequence(encode_prompt(row, tok), opts, frozenset([tok.eos_token_id]),
+                            adapter=None if name == "base" else aset.get(name)) for name, row in rows]
+    decoder = decode.Decoder(aset.base.model, tok, max_batch=8, rows=aset.rows)
+    decoder.run(decode.from_list(seqs))
+    assert decoder.peak == 8
+    for (name, row), seq in zip(rows, seqs):
+        want = (base.generate([seq.prompt], opts)[0] if name == "base" else
+                _peft_forward_greedy(alone[name], seq.prompt, 8))
+        assert seq.ids == want.token_ids, (name, row)
+    assert len({tuple(s.ids) for s in seqs[:3]}) == 3  # the adapters answer differently
+    again = [decode.Sequence(seqs[-1].prompt, opts, frozenset([tok.eos_token_id]), adapter=a)
+             for a in (aset.get("pt6"), None)]  # the chat prefix kept from the first run, after pt6's tokens
+    decoder.run(decode.from_list(again))
+    assert again[0].ids == seqs[-1].ids
+
+
 def test_max_adapters_drops_the_least_recently_used_and_reads_it_again(tiny_model_dir, adapters):
     aset = _adapter_set(tiny_model_dir, adapters, ["alpha", "beta"], max_adapters=1)
     assert aset.resident() == ["beta"]  # alpha, used least recently, was dropped from memory
@@ -142,10 +217,12 @@ def test_max_adapters_drops_the_least_recently_used_and_reads_it_again(tiny_mode
     assert aset.resident() == ["alpha"] and [n for n, _ in aset.names()] == ["alpha", "beta"]
     assert set(alpha.layers) and held.layers  # a row still holding beta keeps its weights
     assert aset.get("beta") is not held  # a fresh read
+    aset.add("pt", adapters["pt"])  # a prompt-tuning adapter counts as one too
+    assert aset.resident() == ["pt"] and aset.kind("pt") == "prompt_tuning" and aset.kind("beta") == "lora"
 
 
 def test_unmixable_and_mismatched_adapters_are_refused_with_the_reason(tiny_model_dir, adapters, tmp_path):
-    from peft import PromptTuningConfig, get_peft_model
+    from peft import PrefixTuningConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from lmforge.errors import ConfigError, UnsupportedError
@@ -154,10 +231,10 @@ def test_unmixable_and_mismatched_adapters_are_refused_with_the_reason(tiny_mode
     with pytest.raises(ConfigError, match="hidden_size 48 vs 32"):
         aset.add("other", adapters["other"])
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).save_pretrained(
-        tmp_path / "pt")
-    with pytest.raises(UnsupportedError, match="virtual tokens cannot share a batch"):
-        aset.add("pt", str(tmp_path / "pt"))
+    get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).save_pretrained(
+        tmp_path / "prefix")
+    with pytest.raises(UnsupportedError, match="prefix_tuning adapter: its virtual tokens are computed per layer"):
+        aset.add("prefix", str(tmp_path / "prefix"))
     with pytest.raises(ConfigError, match="not a directory"):
         aset.add("missing", str(tmp_path / "nowhere"))
     assert aset.names() == []
@@ -181,12 +258,15 @@ def test_chat_switches_adapters_on_one_base(tiny_model_dir, adapters, merged):
     from lmforge.inference.chat import Chat, open_answers
     from lmforge.inference.generate import GenerationOptions
 
-    answers = open_answers(HfBackend(str(tiny_model_dir), "float32"), {"gamma": adapters["gamma"]})
+    answers = open_answers(HfBackend(str(tiny_model_dir), "float32"), {n: adapters[n] for n in ("gamma", "pt")})
     try:
         out = io.StringIO()
         chat = Chat(answers, GenerationOptions(max_new_tokens=10), stdout=out)
         chat.handle("/model gamma")
         assert chat.ask(CHAT[0]["content"]).token_ids == merged("gamma", {"messages": CHAT}, 10).token_ids
+        chat.handle("/reset")
+        chat.handle("/model pt")
+        assert chat.ask(CHAT[0]["content"]).token_ids == merged("pt", {"messages": CHAT}, 10).token_ids
         chat.handle("/reset")
         chat.handle(f"/model {tiny_model_dir}")
         assert chat.ask(CHAT[0]["content"]).token_ids == merged("base", {"messages": CHAT}, 10).token_ids
@@ -196,7 +276,7 @@ def test_chat_switches_adapters_on_one_base(tiny_model_dir, adapters, merged):
         answers.close()
 
 
-def test_eval_scores_each_adapter_on_one_base(tiny_model_dir, adapters, tmp_path):
+def test_eval_scores_each_adapter_on_one_base(tiny_model_dir, adapters, tmp_path, capsys):
     from conftest import write_jsonl
 
     from lmforge.cli import main
@@ -211,6 +291,9 @@ def test_eval_scores_each_adapter_on_one_base(tiny_model_dir, adapters, tmp_path
         alone = json.loads((tmp_path / f"{name}.json").read_text())["metrics"]["perplexity"]
         assert report["adapters"][name]["metrics"]["perplexity"] == pytest.approx(alone, rel=1e-4)
     assert report["metrics"]["perplexity"] != pytest.approx(report["adapters"]["beta"]["metrics"]["perplexity"])
+    assert main(["eval", "--model", str(tiny_model_dir), "--adapter", f"pt={adapters['pt']}", "--output",
+                 str(tmp_path / "pt.json"), *common]) == 2  # scored by a forward, not the decode loop: refused
+    assert "'pt' is a prompt-tuning adapter" in capsys.readouterr().err
 
 
 
@@ -222,14 +305,14 @@ def test_generate_compares_adapters_on_one_base(tiny_model_dir, adapters, merged
 
     from lmforge.cli import main
 
-    rows = [{"prompt": PROMPTS[0]}, {"messages": CHAT, "model": "gamma"}, {"prompt": PROMPTS[1], "model": "alpha"}]
+    rows = [{"prompt": PROMPTS[0]}, {"messages": CHAT, "model": "pt"}, {"prompt": PROMPTS[1], "model": "alpha"}]
     data = write_jsonl(tmp_path / "in.jsonl", rows)
     flags = ["--model", str(tiny_model_dir), "--adapter", f"alpha={adapters['alpha']}", "--adapter",
-             f"gamma={adapters['gamma']}", "--max-new-tokens", "10", "--dtype", "float32", "--no-progress"]
+             f"pt={adapters['pt']}", "--max-new-tokens", "10", "--dtype", "float32", "--no-progress"]
     out = tmp_path / "out.jsonl"
     assert main(["generate", *flags, "--input", str(data), "--output", str(out)]) == 0
     got = [json.loads(line) for line in out.read_text().splitlines()]
-    expected = [("base", rows[0]), ("alpha", rows[0]), ("gamma", rows[0]), ("gamma", rows[1]), ("alpha", rows[2])]
+    expected = [("base", rows[0]), ("alpha", rows[0]), ("pt", rows[0]), ("pt", rows[1]), ("alpha", rows[2])]
     assert [g["model"] for g in got] == [str(tiny_model_dir) if n == "base" else n for n, _ in expected]
     for g, (name, row) in zip(got, expected):
         assert g["completion"] == merged(name, row, 10).text, name
@@ -244,7 +327,8 @@ def server(tiny_model_dir, adapters, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve-adapters") / "server.log"
     proc, base = start_cli_server(tiny_model_dir, log, "--api-key", KEY, "--max-new-tokens", "16",
                                   "--adapter", f"alpha={adapters['alpha']}", "--adapter", f"gamma={adapters['gamma']}",
-                                  "--allow-adapter-loading", "--max-body-bytes", "4096")
+                                  "--adapter", f"pt={adapters['pt']}", "--allow-adapter-loading",
+                                  "--max-body-bytes", "4096")
     yield base
     stop_cli_server(proc)
 
@@ -256,20 +340,21 @@ def client(server):
 
 def test_models_lists_the_base_and_each_adapter(client, adapters, tiny_model_dir):
     models = {m.id: m.model_dump() for m in client.models.list().data}
-    assert list(models) == ["tiny", "alpha", "gamma"]
+    assert list(models) == ["tiny", "alpha", "gamma", "pt"]
     assert models["tiny"]["parent"] is None and models["tiny"]["root"] == str(tiny_model_dir)
-    assert models["alpha"]["parent"] == "tiny" and models["alpha"]["root"] == adapters["alpha"]
-    assert models["gamma"]["parent"] == "tiny" and models["gamma"]["root"] == adapters["gamma"]
+    for name, kind in (("alpha", "lora"), ("gamma", "dora"), ("pt", "prompt_tuning")):
+        assert (models[name]["parent"], models[name]["root"], models[name]["kind"]) == ("tiny", adapters[name], kind)
 
 
 def test_24_concurrent_mixed_requests_each_equal_its_adapter_alone(server, client, merged):
-    names = ["tiny", "alpha", "gamma"]
+    """The base, a LoRA, a DoRA and a prompt-tuning adapter in one continuous batch."""
+    names = ["tiny", "alpha", "gamma", "pt"]
 
     def one(i: int):
-        model = names[i % 3]
-        if i % 2:
-            r = client.completions.create(model=model, prompt=PROMPTS[i % 4], max_tokens=10, temperature=0)
-            return model, {"prompt": PROMPTS[i % 4]}, r.choices[0].text, r.model
+        model = names[i % 4]
+        if i // 4 % 2:
+            r = client.completions.create(model=model, prompt=PROMPTS[i // 8], max_tokens=10, temperature=0)
+            return model, {"prompt": PROMPTS[i // 8]}, r.choices[0].text, r.model
         r = client.chat.completions.create(model=model, messages=CHAT, max_tokens=10, temperature=0)
         return model, {"messages": CHAT}, r.choices[0].message.content, r.model
 
@@ -285,9 +370,14 @@ def test_24_concurrent_mixed_requests_each_equal_its_adapter_alone(server, clien
 def test_load_use_unload_then_404(server, client, adapters, merged):
     code, body = lora_route(server, "/v1/load_lora_adapter", {"lora_name": "beta", "lora_path": adapters["beta"]})
     assert code == 200, body
-    assert [m.id for m in client.models.list().data] == ["tiny", "alpha", "gamma", "beta"]
+    code, body = lora_route(server, "/v1/load_lora_adapter", {"lora_name": "pt2", "lora_path": adapters["pt"]})
+    assert code == 200, body  # a prompt-tuning adapter loads at run time too
+    assert [m.id for m in client.models.list().data] == ["tiny", "alpha", "gamma", "pt", "beta", "pt2"]
     r = client.completions.create(model="beta", prompt=PROMPTS[1], max_tokens=10, temperature=0)
     assert r.choices[0].text == merged("beta", {"prompt": PROMPTS[1]}, 10).text
+    r = client.completions.create(model="pt2", prompt=PROMPTS[1], max_tokens=10, temperature=0)
+    assert r.choices[0].text == merged("pt", {"prompt": PROMPTS[1]}, 10).text
+    assert lora_route(server, "/v1/unload_lora_adapter", {"lora_name": "pt2"})[0] == 200
     code, body = lora_route(server, "/v1/load_lora_adapter", {"lora_name": "beta", "lora_path": adapters["beta"]})
     assert code == 400 and "already been loaded" in body["error"]["message"]
     assert lora_route(server, "/v1/unload_lora_adapter", {"lora_name": "beta"})[0] == 200
@@ -295,7 +385,7 @@ def test_load_use_unload_then_404(server, client, adapters, merged):
         client.completions.create(model="beta", prompt=PROMPTS[1], max_tokens=2)
     code, body = lora_route(server, "/v1/unload_lora_adapter", {"lora_name": "beta"})
     assert code == 404 and "cannot be found" in body["error"]["message"]
-    assert [m.id for m in client.models.list().data] == ["tiny", "alpha", "gamma"]
+    assert [m.id for m in client.models.list().data] == ["tiny", "alpha", "gamma", "pt"]
 
 
 def test_a_mismatched_or_bad_adapter_is_refused_and_the_others_keep_serving(server, client, adapters, merged,
@@ -310,7 +400,7 @@ def test_a_mismatched_or_bad_adapter_is_refused_and_the_others_keep_serving(serv
     assert code == 400 and "broken" in body["error"]["message"], body
     code, body = lora_route(server, "/v1/load_lora_adapter", {"lora_name": "tiny", "lora_path": adapters["beta"]})
     assert code == 400 and "base model" in body["error"]["message"]
-    assert [m.id for m in client.models.list().data] == ["tiny", "alpha", "gamma"]
+    assert [m.id for m in client.models.list().data] == ["tiny", "alpha", "gamma", "pt"]
     r = client.completions.create(model="alpha", prompt=PROMPTS[2], max_tokens=10, temperature=0)
     assert r.choices[0].text == merged("alpha", {"prompt": PROMPTS[2]}, 10).text
 

@@ -2,10 +2,18 @@
 in the compute dtype (``row_lora.RowAdapter``), at most ``max_adapters`` in memory (the least recently used
 is dropped first and read again from its path when a request names it).
 
-An adapter fits the base when the base it names is the served one (the same directory, or a model of the same
-architecture: a copy elsewhere) and each of its LoRA matrices fits the base's linear layer of that name. A
-prompt-tuning adapter (virtual tokens, not a weight update), an adapter that saves whole modules
-(``modules_to_save``) or adapts embeddings cannot share a batch with others: it is refused with what to do.
+Two kinds share one batch with each other and with the base:
+- LoRA and DoRA: a low-rank update of the base's linear layers, applied per row inside the batched forward
+  (``row_lora.py``). It fits the base when each of its matrices fits the base's linear layer of that name.
+- Prompt tuning (PEFT's ``PROMPT_TUNING``): N learned embeddings that PEFT prepends to the prompt's input
+  embeddings (the attention mask extended with ones, so positions count the virtual tokens first). They change
+  only what the KV cache holds after the prompt; every token after it is the base model's. The decode loop keeps
+  their keys/values as the adapter's cached head of the prompt (``decode.py``), so its rows decode with the
+  others' and answer as PEFT's own ``generate`` does. It fits the base when the embeddings are (N, hidden size).
+An adapter of either kind fits only if the base it names is the served one (the same directory, or a model of
+the same architecture: a copy elsewhere). Refused with what to do instead: prefix tuning, p-tuning and the other
+prompt-learning kinds (their virtual tokens are computed per layer or by an encoder), an adapter that saves whole
+modules (``modules_to_save``) or adapts embeddings, a reward model's adapter.
 """
 
 from __future__ import annotations
@@ -68,16 +76,19 @@ def _check_base(name: str, path: Path, base: LoadedModel) -> None:
 def _refuse_unmixable(name: str, path: Path, config) -> None:
     from peft import PeftType
 
-    if config.is_prompt_learning:
+    if config.is_prompt_learning and config.peft_type != PeftType.PROMPT_TUNING:
         raise UnsupportedError(f"adapter {name!r} ({path}) is a {config.peft_type.value.lower()} adapter: its "
-                               "virtual tokens cannot share a batch with other adapters; serve it on its own "
+                               "virtual tokens are computed per layer or by an encoder, which several adapters over "
+                               "one base do not run (prompt tuning, LoRA and DoRA adapters can); serve it on its own "
                                f"(lmforge serve --model {path})")
-    if config.peft_type != PeftType.LORA:
+    if config.peft_type not in (PeftType.LORA, PeftType.PROMPT_TUNING):
         raise UnsupportedError(f"adapter {name!r} ({path}) is a {config.peft_type.value} adapter; several adapters "
-                               "over one base can be LoRA or DoRA adapters")
+                               "over one base can be LoRA, DoRA or prompt-tuning adapters")
     if str(config.task_type) in ("SEQ_CLS", "TaskType.SEQ_CLS"):
         raise UnsupportedError(f"adapter {name!r} ({path}) is a reward model (a sequence classifier); serve it on "
                                f"its own (lmforge serve --model {path})")
+    if config.is_prompt_learning:
+        return
     for key in ("modules_to_save", "trainable_token_indices", "target_parameters"):
         if getattr(config, key, None):
             raise UnsupportedError(f"adapter {name!r} ({path}) sets {key}: it replaces whole modules or "
@@ -89,11 +100,11 @@ def _refuse_unmixable(name: str, path: Path, config) -> None:
 
 
 def read_adapter(name: str, root: str, base: LoadedModel, layers: dict[str, torch.nn.Linear]) -> RowAdapter:
-    """Read the adapter at ``root`` (a directory or URL) for the base's ``layers`` (name -> linear layer):
-    A and B * scaling in the base's dtype, plus DoRA's per-output rescaling. Errors name what does not fit."""
+    """Read the adapter at ``root`` (a directory or URL) for the base's ``layers`` (name -> linear layer): LoRA's
+    A and B * scaling in the base's dtype plus DoRA's per-output rescaling, or prompt tuning's virtual token
+    embeddings. Errors name what does not fit."""
     from peft import PeftConfig
     from peft.utils import load_peft_weights
-    from peft.utils.other import get_pattern_key
 
     if not cloud.is_remote(root) and not Path(root).expanduser().is_dir():
         raise ConfigError(f"adapter {name!r}: {root} is not a directory")
@@ -107,6 +118,27 @@ def read_adapter(name: str, root: str, base: LoadedModel, layers: dict[str, torc
     _refuse_unmixable(name, path, config)
     _check_base(name, path, base)
     state = load_peft_weights(str(path), device="cpu")
+    if config.is_prompt_learning:
+        return _prompt_tuning(name, path, config, state, base)
+    return _lora(name, path, config, state, base, layers)
+
+
+def _prompt_tuning(name: str, path: Path, config, state: dict, base: LoadedModel) -> RowAdapter:
+    """The virtual tokens' embeddings (N, hidden) in the base's dtype (PEFT casts them to the input embeddings')."""
+    embeddings = base.model.get_input_embeddings()
+    virtual = state.get("prompt_embeddings")
+    want = (config.num_virtual_tokens, embeddings.embedding_dim)
+    if virtual is None or tuple(virtual.shape) != want:
+        got = "none" if virtual is None else tuple(virtual.shape)
+        raise ConfigError(f"adapter {name!r} ({path}): prompt tuning needs {want[0]} virtual token embeddings of the "
+                          f"served base's size {want[1]}, the adapter holds {got}: was it trained on another model?")
+    return RowAdapter(name, virtual=virtual.to(embeddings.weight.dtype).to(embeddings.weight.device))
+
+
+def _lora(name: str, path: Path, config, state: dict, base: LoadedModel,
+          layers: dict[str, torch.nn.Linear]) -> RowAdapter:
+    from peft.utils.other import get_pattern_key
+
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         module, _, kind = key.removeprefix(PREFIX).rpartition(".lora_")
@@ -146,6 +178,7 @@ class _Entry:
     root: str  # the directory or URL it was loaded from (``root`` in /v1/models, as vLLM names it)
     weights: RowAdapter | None  # None: dropped from memory (max_adapters); read again on the next request
     last_used: float
+    kind: str  # RowAdapter.kind: lora, dora or prompt_tuning (``kind`` in /v1/models)
 
 
 class AdapterSet:
@@ -173,7 +206,7 @@ class AdapterSet:
         with self._lock:
             if name in self._entries:
                 raise ConfigError(f"adapter {name!r}: is already loaded")
-            self._entries[name] = _Entry(root, weights, time.monotonic())
+            self._entries[name] = _Entry(root, weights, time.monotonic(), weights.kind)
             self._evict(keep=name)
 
     def remove(self, name: str) -> bool:
@@ -188,6 +221,11 @@ class AdapterSet:
         """(name, root) of every adapter, in the order they were added."""
         with self._lock:
             return [(n, e.root) for n, e in self._entries.items()]
+
+    def kind(self, name: str) -> str | None:
+        """``lora``, ``dora`` or ``prompt_tuning`` (None: not loaded)."""
+        entry = self._entries.get(name)
+        return entry.kind if entry else None
 
     def resident(self) -> list[str]:
         with self._lock:

@@ -8,6 +8,11 @@ so the batch stays full of live rows. The forward pass, the KV cache (``DynamicC
 and the sampling warpers are transformers' own; lmforge adds the scheduling, a cache for the prompt prefix
 all rows share, and an attention function for single decoding tokens (registered with transformers).
 
+A row may carry an adapter (``Sequence.adapter``, a ``row_lora.RowAdapter``): a LoRA/DoRA adapter changes its
+row of every forward (``row_lora.RowLora``); a prompt-tuning adapter puts its virtual tokens' embeddings before
+the row's prompt, as PEFT does (the mask counts them, so positions start after them), and is the base model
+afterwards: their keys/values are computed once per adapter and start the row's cache, like a shared prefix.
+
 Each sequence samples with its own seeded generator, so a seeded sequence gives the same tokens whatever
 else shares its batch. Beam search and encoder-decoder models stay on ``generate`` (see ``supports``).
 """
@@ -239,8 +244,10 @@ class Decoder:
         self.prefill_tokens = prefill_tokens  # padded tokens per prefill forward (bounds its activations)
         self.steps = 0  # decode forwards run (for tests and logs)
         self.peak = 0  # most rows decoding at once
-        # (tokens, {adapter (None: the base): per-layer (keys, values)}) of the last shared prompt prefix
+        # (tokens, {adapter (None: the base): per-layer (keys, values)}) of the last shared prompt prefix; a
+        # prompt-tuning adapter's keys/values hold its virtual tokens first
         self._prefix = None
+        self._virtual: dict = {}  # {prompt-tuning adapter: per-layer (keys, values) of its virtual tokens alone}
 
     @torch.inference_mode()
     def run(self, source: Source, on_token: Callable[[Sequence, int], None] | None = None,
@@ -280,31 +287,35 @@ class Decoder:
         return self.rows.rows(adapters)
 
     def _prefill(self, seqs: list[Sequence]):
-        """Prefill of ``seqs``: their shared prefix from the prefix cache, the rest left-padded in chunks of
-        about ``prefill_tokens`` padded tokens. Returns one (cache, mask, next positions) per chunk and the
-        last-position logits of all rows."""
+        """Prefill of ``seqs``: each row's cache starts with its head (the shared prefix, after the adapter's
+        virtual tokens if it has any: ``_heads``), the rest is left-padded in chunks of about ``prefill_tokens``
+        padded tokens; rows of one chunk have heads of one length (``_admit`` orders them so). Returns one
+        (cache, mask, next positions) per chunk and the last-position logits of all rows."""
         prefix = self._shared_prefix(seqs)
         n = len(prefix[0]) if prefix else 0
+        heads = [prefix[1][s.adapter] if prefix else self._virtual_head(s.adapter) for s in seqs]
+        sizes = [h[0][0].shape[2] if h else 0 for h in heads]  # cached positions before each row's rest
         parts, logits = [], []
         start = 0
         while start < len(seqs):
             end, width = start + 1, len(seqs[start].prompt) - n
-            while end < len(seqs) and (end + 1 - start) * max(width, len(seqs[end].prompt) - n) <= self.prefill_tokens:
+            while end < len(seqs) and sizes[end] == sizes[start] and \
+                    (end + 1 - start) * max(width, len(seqs[end].prompt) - n) <= self.prefill_tokens:
                 width = max(width, len(seqs[end].prompt) - n)
                 end += 1
-            chunk = seqs[start:end]
+            chunk, h = seqs[start:end], sizes[start]
             ids = torch.zeros(len(chunk), width, dtype=torch.long)
-            mask = torch.zeros(len(chunk), n + width, dtype=torch.long)
-            mask[:, :n] = 1
+            mask = torch.zeros(len(chunk), h + width, dtype=torch.long)
+            mask[:, :h] = 1
             for i, s in enumerate(chunk):
                 rest = s.prompt[n:]
                 ids[i, width - len(rest):] = torch.tensor(rest)
-                mask[i, n + width - len(rest):] = 1
+                mask[i, h + width - len(rest):] = 1
             ids, mask = ids.to(self.device), mask.to(self.device)
             cache = new_cache(self.model)
-            if prefix:
-                _prefix_rows(cache, prefix[1], [s.adapter for s in chunk])
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, n:]
+            if h:
+                _prefix_rows(cache, heads[start:end])
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, h:]  # virtual tokens count: as PEFT's mask does
             logits.append(self._forward(chunk, ids, mask, positions, cache, last_only=True))
             parts.append((cache, mask, mask.sum(-1)))
             start = end
@@ -316,8 +327,8 @@ class Decoder:
         Why: chat prompts repeat the same system prompt and template head (SmolLM2's default system prompt
         is 30 of about 40 tokens); computing it once and reusing its keys/values saves most of the prefill.
         The last prefix is kept, so requests arriving one by one reuse the one found in an earlier group. Its
-        keys/values depend on the adapter: they are kept per adapter (the rows' adapters missing are computed in
-        one forward), so rows of several adapters are prefilled together.
+        keys/values depend on the adapter: they are kept per adapter (the rows' adapters missing are computed
+        together: ``_heads``), so rows of several adapters are prefilled together.
         """
         shortest = min(len(s.prompt) for s in seqs)
         kept = self._prefix
@@ -334,21 +345,43 @@ class Decoder:
         tokens, by_adapter = kept
         missing = list(dict.fromkeys(s.adapter for s in seqs if s.adapter not in by_adapter))
         if missing:
-            n = len(tokens)
-            cache = new_cache(self.model)
-            ids = torch.tensor([tokens] * len(missing), device=self.device)
-            with self._adapters(missing):
-                self.model(input_ids=ids, position_ids=torch.arange(n, device=self.device).expand(len(missing), -1),
-                           past_key_values=cache, use_cache=True, logits_to_keep=_last(ids))
-            for i, adapter in enumerate(missing):
-                by_adapter[adapter] = [(layer.keys[i:i + 1, :, :n], layer.values[i:i + 1, :, :n])
-                                       for layer in cache.layers]
-            used = {s.adapter for s in seqs}  # the oldest others go: a kept key holds an adapter's weights alive
-            for adapter in [a for a in by_adapter if a not in used][:max(0, len(by_adapter) - PREFIX_ADAPTERS)]:
-                del by_adapter[adapter]
+            by_adapter.update(self._heads(missing, tokens))
+            _forget(by_adapter, {s.adapter for s in seqs})
         return kept
 
+    def _virtual_head(self, adapter):
+        """The keys/values of a prompt-tuning adapter's virtual tokens alone (kept), None for other adapters."""
+        if not _virtual(adapter):
+            return None
+        if adapter not in self._virtual:
+            self._virtual.update(self._heads([adapter], []))
+            _forget(self._virtual, {adapter})
+        return self._virtual[adapter]
+
+    def _heads(self, adapters: list, tokens: list[int]) -> dict:
+        """{adapter: per-layer (keys, values) of ``tokens`` (1, heads, positions, dim)}, after the adapter's virtual
+        tokens for a prompt-tuning adapter (at positions 0..N-1, as PEFT puts them). The adapters without virtual
+        tokens go in one forward, each prompt-tuning adapter in its own (their lengths differ)."""
+        plain = [a for a in adapters if not _virtual(a)]
+        out = {}
+        for group in ([plain] if plain else []) + [[a] for a in adapters if _virtual(a)]:
+            ids = torch.tensor([tokens] * len(group), dtype=torch.long, device=self.device).view(len(group), -1)
+            inputs = {"input_ids": ids}
+            if _virtual(group[0]):  # PEFT's forward: cat(virtual embeddings, the prompt's input embeddings)
+                embeds = self.model.get_input_embeddings()(ids)
+                inputs = {"inputs_embeds": torch.cat([group[0].virtual.to(embeds.dtype)[None], embeds], dim=1)}
+            first = next(iter(inputs.values()))
+            m = first.shape[1]
+            cache = new_cache(self.model)
+            with self._adapters(group):
+                self.model(**inputs, position_ids=torch.arange(m, device=self.device).expand(len(group), -1),
+                           past_key_values=cache, use_cache=True, logits_to_keep=_last(first))
+            for i, adapter in enumerate(group):
+                out[adapter] = [(layer.keys[i:i + 1, :, :m], layer.values[i:i + 1, :, :m]) for layer in cache.layers]
+        return out
+
     def _admit(self, live, state, new, on_token, on_done):
+        new = sorted(new, key=lambda s: _virtual(s.adapter))  # rows with heads of one length prefill together
         parts, logits = self._prefill(new)
         firsts = self._pick(new, logits).split([mask.shape[0] for _, mask, _ in parts])
         states = ([state] if state is not None else []) + [(*p, t) for p, t in zip(parts, firsts)]
@@ -441,15 +474,27 @@ def _last(input_ids: torch.Tensor) -> torch.Tensor:
     return torch.tensor([input_ids.shape[1] - 1], device=input_ids.device)
 
 
-def _prefix_rows(cache, by_adapter: dict, adapters: list) -> None:
-    """Start ``cache`` with the shared prefix's keys/values of each row's adapter (one adapter: a view, no copy)."""
-    if len(set(adapters)) == 1:
-        for layer, (k, v) in zip(cache.layers, by_adapter[adapters[0]]):
-            layer.update(k.expand(len(adapters), -1, -1, -1), v.expand(len(adapters), -1, -1, -1))
+def _virtual(adapter) -> int:
+    """How many virtual tokens a row's adapter puts before its prompt (prompt tuning; 0 for the others)."""
+    virtual = getattr(adapter, "virtual", None)
+    return 0 if virtual is None else virtual.shape[0]
+
+
+def _forget(kept: dict, used: set) -> None:
+    """Drop the oldest of ``kept``'s adapters beyond PREFIX_ADAPTERS, never those ``used`` (a kept key holds an
+    adapter's weights alive)."""
+    for adapter in [a for a in kept if a not in used][:max(0, len(kept) - PREFIX_ADAPTERS)]:
+        del kept[adapter]
+
+
+def _prefix_rows(cache, heads: list) -> None:
+    """Start ``cache`` with each row's head keys/values (one for every row: a view, no copy)."""
+    if all(h is heads[0] for h in heads):
+        for layer, (k, v) in zip(cache.layers, heads[0]):
+            layer.update(k.expand(len(heads), -1, -1, -1), v.expand(len(heads), -1, -1, -1))
         return
     for li, layer in enumerate(cache.layers):
-        layer.update(torch.cat([by_adapter[a][li][0] for a in adapters]),
-                     torch.cat([by_adapter[a][li][1] for a in adapters]))
+        layer.update(torch.cat([h[li][0] for h in heads]), torch.cat([h[li][1] for h in heads]))
 
 
 def _select(state, keep: list[int]):

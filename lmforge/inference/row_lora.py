@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.errors import UnsupportedError
+
 
 @dataclass(frozen=True)
 class LayerUpdate:
@@ -45,15 +47,24 @@ class LayerUpdate:
 
 @dataclass(eq=False)  # compared and hashed by identity: a reloaded adapter is another object
 class RowAdapter:
-    """One adapter's weights: layer name (as in ``model.named_modules()`` of the plain base) -> update."""
+    """One adapter's weights: layer name (as in ``model.named_modules()`` of the plain base) -> update (LoRA, DoRA),
+    or a prompt-tuning adapter's ``virtual`` token embeddings (N, hidden), which the decode loop puts before the
+    row's prompt (``decode.py``); its rows' forwards are the base's here."""
 
     name: str
     layers: dict[str, LayerUpdate] = field(default_factory=dict)
+    virtual: torch.Tensor | None = None
+
+    @property
+    def kind(self) -> str:
+        if self.virtual is not None:
+            return "prompt_tuning"
+        return "dora" if any(u.g is not None for u in self.layers.values()) else "lora"
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for u in self.layers.values() for t in (u.a, u.bt, u.g)
-                   if t is not None)
+        tensors = [t for u in self.layers.values() for t in (u.a, u.bt, u.g) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors + ([self.virtual] if self.virtual is not None else []))
 
 
 @dataclass
@@ -235,11 +246,12 @@ class RowLora:
     @contextlib.contextmanager
     def rows(self, adapters: list[RowAdapter | None]):
         """Within the block, row i of the model's batch gets ``adapters[i]`` (None: the base alone)."""
-        # one order for a set, whatever the rows' order (else every row joining or leaving would rebuild the tables)
-        present = tuple(sorted({a for a in adapters if a is not None}, key=id))
+        # one order for a set, whatever the rows' order (else every row joining or leaving would rebuild the tables);
+        # an adapter without layers (prompt tuning) leaves its rows to the base
+        present = tuple(sorted({a for a in adapters if a is not None and a.layers}, key=id))
         position = {a: i + 1 for i, a in enumerate(present)}
         device = next(self.model.parameters()).device
-        index = torch.tensor([position[a] if a is not None else 0 for a in adapters], device=device)
+        index = torch.tensor([position.get(a, 0) for a in adapters], device=device)
         self.current = _Batch(index, self._tables(present))
         try:
             yield
@@ -249,7 +261,12 @@ class RowLora:
     @contextlib.contextmanager
     def applied(self, adapter: RowAdapter | None):
         """Within the block, every row of every forward gets ``adapter`` (a command working with one adapter at a
-        time over the loaded base: eval, chat); None: the base alone."""
+        time over the loaded base: eval); None: the base alone. A prompt-tuning adapter changes the model's input,
+        not its layers: refused here (the decode loop runs it: generate, chat, serve)."""
+        if adapter is not None and adapter.virtual is not None:
+            raise UnsupportedError(f"adapter {adapter.name!r} is a prompt-tuning adapter: its virtual tokens go before "
+                                   "the prompt in lmforge's decode loop (generate, chat, serve), not into a forward "
+                                   "that scores; evaluate it on its own (--model ADAPTER_DIR)")
         self.current = _Batch(None, self._tables((adapter,) if adapter is not None else ()))
         try:
             yield

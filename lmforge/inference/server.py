@@ -287,15 +287,18 @@ class Api:
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         jobs = []
+        virtual = adapter.virtual.shape[0] if adapter is not None and adapter.virtual is not None else 0
+        context = self.context and self.context - virtual  # a prompt-tuning adapter's virtual tokens take positions
+        of = f"{self.context}" + (f" ({virtual} of them the adapter's virtual tokens)" if virtual else "")
         for p in prompts:
             opts = self.options(req, max_tokens)
-            if self.context and len(p) >= self.context:
-                raise HTTPException(400, f"the prompt has {len(p)} tokens; the model's context is {self.context}")
-            if self.context and len(p) + opts.max_new_tokens > self.context:
+            if context and len(p) >= context:
+                raise HTTPException(400, f"the prompt has {len(p)} tokens; the model's context is {of}")
+            if context and len(p) + opts.max_new_tokens > context:
                 if max_tokens:
                     raise HTTPException(400, f"prompt ({len(p)} tokens) + max_tokens ({max_tokens}) exceeds the "
-                                             f"model's context of {self.context}")
-                opts.max_new_tokens = self.context - len(p)
+                                             f"model's context of {of}")
+                opts.max_new_tokens = context - len(p)
             for _ in range(req.n):  # choice i of a seeded request samples with seed + i, so the n choices differ
                 jobs.append(Job(p, GenerationOptions(**{**opts.__dict__, "seed": opts.seed + len(jobs)}), loop,
                                 events, index=len(jobs), seeded=req.seed is not None, stream=req.stream,
@@ -433,12 +436,13 @@ def create_app(engine: Engine | None, model_id: str, api_key: str | None = None,
 
     @app.get("/v1/models", dependencies=[Depends(api.check_key)])
     async def models():
-        """The base and each adapter with ``root`` (where it came from) and ``parent`` (its base), as vLLM has them."""
+        """The base and each adapter with ``root`` (where it came from) and ``parent`` (its base), as vLLM has them;
+        an adapter also with its ``kind``. Every kind shares the continuous batch with the base and the others."""
         card = {"object": "model", "created": 0, "owned_by": "lmforge"}
         root = str((engine.generator.loaded if engine else scorer.loaded).name)
         data = [{"id": model_id, **card, "root": root, "parent": None}]
-        for name, where in adapters.names() if adapters else []:
-            data.append({"id": name, **card, "root": where, "parent": model_id})
+        for name, where in adapters.names() if adapters else []:  # kind: lora, dora or prompt_tuning (one batch)
+            data.append({"id": name, **card, "root": where, "parent": model_id, "kind": adapters.kind(name)})
         return {"object": "list", "data": data}
 
     if allow_adapter_loading and adapters is not None:
