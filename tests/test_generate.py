@@ -355,3 +355,23 @@ def test_cli_refuses_deepspeed_combinations_that_cannot_run(tmp_path, tiny_model
     assert _generate(tiny_model_dir, inp, tmp_path / "o.jsonl", *flags) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and not (tmp_path / "o.jsonl").exists()
+
+
+def test_a_prompt_tuning_adapter_generates_what_its_own_forward_gives(tmp_path, tiny_model_dir):
+    """`generate --model PT_DIR` runs PEFT's generate; with a KV cache, PEFT 0.21 under transformers 5 prepended
+    the virtual tokens again at every step (the answers drifted after a few tokens), so it decodes without one."""
+    from peft import PromptTuningConfig, get_peft_model
+    from test_serve_adapters import _peft_forward_greedy
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                           PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))
+    with torch.no_grad():
+        model.prompt_encoder["default"].embedding.weight.normal_()  # far from the base's answer
+    model.save_pretrained(tmp_path / "pt")
+    gen = Generator(load_for_inference(str(tmp_path / "pt"), dtype="float32"))
+    for row in PROMPTS[:3]:
+        prompt = encode_prompt(row, gen.tok)
+        got = gen.generate([prompt], GenerationOptions(max_new_tokens=12))[0]
+        assert got.token_ids == _peft_forward_greedy(gen, prompt, 12).token_ids

@@ -103,7 +103,8 @@ def _peft_forward_greedy(gen, prompt: list[int], n: int):
     extended with ones) over the whole sequence at every step, no cache: the prompt-tuning reference. Not PEFT's
     ``generate``: PEFT 0.21.2 under transformers 5.25 inserts the virtual tokens again at every decoding step (it
     looks for the cache under ``past_key_values``, which transformers now passes as ``cache``), so its answers
-    drift from its own forward after a few tokens (so does ``lmforge serve --model PT_DIR``, which calls it)."""
+    drift from its own forward after a few tokens (``lmforge generate/serve --model PT_DIR`` call it without a cache:
+    test_generate.py)."""
     from lmforge.inference.generate import GenerationOptions
 
     eos = set(gen.eos_ids(GenerationOptions()))

@@ -135,8 +135,12 @@ class Generator:
             criteria = StoppingCriteriaList([RowMaxNewTokens(limits, width, self.device)])
         config = self.generation_config(GenerationOptions(**{**opts.__dict__, "max_new_tokens": max(limits)}))
         torch.manual_seed(opts.seed)
+        # A prompt-learning PeftModel decodes without a KV cache: PEFT (0.21) looks for the cache under
+        # past_key_values, which transformers 5 passes as ``cache``, so with one it prepends the virtual tokens
+        # again at every step and its answers drift from its own forward after a few tokens.
         out = self.model.generate(**batch, generation_config=config, stopping_criteria=criteria, streamer=streamer,
-                                  tokenizer=self.tok if opts.stop else None)
+                                  tokenizer=self.tok if opts.stop else None,
+                                  **({"use_cache": False} if self.equal_lengths else {}))
         # (B, prompt_len + new) for decoder-only; (B, 1 + new) for encoder-decoder (starts with the start token)
         new = out[:, 1:] if self.loaded.is_encoder_decoder else out[:, width:]
         eos = set(self.eos_ids(opts))
