@@ -15,8 +15,8 @@ def add_parser(sub, formatter):
     p.add_argument("--backend", choices=["hf", "vllm"], default="hf",
                    help="hf = transformers models in lmforge's decode loop; vllm = vLLM where it is installed")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
-                   help="a LoRA/DoRA adapter over --model (unmerged, hf backend), answered with after /model NAME; "
-                        "repeatable, to compare adapters in one conversation on one loaded base")
+                   help="a LoRA, DoRA or prompt-tuning adapter over --model (unmerged, hf backend), answered with "
+                        "after /model NAME; repeatable, to compare adapters in one conversation on one loaded base")
     p.add_argument("--system", default=None, help="system prompt to start with")
     p.add_argument("--max-new-tokens", type=int, default=512,
                    help="tokens per answer at most (fewer when the conversation nears the model's context)")

@@ -22,7 +22,8 @@ def add_parser(sub, formatter):
                                    "then exits.")
     p.add_argument("--model", required=True, help="model dir, adapter dir (merged on load), .gguf file or alias")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
-                   help="serve the LoRA/DoRA adapter DIR (a directory or URL) over --model as model NAME, unmerged; "
+                   help="serve the LoRA, DoRA or prompt-tuning adapter DIR (a directory or URL) over --model as "
+                        "model NAME, unmerged; "
                         "repeatable: requests for different adapters and the base share one batch")
     p.add_argument("--allow-adapter-loading", action="store_true",
                    help="enable POST /v1/load_lora_adapter {lora_name, lora_path} and /v1/unload_lora_adapter "
