@@ -114,7 +114,8 @@ def _prompt_tuning_adapter(model_dir, out):
 
 
 def _alone_with_peft(model_dir, adapter, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
-    """Each prompt generated alone (no padding) by PEFT's own generate: the reference."""
+    """Each prompt generated alone (no padding) by PEFT's own generate, without a KV cache: the reference (with one,
+    PEFT 0.21 under transformers 5 prepends the virtual tokens again at every step: test_generate.py)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -125,7 +126,7 @@ def _alone_with_peft(model_dir, adapter, prompts: list[str], max_new_tokens: int
     for prompt in prompts:
         ids = tok(prompt, return_tensors="pt").input_ids
         new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
+                             do_sample=False, pad_token_id=tok.pad_token_id, use_cache=False)[0, ids.shape[1]:]
         out.append(new.tolist())
     return out
 
