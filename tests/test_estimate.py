@@ -16,6 +16,7 @@ from lmforge.cache import cached_measurement
 from lmforge.cli import main
 from lmforge.config import load_config
 from lmforge.training import estimate as est_mod
+from lmforge.training import estimate_report
 from lmforge.training import estimate_inputs, estimate_probe
 from lmforge.training.estimate import GB, Estimator
 from lmforge.training.estimate_inputs import Machine
@@ -388,7 +389,7 @@ def test_does_not_fit_names_the_cheapest_change(setup):
     assert not tight.fits
     assert tight.change["overrides"] == ["train.gradient_checkpointing=true"]
     assert tight.change["peak"] == gc.peak
-    assert "cheapest change that fits: gradient checkpointing" in est_mod.render(tight)
+    assert "cheapest change that fits: gradient checkpointing" in estimate_report.render(tight)
     nothing = estimator(cfg, available=1).estimate()
     assert not nothing.fits and nothing.change["change"] is None and nothing.change["tried"]
 
@@ -606,7 +607,7 @@ def test_speed_is_the_probes_measure_cached_per_machine(setup, lmforge_cache, mo
                                                                            "optimizer_seconds")}}}))
     twice = Estimator(cfg, 1, machine=here).estimate()
     assert twice.time["tokens_per_second"] == pytest.approx(t["tokens_per_second"] / 2, rel=2e-3)
-    assert "measured on this machine (cached" in est_mod.render(twice)
+    assert "measured on this machine (cached" in estimate_report.render(twice)
     # a config that the probe does not time (QLoRA) keeps the fitted efficiency, and says so
     q = Estimator(setup(peft={"kind": "qlora", "r": 4}), 1, machine=here).estimate().time
     assert q["speed_from"] == "fitted" and q["efficiency"] == est_mod.EFFICIENCY[("native", "qlora")]

@@ -19,7 +19,8 @@ def add_parser(sub, formatter):
 
 def run(args) -> int:
     from lmforge.errors import ConfigError
-    from lmforge.training.estimate import render, run_estimate
+    from lmforge.training.estimate import run_estimate
+    from lmforge.training.estimate_report import render
 
     if args.nproc_per_node < 1:
         raise ConfigError("--nproc-per-node must be >= 1")

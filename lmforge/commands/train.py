@@ -28,7 +28,7 @@ def run(args) -> int:
         return launch.relaunch(args, cfg)
     from lmforge.distributed import strategy  # torch and transformers load here, not for --help
     from lmforge.methods import get_method
-    from lmforge.training.estimate import log_at_start
+    from lmforge.training.estimate_report import log_at_start
     from lmforge.training.run import planned
 
     _, run_plan = planned(cfg)  # method x architecture x engine x layout (plan.py); the method logs it at start

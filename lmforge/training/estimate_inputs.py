@@ -432,7 +432,7 @@ class Machine:
 
 def this_machine(compute, threads: int | None = None) -> Machine:
     """RAM available now, the GPU's memory, and the matmul peak of ``compute`` (measured at ``threads`` torch
-    threads when given: see ``estimate.log_at_start``)."""
+    threads when given: see ``estimate_report.log_at_start``)."""
     import torch
 
     try:
