@@ -109,3 +109,10 @@ def test_bf16_model_runs_and_beam_search_is_left_to_generate(tiny_model_dir):
     out = Generator(loaded).generate_all([[5, 6, 7], [8]], GenerationOptions(max_new_tokens=5), batch_size=2)
     assert [c.completion_tokens for c in out] and all(1 <= c.completion_tokens <= 5 for c in out)
     assert next(loaded.model.parameters()).dtype == torch.bfloat16
+
+
+def test_rows_that_stay_fill_the_slots_of_rows_that_left():
+    # only rows from beyond the kept count move (into the holes), the others keep their slot: worked by hand
+    assert decode._fill_holes([0, 2, 3, 5]) == [0, 5, 2, 3]
+    assert decode._fill_holes([1, 2]) == [2, 1]
+    assert decode._fill_holes([0, 1, 2]) == [0, 1, 2]

@@ -277,7 +277,7 @@ class Decoder:
         with self._adapters([s.adapter for s in seqs]):
             out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                              use_cache=True, logits_to_keep=_last(input_ids) if last_only else 0)
-        return out.logits[:, -1, :].float()
+        return out.logits[:, -1, :]  # in the model's dtype: _pick casts only what it samples from
 
     def _adapters(self, adapters: list):
         if self.rows is None:
@@ -417,7 +417,8 @@ class Decoder:
             return live, state
         if not keep:
             return [], None
-        return [live[i] for i in keep], _select(state, keep)
+        order = _fill_holes(keep)
+        return [live[i] for i in order], _select(state, order)
 
     def _hit_stop(self, seq: Sequence) -> bool:
         """Whether the text generated so far contains a stop string; decoding a tail of tokens is enough
@@ -434,7 +435,10 @@ class Decoder:
         from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
                                                              TopPLogitsWarper)
 
-        tokens = logits.argmax(-1)
+        # greedy on the model-dtype logits (the cast to float32 is exact, so the same pick); ``max`` returns the
+        # first maximal index as ``argmax`` does, about 4x faster on CPU (measured: 2.4 vs 9.3 ms at 140 x 49152)
+        tokens = logits.max(-1).indices
+        logits = logits.float() if any(s.sampling_key() for s in seqs) or self.logprobs else logits
         groups: dict[tuple, list[int]] = {}
         for i, s in enumerate(seqs):
             key = s.sampling_key()
@@ -497,13 +501,39 @@ def _prefix_rows(cache, heads: list) -> None:
         layer.update(torch.cat([h[li][0] for h in heads]), torch.cat([h[li][1] for h in heads]))
 
 
-def _select(state, keep: list[int]):
-    """Keep rows ``keep`` of the batch state; drop leading positions that are padding in every row once
-    there are many (``TRIM``: it costs a copy of the cache)."""
+def _fill_holes(keep: list[int]) -> list[int]:
+    """The new row order once only rows ``keep`` (ascending) stay: each row that left the first ``len(keep)``
+    slots is filled by a staying row from beyond them, the others keep their slot. E.g. keep [0, 2, 3, 5] of 6
+    rows -> [0, 5, 2, 3]."""
+    n = len(keep)
+    holes = sorted(set(range(n)) - set(keep))
+    order = list(range(n))
+    for hole, row in zip(holes, [i for i in keep if i >= n]):
+        order[hole] = row
+    return order
+
+
+def _select(state, order: list[int]):
+    """The batch state of rows ``order`` (``_fill_holes``: each row stays in its slot or moves to a lower one);
+    drop leading positions that are padding in every row once there are many (``TRIM``: it costs a copy of
+    the cache).
+
+    Why not ``batch_select_indices``: it copies the whole cache whenever a row ends, which with outputs of
+    mixed lengths is most steps (measured on the AMX kind: 10% of the benchmark's time). Here only the rows
+    moving into a hole are copied, and the buffers are cut to the first ``len(order)`` rows by a view.
+    """
     cache, mask, positions, last = state
-    idx = torch.tensor(keep, dtype=torch.long, device=mask.device)
+    idx = torch.tensor(order, dtype=torch.long, device=mask.device)
     mask = mask[idx]
-    cache.batch_select_indices(idx)
+    moved = [(slot, row) for slot, row in enumerate(order) if slot != row]
+    to = torch.tensor([slot for slot, _ in moved], dtype=torch.long, device=mask.device)
+    src = torch.tensor([row for _, row in moved], dtype=torch.long, device=mask.device)
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            t = getattr(layer, name)
+            if moved:
+                t[to] = t[src]
+            setattr(layer, name, t[:len(order)])
     real = mask.any(0).nonzero()
     first = int(real[0]) if len(real) else 0
     if first >= TRIM:
