@@ -299,3 +299,67 @@ def test_heap_trim_returns_freed_pages_once_rss_grew_past_the_slack():
     got = json.loads(proc.stdout)
     assert got["trims"] == 1 and got["untrimmed"] == 0
     assert got["before"] - got["after"] > 60 * 2 ** 20, got  # most of the 80 MB went back to the OS
+
+
+def _saved_activation_bytes(model, ids) -> int:
+    """Bytes autograd keeps for the backward of ``model``'s loss on ``ids``, each storage once, parameters left out."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    return loss, sum(seen.values())
+
+
+def test_recompute_layers_equal_the_modules_and_keep_less():
+    """RMSNorm and the SwiGLU MLP as hand-written nodes (training/recompute.py): loss and every gradient equal the
+    transformers modules' (bf16 bitwise here; float64 to fp32's rounding), and the saved
+    activations shrink by exactly the hand count: per token, 4 C bytes per norm (its fp32 input copy and bf16
+    normalised output, against a bf16 input) and 4 I bytes per MLP (SiLU output and product, bf16), as
+    ``lmforge estimate`` counts them."""
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lmforge.training.recompute import use_recompute_layers
+
+    C, I, L, B, T = 32, 48, 2, 2, 9
+    conf = LlamaConfig(vocab_size=64, hidden_size=C, intermediate_size=I, num_hidden_layers=L, num_attention_heads=4,
+                       num_key_value_heads=2)
+    ids = torch.randint(0, 64, (B, T), generator=torch.Generator().manual_seed(0))
+    for dtype in (torch.float64, torch.bfloat16):
+        torch.manual_seed(0)
+        ref = LlamaForCausalLM(conf).to(dtype)
+        with torch.no_grad():
+            for p in ref.parameters():  # norms away from 1, so their weight gradient is tested too
+                p.add_(torch.randn_like(p) * 0.1)
+        new = copy.deepcopy(ref)
+        assert use_recompute_layers(new) == 2 * L + 1 + L  # two norms per layer and the final one; the MLPs
+        assert use_recompute_layers(new) == 0  # already done
+        results = []
+        for model in (ref, new):
+            loss, saved = _saved_activation_bytes(model, ids)
+            loss.backward()
+            results.append((loss.detach(), saved, {n: p.grad for n, p in model.named_parameters()}))
+        (loss0, saved0, g0), (loss1, saved1, g1) = results
+        # float64: both take the norm's statistics in fp32 (as transformers does), so they agree to fp32's rounding
+        tol = dict(rtol=0, atol=0) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(loss1, loss0, **tol)
+        for name in g0:
+            torch.testing.assert_close(g1[name], g0[name], **tol, msg=name)
+        if dtype == torch.bfloat16:
+            assert saved0 - saved1 == B * T * (L * (2 * 4 * C + 4 * I) + 4 * C)
+    # lmforge estimate counts the same difference for the native engine (training/estimate.py)
+    from lmforge.training.estimate import MicroBatch, activation_bytes
+    from lmforge.training.estimate_inputs import model_shape
+
+    shape, mb = model_shape(conf, "decoder", "test"), MicroBatch(positions=B * T, tokens=B * T, loss_tokens=0,
+                                                                 attention=0)
+    assert activation_bytes(shape, mb, 2, False) - activation_bytes(shape, mb, 2, False, recompute=True) \
+        == saved0 - saved1

@@ -47,6 +47,14 @@ class HeapTrim:
         self.reference: int | None = None
         self.trims = 0
 
+    def now(self) -> None:
+        """Trim at once, e.g. before the first step: loading the model and making its fp32 masters and bf16 copy
+        freed ~0.9 GB (SmolLM2-135M) that would otherwise stay resident under the first steps' activations."""
+        if self.trim is not None:
+            self.trim(0)
+            self.trims += 1
+            self.reference = None
+
     def after_step(self) -> None:
         if self.trim is None:
             return

@@ -53,6 +53,7 @@ from lmforge.training.objective import Objective, StepTotals
 from lmforge.training.optim import build_optimizer, scheduler_for
 from lmforge.training.outputs import progress_postfix
 from lmforge.training.precision import MasterWeights
+from lmforge.training.recompute import use_recompute_layers
 from lmforge.training.run import finish_run
 from lmforge.training.sharding import OPTIMIZER_DIR, Sharded, full_norm
 from lmforge.training.tracking import Profiler, Tracker, Window, progress_bar
@@ -117,6 +118,7 @@ class NativeTrainer:
         if cfg.peft.kind in ("lora", "dora", "qlora"):  # PEFT's per-layer dropout draws, 3.6x cheaper
             use_fast_lora_dropout(model)
             use_fused_lora(model)  # plain LoRA linears: one autograd node each (training/lora_linear.py)
+        use_recompute_layers(model)  # RMSNorm and SwiGLU keep less for the backward (training/recompute.py)
         if cfg.train.gradient_checkpointing:  # recompute each decoder layer's activations in the backward
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.params: list[torch.nn.Parameter] = []  # what the optimizer updates; set in train()
@@ -157,6 +159,7 @@ class NativeTrainer:
                               "reduce-scattered once per step" if self.sharded
                               else "gradients summed in one all-reduce per step") + ")")
         window = Window(self.objective.stat_keys)
+        self.heap.now()  # what loading freed goes back to the OS before the first step's activations
         profiler = Profiler(self.cfg, self.out) if self.rank == 0 else None
         with self.signals():
             bar = progress_bar(self.max_steps, self.step) if self.rank == 0 else None
