@@ -442,5 +442,5 @@ def test_layers_sharing_an_input_are_found_and_share_one_weight(tiny_model_dir, 
         expected.add((f"model.layers.{i}.mlp.gate_proj", f"model.layers.{i}.mlp.up_proj"))
     assert names == expected
     for group in aset.rows.siblings:
-        start = group.weight.data_ptr()
-        assert all(start <= aset.rows.layers[n].weight.data_ptr() < start + group.weight.nbytes for n in group.names)
+        start = group.buffer.data_ptr()
+        assert all(start <= aset.rows.layers[n].weight.data_ptr() < start + group.buffer.nbytes for n in group.names)

@@ -3,18 +3,25 @@
 Why written here: PEFT's mixed-batch path (``model(..., adapter_names=[...])``) refuses DoRA, registers a hook on
 every LoRA layer at each forward and loops over the adapters in Python in every layer (an index, two matmuls
 and an index-add each), and it needs the adapters injected into the live model's modules, which a server cannot
-do while its decode thread runs them. Here each linear layer of the base is wrapped once (``RowLinear``); the
-adapters present in a batch are concatenated once per change of that set (``Tables``), so a forward costs every
-wrapped layer two matmuls over all those adapters' ranks and a mask that zeroes the ranks a row does not use:
+do while its decode thread runs them. Here each linear layer of the base is wrapped once (``RowLinear``) and the
+adapters in use are *folded* in: their A matrices are written after the base weight in one buffer, so the base
+matmul computes the adapters' low-rank inputs too, and a forward costs each layer one more op for the update,
+plus a mask that zeroes the ranks a row does not use:
 
-    h = (x @ A_cat.T) * mask[row]      # (B, T, sum of ranks)
-    y = base(x) + h @ Bt_cat           # Bt_cat holds (B * scaling).T, stored so (contiguous: 2x faster)
+    [y | h] = x @ [W; A_fold].T            # one matmul: the base output and every folded adapter's ranks
+    h *= mask[row]                         # (B, T, sum of ranks): each row keeps its own adapter's
+    y += h @ Bt_fold                       # Bt_fold holds (B * scaling).T, stored so (contiguous: 2x faster)
+
+Decoding is bound by the number of ops per layer more than by FLOPs: a small bf16 matmul costs ~30-60 us of fixed
+overhead here, so the fold saves one per layer (``benchmarks/serve_adapters.py``). The fold holds the adapters of
+recent batches, a superset of the current one (a row's adapter is its position in the fold, 0 = the base): rows
+joining or leaving, and prefills of a few adapters' prompts, reuse it; it is rewritten when an adapter not in it
+arrives or one has not been used for ``STALE`` forwards.
 
 Layers that take the same input (q/k/v of an attention, gate/up of an MLP: learnt from the first forward, as the
-layers called one after another with one tensor) are computed together (``Siblings``): one matmul over their
-concatenated base weights (each layer's weight becomes a view into it: no copy) and, for the adapters, one
-A matmul, one mask and one B matmul with a block-diagonal B; the other layers of the group take their slice.
-A decoding step is bound by the number of ops per layer more than by FLOPs (measured: ``benchmarks/serve_adapters.py``).
+layers called one after another with one tensor) are computed together (``Group``): one matmul over their
+concatenated base weights (each layer's weight becomes a view into the buffer: no copy) and the adapters' ranks,
+one mask and one update with a block-diagonal B; the other layers of the group take their slice.
 
 DoRA's magnitude rescales the whole output: y = g * (W x + s B A x) + bias, with g = m / ||W + s B A|| per output
 feature, a constant at inference (PEFT detaches the norm), taken per row. PEFT reads the adapters (config and
@@ -68,13 +75,14 @@ class RowAdapter:
 
 
 @dataclass
-class _Table:
-    """A layer's updates for the adapters of the current batch, concatenated along the rank."""
+class _Fold:
+    """A group's share of the fold: the ranks of its layers' updates, whose A rows follow the base weights in the
+    group's buffer."""
 
-    a: torch.Tensor  # (C, in): the adapters' A rows one after another (C = sum of their ranks)
-    bt: torch.Tensor  # (C, out)
-    owner: torch.Tensor  # (C,) which adapter (1-based position in the batch's set) each rank belongs to
-    g: torch.Tensor | None  # (1 + adapters, out): row 0 (the base) and LoRA-only adapters are ones; None: no DoRA
+    ranks: int  # C: how many A rows follow the base weights
+    bt: torch.Tensor  # (C, out): each update's (B * scaling).T in its layer's columns (block-diagonal over members)
+    owner: torch.Tensor  # (C,) which adapter (1-based position in the fold) each rank belongs to
+    g: torch.Tensor | None  # (1 + adapters, out): DoRA's rescaling; row 0 (the base) and LoRA are ones; None: no DoRA
 
 
 class RowLinear(nn.Module):
@@ -84,62 +92,54 @@ class RowLinear(nn.Module):
         super().__init__()
         self.base, self.name = base, name
         self._rows = [rows]  # in a list: not registered as a submodule (it is not part of the model's state)
-        self.siblings: Siblings | None = None  # the layers computed together with this one, if any
+        self.group: Group | None = None  # the layers computed with this one (itself alone, or its siblings)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = self._rows[0]
         if rows.recording is not None:
             rows.recording.append((self, x))
-        batch = rows.current
-        if self.siblings is not None:
-            key = self.siblings.names
-            if batch is None or key not in batch.tables or batch.tables[key] is not None:
-                return self.siblings.output(self, x, batch)
-        y = self.base(x)
-        table = batch.tables.get(self.name) if batch is not None else None
-        if table is None:
-            return y
-        h = F.linear(x, table.a)  # (B, T, in) -> (B, T, C)
-        if batch.index is not None:  # each row keeps only its own adapter's ranks
-            h.mul_(batch.mask(table.owner, x.dtype))
-        if table.g is None:  # y += h @ Bt_cat in one op: in decoding each layer's extra ops cost more than FLOPs
-            y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), table.bt)
-            return y
-        delta = h @ table.bt
-        g = table.g[1] if batch.index is None else table.g[batch.index][:, None, :]  # (out,) or (B, 1, out)
-        bias = self.base.bias
-        if bias is None:
-            return g * (y + delta)
-        return g * (y - bias + delta) + bias
+        if self.group is None:  # while the groups are being found
+            return self.base(x)
+        return self.group.output(self, x, rows.current)
 
 
-class Siblings:
-    """Linear layers that take the same input, computed as one: their base weights concatenated (each layer's
-    weight and bias become views into these), and the batch's adapters as one table with a block-diagonal B.
-    The first of them called with an input computes every one's output; the others take their slice of it."""
+class Group:
+    """Linear layers computed as one: a layer alone, or layers that take the same input (siblings). Their base
+    weights sit in one buffer (each layer's weight and bias become views into it), followed by the folded adapters'
+    A rows; the first member called with an input computes every member's output, the others take their slice."""
 
     def __init__(self, members: list[RowLinear]):
         self.names = tuple(m.name for m in members)
-        first = members[0].base.weight
-        self.weight = torch.cat([m.base.weight.detach() for m in members])
-        has_bias = any(m.base.bias is not None for m in members)
-        self.bias = torch.cat([m.base.bias.detach() if m.base.bias is not None else first.new_zeros(m.base.out_features)
-                               for m in members]) if has_bias else None
+        self.members = members
+        self.out = sum(m.base.out_features for m in members)
         self.slices: dict[str, slice] = {}
         start = 0
         for m in members:
-            end = start + m.base.out_features
-            self.slices[m.name] = slice(start, end)
-            m.base.weight = nn.Parameter(self.weight[start:end], requires_grad=False)
-            if m.base.bias is not None:
-                m.base.bias = nn.Parameter(self.bias[start:end], requires_grad=False)
-            m.siblings = self
-            start = end
+            self.slices[m.name] = slice(start, start + m.base.out_features)
+            start += m.base.out_features
+            m.group = self
+        weights = [m.base.weight.detach() for m in members]
+        self.buffer = torch.cat(weights) if len(members) > 1 else weights[0]  # (out + room for A rows, in)
+        self.bias = None  # (out + room) with zeros after the biases, or None
+        if any(m.base.bias is not None for m in members):
+            self.bias = torch.cat([m.base.bias.detach() if m.base.bias is not None else
+                                   weights[0].new_zeros(m.base.out_features) for m in members])
+        self._point_members()
+        self.fold: _Fold | None = None
         self._x: torch.Tensor | None = None  # the input whose outputs ``_y`` holds, until every member took its part
         self._y: torch.Tensor | None = None
         self._waiting: set[str] = set()
 
+    def _point_members(self) -> None:
+        for m in self.members:
+            part = self.slices[m.name]
+            m.base.weight = nn.Parameter(self.buffer[part], requires_grad=False)
+            if m.base.bias is not None:
+                m.base.bias = nn.Parameter(self.bias[part], requires_grad=False)
+
     def output(self, layer: RowLinear, x: torch.Tensor, batch: "_Batch | None") -> torch.Tensor:
+        if len(self.members) == 1:
+            return self._compute(x, batch)
         # the same tensor object (held here, so its id cannot be reused): no layer between siblings changes its
         # input in place in the models the decode loop runs (an inference tensor has no version counter to check)
         if self._x is not x:
@@ -151,43 +151,76 @@ class Siblings:
         return y
 
     def _compute(self, x: torch.Tensor, batch: "_Batch | None") -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
-        table = batch.tables.get(self.names) if batch is not None else None
-        if table is None:
+        fold = self.fold if batch is not None else None
+        n = self.out + (fold.ranks if fold is not None else 0)
+        ye = F.linear(x, self.buffer[:n], self.bias[:n] if self.bias is not None else None)
+        if fold is None:
+            return ye
+        ye[..., self.out:].mul_(batch.mask(fold.owner, x.dtype))  # each row keeps only its own adapter's ranks
+        flat = ye.view(-1, n)
+        flat[:, :self.out].addmm_(flat[:, self.out:], fold.bt)  # y += h @ Bt in one op
+        y = ye[..., :self.out]
+        if fold.g is None:
             return y
-        h = F.linear(x, table.a)
-        if batch.index is not None:
-            h.mul_(batch.mask(table.owner, x.dtype))
-        y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), table.bt)
-        return y
+        g = fold.g[batch.index][:, None, :]  # (B, 1, out), or (1, 1, out) for a batch of one adapter
+        if self.bias is None:
+            return g * y
+        bias = self.bias[:self.out]
+        return g * (y - bias) + bias
 
-    def table(self, tables: dict[str, "_Table"], owners: dict) -> "_Table | None":
-        """The group's table from its members' (None: a member rescales its output (DoRA): each computes its own).
-        ``owners``: one ``owner`` tensor per layout of ranks, shared by the groups adapted alike (so a forward
-        computes one mask for all of them)."""
-        parts = [(self.slices[n], tables[n]) for n in self.names if n in tables]
-        if any(t.g is not None for _, t in parts):
-            return None
-        a = torch.cat([t.a for _, t in parts])
-        bt = a.new_zeros(a.shape[0], self.weight.shape[0])  # block-diagonal: each member's ranks feed its outputs
+    def set_fold(self, adapters: tuple, owners: dict) -> None:
+        """Fold ``adapters`` (their updates of this group's layers) in: A rows after the base weights, B and DoRA's
+        rescaling in ``self.fold``. ``owners``: one ``owner`` tensor per layout of ranks, shared by the groups
+        adapted alike (so a forward computes one mask for all of them)."""
+        parts = [(i, self.slices[m.name], a.layers[m.name])
+                 for i, a in enumerate(adapters, 1) for m in self.members if m.name in a.layers]
+        if not parts:
+            self.fold = None
+            return
+        ranks = sum(u.a.shape[0] for _, _, u in parts)
+        self._make_room(ranks)
+        self.buffer[self.out:self.out + ranks] = torch.cat([u.a for _, _, u in parts])
+        whole = len(parts) == 1 and parts[0][1] == slice(0, self.out)
+        bt = parts[0][2].bt if whole else self.buffer.new_zeros(ranks, self.out)
+        g = None
+        if any(u.g is not None for _, _, u in parts):
+            g = self.buffer.new_ones(len(adapters) + 1, self.out)
         row = 0
-        for cols, t in parts:
-            bt[row:row + t.a.shape[0], cols] = t.bt
-            row += t.a.shape[0]
-        layout = tuple(id(t.owner) for _, t in parts)
+        for i, cols, u in parts:
+            r = u.a.shape[0]
+            if not whole:
+                bt[row:row + r, cols] = u.bt
+            if u.g is not None:
+                g[i, cols] = u.g
+            row += r
+        layout = tuple((i, u.a.shape[0]) for i, _, u in parts)
         if layout not in owners:
-            owners[layout] = torch.cat([t.owner for _, t in parts])
-        return _Table(a, bt, owners[layout], None)
+            owners[layout] = torch.cat([torch.full((r,), i) for i, r in layout]).to(self.buffer.device)
+        self.fold = _Fold(ranks, bt, owners[layout], g)
+
+    def _make_room(self, ranks: int) -> None:
+        """Grow the buffer (and the bias) to hold ``ranks`` A rows after the base weights: doubled, so that a
+        growing fold copies the base weights a few times at most."""
+        if self.buffer.shape[0] >= self.out + ranks:
+            return
+        room = max(ranks, 2 * (self.buffer.shape[0] - self.out))
+        buffer = self.buffer.new_empty(self.out + room, self.buffer.shape[1])
+        buffer[:self.out] = self.buffer[:self.out]
+        self.buffer = buffer
+        if self.bias is not None:
+            bias = self.bias.new_zeros(self.out + room)
+            bias[:self.out] = self.bias[:self.out]
+            self.bias = bias
+        self._point_members()
 
 
 @dataclass
 class _Batch:
-    index: torch.Tensor | None  # (B,) 0 = base, i = the i-th adapter present; None: every row has the one adapter
-    tables: dict  # layer name or siblings.names -> _Table (None: the siblings compute one by one)
+    index: torch.Tensor  # (B,) 0 = base, i = the i-th adapter of the fold; (1,) when every row has one adapter
     masks: dict = field(default_factory=dict)
 
     def mask(self, owner: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """(B, 1, C): 1 where rank c belongs to the row's adapter. Layers adapted alike share ``owner`` (one
+        """(B, 1, C): 1 where rank c belongs to the row's adapter. Groups adapted alike share ``owner`` (one
         tensor), so a forward computes each mask once, not once per layer."""
         key = id(owner)
         if key not in self.masks:
@@ -203,24 +236,29 @@ class RowLora:
     unloaded while a row still decodes stays alive (and applied) until that row is done.
     """
 
-    KEEP = 4  # adapter sets whose tables are kept
+    STALE = 32  # forwards after which an adapter no batch used leaves the fold
 
     def __init__(self, model: nn.Module):
         self.model = model
         self.layers: dict[str, nn.Linear] = {}
         self.current: _Batch | None = None
         self.recording: list | None = None  # (layer, input) of each call, while the siblings are being found
-        self._cached: collections.OrderedDict[tuple, dict[str, _Table]] = collections.OrderedDict()
+        self.folded: tuple[RowAdapter, ...] = ()
+        self._last_used: dict[RowAdapter, int] = {}  # folded adapter -> the forward that last used it
+        self._forwards = 0
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        wrapped = []
         for name, module in list(model.named_modules()):
             for child_name, child in list(module.named_children()):
                 if type(child) is nn.Linear and child is not head:  # the LM head: PEFT's all-linear skips it too
                     full = f"{name}.{child_name}" if name else child_name
                     self.layers[full] = child
-                    setattr(module, child_name, RowLinear(child, full, self))
-        self.siblings = self._find_siblings()
+                    wrapped.append(RowLinear(child, full, self))
+                    setattr(module, child_name, wrapped[-1])
+        self.siblings = [Group(run) for run in self._find_siblings()]
+        self.groups = self.siblings + [Group([layer]) for layer in wrapped if layer.group is None]
 
-    def _find_siblings(self) -> list[Siblings]:
+    def _find_siblings(self) -> list[list[RowLinear]]:
         """Groups of layers called one after another with one input tensor, in a one-token forward."""
         device = next(self.model.parameters()).device
         self.recording = []
@@ -239,20 +277,20 @@ class RowLora:
                 runs.append([layer])
             previous = x
         counts = collections.Counter(layer for layer, _ in calls)
-        return [Siblings(run) for run in runs
+        return [run for run in runs
                 if len(run) > 1 and all(counts[m] == 1 for m in run)
                 and len({(m.base.weight.dtype, m.base.weight.device) for m in run}) == 1]
 
     @contextlib.contextmanager
     def rows(self, adapters: list[RowAdapter | None]):
         """Within the block, row i of the model's batch gets ``adapters[i]`` (None: the base alone)."""
-        # one order for a set, whatever the rows' order (else every row joining or leaving would rebuild the tables);
         # an adapter without layers (prompt tuning) leaves its rows to the base
-        present = tuple(sorted({a for a in adapters if a is not None and a.layers}, key=id))
-        position = {a: i + 1 for i, a in enumerate(present)}
+        present = tuple(dict.fromkeys(a for a in adapters if a is not None and a.layers))
+        self._fold(present)
+        position = {a: i + 1 for i, a in enumerate(self.folded)}
         device = next(self.model.parameters()).device
         index = torch.tensor([position.get(a, 0) for a in adapters], device=device)
-        self.current = _Batch(index, self._tables(present))
+        self.current = _Batch(index) if present else None
         try:
             yield
         finally:
@@ -267,44 +305,26 @@ class RowLora:
             raise UnsupportedError(f"adapter {adapter.name!r} is a prompt-tuning adapter: its virtual tokens go before "
                                    "the prompt in lmforge's decode loop (generate, chat, serve), not into a forward "
                                    "that scores; evaluate it on its own (--model ADAPTER_DIR)")
-        self.current = _Batch(None, self._tables((adapter,) if adapter is not None else ()))
+        present = (adapter,) if adapter is not None and adapter.layers else ()
+        self._fold(present)
+        device = next(self.model.parameters()).device
+        self.current = _Batch(torch.tensor([self.folded.index(adapter) + 1], device=device)) if present else None
         try:
             yield
         finally:
             self.current = None
 
-    def _tables(self, present: tuple) -> dict[str, _Table]:
-        """The concatenated updates for the adapters ``present``. The last ``KEEP`` sets are kept: in a continuous
-        batch the set changes when an adapter's first row joins or its last row leaves, and prompts are prefilled
-        one adapter at a time (a set of one shares the adapter's own tensors: no copy)."""
-        if present in self._cached:
-            self._cached.move_to_end(present)
-            return self._cached[present]
-        tables, owners = {}, {}
-        for name in dict.fromkeys(n for a in present for n in a.layers):
-            users = [(i + 1, a.layers[name]) for i, a in enumerate(present) if name in a.layers]
-            layout = tuple((i, u.a.shape[0]) for i, u in users)
-            if layout not in owners:
-                owners[layout] = torch.cat([torch.full((r,), i) for i, r in layout]).to(users[0][1].a.device)
-            owner = owners[layout]
-            g = None
-            if any(u.g is not None for _, u in users):
-                g = users[0][1].a.new_ones(len(present) + 1, users[0][1].bt.shape[1])
-                for i, u in users:
-                    if u.g is not None:
-                        g[i] = u.g
-            if len(users) == 1:
-                a, bt = users[0][1].a, users[0][1].bt
-            else:
-                a, bt = torch.cat([u.a for _, u in users]), torch.cat([u.bt for _, u in users])
-            tables[name] = _Table(a, bt, owner, g)
-        for group in self.siblings:
-            if any(n in tables for n in group.names):
-                tables[group.names] = group.table(tables, owners)  # None: its members compute their own (DoRA)
-                if tables[group.names] is not None:  # the members' own tables go unused: not kept
-                    for name in group.names:
-                        tables.pop(name, None)
-        self._cached[present] = tables
-        while len(self._cached) > self.KEEP:
-            self._cached.popitem(last=False)
-        return tables
+    def _fold(self, present: tuple) -> None:
+        """Keep the fold a superset of ``present``: rewritten (the adapters of the last ``STALE`` forwards first,
+        then the new ones) when one of ``present`` is missing or a folded adapter went unused that long."""
+        self._forwards += 1
+        for a in present:
+            self._last_used[a] = self._forwards
+        kept = tuple(a for a in self.folded if self._forwards - self._last_used[a] <= self.STALE)
+        if kept == self.folded and set(present) <= set(kept):
+            return
+        self.folded = kept + tuple(a for a in present if a not in kept)
+        self._last_used = {a: self._last_used[a] for a in self.folded}
+        owners: dict = {}
+        for group in self.groups:
+            group.set_fold(self.folded, owners)
