@@ -444,3 +444,23 @@ def test_layers_sharing_an_input_are_found_and_share_one_weight(tiny_model_dir, 
     for group in aset.rows.siblings:
         start = group.buffer.data_ptr()
         assert all(start <= aset.rows.layers[n].weight.data_ptr() < start + group.buffer.nbytes for n in group.names)
+
+
+def test_the_fold_keeps_recent_adapters_and_drops_unused_ones(tiny_model_dir, adapters):
+    """The adapters folded into the base matmul are a superset of the batch's: a batch of fewer adapters (a prefill,
+    rows leaving) reuses the fold, an adapter unused for STALE forwards leaves it, a new one joins it."""
+    aset = _adapter_set(tiny_model_dir, adapters, ["alpha", "beta"])
+    rows, alpha, beta = aset.rows, aset.get("alpha"), aset.get("beta")
+    with rows.rows([alpha, beta]):
+        pass
+    assert rows.folded == (alpha, beta)
+    for _ in range(rows.STALE):
+        with rows.rows([alpha, None]):
+            pass
+    assert rows.folded == (alpha, beta)
+    with rows.rows([None, alpha]):
+        pass
+    assert rows.folded == (alpha,)
+    with rows.rows([beta]):
+        pass
+    assert rows.folded == (alpha, beta)
