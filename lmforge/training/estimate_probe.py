@@ -43,8 +43,10 @@ from lmforge.training.lora_linear import use_fused_lora
 from lmforge.training.losses import token_loss_sum
 from lmforge.training.optim import build_optimizer
 from lmforge.training.precision import MasterWeights
+from lmforge.training.recompute import use_recompute_layers
 
 CACHE_FILE = "estimate_probe.json"
+PROBE_VERSION = 2  # raised when the engine's step changes what a probe measures (2: recompute.py's layers)
 BUDGET_SECONDS = 1.2  # timed repeats stop once the probe has run this long (model build included) ...
 MIN_REPEATS, MAX_REPEATS = 2, 3  # ... after at least this many (and at most this many), after one warm-up
 LAYER_BUDGET_SECONDS, LAYER_REPEATS = 1.8, 8  # then the layer alone, for more samples of its time
@@ -61,7 +63,6 @@ class ProbeBatch:
     sample: int
     loss_fraction: float
     packed: bool  # rows of several samples (the run packs); else one sample per row, padded
-
 
     def describe(self) -> str:
         return (f"{self.rows} rows x {self.positions} positions, {self.tokens} tokens per row in "
@@ -93,7 +94,8 @@ def probed(cfg: Config, model_config, compute, batch: ProbeBatch, threads: int,
     False: only from the cache (None when it is not there)."""
     layer = {k: v for k, v in sorted(model_config.to_dict().items()) if isinstance(v, (int, float, str, bool))
              and k not in ("num_hidden_layers", "transformers_version", "_name_or_path", "torch_dtype", "dtype")}
-    key = " | ".join([cpu_kind(), f"threads {threads}", f"torch {torch.__version__}", str(compute),
+    key = " | ".join([f"probe {PROBE_VERSION}", cpu_kind(), f"threads {threads}", f"torch {torch.__version__}",
+                      str(compute),
                       json.dumps(layer, sort_keys=True), method_kind(cfg), batch.describe()])
     return cached_measurement(CACHE_FILE, key, (lambda: measure(cfg, model_config, compute, batch, threads))
                               if now else None, "probing a training step", keep=lambda v: v["others_busy"] <= BUSY)
@@ -153,6 +155,7 @@ def _one_layer_model(cfg: Config, model_config, compute, layers: int = 1):
     if cfg.peft.kind in ("lora", "dora"):
         use_fast_lora_dropout(model)
         use_fused_lora(model)
+    use_recompute_layers(model)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     packed = use_packed_attention(model)
