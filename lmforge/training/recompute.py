@@ -118,20 +118,6 @@ def _llama_style(kind: type) -> str | None:
     return "mlp" if _same_code(forward, LlamaMLP.forward) else None
 
 
-def covers(model_type: str) -> bool:
-    """Whether ``use_recompute_layers`` serves the norms and MLPs of a transformers ``model_type`` (``lmforge
-    estimate`` counts the activations it saves by this, without building the model). A SiLU MLP is assumed, as
-    the Llama-family configs default to."""
-    import importlib
-
-    try:
-        module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
-    except ImportError:
-        return False
-    kinds = {_llama_style(v) for v in vars(module).values() if isinstance(v, type)}
-    return {"norm", "mlp"} <= kinds
-
-
 def use_recompute_layers(model) -> int:
     """Give every Llama-style RMSNorm and SiLU-gated MLP of ``model`` the forwards above; returns how many."""
     from transformers.activations import SiLUActivation
