@@ -27,12 +27,11 @@ import json
 import os
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import StepTimer, child_result  # noqa: E402
+from common import StepTimer, child_result, scratch_dir  # noqa: E402
 
 BATCH, MAX_LENGTH, BETA, SEED = 4, 192, 0.1, 0
 
@@ -166,7 +165,7 @@ def main() -> None:
     if "native" in engines and not native_runs:
         sys.exit(f"{args.method} runs on train.engine: hf only; use --engines hf")
     unit = "examples" if args.method == "kto" else "pairs"
-    tmp = Path(tempfile.mkdtemp(prefix=f"bench-{args.method}-"))
+    tmp = scratch_dir(f"bench-{args.method}-")
     data = write_jsonl(preference_rows(args.pairs, seed=0), tmp / "train.jsonl")
     env = dict(os.environ, LMFORGE_CACHE=os.environ.get("LMFORGE_CACHE", str(Path.home() / ".cache" / "lmforge")))
     results = {}

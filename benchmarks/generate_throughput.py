@@ -19,9 +19,10 @@ import importlib.util
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from common import scratch_dir
 
 ASKS = ["Answer with one word: what colour is {}?", "Write one sentence about {}.",
         "Write a short paragraph about {}.", "List five facts about {}, one per line."]
@@ -68,7 +69,7 @@ def run_lmforge(model: str, inp: Path, max_new: int, batch_size: int | None, bac
     b = load_backend(backend, model, "auto", batching, batch_size)
     opts = GenerationOptions(max_new_tokens=max_new)
     b.generate([b.encode(r.data) for r in read_prompt_rows(str(inp))[:4]], GenerationOptions(max_new_tokens=4))
-    out = Path(tempfile.mkdtemp()) / "out.jsonl"
+    out = scratch_dir("generate-") / "out.jsonl"
     start, cpu = time.perf_counter(), cpu_seconds()
     generate_file(str(inp), str(out), opts, batch_size or 128, b.encode, b.generate, progress=False)
     seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
@@ -159,7 +160,7 @@ def main() -> None:
     from lmforge.models import resolve_model_path
 
     model_dir = str(resolve_model_path(args.model))
-    inp = Path(tempfile.mkdtemp()) / "prompts.jsonl"
+    inp = scratch_dir("generate-") / "prompts.jsonl"
     inp.write_text("".join(json.dumps(r) + "\n" for r in prompt_rows(args.n)))
     skip = set(args.skip.split(","))
     vllm_python = None if "vllm" in skip else find_vllm_python(args.vllm_python)

@@ -37,12 +37,11 @@ import os
 import random
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import StepTimer, child_result  # noqa: E402
+from common import StepTimer, child_result, scratch_dir  # noqa: E402
 
 LR, SEED, LORA = 1e-4, 0, {"r": 16, "alpha": 32, "dropout": 0.05}
 
@@ -212,7 +211,7 @@ def main() -> None:
         sys.exit(f"--sides: lmforge and/or trl, not {args.sides!r}")
     knobs = {"steps": args.steps, "prompts": args.prompts, "generations": args.generations,
              "max_completion_length": args.max_completion_length}
-    tmp = Path(tempfile.mkdtemp(prefix="bench-grpo-"))
+    tmp = scratch_dir("bench-grpo-")
     data = write_jsonl(_questions(max(64, args.steps * args.prompts), seed=SEED), tmp / "train.jsonl")
     rewards = tmp / "rewards.py"
     rewards.write_text(REWARDS)

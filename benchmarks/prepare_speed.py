@@ -22,9 +22,10 @@ import random
 import resource
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from common import scratch_dir
 
 
 MAX_LENGTH = 1024
@@ -73,7 +74,7 @@ def child_trl(data: str, procs: int) -> dict:
     tok = AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m-instruct"))
     t0 = time.perf_counter()
     ds = load_dataset("json", data_files=data, split="train")
-    args = SFTConfig(output_dir=tempfile.mkdtemp(), max_length=MAX_LENGTH, packing=True, dataset_num_proc=procs,
+    args = SFTConfig(output_dir=str(scratch_dir("prepare-trl-")), max_length=MAX_LENGTH, packing=True, dataset_num_proc=procs,
                      report_to="none", use_cpu=True)
     # What SFTTrainer.__init__ runs on a train dataset, without loading a model: the trainer state it reads.
     state = SimpleNamespace(_tokenizer=tok, completion_only_loss=None, chat_template=None)
@@ -115,7 +116,7 @@ def main() -> None:
     from lmforge.data.prepare import tokenising_processes
     from lmforge.training.flops import cpu_kind
 
-    work = Path(tempfile.mkdtemp(prefix="prepare-speed-"))
+    work = scratch_dir("prepare-speed-")
     data = work / "chat.jsonl"
     generate(data, args.rows)
     procs = tokenising_processes(args.rows)

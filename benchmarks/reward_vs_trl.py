@@ -23,12 +23,11 @@ import json
 import os
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import StepTimer, child_result  # noqa: E402
+from common import StepTimer, child_result, scratch_dir  # noqa: E402
 
 BATCH, MAX_LENGTH, SEED = 4, 192, 0
 
@@ -134,7 +133,7 @@ def main() -> None:
 
     auto = pick_dtype("auto")
     peers = ["trl:float32"] + (["trl:bfloat16"] if auto == torch.bfloat16 else [])  # TRL's candidate settings
-    tmp = Path(tempfile.mkdtemp(prefix="bench-reward-"))
+    tmp = scratch_dir("bench-reward-")
     data = write_jsonl(preference_rows(args.pairs, seed=0), tmp / "train.jsonl")
     env = dict(os.environ, LMFORGE_CACHE=os.environ.get("LMFORGE_CACHE", str(Path.home() / ".cache" / "lmforge")))
     results = {}

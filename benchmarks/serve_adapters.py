@@ -18,11 +18,12 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from common import scratch_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPICS = ["the sea", "a cat", "bread", "winter", "the moon", "a robot", "music", "a forest"]
@@ -131,7 +132,7 @@ def main() -> None:
     from lmforge.models import pick_dtype, resolve_model_path
     from lmforge.training.flops import cpu_kind
 
-    work = Path(tempfile.mkdtemp(prefix="serve-adapters-"))
+    work = scratch_dir("serve-adapters-")
     base_dir = resolve_model_path(args.model)
     dirs = build_adapters(base_dir, work, args.adapters, args.rank)
     merged = merge_adapter_to_dir(str(dirs[0]), work / "merged")

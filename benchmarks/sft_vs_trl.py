@@ -18,11 +18,10 @@ import json
 import os
 import resource
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import StepTimer, child_result  # noqa: E402
+from common import StepTimer, child_result, scratch_dir  # noqa: E402
 
 
 def _rows_tokens(tokenizer, rows) -> int:
@@ -124,7 +123,7 @@ def main() -> None:
         return child(*args.child)
     from lmforge.synthetic import extraction_rows, write_jsonl
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-sft-"))
+    tmp = scratch_dir("bench-sft-")
     data = write_jsonl(extraction_rows(args.rows, seed=0), tmp / "train.jsonl")
     env = dict(os.environ, LMFORGE_CACHE=os.environ.get("LMFORGE_CACHE", str(Path.home() / ".cache" / "lmforge")))
     from lmforge.models import pick_dtype

@@ -82,6 +82,30 @@ def resolve_model_path(name_or_path: str) -> Path:
 IMPORTED = "lmforge_import.json"  # written last into an imported model: the entry is complete
 
 
+def gguf_entry(gguf: Path, remember: bool = True) -> Path:
+    """Where ``import_gguf`` keeps the import of ``gguf``: named by the file's content, so the same file installed
+    in several places (every fresh virtual environment has its own copy of the alias's file) shares one entry.
+    The digest is remembered per path, size and mtime (``remember``), so a large file is read once, not on
+    every start."""
+    root = cache_root() / "models"
+    stat = gguf.stat()
+    seen = root / (".digest-" + hashlib.sha256(
+        f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16])
+    try:
+        digest = seen.read_text().strip()
+    except OSError:
+        digest = ""
+    if len(digest) != 16:
+        with gguf.open("rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()[:16]
+        if remember:
+            root.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=root, prefix=seen.name, delete=False) as tmp:
+                tmp.write(digest + "\n")
+            os.replace(tmp.name, seen)
+    return root / f"{gguf.stem}-{digest}"
+
+
 def import_gguf(gguf: Path) -> Path:
     """Dequantise a GGUF file into a normal safetensors model directory, once; later calls reuse it.
 
@@ -91,9 +115,7 @@ def import_gguf(gguf: Path) -> Path:
     with ``IMPORTED`` written last, so a crashed import never leaves a half-written entry that is used later;
     an entry without ``IMPORTED`` is rebuilt.
     """
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = cache_root() / "models" / f"{gguf.stem}-{key}"
+    target = gguf_entry(gguf)
     if (target / IMPORTED).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -105,7 +127,7 @@ def import_gguf(gguf: Path) -> Path:
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".import-{target.name}-"))
         try:
             _dequantise_gguf(gguf, tmp)
-            (tmp / IMPORTED).write_text(json.dumps({"gguf": str(gguf.resolve()), "size": stat.st_size}) + "\n")
+            (tmp / IMPORTED).write_text(json.dumps({"gguf": str(gguf.resolve()), "size": gguf.stat().st_size}) + "\n")
             os.replace(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

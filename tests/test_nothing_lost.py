@@ -258,6 +258,18 @@ def test_concurrent_gguf_imports_import_once(fake_gguf):
     assert (results[0] / "model.safetensors").exists()
 
 
+def test_the_same_gguf_file_in_two_places_is_imported_once(fake_gguf, tmp_path):
+    from lmforge import models
+
+    gguf, calls = fake_gguf  # every fresh virtual environment has its own copy of the alias's file
+    copy = tmp_path / "venv2" / gguf.name
+    copy.parent.mkdir()
+    shutil.copy(gguf, copy)
+    assert models.import_gguf(gguf) == models.import_gguf(copy) and len(calls) == 1
+    copy.write_bytes(b"GGUF other")  # other content: its own entry
+    assert models.import_gguf(copy) != models.import_gguf(gguf) and len(calls) == 2
+
+
 def test_a_crashed_gguf_import_is_never_used(fake_gguf, monkeypatch):
     from lmforge import models
 
@@ -272,7 +284,7 @@ def test_a_crashed_gguf_import_is_never_used(fake_gguf, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         models.import_gguf(gguf)
     root = models.cache_root() / "models"
-    assert [p.name for p in root.iterdir() if not p.name.endswith(".lock")] == []
+    assert [p.name for p in root.iterdir() if not p.name.endswith(".lock") and not p.name.startswith(".digest-")] == []
     # an entry that was half written by some other means (no completion marker) is rebuilt, not used
     monkeypatch.setattr(models, "_dequantise_gguf", good)
     first = models.import_gguf(gguf)

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge import models
-from lmforge.cache import cache_root
 from lmforge.config import Config
 from lmforge.data.packing import pack_bins
 from lmforge.data.preference import encode_preference_rows
@@ -81,18 +80,12 @@ def architecture_of(config) -> str:
 
 
 def _imported_gguf(gguf: Path) -> Path | None:
-    """The import cache entry of a GGUF file, if ``models.import_gguf`` made one (its marker names the file)."""
+    """The import cache entry of a GGUF file, if ``models.import_gguf`` made one."""
     try:
-        size = gguf.stat().st_size
-        for entry in (cache_root() / "models").glob(f"{gguf.stem}-*"):
-            marker = entry / models.IMPORTED
-            if marker.exists():
-                record = json.loads(marker.read_text())
-                if record.get("gguf") == str(gguf.resolve()) and record.get("size") == size:
-                    return entry
-    except (OSError, ValueError):
+        entry = models.gguf_entry(gguf, remember=False)  # estimate writes nothing
+    except OSError:
         return None
-    return None
+    return entry if (entry / models.IMPORTED).exists() else None
 
 
 def _gguf_file(name_or_path: str) -> Path | None:
