@@ -258,13 +258,15 @@ def test_ddp_mfu_is_measured_against_the_estimates_peak(tmp_path, tiny_model_dir
     """Each of 2 workers has one thread (the env); its MFU counts every rank's tokens/s against its share of the
     node's matmul peak, the peak estimate.json holds (taken at the node's 2 threads), not against its own 1-thread
     peak measured apart. The cache is seeded with peaks that grow as threads^2, so the two disagree."""
-    from lmforge.training.flops import cpu_kind
+    from transformers import AutoConfig
+
+    from lmforge.training.flops import linear_shapes, peak_key
 
     cache = tmp_path / "cache"
     cache.mkdir()
-    key = "{} | threads {} | torch {} | torch.float32"
+    shapes = linear_shapes(AutoConfig.from_pretrained(tiny_model_dir))  # the peak at the model's shapes
     (cache / "peak_flops.json").write_text(json.dumps(
-        {key.format(cpu_kind(), t, torch.__version__): 1e8 * t * t for t in range(1, (os.cpu_count() or 1) + 1)}))
+        {peak_key(torch.float32, t, shapes): 1e8 * t * t for t in range(1, (os.cpu_count() or 1) + 1)}))
     data = write_jsonl(tmp_path / "train.jsonl", chat_rows(32))
     cfg = write_config(tmp_path / "cfg.yaml", _tree(tiny_model_dir, data, tmp_path / "out", distributed="ddp",
                                                     per_device_train_batch_size=2, engine=engine))

@@ -617,3 +617,20 @@ def test_speed_is_the_probes_measure_cached_per_machine(setup, lmforge_cache, mo
     assert late["speed_from"] == "fitted" and late["fitted_because"].startswith("not probed")
     assert Estimator(cfg, 1, machine=here, probe_now=False).estimate().time["probe"]["cached"]
     path.unlink()  # the slow figures written here go to no other test
+
+
+def test_the_peak_is_measured_at_the_models_linear_shapes():
+    """mfu's and the estimate's peak (issue 23 item 6): the model's own linear layers, counted as the model has them."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lmforge.training.flops import linear_shapes, measure_shape_peak
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=1000)
+    shapes = linear_shapes(cfg)
+    assert shapes == ((6, 64, 32), (6, 64, 64), (6, 64, 160), (1, 64, 1000), (3, 160, 64))
+    linears = [m for m in LlamaForCausalLM(cfg).modules() if isinstance(m, torch.nn.Linear)]
+    assert sorted((m.in_features, m.out_features) for m in linears) == sorted(
+        (k, n) for c, k, n in shapes for _ in range(c))
+    assert linear_shapes(LlamaConfig(**{**cfg.to_dict(), "num_local_experts": 4})) == ()  # experts: the square peak
+    assert 0 < measure_shape_peak(torch.float32, shapes, tokens=16, seconds=0.01) < 1e15

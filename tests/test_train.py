@@ -33,9 +33,25 @@ def _weights(path):
     return load_file(f"{path}/model.safetensors")
 
 
+def _seed_shape_peak(cache, model_dir, flops_per_second: float) -> None:
+    """The matmul peak at the model's linear shapes, as if measured (every dtype and thread count): an mfu over
+    it shows which peak the engine divided by (the 1024^3 one is measured, ~1e11 or more)."""
+    from transformers import AutoConfig
+
+    from lmforge.training.flops import linear_shapes, peak_key
+
+    shapes = linear_shapes(AutoConfig.from_pretrained(model_dir))
+    path = cache / "peak_flops.json"
+    stored = json.loads(path.read_text()) if path.exists() else {}
+    stored.update({peak_key(dt, t, shapes): flops_per_second for dt in (torch.float32, torch.bfloat16)
+                   for t in range(1, 65)})
+    path.write_text(json.dumps(stored))
+
+
 def test_sft_full_finetune(tmp_path, tiny_model_dir, lmforge_cache, engine):
     data = write_jsonl(tmp_path / "d" / "train.jsonl", chat_rows(32))
     write_jsonl(tmp_path / "d" / "val.jsonl", chat_rows(4, seed=5))
+    _seed_shape_peak(lmforge_cache, tiny_model_dir, 3e10)
     out = _train(tmp_path, base_config(tiny_model_dir, data.parent, tmp_path / "out", train={"engine": engine}))
     for name in ("config.yaml", "metrics.jsonl", "plots/loss.png", "report.md", "checkpoint-2/optimizer.pt",
                  "checkpoint-4/trainer_state.json", "checkpoint-4/config.yaml", "model.safetensors",
@@ -44,6 +60,10 @@ def test_sft_full_finetune(tmp_path, tiny_model_dir, lmforge_cache, engine):
     rows = _metrics(out)
     assert {"step", "loss", "learning_rate", "tokens_per_second"} <= set(rows[0])
     assert {"mfu", "flops_per_token"} <= set(rows[0]) and 0 < rows[0]["mfu"] < 1  # both engines
+    for r in rows:  # over the peak at the model's own linear shapes (issue 23 item 6), the figure `estimate` uses
+        if "mfu" in r:
+            assert r["mfu"] == pytest.approx(r["flops_per_token"] * r["tokens_per_second"] / 3e10, rel=0.01, abs=1e-4)
+    assert json.loads((tmp_path / "out" / "estimate.json").read_text())["machine"]["peak_flops"] == 3e10
     assert any("eval_loss" in r and "eval_perplexity" in r for r in rows)
     before, after = _weights(tiny_model_dir), _weights(out)
     assert all(not torch.equal(before[k], after[k]) for k in before if k.endswith("q_proj.weight"))

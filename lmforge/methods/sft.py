@@ -126,7 +126,7 @@ def train(cfg: Config):
         trainer = NativeTrainer(cfg, model, tokenizer, prec, train_ds, eval_ds, CausalLMObjective(collator),
                                 train_lines, scorer, stream=stream)
         return trainer.train(run.resume)
-    hooks = trainer_hooks(cfg, flops.per_token(model, collator([train_ds[0]])), prec)
+    hooks = trainer_hooks(cfg, flops.per_token(model, collator([train_ds[0]])), prec, model.config)
     args = training_args(cfg, prec, has_eval=eval_ds is not None)
     trainer = CausalLMTrainer(
         model=model, args=args, train_dataset=numbered(train_ds), eval_dataset=eval_ds, data_collator=collator,

@@ -316,7 +316,7 @@ class Estimator:
     so candidate changes (``cheapest_change``) are estimated without reading anything again."""
 
     def __init__(self, cfg: Config, world: int = 1, config_name: str = "config", machine: Machine | None = None,
-                 probe_now: bool = True):
+                 probe_now: bool = True, threads: int | None = None):
         self.cfg, self.world, self.config_name = cfg, world, config_name
         self.probe_now = probe_now  # False: the speed probe only from the cache (estimate_report.log_at_start under torchrun)
         self.compute = pick_dtype(cfg.model.dtype)
@@ -336,7 +336,7 @@ class Estimator:
         self.layout, self.packed = self.plan.layout, self.plan.packing
         self.data = sample_data(cfg, tok, self.packed, self.layout)
         self.token_loss = METHODS[cfg.method].token_loss
-        self.machine = machine or this_machine(self.compute)
+        self.machine = machine or this_machine(self.compute, threads, config)  # threads: the node's (log_at_start)
 
     # ------------------------------------------------------------------------------------------------ pieces
     def engine(self, cfg: Config) -> str:

@@ -423,9 +423,10 @@ class Machine:
     probe: bool = False  # the speed may be measured here (estimate_probe.py): a CPU, this machine
 
 
-def this_machine(compute, threads: int | None = None) -> Machine:
+def this_machine(compute, threads: int | None = None, model_config=None) -> Machine:
     """RAM available now, the GPU's memory, and the matmul peak of ``compute`` (measured at ``threads`` torch
-    threads when given: see ``estimate_report.log_at_start``)."""
+    threads when given: see ``estimate_report.log_at_start``; at ``model_config``'s linear shapes when given, as the
+    engines' ``mfu`` is: ``flops.peak_flops``)."""
     import torch
 
     try:
@@ -438,4 +439,5 @@ def this_machine(compute, threads: int | None = None) -> Machine:
     gpu = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
     threads = threads or torch.get_num_threads()
     # no probe on a GPU machine: it measures the CPU (the GPU keeps the fitted efficiencies, docs/estimate.md)
-    return Machine(flops.cpu_kind(), available, gpu, flops.peak_flops(compute, threads), threads, gpu is None)
+    return Machine(flops.cpu_kind(), available, gpu, flops.peak_flops(compute, threads, model_config), threads,
+                   gpu is None)

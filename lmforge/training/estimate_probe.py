@@ -38,7 +38,7 @@ from lmforge.data.packing import PACKED_ATTENTION, CausalCollator
 from lmforge.data.tokenize import IGNORE
 from lmforge.training.attention import use_packed_attention
 from lmforge.training.dropout import use_fast_lora_dropout
-from lmforge.training.flops import cpu_kind
+from lmforge.training.flops import BUSY, cpu_kind, measured_alone
 from lmforge.training.lora_linear import use_fused_lora
 from lmforge.training.losses import token_loss_sum
 from lmforge.training.optim import build_optimizer
@@ -50,7 +50,6 @@ PROBE_VERSION = 2  # raised when the engine's step changes what a probe measures
 BUDGET_SECONDS = 1.2  # timed repeats stop once the probe has run this long (model build included) ...
 MIN_REPEATS, MAX_REPEATS = 2, 3  # ... after at least this many (and at most this many), after one warm-up
 LAYER_BUDGET_SECONDS, LAYER_REPEATS = 1.8, 8  # then the layer alone, for more samples of its time
-BUSY = 0.25  # a probe during which other processes used more than this share of the CPUs is used, not cached
 
 
 @dataclass
@@ -102,30 +101,13 @@ def probed(cfg: Config, model_config, compute, batch: ProbeBatch, threads: int,
 
 
 def measure(cfg: Config, model_config, compute, batch: ProbeBatch, threads: int) -> dict:
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    busy, own, t0 = _cpu_busy(), os.times(), time.perf_counter()
-    try:
+    def run() -> dict:
         with torch.random.fork_rng(devices=[]):
-            out = _measure(cfg, model_config, compute, batch)
-    finally:
-        torch.set_num_threads(before)
-    # the share of the machine other processes used meanwhile: with threads on every core, a busy neighbour
-    # slows the probe many times over (measured: a layer 5.2 s instead of 0.11 s), and the cache would keep that
-    mine = (os.times().user - own.user) + (os.times().system - own.system)
-    out["others_busy"] = round(max(0.0, (_cpu_busy() - busy - mine) / ((time.perf_counter() - t0) *
-                                                                        (os.cpu_count() or 1))), 2)
+            return _measure(cfg, model_config, compute, batch)
+
+    out, others = measured_alone(run, threads)
+    out["others_busy"] = others  # not cached when others were busy (flops.BUSY)
     return out
-
-
-def _cpu_busy() -> float:
-    """Seconds every CPU of the machine has been busy (``/proc/stat``), 0 where it cannot be read."""
-    try:
-        with open("/proc/stat") as fh:
-            fields = [float(x) for x in fh.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return 0.0
-    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
 
 
 def _one_layer_model(cfg: Config, model_config, compute, layers: int = 1):

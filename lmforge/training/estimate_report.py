@@ -11,11 +11,9 @@ from lmforge import cloud
 from lmforge.config import Config
 from lmforge.distributed.ranks import world_size
 from lmforge.log import is_main_process, log
-from lmforge.models import pick_dtype
 from lmforge.training.estimate import (
     ACTIVATION_OVERHEAD, BASELINE_BYTES, ESTIMATE_FILE, GB, Estimate, Estimator, gigabytes,
 )
-from lmforge.training.estimate_inputs import this_machine
 from lmforge.training.estimate_probe import BUSY
 from lmforge.training.flops import node_threads
 
@@ -167,8 +165,8 @@ def log_at_start(cfg: Config, config_name: str = "config") -> None:
     try:
         # under torchrun the other ranks load the model while rank 0 estimates: a probe measured now would see their
         # load, so it is only read from the cache there
-        est = Estimator(copy.deepcopy(cfg), world_size(), config_name,
-                        this_machine(pick_dtype(cfg.model.dtype), node_threads()), world_size() == 1).estimate()
+        est = Estimator(copy.deepcopy(cfg), world_size(), config_name, probe_now=world_size() == 1,
+                        threads=node_threads()).estimate()
     except Exception as e:  # noqa: BLE001 - the estimate is advice; the run reports real errors itself
         drop(f"estimate: unavailable ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
         return

@@ -3,8 +3,9 @@
 ``mfu`` = FLOPs per trained token x tokens/s (of every process) / (each process's peak FLOP/s x processes). The
 FLOPs are counted once by ``torch.utils.flop_counter.FlopCounterMode`` over a real forward + backward, so they
 include what lmforge actually runs (the LM head only on loss positions, attention over padded or packed rows)
-and nothing it skips. The peak is a short matmul benchmark of the compute dtype, cached per machine kind
-(CPU model and flags, threads, torch version), because the project's machines differ by 5x in bf16. A process's
+and nothing it skips. The peak is a short matmul benchmark of the compute dtype at the model's own linear shapes
+(``measure_shape_peak``), cached per machine kind (CPU model and flags, threads, torch version) and shapes, because
+the project's machines differ by 5x in bf16 and one machine's matmuls by several x between shapes. A process's
 peak is its share of its node's peak (``process_peak``), the node's being the figure `lmforge estimate` uses.
 """
 
@@ -108,6 +109,27 @@ def cpu_kind() -> str:
     return f"{name} [{' '.join(fast) or 'no avx512'}]"
 
 
+SHAPE_TOKENS = 1024  # rows of the model-shape peak's matmuls: a micro-batch's tokens (e.g. 8 packed rows of ~128)
+PEAK_SECONDS = 0.8  # the model-shape peak's timed rounds stop after this long (at least one round of every shape)
+
+
+def linear_shapes(model_config) -> tuple[tuple[int, int, int], ...]:
+    """The linear layers of a decoder as ``(count, in_features, out_features)``: per layer q, k, v, o, gate, up and
+    down, and the LM head; () when the config does not give them (e.g. experts, an encoder): the square peak then."""
+    get = lambda *names: next((getattr(model_config, n) for n in names if getattr(model_config, n, None)), None)  # noqa: E731
+    h, inter, layers = get("hidden_size"), get("intermediate_size"), get("num_hidden_layers")
+    heads, vocab = get("num_attention_heads"), get("vocab_size")
+    if not all((h, inter, layers, heads, vocab)) or get("num_experts", "num_local_experts"):
+        return ()
+    kv, d = get("num_key_value_heads") or heads, get("head_dim") or h // heads
+    per_layer = [(h, heads * d), (h, kv * d), (h, kv * d), (heads * d, h), (h, inter), (h, inter), (inter, h)]
+    counts: dict[tuple[int, int], int] = {}
+    for shape in per_layer:
+        counts[shape] = counts.get(shape, 0) + layers
+    counts[(h, vocab)] = counts.get((h, vocab), 0) + 1
+    return tuple((c, k, n) for (k, n), c in sorted(counts.items()))
+
+
 def measure_peak(dtype: torch.dtype, n: int = 1024, seconds: float = 0.5) -> float:
     """Best FLOP/s of an n x n x n matmul in ``dtype`` over about ``seconds``."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
@@ -121,23 +143,84 @@ def measure_peak(dtype: torch.dtype, n: int = 1024, seconds: float = 0.5) -> flo
     return best
 
 
-def peak_flops(dtype: torch.dtype, threads: int | None = None) -> float:
-    """This machine's matmul peak for ``dtype`` (FLOP/s) at ``threads`` torch threads (default: this process's),
-    measured once and cached; CUDA is not measured here. Processes that start together (the ranks of a run)
-    measure one at a time, under a file lock, and one that waited reads the figure the first wrote: measured side
-    by side each would see the others' load, and the cache would keep that figure for good."""
-    threads = threads or torch.get_num_threads()
+def measure_shape_peak(dtype: torch.dtype, shapes, tokens: int = SHAPE_TOKENS, seconds: float = PEAK_SECONDS) -> float:
+    """FLOP/s of one training step's linear matmuls at ``tokens`` rows, as autograd runs them: per layer of
+    ``shapes`` (``linear_shapes``) the forward ``x W^T``, the input gradient ``g W`` and the weight gradient
+    ``g^T x``; each layer's best time over rounds of ``seconds``, weighted by how many the model has."""
+    ops = []
+    for count, k, n in shapes:
+        x, w, g = (torch.randn(*s).to(dtype) for s in ((tokens, k), (n, k), (tokens, n)))
+        ops.append((count, 6 * tokens * k * n, lambda x=x, w=w, g=g: (torch.nn.functional.linear(x, w), g @ w, g.t() @ x)))
+    best = [math.inf] * len(ops)
+    for _, _, op in ops:  # warm-up: oneDNN makes each shape's kernel on first use
+        op()
+    end = time.perf_counter() + seconds
+    while True:
+        for i, (_, _, op) in enumerate(ops):
+            t0 = time.perf_counter()
+            op()
+            best[i] = min(best[i], time.perf_counter() - t0)
+        if time.perf_counter() > end:
+            break
+    return sum(c * f for c, f, _ in ops) / sum(c * t for (c, _, _), t in zip(ops, best))
+
+
+def peak_key(dtype: torch.dtype, threads: int, shapes=()) -> str:
+    """The cache key of a peak: the machine kind, threads, torch, dtype and (the model-shape peak) the shapes."""
     key = f"{cpu_kind()} | threads {threads} | torch {torch.__version__} | {dtype}"
+    if shapes:
+        key += f" | {SHAPE_TOKENS} tokens x linears " + " ".join(f"{c}*{k}x{n}" for c, k, n in shapes)
+    return key
+
+
+def peak_flops(dtype: torch.dtype, threads: int | None = None, model_config=None) -> float:
+    """This machine's matmul peak for ``dtype`` (FLOP/s) at ``threads`` torch threads (default: this process's),
+    measured once and cached; CUDA is not measured here. With ``model_config``, at the model's own linear shapes
+    (``measure_shape_peak``: what its training step's matmuls reach here), else (or when the config does not give
+    them) the best of a 1024^3 matmul. Processes that start together (the ranks of a run) measure one at a time,
+    under a file lock, and one that waited reads the figure the first wrote: measured side by side each would see
+    the others' load, and the cache would keep that figure for good."""
+    threads = threads or torch.get_num_threads()
+    shapes = linear_shapes(model_config) if model_config is not None else ()
+    busy = []
 
     def measure() -> float:
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            return measure_peak(dtype)
-        finally:
-            torch.set_num_threads(before)
+        value, others = measured_alone(lambda: measure_shape_peak(dtype, shapes) if shapes else measure_peak(dtype),
+                                       threads)
+        busy.append(others)
+        return value
 
-    return cached_measurement("peak_flops.json", key, measure, "measuring the matmul peak")[0]
+    return cached_measurement("peak_flops.json", peak_key(dtype, threads, shapes), measure,
+                              "measuring the matmul peak", keep=lambda _: busy[-1] <= BUSY)[0]
+
+
+BUSY = 0.25  # a measurement during which other processes used more than this share of the CPUs is used, not cached
+
+
+def measured_alone(measure, threads: int):
+    """``(measure(), others)``, run at ``threads`` torch threads; ``others``: the share of the machine's CPUs other
+    processes used meanwhile. With threads on every core, a busy neighbour slows a measurement many times over
+    (measured: a decoder layer 5.2 s instead of 0.11 s; 1024-token matmuls 4 ms instead of 0.1), and a cache
+    would keep that figure for good."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    busy, own, t0 = _cpu_busy(), os.times(), time.perf_counter()
+    try:
+        value = measure()
+    finally:
+        torch.set_num_threads(before)
+    mine = (os.times().user - own.user) + (os.times().system - own.system)
+    return value, round(max(0.0, (_cpu_busy() - busy - mine) / ((time.perf_counter() - t0) * (os.cpu_count() or 1))), 2)
+
+
+def _cpu_busy() -> float:
+    """Seconds every CPU of the machine has been busy (``/proc/stat``), 0 where it cannot be read."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = [float(x) for x in fh.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return 0.0
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
 
 
 def node_threads() -> int:
@@ -149,10 +232,10 @@ def node_threads() -> int:
     return min(os.cpu_count() or 1, threads * local) if local > 1 else threads
 
 
-def process_peak(dtype: torch.dtype) -> float:
+def process_peak(dtype: torch.dtype, model_config=None) -> float:
     """The peak one process's MFU is measured against: its share of this node's peak, measured at the node's
     threads as `lmforge estimate` measures it (the estimate.json a run writes holds that figure). Not the peak
     of the process's own threads, measured apart: the engines' MFU would then differ from the estimate's by
     whatever the two measurements differ by (a 2-process DDP run on 2 cores logged 89.9% MFU against a cached
     1-thread peak of 115 GFLOP/s, 48% against the node's 435; measured alone, 1 thread gives 210)."""
-    return peak_flops(dtype, node_threads()) / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return peak_flops(dtype, node_threads(), model_config) / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))

@@ -132,7 +132,7 @@ class NativeTrainer:
         self.heap = HeapTrim()  # a step's freed memory goes back to the OS once RSS has grown (training/memory.py)
         self.tracker = Tracker(self.out, cfg.train.report_to) if self.rank == 0 else None
         self.flops_per_token: float | None = None
-        self.peak = flops.process_peak(prec.compute)  # this process's share of the node's, as the estimate's
+        self.peak = flops.process_peak(prec.compute, model.config)  # this process's share, as the estimate's
 
     # ------------------------------------------------------------------------------------------ the loop
     def train(self, resume: str | None) -> Path:

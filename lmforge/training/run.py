@@ -133,11 +133,12 @@ def training_args(cfg: Config, prec: Precision, has_eval: bool, args_cls=None, *
         raise ConfigError(f"train: {e}") from None
 
 
-def trainer_hooks(cfg: Config, flops_per_token: float | None = None, prec: Precision | None = None) -> TrainerHooks:
+def trainer_hooks(cfg: Config, flops_per_token: float | None = None, prec: Precision | None = None,
+                  model_config=None) -> TrainerHooks:
     """What an HF/TRL trainer gets from lmforge in its constructor (``LmforgeTrainerMixin``): the outputs callback
-    (metrics.jsonl, plots, progress; with ``flops_per_token`` also mfu), the signal/NaN guard, the token counter,
-    the resolved config and train.optim."""
-    callback, counter = outputs_callback(cfg, flops_per_token, prec)
+    (metrics.jsonl, plots, progress; with ``flops_per_token`` also mfu, over the peak at ``model_config``'s
+    shapes), the signal/NaN guard, the token counter, the resolved config and train.optim."""
+    callback, counter = outputs_callback(cfg, flops_per_token, prec, model_config)
     guard = StepGuard(cfg.train.on_nan, cfg.train.output_dir)  # signals and NaN losses (stopping.py)
     callbacks = [callback, guard]
     if cfg.train.profile is not None and is_main_process():
@@ -145,11 +146,11 @@ def trainer_hooks(cfg: Config, flops_per_token: float | None = None, prec: Preci
     return TrainerHooks(config_yaml(cfg), cfg.train.optim, guard, counter, callbacks=callbacks)
 
 
-def outputs_callback(cfg: Config, flops_per_token: float | None = None,
-                     prec: Precision | None = None) -> tuple[OutputsCallback, TokenCounter]:
+def outputs_callback(cfg: Config, flops_per_token: float | None = None, prec: Precision | None = None,
+                     model_config=None) -> tuple[OutputsCallback, TokenCounter]:
     """metrics.jsonl, plots and progress; with ``flops_per_token`` (``flops.per_token``) also mfu."""
     counter = TokenCounter()
-    peak = flops.process_peak(prec.compute) if flops_per_token and prec is not None else None
+    peak = flops.process_peak(prec.compute, model_config) if flops_per_token and prec is not None else None
     cb = OutputsCallback(cfg.train.output_dir, counter,
                          perplexity=METHODS[cfg.method].token_loss,  # eval_loss is a token NLL only there
                          flops_per_token=flops_per_token, peak_flops=peak, report_to=cfg.train.report_to)
