@@ -49,14 +49,19 @@ class FastDropout(torch.nn.Module):
     def mask(self, x: torch.Tensor) -> torch.Tensor | None:
         """The multiplier (0 or 1/keep, x's shape and dtype) for ``x``, drawn from the default generator; None when
         nothing is dropped (evaluation, p = 0)."""
+        keep = self.keep(x)
+        return None if keep is None else keep.mul_(self.scale)
+
+    def keep(self, x: torch.Tensor) -> torch.Tensor | None:
+        """1 where ``x`` is kept, 0 where dropped (x's shape and dtype), without the ``scale``: a LoRA layer applies
+        that to its rank-r product instead of the input (``lora_linear.py``). Same draws as ``mask``."""
         if not self.training or self.threshold == 0 or x.numel() == 0:  # p < 1/65536 rounds to no dropout
             return None
         n = -(-x.numel() // 4)  # 64-bit draws needed, four lanes each
         draws = torch.empty(n, dtype=torch.int64, device=x.device).random_()
         lanes = draws.view(torch.int16)[:x.numel()].view(x.shape) & LANE  # uniform in [0, 32767]
         # lanes >= threshold -> 1, else 0, without a bool tensor; no int16 overflow since threshold >= 1
-        keep = lanes.sub_(self.threshold - 1).clamp_(0, 1)
-        return keep.to(x.dtype).mul_(self.scale)
+        return lanes.sub_(self.threshold - 1).clamp_(0, 1).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

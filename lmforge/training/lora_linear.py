@@ -25,44 +25,57 @@ from lmforge.training.dropout import FastDropout
 
 
 class LoraLinear(torch.autograd.Function):
-    """(..., in) x -> (..., out): ``x W^T + bias + scaling * (x * mask) A^T B^T``; gradients for x, A and B (and the
-    base weight and bias if they train)."""
+    """(..., in) x -> (..., out): ``x W^T + bias + scaling * s (x * keep) A^T B^T``, ``keep`` the dropout's 0/1
+    draws and ``s`` its 1/keep-probability (applied to the rank-r product, not to every input); gradients for x, A
+    and B (and the base weight and bias if they train)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, a, b, mask, scaling: float):
+    def forward(ctx, x, weight, bias, a, b, keep, keep_scale: float, scaling: float):
         x2 = x.reshape(-1, x.shape[-1])  # (T, in)
-        xd = x2 if mask is None else x2 * mask.reshape(x2.shape)
-        h = xd @ a.t()  # (T, r)
+        keep = None if keep is None else keep.reshape(x2.shape)
+        h = (x2 if keep is None else x2 * keep) @ a.t()  # (T, r)
+        if keep is not None:
+            h.mul_(keep_scale)
         out = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())  # (T, out)
         out.addmm_(h, b.t(), alpha=scaling)
-        ctx.save_for_backward(x2, weight, a, b, h, None if mask is None else mask.reshape(x2.shape))
-        ctx.scaling = scaling
+        ctx.save_for_backward(x2, weight, a, b, h, keep)
+        ctx.scaling, ctx.keep_scale = scaling, keep_scale
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        x2, weight, a, b, h, mask = ctx.saved_tensors
+        x2, weight, a, b, h, keep = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])  # (T, out)
         gh = (g @ b).mul_(ctx.scaling)  # (T, r): the gradient of h
+        if keep is not None:
+            gh.mul_(ctx.keep_scale)  # ... and of (x * keep) A^T
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
         if need_x:
             grad_x = g @ weight  # (T, in)
-            if mask is None:
+            if keep is None:
                 grad_x.addmm_(gh, a)
             else:
-                grad_x.add_((gh @ a).mul_(mask))
+                grad_x.addcmul_(gh @ a, keep)  # one pass over (T, in)
             grad_x = grad_x.view(*grad.shape[:-1], x2.shape[-1])
         if need_w:
             grad_w = g.t() @ x2
         if need_bias:  # False for a None bias
             grad_bias = g.sum(0)
         if need_a:
-            grad_a = gh.t() @ (x2 if mask is None else x2 * mask)  # (r, in)
+            grad_a = gh.t() @ (x2 if keep is None else x2 * keep)  # (r, in)
         if need_b:
             grad_b = (g.t() @ h).mul_(ctx.scaling)  # (out, r)
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None
+
+
+def dropout_mask(dropout, x) -> tuple[torch.Tensor | None, float]:
+    """``LoraLinear``'s dropout arguments for ``x``: the 0/1 draws and the 1/keep-probability of a ``FastDropout``;
+    (None, 1.0) without dropout."""
+    if isinstance(dropout, FastDropout):
+        return dropout.keep(x), dropout.scale
+    return None, 1.0
 
 
 def _forward(self, x, *args, **kwargs):
@@ -76,8 +89,7 @@ def _forward(self, x, *args, **kwargs):
     base = self.base_layer
     if not (x.dtype == a.dtype == b.dtype == base.weight.dtype):
         return self._peft_forward(x, *args, **kwargs)
-    mask = dropout.mask(x) if isinstance(dropout, FastDropout) else None
-    return LoraLinear.apply(x, base.weight, base.bias, a, b, mask, self.scaling[name])
+    return LoraLinear.apply(x, base.weight, base.bias, a, b, *dropout_mask(dropout, x), self.scaling[name])
 
 
 def use_fused_lora(model) -> int:
