@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_generate import PROMPTS, assert_greedy
 
-from lmforge.inference import decode
+from lmforge.inference import decode, llama_step
 from lmforge.inference.generate import GenerationOptions, Generator, encode_prompt
 from lmforge.inference.loading import load_for_inference
 
@@ -47,6 +47,7 @@ def test_greedy_equals_plain_transformers_while_rows_leave_and_join(loaded, shar
     assert_greedy(sharp_model_dir, prompts, ref)  # plain transformers' greedy choices, up to near-ties
     assert all(len(r) == 14 or r[-1] == loaded.tokenizer.eos_token_id for r in ref)
     assert len(taken) > 2 and decoder.peak == 4  # rows joined in several waves; the batch filled up
+    assert decoder.fast is not None  # the decode steps ran llama_step's forward
     # per-row limits: every row stops at its own max_new_tokens, the others go on unaffected
     limited = Generator(loaded).sequences(prompts, GenerationOptions(max_new_tokens=14))
     for i, s in enumerate(limited):
@@ -116,3 +117,30 @@ def test_rows_that_stay_fill_the_slots_of_rows_that_left():
     assert decode._fill_holes([0, 2, 3, 5]) == [0, 5, 2, 3]
     assert decode._fill_holes([1, 2]) == [2, 1]
     assert decode._fill_holes([0, 1, 2]) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_llama_step_equals_the_model_forward(sharp_model_dir, dtype):
+    # decode steps over a left-padded batch: the fused (bf16: oneDNN-packed) step gives the transformers forward's
+    # logits and cache, bitwise
+    import copy
+
+    loaded = load_for_inference(str(sharp_model_dir), dtype=dtype)
+    decoder = decode.Decoder(loaded.model, loaded.tokenizer, 4)
+    step = llama_step.build(loaded.model, decode.attend)
+    assert step is not None and step.head.packed == (dtype == "bfloat16" and llama_step.packs(torch.bfloat16))
+    prompts = [encode_prompt(r, loaded.tokenizer) for r in ROWS[:3]]
+    seqs = [decode.Sequence(p, GenerationOptions(), frozenset()) for p in prompts]
+    with torch.inference_mode():
+        parts, logits = decoder._prefill(seqs)
+        firsts = logits.max(-1).indices.split([m.shape[0] for _, m, _ in parts])
+        cache, mask, positions, last = decode._merge([(*p, t) for p, t in zip(parts, firsts)])
+        ours = copy.deepcopy(cache)
+        for _ in range(3):
+            mask = torch.cat([mask, mask.new_ones(len(seqs), 1)], dim=1)
+            ref = decoder._forward(seqs, last[:, None], mask, positions[:, None], cache, last_only=False)
+            assert torch.equal(step(last, positions, mask, ours), ref)
+            positions, last = positions + 1, ref.max(-1).indices
+        assert all(torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+                   for a, b in zip(ours.layers, cache.layers))
+    assert llama_step.build(torch.nn.Module(), decode.attend) is None  # anything not Llama's keeps its own forward

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lmforge.inference import llama_step
 from lmforge.inference.options import GenerationOptions
 
 
@@ -89,14 +90,21 @@ def decode_attention(module, query, key, value, attention_mask, dropout: float =
     batch, heads, _, dim = query.shape
     kv_heads = key.shape[1]
     q = query.reshape(batch, kv_heads, heads // kv_heads, dim)  # query heads grouped under their key/value head
-    scores = torch.matmul(q, key.transpose(-1, -2)).float() * (scaling if scaling is not None else dim ** -0.5)
-    if attention_mask is not None:  # (batch, 1, 1, kv): boolean (True = attend) or additive
+    out = attend(q, key, value, attention_mask, scaling if scaling is not None else dim ** -0.5)
+    return out.reshape(batch, 1, heads, dim), None
+
+
+def attend(q, key, value, attention_mask, scaling: float) -> torch.Tensor:
+    """One query token per row: q (batch, kv_heads, group, dim) over key/value (batch, kv_heads, positions, dim);
+    ``attention_mask`` (batch, 1, 1, positions) boolean (True = attend) or additive, or None. Returns (batch,
+    kv_heads, group, dim). Scores in the model dtype, softmax in float32, as transformers' eager attention."""
+    scores = torch.matmul(q, key.transpose(-1, -2)).float() * scaling
+    if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attention_mask, float("-inf"))
         else:
             scores = scores + attention_mask.float()
-    out = torch.matmul(scores.softmax(-1).to(value.dtype), value)  # (batch, kv_heads, group, dim)
-    return out.reshape(batch, 1, heads, dim), None
+    return torch.matmul(scores.softmax(-1).to(value.dtype), value)
 
 
 @functools.cache
@@ -248,6 +256,7 @@ class Decoder:
         # prompt-tuning adapter's keys/values hold its virtual tokens first
         self._prefix = None
         self._virtual: dict = {}  # {prompt-tuning adapter: per-layer (keys, values) of its virtual tokens alone}
+        self.fast = None  # the decode steps' forward for this run: a llama_step.LlamaStep, or None (the model's)
 
     @torch.inference_mode()
     def run(self, source: Source, on_token: Callable[[Sequence, int], None] | None = None,
@@ -255,6 +264,9 @@ class Decoder:
         live: list[Sequence] = []
         state = None  # (cache, attention mask (B, L), next positions (B,), last tokens (B,))
         exhausted = False
+        # built per run (weights packed anew): a model trained between runs (GRPO) is decoded with its new weights
+        self.fast = llama_step.build(self.model, attend) \
+            if self.model.config._attn_implementation == ATTENTION and self.rows is None else None
         while True:
             free = self.max_batch - len(live)
             if not exhausted and (not live or free >= max(1, self.max_batch // 4)):
@@ -390,7 +402,10 @@ class Decoder:
     def _step(self, live, state, on_token, on_done):
         cache, mask, positions, last = state
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        logits = self._forward(live, last[:, None], mask, positions[:, None], cache, last_only=False)
+        if self.fast is not None:
+            logits = self.fast(last, positions, mask, cache)
+        else:
+            logits = self._forward(live, last[:, None], mask, positions[:, None], cache, last_only=False)
         self.steps += 1
         self.peak = max(self.peak, len(live))
         state = (cache, mask, positions + 1, self._pick(live, logits))

@@ -1,0 +1,169 @@
+"""A one-token forward for the decode loop's steps on Llama-architecture models: fewer, larger ops per layer.
+
+Why by hand: a decode step runs every layer on one token per row (32-256 rows), where an op's fixed cost
+dominates. Measured on the AMX kind (2 threads, bf16): a small matmul costs ~30-60 us beside its arithmetic, and
+``F.linear`` reorders the weight into oneDNN's blocked layout at every call, which makes decode-sized matmuls run
+at about half the speed of large ones. Here, per layer:
+
+- q/k/v are one matmul over their concatenated weights, and gate/up another (7 matmuls become 4);
+- where oneDNN runs bf16 natively (``torch.ops.mkldnn._is_mkldnn_bf16_supported``) and the weights are bf16, every
+  weight (the LM head too) is packed once per ``Decoder.run`` into oneDNN's layout
+  (``torch.ops.mkldnn._reorder_linear_weight``, what Inductor's freezing pass does) and applied with
+  ``torch.ops.mkldnn._linear_pointwise`` (same values as ``F.linear``, bitwise); elsewhere ``F.linear``;
+- rotary embedding of q and k in one set of elementwise ops, the padding mask built once for all layers.
+
+The arithmetic is the modules' own, op by op: the norms, the rotary embedding and the activation are the model's
+modules, the attention is the decode loop's (``decode.attend``, passed in), so the logits equal
+the transformers forward's (tested on a tiny Llama). ``build`` takes a model only when its classes' forwards are
+Llama's by code (``_LLAMA``) and every projection is a plain ``nn.Linear``; anything else (a row adapter's wrapped
+layers, Gemma's norm, Qwen's q/k norms) keeps the transformers forward.
+
+Memory: the fused and packed weights are a second copy of the layers' and the head's weights while a run lasts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _same_code(f, g) -> bool:
+    a, b = f.__code__, g.__code__
+    return (a.co_code, a.co_consts, a.co_names) == (b.co_code, b.co_consts, b.co_names)
+
+
+def _llama_classes() -> dict[str, type]:
+    from transformers.models.llama import modeling_llama as m
+
+    return {"causal_lm": m.LlamaForCausalLM, "model": m.LlamaModel, "layer": m.LlamaDecoderLayer,
+            "attention": m.LlamaAttention, "mlp": m.LlamaMLP, "norm": m.LlamaRMSNorm}
+
+
+class _Linear:
+    """A weight (out, in) applied as ``F.linear``, or packed for oneDNN once (``pack``): the same values."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool):
+        self.bias = bias
+        self.packed = pack
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight) if pack else weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+@dataclass
+class _Layer:
+    input_norm: nn.Module
+    post_norm: nn.Module
+    qkv: _Linear  # (q heads + 2 * kv heads) * head_dim outputs
+    o: _Linear
+    gate_up: _Linear  # 2 * intermediate outputs
+    down: _Linear
+    act: nn.Module
+    scaling: float
+
+
+def _plain(*modules) -> bool:
+    return all(type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks) for m in modules)
+
+
+def _is_llama(model) -> bool:
+    """Whether ``model``'s forward is Llama's, class by class (so transformers' copies for other names qualify), with
+    plain linear projections."""
+    kinds = _llama_classes()
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+
+    def same(module, kind: str) -> bool:
+        forward = getattr(type(module), "forward", None)
+        return hasattr(forward, "__code__") and _same_code(forward, kinds[kind].forward) and \
+            not (module._forward_hooks or module._forward_pre_hooks)
+
+    if layers is None or not same(model, "causal_lm") or not same(inner, "model") or not same(inner.norm, "norm"):
+        return False
+    if len(layers) != model.config.num_hidden_layers:
+        return False
+    for layer in layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if not (same(layer, "layer") and same(attn, "attention") and same(mlp, "mlp")
+                and same(layer.input_layernorm, "norm") and same(layer.post_attention_layernorm, "norm")):
+            return False
+        if not _plain(attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            return False
+    head = model.lm_head
+    return _plain(head) and head.bias is None
+
+
+def packs(dtype: torch.dtype) -> bool:
+    """Whether weights of ``dtype`` are packed for oneDNN: bf16 where oneDNN runs it natively (measured only on the
+    AMX kind: decode matmuls ~1.2-1.6x faster there)."""
+    return dtype == torch.bfloat16 and torch.backends.mkldnn.is_available() and \
+        torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def _joined(*linears: nn.Linear, pack: bool) -> _Linear:
+    weight = torch.cat([m.weight.detach() for m in linears])  # a copy: the model's own weights stay as they are
+    biases = [m.bias for m in linears]
+    bias = None
+    if any(b is not None for b in biases):
+        bias = torch.cat([b.detach() if b is not None else weight.new_zeros(m.out_features)
+                          for b, m in zip(biases, linears)])
+    return _Linear(weight, bias, pack)
+
+
+class LlamaStep:
+    """The decode step (one new token per row) of a Llama-architecture model, on the decode loop's cache."""
+
+    def __init__(self, model, attend):
+        self.attend = attend  # (q (B, kv, group, dim), keys, values, mask (B, 1, 1, L), scaling) -> (B, kv, group, dim)
+        inner = model.model
+        dtype = inner.embed_tokens.weight.dtype
+        pack = packs(dtype) and inner.embed_tokens.weight.device.type == "cpu"
+        self.embed, self.norm, self.rotary = inner.embed_tokens, inner.norm, inner.rotary_emb
+        self.head = _joined(model.lm_head, pack=pack)
+        cfg = model.config
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.layers = []
+        for layer in inner.layers:
+            a, m = layer.self_attn, layer.mlp
+            self.layers.append(_Layer(layer.input_layernorm, layer.post_attention_layernorm,
+                                      _joined(a.q_proj, a.k_proj, a.v_proj, pack=pack), _joined(a.o_proj, pack=pack),
+                                      _joined(m.gate_proj, m.up_proj, pack=pack), _joined(m.down_proj, pack=pack),
+                                      m.act_fn, a.scaling))
+        self.head_dim = inner.layers[0].self_attn.head_dim
+        self.intermediate = inner.layers[0].mlp.gate_proj.out_features
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
+        """Logits (B, vocab) of the next token after ``tokens`` (B,) at ``positions`` (B,); ``mask`` (B, L) marks
+        the cached positions each row attends to, the new one last. Writes the new keys/values into ``cache``."""
+        batch, heads, kv, dim = tokens.shape[0], self.heads, self.kv_heads, self.head_dim
+        x = self.embed(tokens)  # (B, C)
+        cos, sin = self.rotary(x, positions[:, None])  # (B, 1, dim): broadcast over the heads below
+        width = mask.shape[1]
+        cap = cache.layers[0].capacity_for(1)
+        allowed = torch.zeros(batch, 1, 1, cap, dtype=torch.bool, device=x.device)  # as transformers' SDPA mask
+        allowed[:, 0, 0, :width] = mask.bool()
+        half = dim // 2
+        for layer, cached in zip(self.layers, cache.layers):
+            qkv = layer.qkv(layer.input_norm(x))  # (B, (heads + 2 kv) * dim)
+            qk = qkv[:, :(heads + kv) * dim].view(batch, heads + kv, dim)
+            rotated = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)  # rotate_half
+            qk = (qk * cos) + (rotated * sin)
+            k = qk[:, heads:, None]  # (B, kv, 1, dim)
+            v = qkv[:, (heads + kv) * dim:].view(batch, kv, 1, dim)
+            keys, values = cached.update(k, v)
+            out = self.attend(qk[:, :heads].reshape(batch, kv, heads // kv, dim), keys, values, allowed, layer.scaling)
+            x = x + layer.o(out.reshape(batch, heads * dim))
+            gate_up = layer.gate_up(layer.post_norm(x))
+            x = x + layer.down(layer.act(gate_up[:, :self.intermediate]) * gate_up[:, self.intermediate:])
+        return self.head(self.norm(x))
+
+
+def build(model, attend) -> LlamaStep | None:
+    """The decode step for ``model`` when it is a Llama-architecture model this forward covers, else None."""
+    return LlamaStep(model, attend) if _is_llama(model) else None
