@@ -301,18 +301,23 @@ def test_heap_trim_returns_freed_pages_once_rss_grew_past_the_slack():
     assert got["before"] - got["after"] > 60 * 2 ** 20, got  # most of the 80 MB went back to the OS
 
 
-def _saved_activation_bytes(model, ids) -> int:
-    """Bytes autograd keeps for the backward of ``model``'s loss on ``ids``, each storage once, parameters left out."""
+def _saved_activation_bytes(model, ids, outputs=None) -> int:
+    """Bytes autograd keeps for the backward of ``model``'s loss on ``ids``, each storage once, parameters left out;
+    inside ``outputs`` (a recompute.NormOutputs) what it keeps as a recipe is not counted."""
+    import contextlib
+
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
     def pack(t):
+        packed = outputs.pack(t) if outputs is not None else t
         storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
+        if packed is t and storage.data_ptr() not in params:
             seen[storage.data_ptr()] = storage.nbytes()
-        return t
+        return packed
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with outputs if outputs is not None else contextlib.nullcontext(), \
+            torch.autograd.graph.saved_tensors_hooks(pack, outputs.unpack if outputs is not None else lambda t: t):
         loss = model(input_ids=ids, labels=ids).loss
     return loss, sum(seen.values())
 
@@ -321,12 +326,14 @@ def test_recompute_layers_equal_the_modules_and_keep_less():
     """RMSNorm and the SwiGLU MLP as hand-written nodes (training/recompute.py): loss and every gradient equal the
     transformers modules' (bf16 bitwise here; float64 to fp32's rounding), and the saved
     activations shrink by exactly the hand count: per token, 4 C bytes per norm (its fp32 input copy and bf16
-    normalised output, against a bf16 input) and 4 I bytes per MLP (SiLU output and product, bf16)."""
+    normalised output, against a bf16 input) and 4 I bytes per MLP (SiLU output and product, bf16); inside
+    ``NormOutputs`` 2 C more per norm (its output, the next linears' saved input, remade in the backward)."""
     import copy
 
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import is_kernels_available
 
-    from lmforge.training.recompute import use_recompute_layers
+    from lmforge.training.recompute import NormOutputs, use_recompute_layers
 
     C, I, L, B, T = 32, 48, 2, 2, 9
     conf = LlamaConfig(vocab_size=64, hidden_size=C, intermediate_size=I, num_hidden_layers=L, num_attention_heads=4,
@@ -339,11 +346,14 @@ def test_recompute_layers_equal_the_modules_and_keep_less():
             for p in ref.parameters():  # norms away from 1, so their weight gradient is tested too
                 p.add_(torch.randn_like(p) * 0.1)
         new = copy.deepcopy(ref)
+        if is_kernels_available():  # as from_pretrained leaves a model then: each train()/eval() re-kernelizes it
+            new.use_kernels = True
         assert use_recompute_layers(new) == 2 * L + 1 + L  # two norms per layer and the final one; the MLPs
         assert use_recompute_layers(new) == 0  # already done
+        new.eval(), new.train()  # the engine switches modes (evaluation, generation) between steps
         results = []
-        for model in (ref, new):
-            loss, saved = _saved_activation_bytes(model, ids)
+        for model, outputs in ((ref, None), (new, NormOutputs())):
+            loss, saved = _saved_activation_bytes(model, ids, outputs)
             loss.backward()
             results.append((loss.detach(), saved, {n: p.grad for n, p in model.named_parameters()}))
         (loss0, saved0, g0), (loss1, saved1, g1) = results
@@ -353,4 +363,4 @@ def test_recompute_layers_equal_the_modules_and_keep_less():
         for name in g0:
             torch.testing.assert_close(g1[name], g0[name], **tol, msg=name)
         if dtype == torch.bfloat16:
-            assert saved0 - saved1 == B * T * (L * (2 * 4 * C + 4 * I) + 4 * C)
+            assert saved0 - saved1 == B * T * (L * (2 * 6 * C + 4 * I) + 6 * C)

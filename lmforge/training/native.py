@@ -53,7 +53,7 @@ from lmforge.training.objective import Objective, StepTotals
 from lmforge.training.optim import build_optimizer, scheduler_for
 from lmforge.training.outputs import progress_postfix
 from lmforge.training.precision import MasterWeights
-from lmforge.training.recompute import use_recompute_layers
+from lmforge.training.recompute import NormOutputs, use_recompute_layers
 from lmforge.training.run import finish_run
 from lmforge.training.sharding import OPTIMIZER_DIR, Sharded, full_norm
 from lmforge.training.tracking import Profiler, Tracker, Window, progress_bar
@@ -281,7 +281,7 @@ class NativeTrainer:
         """The objective's (loss sum, metric sums) on ``batch``; through the FSDP root when sharded."""
         if self.sharded:
             return self.sharded.loss(batch, sync)
-        with self.autocast():
+        with self.autocast(), NormOutputs():  # the norms' outputs are remade in the backward (training/recompute.py)
             return self.objective.loss(self.model, batch)
 
     def stand_in(self) -> dict:
