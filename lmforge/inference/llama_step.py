@@ -12,8 +12,8 @@ at about half the speed of large ones. Here, per layer:
   ``torch.ops.mkldnn._linear_pointwise`` (same values as ``F.linear``, bitwise); elsewhere ``F.linear``;
 - rotary embedding of q and k in one set of elementwise ops, the padding mask built once for all layers.
 
-The arithmetic is the modules' own, op by op: the norms, the rotary embedding and the activation are the model's
-modules, the attention is the decode loop's (``decode.attend``, passed in), so the logits equal
+The arithmetic is the modules' own, op by op (the norms' statistics by torch's fused ``rms_norm``, equal to their
+five ops): the rotary embedding and the activation are the model's modules, the attention is the decode loop's (``decode.attend``, passed in), so the logits equal
 the transformers forward's (tested on a tiny Llama). ``build`` takes a model only when its classes' forwards are
 Llama's by code (``_LLAMA``) and every projection is a plain ``nn.Linear``; anything else (a row adapter's wrapped
 layers, Gemma's norm, Qwen's q/k norms) keeps the transformers forward.
@@ -56,10 +56,21 @@ class _Linear:
         return F.linear(x, self.weight, self.bias)
 
 
+class _Norm:
+    """``LlamaRMSNorm``'s arithmetic (statistics in fp32, cast back, then the weight) with torch's fused ``rms_norm``
+    for the fp32 part: one op instead of five (pow, mean, add, rsqrt, mul), the same values (tested)."""
+
+    def __init__(self, module: nn.Module):
+        self.weight, self.eps = module.weight.detach(), module.variance_epsilon
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * torch.rms_norm(x.float(), [x.shape[-1]], None, self.eps).to(x.dtype)
+
+
 @dataclass
 class _Layer:
-    input_norm: nn.Module
-    post_norm: nn.Module
+    input_norm: _Norm
+    post_norm: _Norm
     qkv: _Linear  # (q heads + 2 * kv heads) * head_dim outputs
     o: _Linear
     gate_up: _Linear  # 2 * intermediate outputs
@@ -124,14 +135,14 @@ class LlamaStep:
         inner = model.model
         dtype = inner.embed_tokens.weight.dtype
         pack = packs(dtype) and inner.embed_tokens.weight.device.type == "cpu"
-        self.embed, self.norm, self.rotary = inner.embed_tokens, inner.norm, inner.rotary_emb
+        self.embed, self.norm, self.rotary = inner.embed_tokens, _Norm(inner.norm), inner.rotary_emb
         self.head = _joined(model.lm_head, pack=pack)
         cfg = model.config
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.layers = []
         for layer in inner.layers:
             a, m = layer.self_attn, layer.mlp
-            self.layers.append(_Layer(layer.input_layernorm, layer.post_attention_layernorm,
+            self.layers.append(_Layer(_Norm(layer.input_layernorm), _Norm(layer.post_attention_layernorm),
                                       _joined(a.q_proj, a.k_proj, a.v_proj, pack=pack), _joined(a.o_proj, pack=pack),
                                       _joined(m.gate_proj, m.up_proj, pack=pack), _joined(m.down_proj, pack=pack),
                                       m.act_fn, a.scaling))
