@@ -155,16 +155,18 @@ class LlamaStep:
         batch, heads, kv, dim = tokens.shape[0], self.heads, self.kv_heads, self.head_dim
         x = self.embed(tokens)  # (B, C)
         cos, sin = self.rotary(x, positions[:, None])  # (B, 1, dim): broadcast over the heads below
+        half = dim // 2
+        # rotate_half(t) * sin = cat(-t2, t1) * sin = cat(t2, t1) * cat(-sin1, sin2): the same products (a sign
+        # flip is exact), one negation per step instead of one per layer
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         width = mask.shape[1]
         cap = cache.layers[0].capacity_for(1)
         allowed = torch.zeros(batch, 1, 1, cap, dtype=torch.bool, device=x.device)  # as transformers' SDPA mask
         allowed[:, 0, 0, :width] = mask.bool()
-        half = dim // 2
         for layer, cached in zip(self.layers, cache.layers):
             qkv = layer.qkv(layer.input_norm(x))  # (B, (heads + 2 kv) * dim)
             qk = qkv[:, :(heads + kv) * dim].view(batch, heads + kv, dim)
-            rotated = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)  # rotate_half
-            qk = (qk * cos) + (rotated * sin)
+            qk = (qk * cos) + (torch.cat((qk[..., half:], qk[..., :half]), dim=-1) * sin)
             k = qk[:, heads:, None]  # (B, kv, 1, dim)
             v = qkv[:, (heads + kv) * dim:].view(batch, kv, 1, dim)
             keys, values = cached.update(k, v)
