@@ -13,10 +13,16 @@ at about half the speed of large ones. Here, per layer:
 - rotary embedding of q and k in one set of elementwise ops, the padding mask built once for all layers.
 
 The arithmetic is the modules' own, op by op (the norms' statistics by torch's fused ``rms_norm``, equal to their
-five ops): the rotary embedding and the activation are the model's modules, the attention is the decode loop's (``decode.attend``, passed in), so the logits equal
-the transformers forward's (tested on a tiny Llama). ``build`` takes a model only when its classes' forwards are
-Llama's by code (``_LLAMA``) and every projection is a plain ``nn.Linear``; anything else (a row adapter's wrapped
-layers, Gemma's norm, Qwen's q/k norms) keeps the transformers forward.
+five ops; the rotary embedding and the activation are the model's modules; the attention is the decode loop's,
+``decode.attend``, passed in), so on a tiny Llama the logits equal the transformers forward's bitwise (tested). One
+step is not bitwise on every shape: oneDNN may block a joint q/k/v matmul differently from the narrower k and v
+ones (seen on SmolLM2-135M in bf16: a few rows' v differ in the last bit; packing and the joint gate/up were
+bitwise there), so long greedy outputs can part from the transformers forward's, as they do when the batch
+shape changes (on the benchmark's 256 prompts, 128 of the 256 rows' outputs stay identical).
+
+``build`` takes a model only when its classes' forwards are Llama's by code (``_llama_classes``) and every projection
+is a plain ``nn.Linear``; anything else (a row adapter's wrapped layers, Gemma's norm, Qwen's q/k norms) keeps the
+transformers forward.
 
 Memory: the fused and packed weights are a second copy of the layers' and the head's weights while a run lasts.
 """
