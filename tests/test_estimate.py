@@ -339,8 +339,10 @@ def test_gguf_read_from_metadata_without_dequantising(tmp_path, tiny_model_dir, 
 
 
 def test_text_output_and_train_logs_the_one_line(tmp_path, tiny_model_dir, lmforge_cache, capsys, monkeypatch):
-    monkeypatch.setattr(estimate_probe, "BUSY", float("inf"))  # the speed probe is cached even on a shared machine,
-    # so `train` reads the one `estimate` measured
+    from lmforge.training import flops
+
+    monkeypatch.setattr(estimate_probe, "BUSY", float("inf"))  # the speed probe and the matmul peak are cached even
+    monkeypatch.setattr(flops, "BUSY", float("inf"))  # on a shared machine, so `train` reads what `estimate` measured
     data = write_jsonl(tmp_path / "d.jsonl", chat_rows(20))
     cfg = write_config(tmp_path / "c.yaml", base_config(tiny_model_dir, data, tmp_path / "out",
                                                           train={"max_steps": 1, "save_steps": 1}))

@@ -274,16 +274,18 @@ def test_fused_lora_linear_equals_peft(dropout):
 _FRAGMENTED_HEAP = """
 import json
 from lmforge.training.memory import HeapTrim, rss_bytes
-trim = HeapTrim(slack=16 * 2 ** 20)
-trim.after_step()  # the reference
+trim = HeapTrim(slack=16 * 2 ** 20, fraction=0)
+share = HeapTrim(slack=16 * 2 ** 20, fraction=100.0)  # the same slack, but a share of RSS never reached
+trim.after_step(); share.after_step()  # the references
 blocks = [bytearray(b"x" * 100_000) for _ in range(800)]  # 80 MB in the C heap (below the mmap threshold)
 pin = bytearray(b"x" * 100_000)  # a live block above them: the heap's top cannot shrink on free
 del blocks  # free, but the pages stay with the process
 before = rss_bytes()
 small = HeapTrim(slack=2 ** 40)
 small.after_step(); small.after_step()  # a slack never reached: no trim
+share.after_step()
 trim.after_step()
-print(json.dumps({"before": before, "after": rss_bytes(), "trims": trim.trims, "untrimmed": small.trims}))
+print(json.dumps({"before": before, "after": rss_bytes(), "trims": trim.trims, "untrimmed": small.trims + share.trims}))
 """
 
 

@@ -55,7 +55,7 @@ from lmforge.training.estimate_inputs import (
 )
 from lmforge.training.cross_entropy import rows_per_chunk
 from lmforge.training.estimate_probe import probe_batch, probed
-from lmforge.training.memory import SLACK
+from lmforge.training.memory import SLACK, SLACK_FRACTION
 
 GB = 1024 ** 3
 BASELINE_BYTES = int(0.66 * GB)  # a training process apart from its model: python, torch, transformers, peft,
@@ -277,7 +277,9 @@ def memory(shape: ModelShape, train: Trainable, cfg: Config, engine: str, strate
     carry = (grads if carry is None else carry) if cfg.train.gradient_accumulation_steps > 1 else 0
     chosen_act = act_gc if cfg.train.gradient_checkpointing else act
     static = weights + masters + opt + offloaded
-    heap = HEAP_SLACK + (int(QLORA_HEAP * act) if kind == "qlora" and b < 4 else 0)
+    # HeapTrim's slack: its floor, or its share of RSS between steps (at least the runtime and the static memory)
+    heap = max(HEAP_SLACK, int(SLACK_FRACTION * (BASELINE_BYTES + static))) + (
+        int(QLORA_HEAP * act) if kind == "qlora" and b < 4 else 0)
     # the forward's end (activations, + gradients kept from earlier micro-batches) or the backward's (gradients)
     peak = BASELINE_BYTES + static + max(carry + int(chosen_act * ACTIVATION_OVERHEAD), grads + buffers) + heap
     return Memory(strategy, engine, int(weights), int(masters), int(grads), int(opt), int(act), int(act_gc),

@@ -43,10 +43,11 @@ from lmforge.training.lora_linear import use_fused_lora
 from lmforge.training.losses import token_loss_sum
 from lmforge.training.optim import build_optimizer
 from lmforge.training.precision import MasterWeights
-from lmforge.training.recompute import use_recompute_layers
+from lmforge.training.recompute import NormOutputs, use_recompute_layers
 
 CACHE_FILE = "estimate_probe.json"
-PROBE_VERSION = 3  # raised when the engine's step changes what a probe measures (2: recompute.py's layers; 3: LoRA dropout)
+PROBE_VERSION = 4  # raised when the engine's step changes what a probe measures (2: recompute.py's layers; 3: LoRA
+# dropout; 4: the recompute layers kept through train() (62c1bf7))
 BUDGET_SECONDS = 1.2  # timed repeats stop once the probe has run this long (model build included) ...
 MIN_REPEATS, MAX_REPEATS = 2, 3  # ... after at least this many (and at most this many), after one warm-up
 LAYER_BUDGET_SECONDS, LAYER_REPEATS = 1.8, 8  # then the layer alone, for more samples of its time
@@ -258,7 +259,8 @@ def _measure(cfg: Config, model_config, compute, batch: ProbeBatch) -> dict:
         for i in range(1 + MAX_REPEATS):
             marks.clear()
             t0 = time.perf_counter()
-            loss, _ = token_loss_sum(model, dict(inputs))
+            with NormOutputs():  # as the native engine's forward
+                loss, _ = token_loss_sum(model, dict(inputs))
             loss.backward()
             t1 = time.perf_counter()
             if i < 2:  # the optimizer's step as the engine takes it: warmed up (its states), then timed once

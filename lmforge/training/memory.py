@@ -34,15 +34,19 @@ def rss_bytes() -> int:
         return 0
 
 
-SLACK = 256 * 2 ** 20  # RSS growth past the reference that triggers a trim (``lmforge estimate`` counts it too)
+SLACK = 256 * 2 ** 20  # the least RSS growth past the reference that triggers a trim (``lmforge estimate`` counts it)
+SLACK_FRACTION = 0.25  # ... or this share of the reference, when larger: a trim makes the next steps fault their
+# pages in again. SmolLM2-135M LoRA, 13 steps of the sft_vs_trl benchmark (AMX kind): at a fixed 256 MiB 5 trims,
+# 4.0M page faults, 47.6 s of steps; at 1 GiB 1 trim, 1.5M faults, 42.6 s; peak RSS 4008 -> 4126 MB.
 
 
 class HeapTrim:
-    """Call ``after_step()`` once per optimizer step; trims when RSS passed the reference by ``slack`` bytes.
-    The reference is RSS at the end of the first step after a trim (that step touches its activations again)."""
+    """Call ``after_step()`` once per optimizer step; trims when RSS passed the reference by ``slack`` bytes or
+    ``fraction`` of the reference, whichever is larger. The reference is RSS at the end of the first step after a
+    trim (that step touches its activations again)."""
 
-    def __init__(self, slack: int = SLACK):
-        self.slack = slack
+    def __init__(self, slack: int = SLACK, fraction: float = SLACK_FRACTION):
+        self.slack, self.fraction = slack, fraction
         self.trim = _malloc_trim()
         self.reference: int | None = None
         self.trims = 0
@@ -61,7 +65,7 @@ class HeapTrim:
         rss = rss_bytes()
         if self.reference is None:
             self.reference = rss
-        elif rss > self.reference + self.slack:
+        elif rss > self.reference + max(self.slack, int(self.fraction * self.reference)):
             self.trim(0)
             self.trims += 1
             self.reference = None
