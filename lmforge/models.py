@@ -421,6 +421,14 @@ def adapter_base(path: Path) -> str:
     return base
 
 
+def same_code(f, g) -> bool:
+    """Whether two functions run the same bytecode: how the training layers (``training/recompute.py``) and the
+    decode step (``inference/llama_step.py``) recognise a module whose forward is Llama's (Qwen2/3 and Mistral reuse
+    it), whatever class it is in."""
+    a, b = f.__code__, g.__code__
+    return (a.co_code, a.co_consts, a.co_names) == (b.co_code, b.co_consts, b.co_names)
+
+
 # Model types that are only ever decoder-only causal LMs: told apart from config.json alone, because loading the
 # config class (AutoConfig) imports torch and transformers' modelling utilities, about 2.5 s of a cached `prepare`.
 DECODER_ONLY_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma",

@@ -35,10 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def _same_code(f, g) -> bool:
-    a, b = f.__code__, g.__code__
-    return (a.co_code, a.co_consts, a.co_names) == (b.co_code, b.co_consts, b.co_names)
+from lmforge.models import same_code
 
 
 def _llama_classes() -> dict[str, type]:
@@ -98,7 +95,7 @@ def _is_llama(model) -> bool:
 
     def same(module, kind: str) -> bool:
         forward = getattr(type(module), "forward", None)
-        return hasattr(forward, "__code__") and _same_code(forward, kinds[kind].forward) and \
+        return hasattr(forward, "__code__") and same_code(forward, kinds[kind].forward) and \
             not (module._forward_hooks or module._forward_pre_hooks)
 
     if layers is None or not same(model, "causal_lm") or not same(inner, "model") or not same(inner.norm, "norm"):

@@ -29,6 +29,8 @@ import weakref
 import torch
 from torch.autograd.function import once_differentiable
 
+from lmforge.models import same_code
+
 
 class RMSNorm(torch.autograd.Function):
     """``weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)`` with the statistics in fp32, as ``LlamaRMSNorm``;
@@ -171,11 +173,6 @@ def _mlp_forward(self, x):
     return down(SwiGLU.apply(gate, up, None))
 
 
-def _same_code(f, g) -> bool:
-    a, b = f.__code__, g.__code__
-    return (a.co_code, a.co_consts, a.co_names) == (b.co_code, b.co_consts, b.co_names)
-
-
 def _llama_style(kind: type) -> str | None:
     """"norm" or "mlp" when ``kind``'s forward is ``LlamaRMSNorm``'s or ``LlamaMLP``'s, else None."""
     from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
@@ -183,9 +180,9 @@ def _llama_style(kind: type) -> str | None:
     forward = getattr(kind, "forward", None)
     if not hasattr(forward, "__code__"):
         return None
-    if _same_code(forward, LlamaRMSNorm.forward):
+    if same_code(forward, LlamaRMSNorm.forward):
         return "norm"
-    return "mlp" if _same_code(forward, LlamaMLP.forward) else None
+    return "mlp" if same_code(forward, LlamaMLP.forward) else None
 
 
 def use_recompute_layers(model) -> int:
