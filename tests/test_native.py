@@ -366,3 +366,49 @@ def test_recompute_layers_equal_the_modules_and_keep_less():
             torch.testing.assert_close(g1[name], g0[name], **tol, msg=name)
         if dtype == torch.bfloat16:
             assert saved0 - saved1 == B * T * (L * (2 * 6 * C + 4 * I) + 6 * C)
+
+
+def test_split_masters_are_exact_and_step_as_whole_fp32_masters(monkeypatch):
+    """bf16 masters are the model's bf16 weight plus an int16 remainder (training/precision.py): the split gives
+    back the exact fp32 bits (negative, subnormal, huge, inf, NaN), its bf16 half is torch's rounding except on
+    exact ties, and AdamW on split masters (in chunks, or whole for other optimizers) gives bitwise the fp32
+    weights and optimizer state of AdamW on whole fp32 masters."""
+    from lmforge.training import precision
+
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(4000) * 0.02, torch.randn(1000) * 1e30, torch.randn(1000) * 1e-41,  # subnormals
+                   torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 3.4028235e38, -1e-45])])
+    x = x.view(torch.int32)
+    ties = torch.tensor([0x3C808000, 0x3C818000, -0x437F8000, 0x00008000], dtype=torch.int32)  # low 16 bits 0x8000
+    x = torch.cat([x, torch.randint(-2 ** 31, 2 ** 31 - 1, (4000,), dtype=torch.int32), ties]).view(torch.float32)
+    hi, lo = torch.empty(x.shape, dtype=torch.bfloat16), torch.empty(x.shape, dtype=torch.int16)
+    precision.split(x.clone(), hi, lo)
+    assert torch.equal(precision.join(hi, lo, torch.empty(x.shape)).view(torch.int32), x.view(torch.int32))
+    tie = (x.view(torch.int32) & 0xFFFF) == 0x8000
+    assert torch.equal(hi[tie].view(torch.int16), ((x[tie].view(torch.int32) >> 16) + 1).short())  # up, in bits
+    finite = torch.isfinite(x) & ~tie
+    assert torch.equal(hi[finite].view(torch.int16), x[finite].to(torch.bfloat16).view(torch.int16))
+
+    monkeypatch.setattr(precision, "CHUNK", 1000)  # chunk boundaries inside the tensors (each 1001+ elements)
+    shapes = [(13, 77), (1001,), (40, 31)]
+    for fused in (True, False):  # chunked fused AdamW; foreach AdamW on whole rebuilt tensors
+        torch.manual_seed(1)
+        model = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(s) * 0.02) for s in shapes])
+        ref = [torch.nn.Parameter(p.detach().clone()) for p in model]
+        master = precision.MasterWeights(model, torch.bfloat16)
+        masters = [m for _, m in master.named_trainable()]
+        opts = [torch.optim.AdamW([{"params": ps[:2], "weight_decay": 0.1}, {"params": ps[2:], "weight_decay": 0.0}],
+                                  lr=1e-3, fused=fused, foreach=not fused) for ps in (masters, ref)]
+        for _ in range(3):
+            for m, r in zip(masters, ref):
+                m.grad = torch.randn(m.shape)
+                r.grad = m.grad.clone()
+            master.step(opts[0])
+            opts[1].step()
+        state = master.state_dict()
+        for k, r in zip(state, ref):
+            assert torch.equal(state[k].view(torch.int32), r.detach().view(torch.int32))
+        a, b = opts[0].state_dict()["state"], opts[1].state_dict()["state"]
+        assert all(torch.equal(a[i][k], b[i][k]) and a[i][k].dtype == b[i][k].dtype for i in b for k in b[i])
+        for (_, p, _, _), r in zip(master.pairs, ref):  # the model computes with the fp32 weights' rounding
+            assert (p.view(torch.int16) != r.detach().to(torch.bfloat16).view(torch.int16)).sum() <= 2  # ties

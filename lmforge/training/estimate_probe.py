@@ -46,8 +46,8 @@ from lmforge.training.precision import MasterWeights
 from lmforge.training.recompute import NormOutputs, use_recompute_layers
 
 CACHE_FILE = "estimate_probe.json"
-PROBE_VERSION = 4  # raised when the engine's step changes what a probe measures (2: recompute.py's layers; 3: LoRA
-# dropout; 4: the recompute layers kept through train() (62c1bf7))
+PROBE_VERSION = 5  # raised when the engine's step changes what a probe measures (2: recompute.py's layers; 3: LoRA
+# dropout; 4: the recompute layers kept through train() (62c1bf7); 5: split bf16 masters, precision.py)
 BUDGET_SECONDS = 1.2  # timed repeats stop once the probe has run this long (model build included) ...
 MIN_REPEATS, MAX_REPEATS = 2, 3  # ... after at least this many (and at most this many), after one warm-up
 LAYER_BUDGET_SECONDS, LAYER_REPEATS = 1.8, 8  # then the layer alone, for more samples of its time
@@ -267,9 +267,10 @@ def _measure(cfg: Config, model_config, compute, batch: ProbeBatch) -> dict:
                 if master:
                     master.collect_grads()
                 torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf"))
-                optimizer.step()
-                if master:
-                    master.copy_to_model()
+                if master:  # the masters' step: rebuilt from their halves, updated, split again
+                    master.step(optimizer)
+                else:
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 optim_s.append(time.perf_counter() - t1)
             model.zero_grad(set_to_none=True)

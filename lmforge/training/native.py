@@ -244,9 +244,10 @@ class NativeTrainer:
         if not math.isfinite(loss_value):  # the same summed value on every rank: they all decide alike
             return self.non_finite(loss_value), n_tokens, float("nan"), step_stats
         grad_norm = full_norm(torch.nn.utils.clip_grad_norm_(self.params, self.t.max_grad_norm or float("inf")))
-        self.optimizer.step()
-        if self.master:
-            self.master.copy_to_model()
+        if self.master:  # the fp32 masters are updated, then rounded into the model
+            self.master.step(self.optimizer)
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.heap.after_step()  # part of the step's time (and of what benchmarks/ measure)
@@ -358,7 +359,7 @@ class NativeTrainer:
             return extra
         if self.sharded:  # FSDP reduce-scattered the gradients in the last backward
             return self.all_reduce(extra)
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        grads = [p.grad if p.grad is not None else torch.zeros(p.shape, dtype=p.dtype) for p in self.params]
         wide = torch.promote_types(self.prec.compute, torch.float32)  # fp32, or fp64 when computing in fp64
         flat = torch.cat([g.reshape(-1).to(wide) for g in grads] + [extra.to(wide)])
         dist.all_reduce(flat)

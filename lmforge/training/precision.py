@@ -8,40 +8,89 @@ bf16 and the optimizer updates fp32 copies ("master weights", as Megatron and ap
 accumulated in fp32 after each micro-batch, clipped and all-reduced in fp32, and the updated fp32 weights
 are rounded into the model after each step. Small updates are not lost (pure bf16 AdamW would round them
 away), checkpoints and the final model hold the fp32 weights, and resume stays bitwise.
+
+Under bf16 the masters are not stored whole: an fp32 weight is its bf16 rounding (the model's own parameter,
+the high 16 bits) plus a 16-bit remainder (``lo``), so the masters cost 2 bytes per parameter, not 4, also at
+the backward's peak, where they are dead weight (SmolLM2-135M: -270 MB). The split is exact in bit terms:
+``hi = (bits + 0x8000) >> 16`` (round to nearest, ties away from zero: the model computes with what
+``p.copy_(master)`` gave, except on exact ties, 1 in 65536) and ``lo = bits - (hi << 16)``, in [-32768, 32767]:
+the low 16 bits of ``bits`` as a signed int16; ``bits = (hi << 16) + lo`` (modulo 2**32: NaN and inf patterns round-trip too). At the optimizer step
+the fp32 weights are rebuilt, updated by torch's own AdamW and split again, a chunk at a time in cache
+(``CHUNK``): torch has no optimizer wrapper for split weights, and a whole-model rebuild cost ~0.7 s a step
+(2 cores) and 540 MB at the step.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
 
+CHUNK = 1 << 18  # elements rebuilt, updated and split at a time: 1 MB of fp32, in a core's L2 beside AdamW's rows
+_BIAS = 0x8000  # half of the low 16 bits: rounds the high half to nearest
+
+
+def split(full: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> None:
+    """fp32 ``full`` (overwritten) into its bf16 rounding ``hi`` and the remainder ``lo`` (int16), elementwise."""
+    bits = full.view(torch.int32)
+    lo.copy_(bits.view(lo.shape))  # the low 16 bits: bits - (hi << 16), as a signed int16
+    bits.add_(_BIAS)  # wraps modulo 2**32 for NaN patterns near 0x7fffffff: the round trip stays exact
+    torch.bitwise_right_shift(bits.view(hi.shape), 16, out=hi.view(torch.int16))
+
+
+def join(hi: torch.Tensor, lo: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The fp32 weights whose ``split`` gave ``hi`` and ``lo``, into ``out``."""
+    bits = out.view(torch.int32).view(lo.shape)
+    bits.copy_(lo)
+    bits.add_(hi.view(torch.int16), alpha=1 << 16)
+    return out
+
 
 class MasterWeights:
-    """fp32 copies of a model's parameters; the model's own parameters are converted to ``dtype``.
+    """fp32 master weights of a model's parameters; the model's own parameters are converted to ``dtype``.
 
     ``trainable_only`` (LoRA/DoRA): only the adapter weights get masters; the frozen base stays as loaded
-    (already bf16). Saving then goes through PEFT (adapter keys without the adapter name)."""
+    (already bf16). Saving then goes through PEFT (adapter keys without the adapter name).
+
+    Under bf16 each master is the model's parameter plus its int16 remainder (module docstring); the master
+    ``Parameter`` the optimizer holds keeps only its fp32 gradient and a storage-less placeholder of its shape,
+    and holds the fp32 weights only inside ``step``. Under fp16 (not the high half of an fp32) masters are
+    whole fp32 copies."""
 
     def __init__(self, model, dtype: torch.dtype, trainable_only: bool = False):
         self.model, self.adapter = model, trainable_only
-        self.pairs: list[tuple[str, torch.nn.Parameter, torch.nn.Parameter]] = []  # (name, model param, master)
+        self.split = dtype == torch.bfloat16 and sys.byteorder == "little"  # split() reads the halves in place
+        # (name, model param, master, remainder or None)
+        self.pairs: list[tuple[str, torch.nn.Parameter, torch.nn.Parameter, torch.Tensor | None]] = []
         self.by_id: dict[int, torch.nn.Parameter] = {}
+        self.lo_of: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = {}  # id(master) -> (model param, lo)
         for name, p in model.named_parameters():  # tied weights come once, under their first name
             if trainable_only and not p.requires_grad:
                 continue
-            master = torch.nn.Parameter(p.detach().float().clone(), requires_grad=p.requires_grad)
-            p.data = p.data.to(dtype)
-            self.pairs.append((name, p, master))
+            lo = None
+            if self.split:
+                full = p.detach().to(torch.float32, copy=True)
+                lo = torch.empty(p.shape, dtype=torch.int16)
+                hi = torch.empty(p.shape, dtype=dtype)
+                split(full, hi, lo)
+                p.data = hi
+                master = torch.nn.Parameter(_placeholder(p.shape), requires_grad=p.requires_grad)
+                self.lo_of[id(master)] = (p, lo)
+            else:
+                master = torch.nn.Parameter(p.detach().float().clone(), requires_grad=p.requires_grad)
+                p.data = p.data.to(dtype)
+            self.pairs.append((name, p, master, lo))
             self.by_id[id(p)] = master
+        self.scratch = torch.empty(CHUNK) if self.split else None
 
     def named_trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
-        return [(name, m) for name, _, m in self.pairs if m.requires_grad]
+        return [(name, m) for name, _, m, _ in self.pairs if m.requires_grad]
 
     def collect_grads(self) -> None:
         """Move this micro-batch's bf16 gradients into the fp32 master gradients (summing)."""
-        for _, p, m in self.pairs:
+        for _, p, m, _ in self.pairs:
             if p.grad is None:
                 continue
             if m.grad is None:
@@ -51,22 +100,70 @@ class MasterWeights:
             p.grad = None
 
     @torch.no_grad()
-    def copy_to_model(self) -> None:
-        for _, p, m in self.pairs:
-            if m.requires_grad:
-                p.copy_(m)
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """``optimizer.step()`` on the fp32 masters; the model then computes with their bf16 rounding."""
+        if not self.split:
+            optimizer.step()
+            for _, p, m, _ in self.pairs:
+                if m.requires_grad:
+                    p.copy_(m)
+        elif _chunkable(optimizer):
+            self._adamw_in_chunks(optimizer)
+        else:  # other optimizers see whole fp32 tensors: rebuilt for the step, split after it
+            for _, p, m, lo in self.pairs:
+                if m.requires_grad:
+                    m.data = join(p, lo, torch.empty(p.shape))
+            optimizer.step()
+            for _, p, m, lo in self.pairs:
+                if m.requires_grad:
+                    split(m.data, p, lo)
+                    m.data = _placeholder(p.shape)
+
+    def _adamw_in_chunks(self, optimizer: torch.optim.AdamW) -> None:
+        """torch's fused AdamW step (``torch.optim.adam._fused_adam``: the same state, kernel and arithmetic),
+        run CHUNK elements at a time on rebuilt fp32 weights. The kernel is elementwise, so chunks give the same
+        bits as one call over whole tensors (tests/test_native.py)."""
+        for group in optimizer.param_groups:
+            beta1, beta2 = group["betas"]
+            kwargs = dict(lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+                          eps=group["eps"], amsgrad=False, maximize=False)
+            for m in group["params"]:
+                if m.grad is None:
+                    continue
+                state = optimizer.state[m]
+                if not state:  # as AdamW._init_group (fused)
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros(m.shape)
+                    state["exp_avg_sq"] = torch.zeros(m.shape)
+                state["step"] += 1
+                p, lo = self.lo_of[id(m)]
+                hi, lo, grad = p.view(-1), lo.view(-1), m.grad.view(-1)
+                avg, avg_sq = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
+                for s in range(0, hi.numel(), CHUNK):
+                    e = min(s + CHUNK, hi.numel())
+                    w = join(hi[s:e], lo[s:e], self.scratch[:e - s])
+                    torch._fused_adamw_([w], [grad[s:e]], [avg[s:e]], [avg_sq[s:e]], [], [state["step"]], **kwargs)
+                    split(w, hi[s:e], lo[s:e])
+        optimizer._opt_called = True  # what optimizer.step() tells the LR scheduler (it warns otherwise)
+
+    def fp32(self, p: torch.nn.Parameter, m: torch.nn.Parameter, lo: torch.Tensor | None) -> torch.Tensor:
+        return join(p, lo, torch.empty(p.shape)) if lo is not None else m.detach()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The model's state dict with every parameter replaced by its fp32 master (tied names share one)."""
-        return {k: self.by_id.get(id(v), v).detach() for k, v in self.model.state_dict(keep_vars=True).items()}
+        full = {id(p): self.fp32(p, m, lo) for _, p, m, lo in self.pairs}
+        return {k: full.get(id(v), v).detach() for k, v in self.model.state_dict(keep_vars=True).items()}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load saved fp32 weights (a model's state dict, or a PEFT adapter file's) into masters and model."""
-        for name, p, m in self.pairs:
+        for name, p, m, lo in self.pairs:
             key = name.replace(f".{self.model.active_adapter}.", ".") if self.adapter else name
-            m.copy_(state[key])
-            p.copy_(m)
+            if lo is not None:
+                split(state[key].to(torch.float32, copy=True), p, lo)
+            else:
+                m.copy_(state[key])
+                p.copy_(m)
 
     def save_pretrained(self, directory: Path) -> None:
         """``save_pretrained`` with the fp32 weights; config.json says float32, the dtype of what was written."""
@@ -77,3 +174,16 @@ class MasterWeights:
         config = json.loads(path.read_text())
         config["dtype"] = "float32"
         path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _placeholder(shape: torch.Size) -> torch.Tensor:
+    """A master's stand-in between steps: its shape (for its gradient) over a single float of storage."""
+    return torch.zeros(()).expand(shape)
+
+
+def _chunkable(optimizer) -> bool:
+    """torch's fused AdamW with the defaults lmforge builds (``optim.build_optimizer``): stepped in chunks."""
+    d = optimizer.defaults
+    return (type(optimizer) is torch.optim.AdamW and d.get("fused") and not d["amsgrad"] and not d["maximize"]
+            and not d["capturable"] and not d["differentiable"]
+            and all(not isinstance(g["lr"], torch.Tensor) for g in optimizer.param_groups))
