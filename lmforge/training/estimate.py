@@ -6,9 +6,10 @@ tests/test_estimate.py; its text and `train`'s one line at start are ``estimate_
 
 What the engines hold (read from ``native.py``, ``precision.py``, ``sharding.py`` and ``run.py``):
   * native engine, full fine-tune in bf16: the model in bf16 plus fp32 master weights of every parameter
-    (``MasterWeights``); bf16 gradients from each backward, moved into fp32 master gradients; fused AdamW with
-    two fp32 states per trainable parameter. LoRA/DoRA in bf16: the frozen base in bf16, adapters bf16 + fp32
-    masters. QLoRA: linear weights in 4-bit nf4 (double quantised), every other weight cast to fp32 by
+    (``MasterWeights``: the model's bf16 weight + a 2-byte remainder each, fp32 only a chunk at a time in the
+    step); bf16 gradients from each backward, moved into fp32 master gradients; fused AdamW with
+    two fp32 states per trainable parameter. LoRA/DoRA in bf16: the frozen base in bf16, adapters bf16 + their
+    masters, the same way. QLoRA: linear weights in 4-bit nf4 (double quantised), every other weight cast to fp32 by
     ``prepare_model_for_kbit_training``, fp32 adapters under autocast; on CPU bitsandbytes keeps no dequantised
     copy: each 4-bit layer dequantises its weight to bf16 for one ordinary matmul, in the forward and again in
     the backward. fp32 compute: plain fp32, no masters.
@@ -241,14 +242,18 @@ def memory(shape: ModelShape, train: Trainable, cfg: Config, engine: str, strate
     elif engine == "native" and strategy != "fsdp":
         if b < 4 and kind in ("none", "lora", "dora"):  # bf16 model + fp32 masters (MasterWeights)
             weights = N * b if kind == "none" else (frozen + T) * b
-            masters = 4 * (N if kind == "none" else T)
+            # under bf16 a master is the model's weight + a 2-byte remainder; fused AdamW (optim.build_optimizer)
+            # steps on a 1 MB chunk of rebuilt fp32 weights at a time, any other optimizer on all of them at once
+            masters = (4 if cfg.model.dtype == "float16" else 2) * T
+            if masters < 4 * T and cfg.train.optim not in ("adamw_torch", "adamw_torch_fused"):
+                buffers = 4 * T
             grads = T * b + 4 * T  # each backward's bf16 gradients, then the fp32 master gradients
             carry = 4 * T  # between micro-batches only the master gradients stay
         else:
             weights = (frozen * b + T * 4) if adapter else N * 4
             masters, grads = 0, 4 * T
         if strategy == "ddp" and W > 1:
-            buffers = 4 * T  # the flat fp32 buffer of the one all-reduce per step
+            buffers += 4 * T  # the flat fp32 buffer of the one all-reduce per step
     elif strategy == "fsdp":  # fp32 shards (the masters) for a full fine-tune; the frozen base in its dtype
         shard_bytes = (frozen * b + T * 4) if adapter else N * 4
         root = N - shape.layers * shape.layer_params
