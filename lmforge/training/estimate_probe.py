@@ -46,8 +46,9 @@ from lmforge.training.precision import MasterWeights
 from lmforge.training.recompute import NormOutputs, use_recompute_layers
 
 CACHE_FILE = "estimate_probe.json"
-PROBE_VERSION = 5  # raised when the engine's step changes what a probe measures (2: recompute.py's layers; 3: LoRA
-# dropout; 4: the recompute layers kept through train() (62c1bf7); 5: split bf16 masters, precision.py)
+PROBE_VERSION = 6  # raised when the engine's step changes what a probe measures (2: recompute.py's layers; 3: LoRA
+# dropout; 4: the recompute layers kept through train() (62c1bf7); 5: split bf16 masters, precision.py; 6: the
+# recompute layers' kernels compiled)
 BUDGET_SECONDS = 1.2  # timed repeats stop once the probe has run this long (model build included) ...
 MIN_REPEATS, MAX_REPEATS = 2, 3  # ... after at least this many (and at most this many), after one warm-up
 LAYER_BUDGET_SECONDS, LAYER_REPEATS = 1.8, 8  # then the layer alone, for more samples of its time
