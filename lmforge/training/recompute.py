@@ -316,14 +316,15 @@ def kernels_for(model, norms: list) -> Kernels:
     wants = weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and hidden >= COMPILE_FROM
     if not wants:
         return _EAGER
-    return _compiled(hidden, inner, any(m.weight.requires_grad for m in norms))
+    eps = float(getattr(norms[0], "variance_epsilon", 1e-6)) if norms else 1e-6  # a constant of the compiled norm
+    return _compiled(hidden, inner, eps, any(m.weight.requires_grad for m in norms))
 
 
 _EAGER = Kernels(compiled=False)
 
 
 @functools.cache
-def _compiled(hidden: int, inner: int, norm_weights_train: bool) -> Kernels:
+def _compiled(hidden: int, inner: int, eps: float, norm_weights_train: bool) -> Kernels:
     """Compiled kernels, each compiled now (Inductor's cache on disk makes a later process's compile quick) on
     stand-in rows of the run's widths; where Inductor cannot compile (no C++ compiler), the eager ones."""
     from lmforge.log import log
@@ -339,7 +340,7 @@ def _compiled(hidden: int, inner: int, norm_weights_train: bool) -> Kernels:
         w = torch.ones(hidden, dtype=torch.bfloat16)
         with torch.no_grad():
             fns = kernels.fns
-            out, rstd = fns["norm"](x, w, 1e-5)
+            out, rstd = fns["norm"](x, w, eps)
             fns["norm_output"](x, w, _dynamic(rstd))
             fns["norm_grads" if norm_weights_train else "norm_grad_x"](_dynamic(x.clone()), x, w, _dynamic(rstd))
             if inner:
