@@ -14,10 +14,11 @@ the high 16 bits) plus a 16-bit remainder (``lo``), so the masters cost 2 bytes 
 the backward's peak, where they are dead weight (SmolLM2-135M: -270 MB). The split is exact in bit terms:
 ``hi = (bits + 0x8000) >> 16`` (round to nearest, ties away from zero: the model computes with what
 ``p.copy_(master)`` gave, except on exact ties, 1 in 65536) and ``lo = bits - (hi << 16)``, in [-32768, 32767]:
-the low 16 bits of ``bits`` as a signed int16; ``bits = (hi << 16) + lo`` (modulo 2**32: NaN and inf patterns round-trip too). At the optimizer step
-the fp32 weights are rebuilt, updated by torch's own AdamW and split again, a chunk at a time in cache
-(``CHUNK``): torch has no optimizer wrapper for split weights, and a whole-model rebuild cost ~0.7 s a step
-(2 cores) and 540 MB at the step.
+the low 16 bits of ``bits`` as a signed int16; ``bits = (hi << 16) + lo`` (modulo 2**32: NaN and inf patterns
+round-trip too; the bf16 half of the NaNs arithmetic makes, 0x7fc00000 and 0xffc00000, is NaN, of rarer payloads
+inf or 0). At the optimizer step the fp32 weights are rebuilt, updated by torch's own fused AdamW kernel and
+split again, a chunk at a time in cache (``CHUNK``): torch has no optimizer wrapper for split weights, and
+rebuilding whole tensors for ``optimizer.step()`` cost ~0.7 s a step (SmolLM2-135M, 2 cores) and 540 MB.
 """
 
 from __future__ import annotations
@@ -61,16 +62,15 @@ class MasterWeights:
 
     def __init__(self, model, dtype: torch.dtype, trainable_only: bool = False):
         self.model, self.adapter = model, trainable_only
-        self.split = dtype == torch.bfloat16 and sys.byteorder == "little"  # split() reads the halves in place
+        self.halves = dtype == torch.bfloat16 and sys.byteorder == "little"  # split() reads the halves in place
         # (name, model param, master, remainder or None)
         self.pairs: list[tuple[str, torch.nn.Parameter, torch.nn.Parameter, torch.Tensor | None]] = []
-        self.by_id: dict[int, torch.nn.Parameter] = {}
         self.lo_of: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = {}  # id(master) -> (model param, lo)
         for name, p in model.named_parameters():  # tied weights come once, under their first name
             if trainable_only and not p.requires_grad:
                 continue
             lo = None
-            if self.split:
+            if self.halves:
                 full = p.detach().to(torch.float32, copy=True)
                 lo = torch.empty(p.shape, dtype=torch.int16)
                 hi = torch.empty(p.shape, dtype=dtype)
@@ -82,8 +82,7 @@ class MasterWeights:
                 master = torch.nn.Parameter(p.detach().float().clone(), requires_grad=p.requires_grad)
                 p.data = p.data.to(dtype)
             self.pairs.append((name, p, master, lo))
-            self.by_id[id(p)] = master
-        self.scratch = torch.empty(CHUNK) if self.split else None
+        self.scratch = torch.empty(CHUNK) if self.halves else None
 
     def named_trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(name, m) for name, _, m, _ in self.pairs if m.requires_grad]
@@ -102,7 +101,7 @@ class MasterWeights:
     @torch.no_grad()
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         """``optimizer.step()`` on the fp32 masters; the model then computes with their bf16 rounding."""
-        if not self.split:
+        if not self.halves:
             optimizer.step()
             for _, p, m, _ in self.pairs:
                 if m.requires_grad:
@@ -146,12 +145,10 @@ class MasterWeights:
                     split(w, hi[s:e], lo[s:e])
         optimizer._opt_called = True  # what optimizer.step() tells the LR scheduler (it warns otherwise)
 
-    def fp32(self, p: torch.nn.Parameter, m: torch.nn.Parameter, lo: torch.Tensor | None) -> torch.Tensor:
-        return join(p, lo, torch.empty(p.shape)) if lo is not None else m.detach()
-
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The model's state dict with every parameter replaced by its fp32 master (tied names share one)."""
-        full = {id(p): self.fp32(p, m, lo) for _, p, m, lo in self.pairs}
+        full = {id(p): join(p, lo, torch.empty(p.shape)) if lo is not None else m.detach()
+                for _, p, m, lo in self.pairs}
         return {k: full.get(id(v), v).detach() for k, v in self.model.state_dict(keep_vars=True).items()}
 
     @torch.no_grad()
