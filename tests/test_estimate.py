@@ -206,6 +206,46 @@ def test_activations_track_saved_tensors_and_checkpointing(setup, tiny_model_dir
     assert checkpointed < predicted
 
 
+def test_activations_of_the_native_recompute_nodes_track_saved_tensors(setup, tiny_model_dir):
+    """A bf16 full fine-tune on the native engine's nodes (training/recompute.py: norms keep their inputs, their
+    outputs remade, SwiGLU keeps gate and up): the count with ``recompute`` against the bytes autograd saves."""
+    from transformers import AutoModelForCausalLM
+
+    from lmforge.data.packing import CausalCollator
+    from lmforge.training.estimate import RECOMPUTED_MODELS, MicroBatch, activation_bytes
+    from lmforge.training.losses import token_loss_sum
+    from lmforge.training.recompute import NormOutputs, use_recompute_layers
+
+    cfg = setup(data={"packing": False}, model={"dtype": "bfloat16"}, train={"per_device_train_batch_size": 1})
+    e = estimator(cfg)
+    assert e.shape.model_type in RECOMPUTED_MODELS
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16, attn_implementation="sdpa")
+    assert use_recompute_layers(model) > 0
+    model.train()
+    ids = list(range(5, 105))
+    batch = CausalCollator(0, packed=False)([{"input_ids": ids, "labels": [-100] * 50 + ids[50:]}])
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen, total = set(), 0
+    outputs = NormOutputs()
+
+    def pack(t):
+        nonlocal total
+        packed = outputs.pack(t)  # a norm output the next linears save is kept as its recipe: not counted
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if packed is t and key not in seen and key[0] not in weights:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+        return packed
+
+    with outputs, torch.autograd.graph.saved_tensors_hooks(pack, outputs.unpack):
+        token_loss_sum(model, batch)
+    total += head_transient(e.shape.vocab, e.shape.hidden, 49, 2, trained=True)
+    mb = MicroBatch(positions=100, tokens=100, loss_tokens=49, attention=100 * 100)
+    predicted = activation_bytes(e.shape, mb, 2, False, recompute=True)
+    assert 0.85 * total < predicted < 1.2 * total, (predicted, total)
+    assert predicted < 0.75 * activation_bytes(e.shape, mb, 2, False)  # autograd's modules keep more
+
+
 def head_transient(V: int, H: int, loss_tokens: int, b: int, trained: bool) -> int:
     """What the chunked LM head (training/cross_entropy.py) holds at its last chunk besides what it saves: the
     chunk's fp32 logits and their gradient cast to the compute dtype, and a trained head's fp32 gradient sum."""

@@ -158,22 +158,30 @@ def _opt_bytes(optim: str) -> int:
     return OPTIMIZER_BYTES.get(optim, 8)
 
 
+RECOMPUTED_MODELS = ("llama", "mistral", "qwen2")  # model types whose RMSNorm and MLP are Llama's by code: the native
+# engine runs them as training/recompute.py's nodes (a config-only estimate cannot compare the code)
+
+
 def activation_bytes(shape: ModelShape, mb: MicroBatch, compute_bytes: int, checkpointing: bool,
                      head_on_all: bool = False, frozen_base: bool = False,
                      adapter_inputs: int = 0, adapter_outputs: int = 0, dropout_mask_bytes: int = 0,
-                     residual_bytes: int | None = None) -> int:
+                     residual_bytes: int | None = None, recompute: bool = False) -> int:
     """Bytes saved for backward by one micro-batch (module docstring). ``head_on_all``: the LM head runs on every
     position (prompt tuning, the hf engine under DDP), not only where there is loss. Adapters: ``frozen_base``
     (a frozen linear or norm weight keeps no input for its own gradient), ``adapter_inputs`` and
     ``adapter_outputs`` (elements per position and layer of the adapted modules' inputs and of their rank-r
     outputs), ``dropout_mask_bytes`` (per input element, the mask LoRA's dropout keeps beside its output; 0
     without dropout) and ``residual_bytes`` (the residual stream's and elementwise ops' element size where it is
-    not the compute dtype's: QLoRA, ``Estimator._adapter_activations``)."""
+    not the compute dtype's: QLoRA, ``Estimator._adapter_activations``). ``recompute``: a full fine-tune on the native
+    engine's recompute nodes (``RECOMPUTED_MODELS``)."""
     b = compute_bytes
     e = residual_bytes or b
     H, I, q, kv = shape.hidden, shape.intermediate, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     norm_extra = 2 * H * 4  # each RMSNorm also keeps a fp32 tensor (its fp32 input, or x * rsqrt in fp32)
-    if not frozen_base:
+    if not frozen_base and recompute:  # the norms keep their inputs (their outputs are remade: NormOutputs), the
+        # attention q/k/v and its output, the SwiGLU node its gate and up (training/recompute.py)
+        per_position = b * (2 * H + (q + 2 * kv) + q + 2 * I)
+    elif not frozen_base:
         per_position = b * (2 * H + 2 * (q + 2 * kv) + q + 2 * H + 4 * I) + norm_extra
     else:  # what the input gradients need: the norms, q/k/v (attention), the MLP's gate, up and activation
         per_position = norm_extra + b * 2 * (q + 2 * kv) + e * 3 * I + b * adapter_outputs
@@ -380,8 +388,13 @@ class Estimator:
         mean, worst = micro_batches(self.data, t.per_device_train_batch_size, per_sample, t.seed)
         head_on_all = train.kind == "prompt_tuning" or not self.token_loss or (engine == "hf" and world > 1)
         adapters = self._adapter_activations(train, cfg, engine, b)
-        act = activation_bytes(self.shape, worst, b, False, head_on_all, **adapters)
-        act_gc = activation_bytes(self.shape, worst, b, True, head_on_all, **adapters)
+        recompute = train.kind == "none" and b < 4 and self.shape.model_type in RECOMPUTED_MODELS
+
+        def activations(eng: str, checkpointing: bool) -> int:
+            return activation_bytes(self.shape, worst, b, checkpointing, head_on_all,
+                                    recompute=recompute and eng == "native", **adapters)
+
+        act, act_gc = activations(engine, False), activations(engine, True)
         mems = {}
         for s in STRATEGIES:
             if train.kind == "qlora" and (s == "fsdp" or s.startswith("zero3")):
@@ -392,8 +405,9 @@ class Estimator:
                 continue  # no engine runs this config with that strategy (e.g. streaming under deepspeed)
             # the other strategies at this run's processes, or at 2 when it has one (sharding over 1 shows nothing)
             on = world if s == strategy else max(world, 2)
-            mems[s] = memory(self.shape, train, cfg, "hf" if s.startswith("zero") else eng, s, on, b, act,
-                             act_gc, cfg.peft.bits)
+            eng = "hf" if s.startswith("zero") else eng
+            mems[s] = memory(self.shape, train, cfg, eng, s, on, b, activations(eng, False), activations(eng, True),
+                             cfg.peft.bits)
         if strategy not in mems:
             mems[strategy] = memory(self.shape, train, cfg, engine, strategy, world, b, act, act_gc, cfg.peft.bits)
         mine = mems[strategy]
