@@ -98,12 +98,12 @@ def attend(q, key, value, attention_mask, scaling: float) -> torch.Tensor:
     """One query token per row: q (batch, kv_heads, group, dim) over key/value (batch, kv_heads, positions, dim);
     ``attention_mask`` (batch, 1, 1, positions) boolean (True = attend) or additive, or None. Returns (batch,
     kv_heads, group, dim). Scores in the model dtype, softmax in float32, as transformers' eager attention."""
-    scores = torch.matmul(q, key.transpose(-1, -2)).float() * scaling
+    scores = torch.matmul(q, key.transpose(-1, -2)).float().mul_(scaling)  # a new fp32 tensor: in place after
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask, float("-inf"))
-        else:
-            scores = scores + attention_mask.float()
+            scores.masked_fill_(~attention_mask, float("-inf"))
+        else:  # an additive mask (0 or -inf), e.g. LlamaStep's, built once per step for every layer
+            scores.add_(attention_mask)
     return torch.matmul(scores.softmax(-1).to(value.dtype), value)
 
 

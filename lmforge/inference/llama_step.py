@@ -164,8 +164,10 @@ class LlamaStep:
         sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         width = mask.shape[1]
         cap = cache.layers[0].capacity_for(1)
-        allowed = torch.zeros(batch, 1, 1, cap, dtype=torch.bool, device=x.device)  # as transformers' SDPA mask
-        allowed[:, 0, 0, :width] = mask.bool()
+        # the padding mask as an additive fp32 bias (0 or -inf), built once for every layer: the same scores as
+        # transformers' boolean SDPA mask with fewer ops per layer (decode.attend adds it in place)
+        allowed = torch.full((batch, 1, 1, cap), float("-inf"), device=x.device)
+        allowed[:, 0, 0, :width].masked_fill_(mask.bool(), 0.0)
         for layer, cached in zip(self.layers, cache.layers):
             qkv = layer.qkv(layer.input_norm(x))  # (B, (heads + 2 kv) * dim)
             qk = qkv[:, :(heads + kv) * dim].view(batch, heads + kv, dim)
