@@ -39,8 +39,17 @@ def _metrics(out):
 def _live_storages(shape=None) -> set[int]:
     """Storages of tensors alive in the process (of this shape, if given)."""
     gc.collect()
-    return {o.untyped_storage().data_ptr() for o in gc.get_objects()
-            if issubclass(type(o), torch.Tensor) and (shape is None or tuple(o.shape) == shape)}
+    return {p for o in gc.get_objects()
+            if issubclass(type(o), torch.Tensor) and (shape is None or tuple(o.shape) == shape)
+            for p in [_data_ptr(o)] if p is not None}
+
+
+def _data_ptr(t: torch.Tensor) -> int | None:
+    """The storage's address; None for a tensor without data (torch.compile keeps fake tensors alive)."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except RuntimeError:
+        return None
 
 
 def test_dpo_cli_end_to_end_full_finetune(tmp_path, tiny_model_dir, lmforge_cache):

@@ -238,14 +238,18 @@ class SwiGLU(torch.autograd.Function):
 
 
 def _served(x: torch.Tensor) -> bool:
-    """True where a node is worth it and computes what the module would: a graph is recorded (evaluation and
-    generation keep the module's own ops), no autocast."""
-    return torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+    """True where the nodes compute what the module would: no autocast, not in inference mode (generation, the
+    decode loop and ``evaluate`` keep the module's own ops). Without a graph (``torch.no_grad``: a reference model's
+    forward, the native engine's evaluation, GRPO's old log-probs) the nodes' kernels run without autograd, so such a
+    forward equals the training forward bitwise (DPO's rewards are exactly 0 at step 1 with compiled kernels too)."""
+    return not torch.is_inference_mode_enabled() and not torch.is_autocast_enabled(x.device.type)
 
 
 def _norm_forward(self, hidden_states):
     if not _served(hidden_states) or hidden_states.dtype != self.weight.dtype:
         return self._module_forward(hidden_states)
+    if not torch.is_grad_enabled():
+        return self._lmforge_kernels.norm(hidden_states, self.weight, self.variance_epsilon)[0]
     return RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon, NormOutputs._active, self._lmforge_kernels)
 
 
@@ -255,8 +259,12 @@ def _mlp_forward(self, x):
     gate, up, down = self.gate_proj(x), self.up_proj(x), self.down_proj
     if gate.dtype != up.dtype:
         return down(self.act_fn(gate) * up)  # the module's own forward
-    if type(down) is torch.nn.Linear and down.bias is None and not (down._forward_pre_hooks or down._forward_hooks) \
-            and down.weight.dtype == gate.dtype:
+    fused = type(down) is torch.nn.Linear and down.bias is None and \
+        not (down._forward_pre_hooks or down._forward_hooks) and down.weight.dtype == gate.dtype
+    if not torch.is_grad_enabled():  # SwiGLU's forward without autograd (``_served``)
+        h = self._lmforge_kernels.swiglu(gate, up)
+        return h @ down.weight.t() if fused else down(h)
+    if fused:
         return SwiGLU.apply(gate, up, down.weight, self._lmforge_kernels)
     return down(SwiGLU.apply(gate, up, None, self._lmforge_kernels))
 
