@@ -115,9 +115,9 @@ def _check_estimate_table(out):
     assert abs(float(peak[2]) - float(peak[1]) / (est["peak"] / 2**30)) < 0.02  # of the unrounded figures
     assert rows["tokens/s (all processes)"] == [f"{t['tokens_per_second']:.1f}", f"{tps:.1f}",
                                                 f"{tps / t['tokens_per_second']:.2f}"]
-    est_mfu = 100 * t["flops_per_token"] * t["tokens_per_second"] / est["machine"]["peak_flops"]
+    est_mfu = 100 * (t["flops_per_token"] * t["tokens_per_second"] / est["machine"]["peak_flops"])
     if all("mfu" in r for r in train):
-        mfu = 100 * sum(r["mfu"] for r in train[1:]) / 3
+        mfu = 100 * (sum(r["mfu"] for r in train[1:]) / 3)  # in the report's order: a mean near x.x5 rounds alike
         assert rows["MFU, %"] == [f"{est_mfu:.1f}", f"{mfu:.1f}", f"{mfu / est_mfu:.2f}"]
     step = sum(seconds[1:]) / 3
     assert rows["seconds per step"] == [f"{t['seconds_per_step']:.3f}", f"{step:.3f}",
