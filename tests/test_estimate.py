@@ -116,15 +116,18 @@ def test_memory_full_finetune_fp32_and_sharding_by_hand(setup, tiny_model_dir):
 def test_memory_bf16_master_weights_and_lora_by_hand(setup, tiny_model_dir):
     N = hand_total(vocab(tiny_model_dir))
     full = estimator(setup(model={"dtype": "bfloat16"})).estimate().memory["none"]
-    # native engine: the model in bf16, fp32 masters as its bf16 weights + 2-byte remainders, bf16 gradients moved
-    # into fp32 master gradients, fused AdamW
-    assert (full["weights"], full["masters"], full["gradients"], full["optimizer"]) == (2 * N, 2 * N, 6 * N, 8 * N)
+    # native engine: the model in bf16, fp32 masters as its bf16 weights + 2-byte remainders, fused AdamW; one
+    # micro-batch in one process: the bf16 gradients only (the step widens them a chunk at a time)
+    assert (full["weights"], full["masters"], full["gradients"], full["optimizer"]) == (2 * N, 2 * N, 2 * N, 8 * N)
+    accumulated = estimator(setup(model={"dtype": "bfloat16"}, train={"gradient_accumulation_steps": 2}))
+    assert accumulated.estimate().memory["none"]["gradients"] == 6 * N  # bf16, then fp32 master gradients
     lora = estimator(setup(model={"dtype": "bfloat16"}, peft={"kind": "lora", "r": 4})).estimate()
     T = lora.trainable
     m = lora.memory["none"]
-    assert (m["weights"], m["masters"], m["gradients"], m["optimizer"]) == (2 * N + 2 * T, 2 * T, 6 * T, 8 * T)
+    assert (m["weights"], m["masters"], m["gradients"], m["optimizer"]) == (2 * N + 2 * T, 2 * T, 2 * T, 8 * T)
     sgd = estimator(setup(model={"dtype": "bfloat16"}, train={"optim": "sgd"})).estimate().memory["none"]
     assert sgd["optimizer"] == 0 and sgd["buffers"] == 4 * N  # its step rebuilds every fp32 master at once
+    assert sgd["gradients"] == 6 * N  # ... and gets fp32 gradients
 
 
 def test_qlora_base_is_four_bit(setup, tiny_model_dir):

@@ -412,3 +412,41 @@ def test_split_masters_are_exact_and_step_as_whole_fp32_masters(monkeypatch):
         assert all(torch.equal(a[i][k], b[i][k]) and a[i][k].dtype == b[i][k].dtype for i in b for k in b[i])
         for (_, p, _, _), r in zip(master.pairs, ref):  # the model computes with the fp32 weights' rounding
             assert (p.view(torch.int16) != r.detach().to(torch.bfloat16).view(torch.int16)).sum() <= 2  # ties
+
+
+@pytest.mark.parametrize("max_norm", [0.05, float("inf")])
+def test_masters_stepping_the_models_bf16_grads_equal_fp32_master_grads(monkeypatch, max_norm):
+    """One micro-batch in one process (``model_grads``): the step reads the model's bf16 gradients, widened a chunk at
+    a time, and gives bitwise the grad norm, fp32 weights and optimizer state of collecting them into fp32 master
+    gradients first, clipped (0.05: the factor applied) or not, for chunked fused AdamW and whole-tensor AdamW; the
+    norm is torch's ``clip_grad_norm_``'s to fp32's rounding."""
+    from lmforge.training import precision
+
+    monkeypatch.setattr(precision, "CHUNK", 1000)  # chunk boundaries inside the tensors
+    shapes = [(13, 77), (1001,), (40, 31), (7,)]
+    for fused in (True, False):
+        runs = []
+        for model_grads in (False, True):
+            torch.manual_seed(1)
+            model = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(s) * 0.02) for s in shapes])
+            master = precision.MasterWeights(model, torch.bfloat16, model_grads=model_grads)
+            opt = torch.optim.AdamW([m for _, m in master.named_trainable()], lr=1e-3, fused=fused, foreach=not fused)
+            norms = []
+            for step in range(3):
+                for i, (_, p, _, _) in enumerate(master.pairs):
+                    p.grad = None if (step, i) == (1, 3) else (torch.randn(p.shape) * 0.01).to(torch.bfloat16)
+                master.collect_grads()
+                grads = [m.grad for _, _, m, _ in master.pairs if m.grad is not None]
+                torch_norm = torch.nn.utils.get_total_norm(grads) if grads else None
+                norms.append(master.clip_grad_norm_(max_norm))
+                if torch_norm is not None:  # torch's norm, summed in another order
+                    torch.testing.assert_close(norms[-1], torch_norm, rtol=1e-6, atol=0)
+                master.step(opt)
+                opt.zero_grad(set_to_none=True)
+                assert all(p.grad is None for _, p, _, _ in master.pairs)
+            runs.append((norms, master.state_dict(), opt.state_dict()["state"]))
+        (n0, w0, s0), (n1, w1, s1) = runs
+        assert all(torch.equal(a, b) for a, b in zip(n0, n1))
+        assert max(float(n) for n in n0) > 0.05 or max_norm == float("inf")  # the clip factor is used
+        assert all(torch.equal(w0[k].view(torch.int32), w1[k].view(torch.int32)) for k in w0)
+        assert all(torch.equal(s0[i][k], s1[i][k]) for i in s0 for k in s0[i])

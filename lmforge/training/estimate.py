@@ -7,7 +7,8 @@ tests/test_estimate.py; its text and `train`'s one line at start are ``estimate_
 What the engines hold (read from ``native.py``, ``precision.py``, ``sharding.py`` and ``run.py``):
   * native engine, full fine-tune in bf16: the model in bf16 plus fp32 master weights of every parameter
     (``MasterWeights``: the model's bf16 weight + a 2-byte remainder each, fp32 only a chunk at a time in the
-    step); bf16 gradients from each backward, moved into fp32 master gradients; fused AdamW with
+    step); bf16 gradients from each backward, moved into fp32 master gradients (with one micro-batch a step in one
+    process they stay bf16, widened a chunk at a time in the step); fused AdamW with
     two fp32 states per trainable parameter. LoRA/DoRA in bf16: the frozen base in bf16, adapters bf16 + their
     masters, the same way. QLoRA: linear weights in 4-bit nf4 (double quantised), every other weight cast to fp32 by
     ``prepare_model_for_kbit_training``, fp32 adapters under autocast; on CPU bitsandbytes keeps no dequantised
@@ -256,6 +257,8 @@ def memory(shape: ModelShape, train: Trainable, cfg: Config, engine: str, strate
             if masters < 4 * T and cfg.train.optim not in ("adamw_torch", "adamw_torch_fused"):
                 buffers = 4 * T
             grads = T * b + 4 * T  # each backward's bf16 gradients, then the fp32 master gradients
+            if masters < 4 * T and not buffers and cfg.train.gradient_accumulation_steps == 1 and W == 1:
+                grads = T * b  # one micro-batch, one process: fused AdamW's step widens them a chunk at a time
             carry = 4 * T  # between micro-batches only the master gradients stay
         else:
             weights = (frozen * b + T * 4) if adapter else N * 4

@@ -46,9 +46,9 @@ from lmforge.training.precision import MasterWeights
 from lmforge.training.recompute import NormOutputs, use_recompute_layers
 
 CACHE_FILE = "estimate_probe.json"
-PROBE_VERSION = 6  # raised when the engine's step changes what a probe measures (2: recompute.py's layers; 3: LoRA
+PROBE_VERSION = 7  # raised when the engine's step changes what a probe measures (2: recompute.py's layers; 3: LoRA
 # dropout; 4: the recompute layers kept through train() (62c1bf7); 5: split bf16 masters, precision.py; 6: the
-# recompute layers' kernels compiled)
+# recompute layers' kernels compiled; 7: bf16 gradients widened inside the masters' step)
 BUDGET_SECONDS = 1.2  # timed repeats stop once the probe has run this long (model build included) ...
 MIN_REPEATS, MAX_REPEATS = 2, 3  # ... after at least this many (and at most this many), after one warm-up
 LAYER_BUDGET_SECONDS, LAYER_REPEATS = 1.8, 8  # then the layer alone, for more samples of its time
@@ -135,7 +135,8 @@ def _one_layer_model(cfg: Config, model_config, compute, layers: int = 1):
     model = apply_peft(model, cfg.peft)
     master = None
     if compute in (torch.bfloat16, torch.float16) and cfg.peft.kind in ("none", "lora", "dora"):
-        master = MasterWeights(model, compute, trainable_only=cfg.peft.kind != "none")
+        # the gradients as a single process with one micro-batch a step keeps them (the common case)
+        master = MasterWeights(model, compute, trainable_only=cfg.peft.kind != "none", model_grads=True)
     if cfg.peft.kind in ("lora", "dora"):
         use_fast_lora_dropout(model)
         use_fused_lora(model)
@@ -267,7 +268,8 @@ def _measure(cfg: Config, model_config, compute, batch: ProbeBatch) -> dict:
             if i < 2:  # the optimizer's step as the engine takes it: warmed up (its states), then timed once
                 if master:
                     master.collect_grads()
-                torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf"))
+                max_norm = cfg.train.max_grad_norm or float("inf")
+                master.clip_grad_norm_(max_norm) if master else torch.nn.utils.clip_grad_norm_(params, max_norm)
                 if master:  # the masters' step: rebuilt from their halves, updated, split again
                     master.step(optimizer)
                 else:

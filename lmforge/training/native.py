@@ -114,7 +114,8 @@ class NativeTrainer:
         self.sharded = None  # train.distributed: fsdp: a sharding.Sharded, made in train() after any resume weights
         self.fsdp = cfg.train.distributed == "fsdp"
         if prec.compute in (torch.bfloat16, torch.float16) and cfg.peft.kind in ("none", "lora", "dora") and not self.fsdp:
-            self.master = MasterWeights(model, prec.compute, trainable_only=cfg.peft.kind != "none")
+            self.master = MasterWeights(model, prec.compute, trainable_only=cfg.peft.kind != "none",
+                                        model_grads=cfg.train.gradient_accumulation_steps == 1 and self.world == 1)
         if cfg.peft.kind in ("lora", "dora", "qlora"):  # PEFT's per-layer dropout draws, 3.6x cheaper
             use_fast_lora_dropout(model)
             use_fused_lora(model)  # plain LoRA linears: one autograd node each (training/lora_linear.py)
@@ -243,7 +244,9 @@ class NativeTrainer:
             self.stop_signal = signal.SIGTERM if totals.sigterm else signal.SIGINT
         if not math.isfinite(loss_value):  # the same summed value on every rank: they all decide alike
             return self.non_finite(loss_value), n_tokens, float("nan"), step_stats
-        grad_norm = full_norm(torch.nn.utils.clip_grad_norm_(self.params, self.t.max_grad_norm or float("inf")))
+        max_norm = self.t.max_grad_norm or float("inf")
+        grad_norm = full_norm(self.master.clip_grad_norm_(max_norm) if self.master else
+                              torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         if self.master:  # the fp32 masters are updated, then rounded into the model
             self.master.step(self.optimizer)
         else:

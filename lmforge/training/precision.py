@@ -19,6 +19,12 @@ round-trip too; the bf16 half of the NaNs arithmetic makes, 0x7fc00000 and 0xffc
 inf or 0). At the optimizer step the fp32 weights are rebuilt, updated by torch's own fused AdamW kernel and
 split again, a chunk at a time in cache (``CHUNK``): torch has no optimizer wrapper for split weights, and
 rebuilding whole tensors for ``optimizer.step()`` cost ~0.7 s a step (SmolLM2-135M, 2 cores) and 540 MB.
+
+With one micro-batch a step in one process (``model_grads``), the backward's bf16 gradients are the step's whole
+gradients: they stay on the model's parameters and are widened to fp32 a chunk at a time inside the step, instead
+of into fp32 master gradients (SmolLM2-135M: 540 MB written, page-faulted in and freed every step, at the step's
+peak of RSS). The norm, clipping and update are the same arithmetic on the same fp32 values, so the same bits
+(tests/test_native.py).
 """
 
 from __future__ import annotations
@@ -38,7 +44,8 @@ def split(full: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> None:
     bits = full.view(torch.int32)
     lo.copy_(bits.view(lo.shape))  # the low 16 bits: bits - (hi << 16), as a signed int16
     bits.add_(_BIAS)  # wraps modulo 2**32 for NaN patterns near 0x7fffffff: the round trip stays exact
-    torch.bitwise_right_shift(bits.view(hi.shape), 16, out=hi.view(torch.int16))
+    # shifted in place, then narrowed: a shift writing int16 directly is 4x slower (62 vs 25 us a CHUNK, AMX kind)
+    hi.view(torch.int16).copy_(bits.bitwise_right_shift_(16).view(hi.shape))
 
 
 def join(hi: torch.Tensor, lo: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -58,11 +65,16 @@ class MasterWeights:
     Under bf16 each master is the model's parameter plus its int16 remainder (module docstring); the master
     ``Parameter`` the optimizer holds keeps only its fp32 gradient and a storage-less placeholder of its shape,
     and holds the fp32 weights only inside ``step``. Under fp16 (not the high half of an fp32) masters are
-    whole fp32 copies."""
+    whole fp32 copies.
 
-    def __init__(self, model, dtype: torch.dtype, trainable_only: bool = False):
+    ``model_grads`` (one micro-batch a step, one process): under bf16 the gradients stay the model's own, widened a
+    chunk at a time in ``step`` (module docstring); ``clip_grad_norm_`` then reads them."""
+
+    def __init__(self, model, dtype: torch.dtype, trainable_only: bool = False, model_grads: bool = False):
         self.model, self.adapter = model, trainable_only
         self.halves = dtype == torch.bfloat16 and sys.byteorder == "little"  # split() reads the halves in place
+        self.model_grads = model_grads and self.halves
+        self.clip_coef: torch.Tensor | None = None  # ``clip_grad_norm_``'s factor, applied in ``step`` (model_grads)
         # (name, model param, master, remainder or None)
         self.pairs: list[tuple[str, torch.nn.Parameter, torch.nn.Parameter, torch.Tensor | None]] = []
         self.lo_of: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = {}  # id(master) -> (model param, lo)
@@ -83,12 +95,16 @@ class MasterWeights:
                 p.data = p.data.to(dtype)
             self.pairs.append((name, p, master, lo))
         self.scratch = torch.empty(CHUNK) if self.halves else None
+        self.grad_scratch = torch.empty(CHUNK) if self.model_grads else None
 
     def named_trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(name, m) for name, _, m, _ in self.pairs if m.requires_grad]
 
     def collect_grads(self) -> None:
-        """Move this micro-batch's bf16 gradients into the fp32 master gradients (summing)."""
+        """Move this micro-batch's bf16 gradients into the fp32 master gradients (summing); with ``model_grads``
+        they stay where they are."""
+        if self.model_grads:
+            return
         for _, p, m, _ in self.pairs:
             if p.grad is None:
                 continue
@@ -99,8 +115,30 @@ class MasterWeights:
             p.grad = None
 
     @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` on the step's gradients (the masters', or with ``model_grads`` the
+        model's bf16 ones read as fp32); returns the total norm. The factor is torch's (``clamp(max_norm / (norm +
+        1e-6), max=1)``); the norm is summed a chunk at a time, because ``vector_norm`` widens a bf16 tensor whole
+        before summing it (113 MB for SmolLM2-135M's embedding, at the step's peak of RSS). Either kind of gradient
+        gives the same bits (a chunk's norm of bf16 read as fp32 equals its fp32 copy's). With ``model_grads`` the
+        factor is applied in ``step``."""
+        grads = [p.grad if self.model_grads else m.grad for _, p, m, _ in self.pairs if m.requires_grad]
+        grads = [g.view(-1) for g in grads if g is not None]
+        if not grads:
+            self.clip_coef = None
+            return torch.tensor(0.0)
+        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g[s:s + CHUNK], 2.0, dtype=torch.float32)
+                                                      for g in grads for s in range(0, g.numel(), CHUNK)]), 2.0)
+        self.clip_coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        if not self.model_grads:
+            torch._foreach_mul_(grads, self.clip_coef)
+        return total
+
+    @torch.no_grad()
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         """``optimizer.step()`` on the fp32 masters; the model then computes with their bf16 rounding."""
+        if self.model_grads and not _chunkable(optimizer):
+            self._masters_take_grads()
         if not self.halves:
             optimizer.step()
             for _, p, m, _ in self.pairs:
@@ -118,6 +156,13 @@ class MasterWeights:
                     split(m.data, p, lo)
                     m.data = _placeholder(p.shape)
 
+    def _masters_take_grads(self) -> None:
+        """``model_grads`` for an optimizer stepped on whole tensors: the clipped fp32 gradients on the masters."""
+        for _, p, m, _ in self.pairs:
+            if p.grad is not None and m.requires_grad:
+                m.grad = p.grad.float().mul_(self.clip_coef)
+                p.grad = None
+
     def _adamw_in_chunks(self, optimizer: torch.optim.AdamW) -> None:
         """torch's fused AdamW step (``torch.optim.adam._fused_adam``: the same state, kernel and arithmetic),
         run CHUNK elements at a time on rebuilt fp32 weights. The kernel is elementwise, so chunks give the same
@@ -127,7 +172,9 @@ class MasterWeights:
             kwargs = dict(lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
                           eps=group["eps"], amsgrad=False, maximize=False)
             for m in group["params"]:
-                if m.grad is None:
+                p, lo = self.lo_of[id(m)]
+                source = p.grad if self.model_grads else m.grad
+                if source is None:
                     continue
                 state = optimizer.state[m]
                 if not state:  # as AdamW._init_group (fused)
@@ -135,14 +182,18 @@ class MasterWeights:
                     state["exp_avg"] = torch.zeros(m.shape)
                     state["exp_avg_sq"] = torch.zeros(m.shape)
                 state["step"] += 1
-                p, lo = self.lo_of[id(m)]
-                hi, lo, grad = p.view(-1), lo.view(-1), m.grad.view(-1)
+                hi, lo, grad = p.view(-1), lo.view(-1), source.view(-1)
                 avg, avg_sq = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
                 for s in range(0, hi.numel(), CHUNK):
                     e = min(s + CHUNK, hi.numel())
                     w = join(hi[s:e], lo[s:e], self.scratch[:e - s])
-                    torch._fused_adamw_([w], [grad[s:e]], [avg[s:e]], [avg_sq[s:e]], [], [state["step"]], **kwargs)
+                    g = grad[s:e]
+                    if self.model_grads:  # the fp32 gradient clip_grad_norm_ would have left: widened, times its factor
+                        g = self.grad_scratch[:e - s].copy_(g).mul_(self.clip_coef)
+                    torch._fused_adamw_([w], [g], [avg[s:e]], [avg_sq[s:e]], [], [state["step"]], **kwargs)
                     split(w, hi[s:e], lo[s:e])
+                if self.model_grads:
+                    p.grad = None
         optimizer._opt_called = True  # what optimizer.step() tells the LR scheduler (it warns otherwise)
 
     def state_dict(self) -> dict[str, torch.Tensor]:

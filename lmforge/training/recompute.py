@@ -89,6 +89,11 @@ def _swiglu_grads(grad_h, gate, up):
     return torch.ops.aten.silu_backward(grad_h * up, gate), grad_h * torch.nn.functional.silu(gate)
 
 
+def _swiglu_grads_and_product(grad_h, gate, up):
+    act = torch.nn.functional.silu(gate)
+    return torch.ops.aten.silu_backward(grad_h * up, gate), grad_h * act, act * up
+
+
 class Kernels:
     """The nodes' elementwise work on rows (N, C): torch's ops one by one, or, with ``compiled``, each function fused
     into one loop by Inductor (``torch.compile``, the batch of rows dynamic).
@@ -142,9 +147,15 @@ class Kernels:
         grad_gate, grad_up = self._fn("swiglu_grads")(*self._rows(grad_h, gate, up))
         return grad_gate.view(gate.shape), grad_up.view(up.shape)
 
+    def swiglu_grads_and_product(self, grad_h, gate, up):
+        """``swiglu_grads`` and ``swiglu``'s product (for the down weight's gradient) from one read of gate and up."""
+        grad_gate, grad_up, h = self._fn("swiglu_grads_and_product")(*self._rows(grad_h, gate, up))
+        return grad_gate.view(gate.shape), grad_up.view(up.shape), h.view(up.shape)
+
 
 _FNS = {"norm": _norm, "norm_output": _norm_output, "norm_grads": _norm_grads, "norm_grad_x": _norm_grad_x,
-        "norm_grad_w": _norm_grad_w, "swiglu": _swiglu, "swiglu_grads": _swiglu_grads}
+        "norm_grad_w": _norm_grad_w, "swiglu": _swiglu, "swiglu_grads": _swiglu_grads,
+        "swiglu_grads_and_product": _swiglu_grads_and_product}
 
 
 def _dispatch_mode():
@@ -225,14 +236,12 @@ class SwiGLU(torch.autograd.Function):
         gate, up, down = ctx.saved_tensors
         k = ctx.kernels
         grad_down = None
-        if down is None:
-            grad_h = grad
+        grad_h = grad if down is None else grad @ down  # (..., I)
+        if down is not None and ctx.needs_input_grad[2]:  # the product remade in the same pass over gate and up
+            grad_gate, grad_up, h = k.swiglu_grads_and_product(grad_h, gate, up)
+            grad_down = grad.reshape(-1, grad.shape[-1]).t() @ h.reshape(-1, up.shape[-1])  # (C, I)
         else:
-            if ctx.needs_input_grad[2]:
-                h = k.swiglu(gate, up)
-                grad_down = grad.reshape(-1, grad.shape[-1]).t() @ h.reshape(-1, up.shape[-1])  # (C, I)
-            grad_h = grad @ down  # (..., I)
-        grad_gate, grad_up = k.swiglu_grads(grad_h, gate, up)
+            grad_gate, grad_up = k.swiglu_grads(grad_h, gate, up)
         return (grad_gate if ctx.needs_input_grad[0] else None), (grad_up if ctx.needs_input_grad[1] else None), \
             grad_down, None
 
@@ -308,13 +317,14 @@ def use_recompute_layers(model) -> int:
             continue
         changed.append((style, module))
     if changed:
-        kernels = kernels_for(model, [m for style, m in changed if style == "norm"])
+        kernels = kernels_for(model, [m for style, m in changed if style == "norm"],
+                              [m for style, m in changed if style == "mlp"])
         for _, module in changed:
             module._lmforge_kernels = kernels
     return len(changed)
 
 
-def kernels_for(model, norms: list) -> Kernels:
+def kernels_for(model, norms: list, mlps: list = ()) -> Kernels:
     """The kernels for ``model``'s nodes: compiled where it pays (bf16 on a CPU, hidden size >= ``COMPILE_FROM``),
     made and warmed once per process and shape (the first use says which, in the log)."""
     config = model.config.get_text_config(decoder=True) if hasattr(model, "config") else None
@@ -325,14 +335,15 @@ def kernels_for(model, norms: list) -> Kernels:
     if not wants:
         return _EAGER
     eps = float(getattr(norms[0], "variance_epsilon", 1e-6)) if norms else 1e-6  # a constant of the compiled norm
-    return _compiled(hidden, inner, eps, any(m.weight.requires_grad for m in norms))
+    down_trains = any(type(m.down_proj) is torch.nn.Linear and m.down_proj.weight.requires_grad for m in mlps)
+    return _compiled(hidden, inner, eps, any(m.weight.requires_grad for m in norms), down_trains)
 
 
 _EAGER = Kernels(compiled=False)
 
 
 @functools.cache
-def _compiled(hidden: int, inner: int, eps: float, norm_weights_train: bool) -> Kernels:
+def _compiled(hidden: int, inner: int, eps: float, norm_weights_train: bool, down_trains: bool = False) -> Kernels:
     """Compiled kernels, each compiled now (Inductor's cache on disk makes a later process's compile quick) on
     stand-in rows of the run's widths; where Inductor cannot compile (no C++ compiler), the eager ones."""
     from lmforge.log import log
@@ -354,7 +365,7 @@ def _compiled(hidden: int, inner: int, eps: float, norm_weights_train: bool) -> 
             if inner:
                 gate = [_dynamic(torch.randn(16, inner, dtype=torch.bfloat16, generator=rng)) for _ in range(3)]
                 fns["swiglu"](*gate[:2])
-                fns["swiglu_grads"](*gate)
+                fns["swiglu_grads_and_product" if down_trains else "swiglu_grads"](*gate)
     except Exception as e:  # e.g. no C++ compiler: Inductor's CPU backend needs one
         log(f"training kernels: torch's ops one by one (torch.compile failed: {type(e).__name__}: "
             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})")
