@@ -419,7 +419,8 @@ def test_masters_stepping_the_models_bf16_grads_equal_fp32_master_grads(monkeypa
     """One micro-batch in one process (``model_grads``): the step reads the model's bf16 gradients, widened a chunk at
     a time, and gives bitwise the grad norm, fp32 weights and optimizer state of collecting them into fp32 master
     gradients first, clipped (0.05: the factor applied) or not, for chunked fused AdamW and whole-tensor AdamW; the
-    norm is torch's ``clip_grad_norm_``'s to fp32's rounding."""
+    norm is torch's ``clip_grad_norm_``'s to fp32's rounding. Fused AdamW's states made before the first step
+    (``init_state``) step as those made at it."""
     from lmforge.training import precision
 
     monkeypatch.setattr(precision, "CHUNK", 1000)  # chunk boundaries inside the tensors
@@ -431,6 +432,9 @@ def test_masters_stepping_the_models_bf16_grads_equal_fp32_master_grads(monkeypa
             model = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(s) * 0.02) for s in shapes])
             master = precision.MasterWeights(model, torch.bfloat16, model_grads=model_grads)
             opt = torch.optim.AdamW([m for _, m in master.named_trainable()], lr=1e-3, fused=fused, foreach=not fused)
+            if model_grads:  # the engine makes fused AdamW's states before the first step: the same as made at it
+                master.init_state(opt)
+                assert sum("exp_avg" in st for st in opt.state.values()) == (len(shapes) if fused else 0)
             norms = []
             for step in range(3):
                 for i, (_, p, _, _) in enumerate(master.pairs):

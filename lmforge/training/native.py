@@ -200,6 +200,8 @@ class NativeTrainer:
             (n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in named]
         self.optimizer = build_optimizer(self.cfg, self.model, named)
+        if self.master:  # its states before the first step's activations (precision.py)
+            self.master.init_state(self.optimizer)
         self.scheduler = scheduler_for(self.cfg, self.optimizer, self.max_steps)
 
     def train_step(self) -> tuple[float, int, float, dict[str, float]]:

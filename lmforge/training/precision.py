@@ -163,6 +163,17 @@ class MasterWeights:
                 m.grad = p.grad.float().mul_(self.clip_coef)
                 p.grad = None
 
+    def init_state(self, optimizer: torch.optim.Optimizer) -> None:
+        """Fused AdamW's states made now, before the first step, as ``AdamW._init_group`` would at it: made after the
+        first backward they land among the holes its freed activations left in the heap, which later steps'
+        activations then fit less well (peak RSS 3587/3638 -> 3524/3541 MB, SmolLM2-135M, AMX kind)."""
+        if not (self.halves and _chunkable(optimizer)):
+            return
+        for group in optimizer.param_groups:
+            for m in group["params"]:
+                if m.requires_grad and not optimizer.state[m]:
+                    _new_adamw_state(optimizer.state[m], m.shape)
+
     def _adamw_in_chunks(self, optimizer: torch.optim.AdamW) -> None:
         """torch's fused AdamW step (``torch.optim.adam._fused_adam``: the same state, kernel and arithmetic),
         run CHUNK elements at a time on rebuilt fp32 weights. The kernel is elementwise, so chunks give the same
@@ -177,10 +188,8 @@ class MasterWeights:
                 if source is None:
                     continue
                 state = optimizer.state[m]
-                if not state:  # as AdamW._init_group (fused)
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros(m.shape)
-                    state["exp_avg_sq"] = torch.zeros(m.shape)
+                if not state:
+                    _new_adamw_state(state, m.shape)
                 state["step"] += 1
                 hi, lo, grad = p.view(-1), lo.view(-1), source.view(-1)
                 avg, avg_sq = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
@@ -222,6 +231,13 @@ class MasterWeights:
         config = json.loads(path.read_text())
         config["dtype"] = "float32"
         path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _new_adamw_state(state: dict, shape: torch.Size) -> None:
+    """A parameter's state as ``AdamW._init_group`` makes it for the fused kernel on the CPU."""
+    state["step"] = torch.zeros((), dtype=torch.float32)
+    state["exp_avg"] = torch.zeros(shape)
+    state["exp_avg_sq"] = torch.zeros(shape)
 
 
 def _placeholder(shape: torch.Size) -> torch.Tensor:
