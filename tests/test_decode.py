@@ -144,3 +144,53 @@ def test_llama_step_equals_the_model_forward(sharp_model_dir, dtype):
         assert all(torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
                    for a, b in zip(ours.layers, cache.layers))
     assert llama_step.build(torch.nn.Module(), decode.attend) is None  # anything not Llama's keeps its own forward
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_prefill_attention_on_grouped_heads_equals_transformers_sdpa(loaded, dtype):
+    # a masked prefill with 2 query heads per key/value head: torch's SDPA on the grouped heads gives transformers'
+    # SDPA (which repeats the key/value heads first), bitwise
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    attn = loaded.model.model.layers[0].self_attn
+    assert attn.num_key_value_groups == 2
+    torch.manual_seed(0)
+    q = torch.randn(3, 4, 5, 8, dtype=dtype)
+    k, v = torch.randn(2, 3, 2, 7, 8, dtype=dtype)
+    mask = torch.ones(3, 1, 5, 7, dtype=torch.bool).tril(2)  # causal, the query 2 positions after the keys' start
+    mask[0, ..., :2] = False  # row 0 left-padded by 2
+    ours = decode.decode_attention(attn, q, k, v, mask, scaling=0.3)[0]
+    assert torch.equal(ours, sdpa_attention_forward(attn, q, k, v, mask, scaling=0.3)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_one_token_attention_is_eager_attention_on_grouped_heads(dtype):
+    # decode.attend (scores as key @ q^T, read transposed) equals transformers' eager arithmetic on repeated key/value
+    # heads: scores q @ k^T in the model dtype, scaled and masked in float32, softmax, then @ v. Bitwise in bf16; in
+    # float32 the products of one query row (eager) and of a group's rows (here) may round apart in the last bit
+    torch.manual_seed(0)
+    batch, kv, group, positions, dim = 5, 2, 3, 37, 16
+    q = torch.randn(batch, kv, group, dim, dtype=dtype)
+    k, v = torch.randn(2, batch, kv, positions, dim, dtype=dtype)
+    bias = torch.zeros(batch, 1, 1, positions).masked_fill_(torch.rand(batch, 1, 1, positions) < 0.3, float("-inf"))
+    bias[..., -1] = 0.0  # every row attends to its newest position
+    ours = decode.attend(q, k, v, bias.clone(), 0.125)
+    heads = q.reshape(batch, kv * group, 1, dim)
+    keys, values = (t.repeat_interleave(group, dim=1) for t in (k, v))
+    scores = torch.matmul(heads, keys.transpose(-1, -2)).float() * 0.125 + bias
+    ref = torch.matmul(scores.softmax(-1).to(dtype), values).reshape(batch, kv, group, dim)
+    same = torch.equal if dtype == torch.bfloat16 else lambda a, b: torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+    assert same(ours, ref)
+    assert torch.equal(decode.attend(q, k, v, bias == 0, 0.125), ours)  # a boolean mask: the same
+
+
+def test_greedy_pick_is_the_first_maximal_index():
+    # ties inside a chunk, across chunks, and in the last chunk; a vocabulary no chunk divides; bf16 and float32
+    torch.manual_seed(0)
+    for vocab, dtype in ((4096, torch.bfloat16), (4096, torch.float32), (1000, torch.bfloat16)):
+        logits = torch.randint(-50, 8, (64, vocab)).to(dtype)  # few distinct values: many rows tie at their maximum
+        logits[0, [i % vocab for i in (1500, 3500, 2000)]] = 20.0  # row 0: maxima in chunks 1 and 3 of 1024
+        logits[1, -3:] = 30.0  # row 1: the maximum only in the last chunk
+        logits[2] = 1.0  # row 2: all equal
+        assert torch.equal(decode._first_max(logits), logits.max(-1).indices)
+    assert decode._first_max(logits)[2] == 0
