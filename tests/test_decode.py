@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_generate import PROMPTS, assert_greedy
 
-from lmforge.inference import decode, llama_step
+from lmforge.inference import decode, decode_attention, llama_step
 from lmforge.inference.generate import GenerationOptions, Generator, encode_prompt
 from lmforge.inference.loading import load_for_inference
 
@@ -127,7 +127,7 @@ def test_llama_step_equals_the_model_forward(sharp_model_dir, dtype):
 
     loaded = load_for_inference(str(sharp_model_dir), dtype=dtype)
     decoder = decode.Decoder(loaded.model, loaded.tokenizer, 4)
-    step = llama_step.build(loaded.model, decode.attend)
+    step = llama_step.build(loaded.model, decode_attention.attend)
     assert step is not None and step.head.packed == (dtype == "bfloat16" and llama_step.packs(torch.bfloat16))
     prompts = [encode_prompt(r, loaded.tokenizer) for r in ROWS[:3]]
     seqs = [decode.Sequence(p, GenerationOptions(), frozenset()) for p in prompts]
@@ -143,7 +143,7 @@ def test_llama_step_equals_the_model_forward(sharp_model_dir, dtype):
             positions, last = positions + 1, ref.max(-1).indices
         assert all(torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
                    for a, b in zip(ours.layers, cache.layers))
-    assert llama_step.build(torch.nn.Module(), decode.attend) is None  # anything not Llama's keeps its own forward
+    assert llama_step.build(torch.nn.Module(), decode_attention.attend) is None  # anything not Llama's keeps its own forward
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -159,13 +159,13 @@ def test_prefill_attention_on_grouped_heads_equals_transformers_sdpa(loaded, dty
     k, v = torch.randn(2, 3, 2, 7, 8, dtype=dtype)
     mask = torch.ones(3, 1, 5, 7, dtype=torch.bool).tril(2)  # causal, the query 2 positions after the keys' start
     mask[0, ..., :2] = False  # row 0 left-padded by 2
-    ours = decode.decode_attention(attn, q, k, v, mask, scaling=0.3)[0]
+    ours = decode_attention.decode_attention(attn, q, k, v, mask, scaling=0.3)[0]
     assert torch.equal(ours, sdpa_attention_forward(attn, q, k, v, mask, scaling=0.3)[0])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_one_token_attention_is_eager_attention_on_grouped_heads(dtype):
-    # decode.attend (scores as key @ q^T, read transposed) equals transformers' eager arithmetic on repeated key/value
+    # decode_attention.attend (scores as key @ q^T, read transposed) equals transformers' eager arithmetic on repeated key/value
     # heads: scores q @ k^T in the model dtype, scaled and masked in float32, softmax, then @ v. Bitwise in bf16; in
     # float32 the products of one query row (eager) and of a group's rows (here) may round apart in the last bit
     torch.manual_seed(0)
@@ -174,14 +174,14 @@ def test_one_token_attention_is_eager_attention_on_grouped_heads(dtype):
     k, v = torch.randn(2, batch, kv, positions, dim, dtype=dtype)
     bias = torch.zeros(batch, 1, 1, positions).masked_fill_(torch.rand(batch, 1, 1, positions) < 0.3, float("-inf"))
     bias[..., -1] = 0.0  # every row attends to its newest position
-    ours = decode.attend(q, k, v, bias.clone(), 0.125)
+    ours = decode_attention.attend(q, k, v, bias.clone(), 0.125)
     heads = q.reshape(batch, kv * group, 1, dim)
     keys, values = (t.repeat_interleave(group, dim=1) for t in (k, v))
     scores = torch.matmul(heads, keys.transpose(-1, -2)).float() * 0.125 + bias
     ref = torch.matmul(scores.softmax(-1).to(dtype), values).reshape(batch, kv, group, dim)
     same = torch.equal if dtype == torch.bfloat16 else lambda a, b: torch.allclose(a, b, rtol=1e-6, atol=1e-6)
     assert same(ours, ref)
-    assert torch.equal(decode.attend(q, k, v, bias == 0, 0.125), ours)  # a boolean mask: the same
+    assert torch.equal(decode_attention.attend(q, k, v, bias == 0, 0.125), ours)  # a boolean mask: the same
 
 
 def test_greedy_pick_is_the_first_maximal_index():

@@ -14,7 +14,7 @@ at about half the speed of large ones. Here, per layer:
 
 The arithmetic is the modules' own, op by op (the norms' statistics by torch's fused ``rms_norm``, equal to their
 five ops; the rotary embedding and the activation are the model's modules; the attention is the decode loop's,
-``decode.attend``, passed in), so on a tiny Llama the logits equal the transformers forward's bitwise (tested). One
+``decode_attention.attend``, passed in), so on a tiny Llama the logits equal the transformers forward's bitwise (tested). One
 step is not bitwise on every shape: oneDNN may block a joint q/k/v matmul differently from the narrower k and v
 ones (seen on SmolLM2-135M in bf16: a few rows' v differ in the last bit; packing and the joint gate/up were
 bitwise there), so long greedy outputs can part from the transformers forward's, as they do when the batch
@@ -165,7 +165,7 @@ class LlamaStep:
         width = mask.shape[1]
         cap = cache.layers[0].capacity_for(1)
         # the padding mask as an additive fp32 bias (0 or -inf), built once for every layer: the same scores as
-        # transformers' boolean SDPA mask with fewer ops per layer (decode.attend adds it in place)
+        # transformers' boolean SDPA mask with fewer ops per layer (decode_attention.attend adds it in place)
         allowed = torch.full((batch, 1, 1, cap), float("-inf"), device=x.device)
         allowed[:, 0, 0, :width].masked_fill_(mask.bool(), 0.0)
         for layer, cached in zip(self.layers, cache.layers):

@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from lmforge.config import Config
 from lmforge.data.packing import shared_prompt_mask
-from lmforge.inference import decode
+from lmforge.inference import decode, decode_attention
 from lmforge.inference.options import GenerationOptions
 from lmforge.log import log
 from lmforge.training import preference, rl
@@ -156,13 +156,13 @@ class GRPOObjective(Objective):
         base = model.get_base_model() if hasattr(model, "peft_config") else model  # LoRA layers stay in place
         if self.decoder is None:
             longest = max(len(s.prompt) for s in seqs) + g.max_completion_length
-            with decode.decoding_attention(base):
+            with decode_attention.decoding_attention(base):
                 self.decoder = decode.Decoder(base, self.tokenizer, max_batch=decode.auto_batch_size(base, longest),
                                               logprobs=True)
         was_training = model.training
         model.eval()
         try:
-            with decode.decoding_attention(base):  # and back to the training forward's attention after
+            with decode_attention.decoding_attention(base):  # and back to the training forward's attention after
                 self.decoder.run(decode.from_list(seqs))
         finally:
             model.train(was_training)
