@@ -10,7 +10,9 @@ at about half the speed of large ones. Here, per layer:
   weight (the LM head too) is packed once per ``Decoder.run`` into oneDNN's layout
   (``torch.ops.mkldnn._reorder_linear_weight``, what Inductor's freezing pass does) and applied with
   ``torch.ops.mkldnn._linear_pointwise`` (same values as ``F.linear``, bitwise); elsewhere ``F.linear``;
-- rotary embedding of q and k in one set of elementwise ops, the padding mask built once for all layers.
+- rotary embedding of q and k in one set of elementwise ops, the padding mask built once for all layers;
+- with packed weights, the matmuls' rows padded to a multiple of 16 (``PACKED_ROW_MULTIPLE``); attention and the
+  cache see the real rows only, its output written into a zero-padded buffer.
 
 The arithmetic is the modules' own, op by op (the norms' statistics by torch's fused ``rms_norm``, equal to their
 five ops; the rotary embedding and the activation are the model's modules; the attention is the decode loop's,
@@ -36,6 +38,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.models import same_code
+
+
+# Rows of a packed (oneDNN bf16) step's matmuls are padded to a multiple of this. Why: oneDNN's AMX kernels work on
+# tiles of 16 rows, and a row count just below a multiple of 16 costs more than the multiple (measured, AMX kind, 30
+# layers' linears and the head: 248 rows 49-51 ms, 256 rows 40 ms; 232 45 vs 240 40; 136 27 vs 144 26), and one
+# primitive serves up to 16 batch sizes. Only where weights are packed: unmeasured elsewhere.
+PACKED_ROW_MULTIPLE = 16
 
 
 def _llama_classes() -> dict[str, type]:
@@ -134,12 +143,13 @@ class LlamaStep:
     """The decode step (one new token per row) of a Llama-architecture model, on the decode loop's cache."""
 
     def __init__(self, model, attend):
-        self.attend = attend  # (q (B, kv, group, dim), keys, values, mask (B, 1, 1, L), scaling) -> (B, kv, group, dim)
+        self.attend = attend  # (q (B, kv, group, dim), keys, values, mask (B, 1, 1, L), scaling, out=) -> out
         inner = model.model
         dtype = inner.embed_tokens.weight.dtype
         pack = packs(dtype) and inner.embed_tokens.weight.device.type == "cpu"
         self.embed, self.norm, self.rotary = inner.embed_tokens, _Norm(inner.norm), inner.rotary_emb
         self.head = _joined(model.lm_head, pack=pack)
+        self.row_multiple = PACKED_ROW_MULTIPLE if pack else 1
         cfg = model.config
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.layers = []
@@ -156,7 +166,8 @@ class LlamaStep:
         """Logits (B, vocab) of the next token after ``tokens`` (B,) at ``positions`` (B,); ``mask`` (B, L) marks
         the cached positions each row attends to, the new one last. Writes the new keys/values into ``cache``."""
         batch, heads, kv, dim = tokens.shape[0], self.heads, self.kv_heads, self.head_dim
-        x = self.embed(tokens)  # (B, C)
+        spare = -batch % self.row_multiple  # rows of padding for the matmuls (PACKED_ROW_MULTIPLE); not attended
+        x = self.embed(torch.cat([tokens, tokens.new_zeros(spare)]) if spare else tokens)  # (B + spare, C)
         cos, sin = self.rotary(x, positions[:, None])  # (B, 1, dim): broadcast over the heads below
         half = dim // 2
         # rotate_half(t) * sin = cat(-t2, t1) * sin = cat(t2, t1) * cat(-sin1, sin2): the same products (a sign
@@ -168,18 +179,20 @@ class LlamaStep:
         # transformers' boolean SDPA mask with fewer ops per layer (decode_attention.attend adds it in place)
         allowed = torch.full((batch, 1, 1, cap), float("-inf"), device=x.device)
         allowed[:, 0, 0, :width].masked_fill_(mask.bool(), 0.0)
+        out = x.new_zeros(batch + spare, heads * dim)  # each layer's attention output; the padding rows stay zero
         for layer, cached in zip(self.layers, cache.layers):
-            qkv = layer.qkv(layer.input_norm(x))  # (B, (heads + 2 kv) * dim)
+            qkv = layer.qkv(layer.input_norm(x))[:batch]  # (B, (heads + 2 kv) * dim)
             qk = qkv[:, :(heads + kv) * dim].view(batch, heads + kv, dim)
             qk = (qk * cos) + (torch.cat((qk[..., half:], qk[..., :half]), dim=-1) * sin)
             k = qk[:, heads:, None]  # (B, kv, 1, dim)
             v = qkv[:, (heads + kv) * dim:].view(batch, kv, 1, dim)
             keys, values = cached.update(k, v)
-            out = self.attend(qk[:, :heads].reshape(batch, kv, heads // kv, dim), keys, values, allowed, layer.scaling)
-            x = x + layer.o(out.reshape(batch, heads * dim))
+            self.attend(qk[:, :heads].reshape(batch, kv, heads // kv, dim), keys, values, allowed, layer.scaling,
+                        out=out[:batch].view(batch, kv, heads // kv, dim))
+            x = x + layer.o(out)
             gate_up = layer.gate_up(layer.post_norm(x))
             x = x + layer.down(layer.act(gate_up[:, :self.intermediate]) * gate_up[:, self.intermediate:])
-        return self.head(self.norm(x))
+        return self.head(self.norm(x))[:batch]
 
 
 def build(model, attend) -> LlamaStep | None:
