@@ -665,6 +665,34 @@ def test_speed_is_the_probes_measure_cached_per_machine(setup, lmforge_cache, mo
     path.unlink()  # the slow figures written here go to no other test
 
 
+
+def test_the_probe_times_the_layer_alone_after_its_warm_up_even_past_its_budget(setup, lmforge_cache, monkeypatch):
+    """The layer's time is the median of its passes alone after ``LAYER_WARMUP`` passes not kept, never of the
+    one-layer model's first passes: a probe whose budget is spent (once a fresh process's build, compiling the
+    recompute kernels, spent it) still times ``MIN_REPEATS`` of them (it kept none, and read 76-85 ms per layer of
+    SmolLM2-135M against 55-58 in the real run)."""
+    monkeypatch.setattr(estimate_probe, "BUSY", float("inf"))  # the machine may be shared
+    monkeypatch.setattr(estimate_probe, "BUDGET_SECONDS", 0.0)
+    monkeypatch.setattr(estimate_probe, "LAYER_BUDGET_SECONDS", 0.0)
+    calls = []
+    build = estimate_probe._one_layer_model
+
+    def counted(*args, **kwargs):  # the layer's forwards: in the model's passes and alone
+        model, master, packed = build(*args, **kwargs)
+        layer = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList))[0]
+        layer.register_forward_pre_hook(lambda *_: calls.append(1))
+        return model, master, packed
+
+    monkeypatch.setattr(estimate_probe, "_one_layer_model", counted)
+    path = lmforge_cache / estimate_probe.CACHE_FILE
+    path.unlink(missing_ok=True)
+    here = dataclasses.replace(machine(), probe=True, threads=1)
+    p = Estimator(setup(), 1, machine=here).estimate().time["probe"]
+    assert not p["cached"] and p["repeats"] == p["layer_repeats"] == estimate_probe.MIN_REPEATS
+    # the model's warm-up and timed passes, then the layer alone: its warm-up passes and the timed ones
+    assert len(calls) == 1 + p["repeats"] + estimate_probe.LAYER_WARMUP + p["layer_repeats"]
+    path.unlink()  # figures of a cut probe go to no other test
+
 def test_the_peak_is_measured_at_the_models_linear_shapes():
     """mfu's and the estimate's peak (issue 23 item 6): the model's own linear layers, counted as the model has them."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -8,15 +8,20 @@ code path: its precision (``MasterWeights``), PEFT's adapters with the engine's 
 and dropout, gradient checkpointing, the packed per-sample attention and the chunked loss), and times on a
 micro-batch of the run's mean shape, after a warm-up, the median of a few repeats of:
 
-  * the decoder layer's forward + backward (hooks around the layer and on its input's and output's gradients; with
-    checkpointing the recomputed forward is inside its backward);
-  * the rest of forward + backward: embeddings, final norm, LM head and loss (``losses.token_loss_sum``);
+  * the decoder layer's forward + backward, timed alone on the arguments it had in the model, after two warm-up
+    passes of its own (with checkpointing the recomputed forward is inside its backward). Not inside the one-layer
+    model's few passes: right after one warm-up they read 67-85 ms per layer where the real run's steady steps take
+    55-58 ms and the layer alone 54-59 (SmolLM2-135M, 8 x 209, AMX kind), as the first passes of a process are slow
+    (the real run's first step: 74 ms per layer, 10k page faults each, against under 1k in later steps);
+  * the rest of forward + backward: embeddings, final norm, LM head and loss (``losses.token_loss_sum``), hooks
+    around the layer and on its input's and output's gradients taking the layer's part out;
   * the optimizer step as the engine takes it (master gradients, clipping, AdamW, the masters copied back, zeroing),
     per trainable parameter (timed once, after its warm-up step).
 
 Seconds per micro-batch = layers x layer + rest; per step, x accumulation + the optimizer scaled to the run's
-trainable parameters. One measurement takes under ~2 s on SmolLM2-135M and is cached per CPU kind, threads, torch,
-dtype, layer shape, method kind and micro-batch shape (``probe.json`` in lmforge's cache).
+trainable parameters. One measurement takes ~2 s on SmolLM2-135M after the model's build (in a fresh process the
+build compiles the recompute kernels, 2-4 s, once: the run's model reuses them) and is cached per CPU kind, threads,
+torch, dtype, layer shape, method kind and micro-batch shape (``probe.json`` in lmforge's cache).
 """
 
 from __future__ import annotations
@@ -46,12 +51,15 @@ from lmforge.training.precision import MasterWeights
 from lmforge.training.recompute import NormOutputs, use_recompute_layers
 
 CACHE_FILE = "estimate_probe.json"
-PROBE_VERSION = 7  # raised when the engine's step changes what a probe measures (2: recompute.py's layers; 3: LoRA
+PROBE_VERSION = 8  # raised when the engine's step changes what a probe measures (2: recompute.py's layers; 3: LoRA
 # dropout; 4: the recompute layers kept through train() (62c1bf7); 5: split bf16 masters, precision.py; 6: the
-# recompute layers' kernels compiled; 7: bf16 gradients widened inside the masters' step)
-BUDGET_SECONDS = 1.2  # timed repeats stop once the probe has run this long (model build included) ...
+# recompute layers' kernels compiled; 7: bf16 gradients widened inside the masters' step; 8: the layer's time from the
+# layer alone after its warm-up, the budgets counted after the build: since 6 a fresh process's build ate them, and the
+# layer's time came from two passes of the cold one-layer model, 76-85 ms against 55-58 in the run)
+BUDGET_SECONDS = 1.2  # timed repeats stop once the probe has run this long (after the model's build) ...
 MIN_REPEATS, MAX_REPEATS = 2, 3  # ... after at least this many (and at most this many), after one warm-up
-LAYER_BUDGET_SECONDS, LAYER_REPEATS = 1.8, 8  # then the layer alone, for more samples of its time
+LAYER_BUDGET_SECONDS, LAYER_REPEATS = 2.0, 8  # then the layer alone, its time: at least MIN_REPEATS of these ...
+LAYER_WARMUP = 2  # ... after this many passes not kept (the first passes of a fresh process run slower)
 
 
 @dataclass
@@ -194,9 +202,9 @@ def _batch(batch: ProbeBatch, vocab: int, packed: bool) -> dict:
 
 
 def _layer_alone(model, layer, called: dict, start: float) -> list[float]:
-    """More samples of the layer's forward + backward, the largest term (x layers), cheaply: the layer alone on the
-    arguments it had in the model (its input as a leaf that wants a gradient, a fixed output gradient), while the
-    probe's budget lasts."""
+    """The layer's forward + backward, the largest term (x layers): the layer alone on the arguments it had in the
+    model (its input as a leaf that wants a gradient, a fixed output gradient), ``LAYER_WARMUP`` passes, then timed
+    at least ``MIN_REPEATS`` times and at most ``LAYER_REPEATS`` while the probe's budget lasts."""
     from transformers.cache_utils import Cache  # lazy, as above
 
     # no KV cache: the model's forward made one (use_cache), and appending to it again would attend to old keys
@@ -204,23 +212,27 @@ def _layer_alone(model, layer, called: dict, start: float) -> list[float]:
     kwargs = {k: None if isinstance(v, Cache) else v for k, v in called["kwargs"].items() if k != "use_cache"}
     h = (args[0] if args else kwargs.pop("hidden_states")).detach().requires_grad_(True)
     args = args[1:]
-    grad, out = None, []
-    while len(out) < LAYER_REPEATS and time.perf_counter() - start < LAYER_BUDGET_SECONDS:
+    grad, out, passes = None, [], 0
+    while len(out) < LAYER_REPEATS and (len(out) < MIN_REPEATS or time.perf_counter() - start < LAYER_BUDGET_SECONDS):
         t0 = time.perf_counter()
-        o = layer(h, *args, **kwargs)
+        with NormOutputs():  # as the native engine's forward
+            o = layer(h, *args, **kwargs)
         o = o[0] if isinstance(o, tuple) else o
         if grad is None:
             grad = torch.full_like(o, 1e-3)
         o.backward(grad)
-        out.append(time.perf_counter() - t0)
+        passes += 1
+        if passes > LAYER_WARMUP:
+            out.append(time.perf_counter() - t0)
         model.zero_grad(set_to_none=True)
         h.grad = None
     return out
 
 
 def _measure(cfg: Config, model_config, compute, batch: ProbeBatch) -> dict:
-    start = time.perf_counter()
+    begun = time.perf_counter()
     model, master, packed = _one_layer_model(cfg, model_config, compute)
+    start = time.perf_counter()  # the budgets count from here: a fresh process's build compiles the kernels (2-4 s)
     inputs = _batch(batch, model_config.vocab_size, packed)
     named = master.named_trainable() if master else [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
@@ -256,7 +268,7 @@ def _measure(cfg: Config, model_config, compute, batch: ProbeBatch) -> dict:
     hooks = [layer.register_forward_pre_hook(before, with_kwargs=True),
              layer.register_forward_hook(after, with_kwargs=True),
              model.get_input_embeddings().register_forward_hook(inputs_need_grad)]
-    layer_s, rest_s, optim_s = [], [], []
+    rest_s, optim_s = [], []
     try:
         for i in range(1 + MAX_REPEATS):
             marks.clear()
@@ -279,18 +291,16 @@ def _measure(cfg: Config, model_config, compute, batch: ProbeBatch) -> dict:
             model.zero_grad(set_to_none=True)
             if i == 0:
                 continue  # the warm-up: oneDNN's primitives for these shapes, the optimizer's states
-            in_layer = (marks["f1"] - marks["f0"]) + (marks["b1"] - marks["b0"])
-            layer_s.append(in_layer)
-            rest_s.append(t1 - t0 - in_layer)
+            rest_s.append(t1 - t0 - (marks["f1"] - marks["f0"]) - (marks["b1"] - marks["b0"]))
             if i >= MIN_REPEATS and time.perf_counter() - start > BUDGET_SECONDS:
                 break
     finally:
         for h in hooks:
             h.remove()
-    layer_s += _layer_alone(model, layer, called, start)
+    layer_s = _layer_alone(model, layer, called, start)
     return {"layer_seconds": statistics.median(layer_s), "rest_seconds": statistics.median(rest_s),
             "optimizer_seconds": optim_s[-1], "optimizer_params": sum(p.numel() for p in params),
             "repeats": len(rest_s), "layer_repeats": len(layer_s),
-            "probe_seconds": round(time.perf_counter() - start, 2),
+            "probe_seconds": round(time.perf_counter() - begun, 2),
             "load_average": round(os.getloadavg()[0], 2),  # a probe measured on a busy machine shows it
             "measured_at": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
