@@ -708,3 +708,22 @@ def test_the_peak_is_measured_at_the_models_linear_shapes():
         (k, n) for c, k, n in shapes for _ in range(c))
     assert linear_shapes(LlamaConfig(**{**cfg.to_dict(), "num_local_experts": 4})) == ()  # experts: the square peak
     assert 0 < measure_shape_peak(torch.float32, shapes, tokens=16, seconds=0.01) < 1e15
+
+
+def test_own_cpu_time_counts_living_child_processes():
+    # a probe's busy check must not count its own workers (Inductor's compile pool) as other processes: a child
+    # that burns 0.5 s of CPU and then waits, still alive, counts as this process's time
+    import subprocess
+    import sys
+
+    from lmforge.training import flops
+
+    burn = "import sys, time\nwhile time.process_time() < 0.5: pass\nprint('done', flush=True)\ntime.sleep(60)"
+    before = flops.own_cpu_seconds()
+    child = subprocess.Popen([sys.executable, "-c", burn], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "done"
+        assert flops.own_cpu_seconds() - before >= 0.45
+    finally:
+        child.kill()
+        child.wait()
