@@ -35,36 +35,13 @@ def prompt_rows(n: int) -> list[dict]:
             for i in range(n)]
 
 
-def cpu_seconds() -> float:
-    """CPU time (user + system) of this process and all its descendants (vLLM runs engine processes).
-
-    Reported beside wall time because the machine may be shared: CPU seconds per token are far less
-    disturbed by other people's jobs than wall-clock tokens/s."""
-    tick = os.sysconf("SC_CLK_TCK")
-    stats = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            stats[int(d.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)  # ppid, utime+stime
-    family, total, frontier = {os.getpid()}, 0.0, [os.getpid()]
-    while frontier:
-        parent = frontier.pop()
-        total += stats.get(parent, (0, 0.0))[1]
-        for pid, (ppid, _) in stats.items():
-            if ppid == parent and pid not in family:
-                family.add(pid)
-                frontier.append(pid)
-    return total
-
-
 def run_lmforge(model: str, inp: Path, max_new: int, batch_size: int | None, backend: str, batching: str) -> dict:
     """lmforge's file generation path, timed after the model load and a short warm-up."""
     from lmforge.inference.backends import load_backend
     from lmforge.inference.batch import generate_file, read_prompt_rows
     from lmforge.inference.generate import GenerationOptions
+    # CPU seconds beside wall time: less disturbed by other jobs on a shared machine (vLLM's engine processes counted)
+    from lmforge.training.flops import own_cpu_seconds as cpu_seconds
 
     b = load_backend(backend, model, "auto", batching, batch_size)
     opts = GenerationOptions(max_new_tokens=max_new)
@@ -83,6 +60,7 @@ def run_plain(model: str, inp: Path, max_new: int, batch_size: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lmforge.models import pick_dtype
+    from lmforge.training.flops import own_cpu_seconds as cpu_seconds
 
     tok = AutoTokenizer.from_pretrained(model, padding_side="left")
     lm = AutoModelForCausalLM.from_pretrained(model, dtype=pick_dtype("auto")).eval()
