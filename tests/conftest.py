@@ -77,7 +77,8 @@ def sharp_model_dir(tiny_model_dir, tmp_path_factory):
 
 # What lmforge measures of the machine into an empty cache, the matmul peak (0.5 s a dtype) and the estimate's speed
 # probe (0.1 s on the tiny model, per model shape, method kind and micro-batch), is measured once a test session: each
-# test's fresh cache starts with what was measured so far and hands back what it measured.
+# test's fresh cache starts with what was measured so far and hands back what it measured. The decode attention
+# kernel is built once a session too.
 SESSION_MEASURED = ("peak_flops.json", "estimate_probe.json")
 
 
@@ -93,6 +94,8 @@ def lmforge_cache(tmp_path, monkeypatch, measured_peaks) -> Path:
     for name in SESSION_MEASURED:
         if (measured_peaks / name).exists():
             (cache / name).write_text((measured_peaks / name).read_text())
+    (measured_peaks / "kernels").mkdir(exist_ok=True)
+    (cache / "kernels").symlink_to(measured_peaks / "kernels")  # built once a session (attention_kernel)
     monkeypatch.setenv("LMFORGE_CACHE", str(cache))
     yield cache
     for name in SESSION_MEASURED:
