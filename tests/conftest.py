@@ -78,7 +78,7 @@ def sharp_model_dir(tiny_model_dir, tmp_path_factory):
 # What lmforge measures of the machine into an empty cache, the matmul peak (0.5 s a dtype) and the estimate's speed
 # probe (0.1 s on the tiny model, per model shape, method kind and micro-batch), is measured once a test session: each
 # test's fresh cache starts with what was measured so far and hands back what it measured. The decode attention
-# kernel is built once a session too.
+# kernel is built once a session too (decode_kernels).
 SESSION_MEASURED = ("peak_flops.json", "estimate_probe.json")
 
 
@@ -95,7 +95,7 @@ def lmforge_cache(tmp_path, monkeypatch, measured_peaks) -> Path:
         if (measured_peaks / name).exists():
             (cache / name).write_text((measured_peaks / name).read_text())
     (measured_peaks / "kernels").mkdir(exist_ok=True)
-    (cache / "kernels").symlink_to(measured_peaks / "kernels")  # built once a session (attention_kernel)
+    (cache / "kernels").symlink_to(measured_peaks / "kernels")  # built once a session (decode_kernels)
     monkeypatch.setenv("LMFORGE_CACHE", str(cache))
     yield cache
     for name in SESSION_MEASURED:

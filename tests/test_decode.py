@@ -121,13 +121,13 @@ def test_rows_that_stay_fill_the_slots_of_rows_that_left():
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_llama_step_equals_the_model_forward(sharp_model_dir, dtype):
-    # decode steps over a left-padded batch: the fused (bf16: oneDNN-packed) step gives the transformers forward's
-    # logits and cache, bitwise
+    # decode steps over a left-padded batch: the joint-matmul (bf16: oneDNN-packed) step, its elementwise work as torch
+    # ops and the attention as batched matmuls, gives the transformers forward's logits and cache, bitwise
     import copy
 
     loaded = load_for_inference(str(sharp_model_dir), dtype=dtype)
     decoder = decode.Decoder(loaded.model, loaded.tokenizer, 4)
-    step = llama_step.build(loaded.model, decode_attention.attend)
+    step = llama_step.build(loaded.model, decode_attention.attend_matmul, fused=False)
     assert step is not None and step.head.packed == (dtype == "bfloat16" and llama_step.packs(torch.bfloat16))
     prompts = [encode_prompt(r, loaded.tokenizer) for r in ROWS[:3]]
     seqs = [decode.Sequence(p, GenerationOptions(), frozenset()) for p in prompts]
@@ -165,23 +165,24 @@ def test_prefill_attention_on_grouped_heads_equals_transformers_sdpa(loaded, dty
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_one_token_attention_is_eager_attention_on_grouped_heads(dtype):
-    # decode_attention.attend (scores as key @ q^T, read transposed) equals transformers' eager arithmetic on repeated key/value
-    # heads: scores q @ k^T in the model dtype, scaled and masked in float32, softmax, then @ v. Bitwise in bf16; in
-    # float32 the products of one query row (eager) and of a group's rows (here) may round apart in the last bit
+    # decode_attention.attend_matmul (scores as key @ q^T, read transposed) equals transformers' eager arithmetic on
+    # repeated key/value heads: scores q @ k^T in the model dtype, scaled and masked in float32, softmax, then @ v.
+    # Bitwise in bf16; in float32 the products of one query row (eager) and of a group's rows (here) may round apart
+    # in the last bit
     torch.manual_seed(0)
     batch, kv, group, positions, dim = 5, 2, 3, 37, 16
     q = torch.randn(batch, kv, group, dim, dtype=dtype)
     k, v = torch.randn(2, batch, kv, positions, dim, dtype=dtype)
     bias = torch.zeros(batch, 1, 1, positions).masked_fill_(torch.rand(batch, 1, 1, positions) < 0.3, float("-inf"))
     bias[..., -1] = 0.0  # every row attends to its newest position
-    ours = decode_attention.attend(q, k, v, bias.clone(), 0.125)
+    ours = decode_attention.attend_matmul(q, k, v, bias.clone(), 0.125)
     heads = q.reshape(batch, kv * group, 1, dim)
     keys, values = (t.repeat_interleave(group, dim=1) for t in (k, v))
     scores = torch.matmul(heads, keys.transpose(-1, -2)).float() * 0.125 + bias
     ref = torch.matmul(scores.softmax(-1).to(dtype), values).reshape(batch, kv, group, dim)
     same = torch.equal if dtype == torch.bfloat16 else lambda a, b: torch.allclose(a, b, rtol=1e-6, atol=1e-6)
     assert same(ours, ref)
-    assert torch.equal(decode_attention.attend(q, k, v, bias == 0, 0.125), ours)  # a boolean mask: the same
+    assert torch.equal(decode_attention.attend_matmul(q, k, v, bias == 0, 0.125), ours)  # a boolean mask: the same
 
 
 def test_greedy_pick_is_the_first_maximal_index():

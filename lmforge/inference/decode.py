@@ -44,6 +44,7 @@ class Sequence:
     finished: bool = False
     generator: torch.Generator | None = None
     logprobs: list[float] = field(default_factory=list)  # per token in ``ids``, with ``Decoder(logprobs=True)``
+    head: object = None  # the per-layer keys/values its cache starts with (a shared prompt prefix), if any
 
     def sampling_key(self) -> tuple:
         o = self.opts
@@ -123,6 +124,7 @@ class Decoder:
         # prompt-tuning adapter's keys/values hold its virtual tokens first
         self._prefix = None
         self._virtual: dict = {}  # {prompt-tuning adapter: per-layer (keys, values) of its virtual tokens alone}
+        self._shared = None  # (the kept prefix's head, its per-layer (keys, values) (kv, P, dim)): _shared_rows
         self.fast = None  # the decode steps' forward for this run: a llama_step.LlamaStep, or None (the model's)
 
     @torch.inference_mode()
@@ -173,6 +175,8 @@ class Decoder:
         prefix = self._shared_prefix(seqs)
         n = len(prefix[0]) if prefix else 0
         heads = [prefix[1][s.adapter] if prefix else self._virtual_head(s.adapter) for s in seqs]
+        for s, head in zip(seqs, heads):
+            s.head = head
         sizes = [h[0][0].shape[2] if h else 0 for h in heads]  # cached positions before each row's rest
         parts, logits = [], []
         start = 0
@@ -270,7 +274,7 @@ class Decoder:
         cache, mask, positions, last = state
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         if self.fast is not None:
-            logits = self.fast(last, positions, mask, cache)
+            logits = self.fast(last, positions, mask, cache, self._shared_rows(live))
         else:
             logits = self._forward(live, last[:, None], mask, positions[:, None], cache, last_only=False)
         self.steps += 1
@@ -301,6 +305,22 @@ class Decoder:
             return [], None
         order = _fill_holes(keep)
         return [live[i] for i in order], _select(state, order)
+
+    def _shared_rows(self, live: list[Sequence]):
+        """(per layer (keys, values) (kv, P, dim), rows (B,) bool) of the kept shared prompt prefix and the rows whose
+        caches start with it, for the decode step's attention to read it once for all of them; None when no row does.
+
+        Why: chat prompts share their system prompt and template head (30 of ~40 tokens for SmolLM2), and every row
+        holds a copy; the one-token attention is memory-bound, and reading one copy that stays in the CPU's cache
+        instead of each row's cuts its traffic by that share (measured on the AMX kind: see docs/inference.md).
+        """
+        head = self._prefix[1].get(None) if self._prefix else None
+        rows = [s.head is head for s in live] if head is not None else []
+        if not any(rows):
+            return None
+        if self._shared is None or self._shared[0] is not head:
+            self._shared = (head, [(k[0], v[0]) for k, v in head])
+        return self._shared[1], torch.tensor(rows, device=self.device)
 
     def _hit_stop(self, seq: Sequence) -> bool:
         """Whether the text generated so far contains a stop string; decoding a tail of tokens is enough

@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-from lmforge.inference import attention_kernel
+from lmforge.inference import decode_kernels
 
 ATTENTION = "lmforge_decode"
 
@@ -48,22 +48,25 @@ def decode_attention(module, query, key, value, attention_mask, dropout: float =
     return out.reshape(batch, 1, heads, dim), None
 
 
-def attend(q, key, value, attention_mask, scaling: float, out: torch.Tensor | None = None) -> torch.Tensor:
+def attend(q, key, value, attention_mask, scaling: float, out: torch.Tensor | None = None, shared=None) -> torch.Tensor:
     """One query token per row: q (batch, kv_heads, group, dim) over key/value (batch, kv_heads, positions, dim);
     ``attention_mask`` (batch, 1, 1, positions) boolean (True = attend) or additive, or None. Returns (batch,
     kv_heads, group, dim), written into ``out`` (contiguous, of that shape) if given. Scores in the model dtype,
     softmax in float32, as transformers' eager attention: by lmforge's fused kernel where it is built and covers the
-    call (``attention_kernel``; it reads only the attended positions), else by ``attend_matmul``."""
-    if attention_kernel.applies(q, key, value, attention_mask, out if out is not None else q) and \
-            (op := attention_kernel.load()) is not None:
-        return op(q, key, value, attention_mask.expand(q.shape[0], -1, -1, -1), scaling,
-                  out if out is not None else q.new_empty(q.shape))
+    call (``decode_kernels``; it reads only the attended positions), else by ``attend_matmul``. ``shared``: (keys,
+    values (kv_heads, L, dim), rows (batch,) bool), the L first attended positions of the rows flagged, which the
+    kernel reads from this one copy (they are the same values: the rows' caches started with them)."""
+    if decode_kernels.attention_applies(q, key, value, attention_mask, out if out is not None else q) and \
+            (ops := decode_kernels.load()) is not None:
+        return ops.one_token_attention(q, key, value, attention_mask.expand(q.shape[0], -1, -1, -1), scaling,
+                                       out if out is not None else q.new_empty(q.shape), *(shared or ()))
     return attend_matmul(q, key, value, attention_mask, scaling, out)
 
 
-def attend_matmul(q, key, value, attention_mask, scaling: float, out: torch.Tensor | None = None) -> torch.Tensor:
+def attend_matmul(q, key, value, attention_mask, scaling: float, out: torch.Tensor | None = None,
+                  shared=None) -> torch.Tensor:
     """``attend`` as torch's batched matmuls over the whole key/value buffer (the reference the kernel is tested
-    against; bitwise transformers' eager arithmetic in bf16)."""
+    against; bitwise transformers' eager arithmetic in bf16). ``shared`` is not needed: the rows hold those values."""
     # the scores as key @ q^T, read back transposed into a new fp32 tensor (in place after). Why not q @ key^T: the
     # same values (the same dot products), but oneDNN streams the cache faster as the left operand (measured, AMX
     # kind, caches out of CPU cache: 0.78 vs 0.95 ms a layer at 256 rows x 73 positions, 116 vs 214 us at 32 x 172)

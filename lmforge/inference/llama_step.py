@@ -12,12 +12,17 @@ at about half the speed of large ones. Here, per layer:
   ``torch.ops.mkldnn._linear_pointwise`` (same values as ``F.linear``, bitwise); elsewhere ``F.linear``;
 - rotary embedding of q and k in one set of elementwise ops, the padding mask built once for all layers;
 - with packed weights, the matmuls' rows padded to a multiple of 16 (``PACKED_ROW_MULTIPLE``); attention and the
-  cache see the real rows only, its output written into a zero-padded buffer.
+  cache see the real rows only, its output written into a zero-padded buffer;
+- with ``fused`` (the decode loop's default where ``decode_kernels`` builds, for SiLU models in bf16 or fp32), the
+  elementwise work in three kernels a layer instead of ~20 torch ops: the residual add with the next RMSNorm, the
+  rotary embedding in place, SiLU(gate) x up. Each rounds to the model dtype where the torch ops do; the rotary
+  embedding is bitwise theirs, the norm's mean of squares and SiLU's exp are summed and approximated in another
+  order (within a bf16 step: tested), so fused steps are close to, not bitwise, the transformers forward.
 
-The arithmetic is the modules' own, op by op (the norms' statistics by torch's fused ``rms_norm``, equal to their
-five ops; the rotary embedding and the activation are the model's modules; the attention is the decode loop's,
-``decode_attention.attend``, passed in), so on a tiny Llama the logits equal the transformers forward's bitwise (tested). One
-step is not bitwise on every shape: oneDNN may block a joint q/k/v matmul differently from the narrower k and v
+Unfused, the arithmetic is the modules' own, op by op (the norms' statistics by torch's fused ``rms_norm``, equal to
+their five ops; the rotary embedding and the activation are the model's modules; the attention is the one passed in,
+``decode_attention.attend_matmul`` in the test), so on a tiny Llama the logits equal the transformers forward's bitwise
+(tested). One step is not bitwise on every shape: oneDNN may block a joint q/k/v matmul differently from the narrower k and v
 ones (seen on SmolLM2-135M in bf16: a few rows' v differ in the last bit; packing and the joint gate/up were
 bitwise there), so long greedy outputs can part from the transformers forward's, as they do when the batch
 shape changes (on the benchmark's 256 prompts, 128 of the 256 rows' outputs stay identical).
@@ -37,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.inference import decode_kernels
 from lmforge.models import same_code
 
 
@@ -142,10 +148,13 @@ def _joined(*linears: nn.Linear, pack: bool) -> _Linear:
 class LlamaStep:
     """The decode step (one new token per row) of a Llama-architecture model, on the decode loop's cache."""
 
-    def __init__(self, model, attend):
+    def __init__(self, model, attend, fused: bool = True):
         self.attend = attend  # (q (B, kv, group, dim), keys, values, mask (B, 1, 1, L), scaling, out=) -> out
         inner = model.model
         dtype = inner.embed_tokens.weight.dtype
+        self.kernels = None  # decode_kernels' ops, when the step's elementwise work runs fused (``fused``)
+        if fused and _fusable(model):
+            self.kernels = decode_kernels.load()
         pack = packs(dtype) and inner.embed_tokens.weight.device.type == "cpu"
         self.embed, self.norm, self.rotary = inner.embed_tokens, _Norm(inner.norm), inner.rotary_emb
         self.head = _joined(model.lm_head, pack=pack)
@@ -162,9 +171,12 @@ class LlamaStep:
         self.head_dim = inner.layers[0].self_attn.head_dim
         self.intermediate = inner.layers[0].mlp.gate_proj.out_features
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache,
+                 shared=None) -> torch.Tensor:
         """Logits (B, vocab) of the next token after ``tokens`` (B,) at ``positions`` (B,); ``mask`` (B, L) marks
-        the cached positions each row attends to, the new one last. Writes the new keys/values into ``cache``."""
+        the cached positions each row attends to, the new one last. Writes the new keys/values into ``cache``.
+        ``shared``: (per layer (keys, values) (kv, P, dim), rows (B,) bool): a prefix the rows flagged start with
+        (their first P attended positions), for the attention to read once (``decode_attention.attend``)."""
         batch, heads, kv, dim = tokens.shape[0], self.heads, self.kv_heads, self.head_dim
         spare = -batch % self.row_multiple  # rows of padding for the matmuls (PACKED_ROW_MULTIPLE); not attended
         x = self.embed(torch.cat([tokens, tokens.new_zeros(spare)]) if spare else tokens)  # (B + spare, C)
@@ -180,7 +192,10 @@ class LlamaStep:
         allowed = torch.full((batch, 1, 1, cap), float("-inf"), device=x.device)
         allowed[:, 0, 0, :width].masked_fill_(mask.bool(), 0.0)
         out = x.new_zeros(batch + spare, heads * dim)  # each layer's attention output; the padding rows stay zero
-        for layer, cached in zip(self.layers, cache.layers):
+        shared = [(k, v, shared[1]) for k, v in shared[0]] if shared is not None else [None] * len(self.layers)
+        if self.kernels is not None:
+            return self._fused(x, batch, cos.view(batch, dim), sin.view(batch, dim), allowed, out, cache, shared)
+        for layer, cached, common in zip(self.layers, cache.layers, shared):
             qkv = layer.qkv(layer.input_norm(x))[:batch]  # (B, (heads + 2 kv) * dim)
             qk = qkv[:, :(heads + kv) * dim].view(batch, heads + kv, dim)
             qk = (qk * cos) + (torch.cat((qk[..., half:], qk[..., :half]), dim=-1) * sin)
@@ -188,13 +203,43 @@ class LlamaStep:
             v = qkv[:, (heads + kv) * dim:].view(batch, kv, 1, dim)
             keys, values = cached.update(k, v)
             self.attend(qk[:, :heads].reshape(batch, kv, heads // kv, dim), keys, values, allowed, layer.scaling,
-                        out=out[:batch].view(batch, kv, heads // kv, dim))
+                        out=out[:batch].view(batch, kv, heads // kv, dim), shared=common)
             x = x + layer.o(out)
             gate_up = layer.gate_up(layer.post_norm(x))
             x = x + layer.down(layer.act(gate_up[:, :self.intermediate]) * gate_up[:, self.intermediate:])
         return self.head(self.norm(x))[:batch]
 
+    def _fused(self, x, batch, cos, sin, allowed, out, cache, shared) -> torch.Tensor:
+        """The layers with their elementwise work in ``decode_kernels``: x (B + spare, C) is the residual stream,
+        updated in place, h its normed copy for the next matmul."""
+        ops, heads, kv, dim = self.kernels, self.heads, self.kv_heads, self.head_dim
+        h, act = torch.empty_like(x), x.new_empty(x.shape[0], self.intermediate)
+        norms = [layer.input_norm for layer in self.layers[1:]] + [self.norm]
+        ops.add_rms_norm(x, None, self.layers[0].input_norm.weight, self.layers[0].input_norm.eps, h)
+        for layer, cached, following, common in zip(self.layers, cache.layers, norms, shared):
+            qkv = layer.qkv(h)[:batch]
+            qk = ops.rotary(qkv[:, :(heads + kv) * dim].view(batch, heads + kv, dim), cos, sin)
+            keys, values = cached.update(qk[:, heads:, None], qkv[:, (heads + kv) * dim:].view(batch, kv, 1, dim))
+            self.attend(qk[:, :heads].reshape(batch, kv, heads // kv, dim), keys, values, allowed, layer.scaling,
+                        out=out[:batch].view(batch, kv, heads // kv, dim), shared=common)
+            ops.add_rms_norm(x, layer.o(out), layer.post_norm.weight, layer.post_norm.eps, h)
+            ops.add_rms_norm(x, layer.down(ops.silu_mul(layer.gate_up(h), act)), following.weight, following.eps, h)
+        return self.head(h)[:batch]
 
-def build(model, attend) -> LlamaStep | None:
-    """The decode step for ``model`` when it is a Llama-architecture model this forward covers, else None."""
-    return LlamaStep(model, attend) if _is_llama(model) else None
+
+def _fusable(model) -> bool:
+    """Whether ``decode_kernels`` cover the step's elementwise work: SiLU MLPs, a CPU model in bf16 or fp32, an even
+    head dim up to 256."""
+    from transformers.activations import SiLUActivation
+
+    inner = model.model
+    return inner.embed_tokens.weight.device.type == "cpu" and \
+        inner.embed_tokens.weight.dtype in (torch.bfloat16, torch.float32) and \
+        all(type(layer.mlp.act_fn) in (nn.SiLU, SiLUActivation) for layer in inner.layers) and \
+        inner.layers[0].self_attn.head_dim % 2 == 0 and inner.layers[0].self_attn.head_dim <= 256
+
+
+def build(model, attend, fused: bool = True) -> LlamaStep | None:
+    """The decode step for ``model`` when it is a Llama-architecture model this forward covers, else None; ``fused``:
+    its elementwise work in ``decode_kernels`` where they build and cover the model."""
+    return LlamaStep(model, attend, fused) if _is_llama(model) else None

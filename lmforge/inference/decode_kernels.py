@@ -1,11 +1,12 @@
-"""The decode loop's fused one-token attention kernel (``one_token_attention.cpp``): built once per machine, loaded
-once per process.
+"""The decode loop's fused kernels (``decode_kernels.cpp``): the one-token attention (``decode_attention.attend``) and
+the decode step's elementwise work (``llama_step``: residual add + RMSNorm, rotary, SiLU x up). Built once per
+machine, loaded once per process.
 
 Built with the C++ compiler torch's Inductor uses (``$CXX`` or ``g++``) against torch's headers, for the CPU it runs
 on (``-march=native``), into ``~/.cache/lmforge/kernels`` (or ``$LMFORGE_CACHE``) under a name keyed by the source,
 torch's version, the compiler and the CPU: a few seconds the first time, a library load after. Where it cannot be
-built (no compiler, a failed build) ``load`` says why once and returns None, and the decode loop's attention stays
-on torch's batched matmuls (``decode_attention.attend_matmul``).
+built (no compiler, a failed build) ``load`` says why once and returns None, and the decode loop stays on torch's
+ops (the attention on ``decode_attention.attend_matmul``).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import torch
 
 from lmforge.cache import cache_root, file_lock
 
-SOURCE = Path(__file__).with_name("one_token_attention.cpp")
-DIMS = (16, 32, 64, 128)  # head dims the kernel is built for
+SOURCE = Path(__file__).with_name("decode_kernels.cpp")
+DIMS = (16, 32, 64, 128)  # head dims the attention kernel is built for
 MAX_GROUP = 8  # query heads per key/value head (GMAX in the source)
 
 
@@ -54,36 +55,36 @@ def _say(msg: str) -> None:
 
 @functools.cache
 def load():
-    """``torch.ops.lmforge_decode.one_token_attention``, built first if this machine has no build yet; None where it
-    cannot be built (said once)."""
+    """The kernels, ``torch.ops.lmforge_decode`` (``one_token_attention``, ``add_rms_norm``, ``rotary``,
+    ``silu_mul``), built first if this machine has no build yet; None where they cannot be built (said once)."""
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None or sys.platform != "linux":
-        _say("decode attention: no C++ compiler (g++ or $CXX) on this Linux machine; torch's batched matmuls instead")
+        _say("decode kernels: no C++ compiler (g++ or $CXX) on this Linux machine; the decode loop runs on torch's ops")
         return None
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), torch.__version__, version, _cpu(),
                                     " ".join(_command(compiler, Path("-")))]).encode()).hexdigest()[:16]
-    path = cache_root() / "kernels" / f"one_token_attention-{key}.so"
+    path = cache_root() / "kernels" / f"decode_kernels-{key}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        with file_lock(path.with_suffix(".lock"), "building the decode attention kernel"):
+        with file_lock(path.with_suffix(".lock"), "building the decode kernels"):
             if not path.exists():
-                _say(f"building the decode attention kernel for this CPU (once, a few seconds): {path}")
+                _say(f"building the decode kernels for this CPU (once, a few seconds): {path}")
                 tmp = path.with_suffix(f".{os.getpid()}.tmp")
                 done = subprocess.run(_command(compiler, tmp), capture_output=True, text=True)
                 if done.returncode != 0:
                     tmp.unlink(missing_ok=True)
-                    _say("decode attention: the kernel did not build; torch's batched matmuls instead. "
+                    _say("decode kernels: the build failed; the decode loop runs on torch's ops. "
                          f"{compiler}: {done.stderr.strip()[-800:]}")
                     return None
                 os.replace(tmp, path)
     torch.ops.load_library(str(path))
-    return torch.ops.lmforge_decode.one_token_attention
+    return torch.ops.lmforge_decode
 
 
-def applies(q, key, value, mask, out) -> bool:
-    """Whether the kernel covers this call: a CPU inference call in bf16 or fp32 with a head dim in ``DIMS``, at most
-    ``MAX_GROUP`` query heads per key/value head, a (B or 1, 1, 1, positions) bool or fp32 mask, and the head dim
+def attention_applies(q, key, value, mask, out) -> bool:
+    """Whether the attention kernel covers this call: a CPU inference call in bf16 or fp32 with a head dim in
+    ``DIMS``, at most ``MAX_GROUP`` query heads per key/value head, a (B or 1, 1, 1, positions) bool or fp32 mask, and the head dim
     contiguous in every tensor."""
     dtype = q.dtype
     return (q.device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and q.shape[-1] in DIMS
