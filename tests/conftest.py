@@ -65,13 +65,17 @@ def sharp_model_dir(tiny_model_dir, tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    return save_sharpened(model, AutoTokenizer.from_pretrained(tiny_model_dir), tmp_path_factory.mktemp("sharp-llama"))
+
+
+def save_sharpened(model, tokenizer, out: Path) -> Path:
+    """``model`` with its query/key weights scaled 12x (peaked attention), saved with ``tokenizer`` to ``out``."""
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(12)
             layer.self_attn.k_proj.weight.mul_(12)
-    out = tmp_path_factory.mktemp("sharp-llama")
     model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    tokenizer.save_pretrained(out)
     return out
 
 

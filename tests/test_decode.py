@@ -119,6 +119,16 @@ def test_rows_that_stay_fill_the_slots_of_rows_that_left():
     assert decode._fill_holes([0, 1, 2]) == [0, 1, 2]
 
 
+def left_padded_batch(loaded, n: int = 3):
+    """(decoder, sequences, batch state (cache, mask, positions, last tokens)) of ``ROWS[:n]`` prefilled, left-padded
+    and merged as the decode loop does, ready for decode steps."""
+    decoder = decode.Decoder(loaded.model, loaded.tokenizer, 4)
+    seqs = [decode.Sequence(encode_prompt(r, loaded.tokenizer), GenerationOptions(), frozenset()) for r in ROWS[:n]]
+    parts, logits = decoder._prefill(seqs)
+    firsts = logits.max(-1).indices.split([m.shape[0] for _, m, _ in parts])
+    return decoder, seqs, decode._merge([(*p, t) for p, t in zip(parts, firsts)])
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_llama_step_equals_the_model_forward(sharp_model_dir, dtype):
     # decode steps over a left-padded batch: the joint-matmul (bf16: oneDNN-packed) step, its elementwise work as torch
@@ -126,15 +136,10 @@ def test_llama_step_equals_the_model_forward(sharp_model_dir, dtype):
     import copy
 
     loaded = load_for_inference(str(sharp_model_dir), dtype=dtype)
-    decoder = decode.Decoder(loaded.model, loaded.tokenizer, 4)
     step = llama_step.build(loaded.model, decode_attention.attend_matmul, fused=False)
     assert step is not None and step.head.packed == (dtype == "bfloat16" and llama_step.packs(torch.bfloat16))
-    prompts = [encode_prompt(r, loaded.tokenizer) for r in ROWS[:3]]
-    seqs = [decode.Sequence(p, GenerationOptions(), frozenset()) for p in prompts]
     with torch.inference_mode():
-        parts, logits = decoder._prefill(seqs)
-        firsts = logits.max(-1).indices.split([m.shape[0] for _, m, _ in parts])
-        cache, mask, positions, last = decode._merge([(*p, t) for p, t in zip(parts, firsts)])
+        decoder, seqs, (cache, mask, positions, last) = left_padded_batch(loaded)
         ours = copy.deepcopy(cache)
         for _ in range(3):
             mask = torch.cat([mask, mask.new_ones(len(seqs), 1)], dim=1)

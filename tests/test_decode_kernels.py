@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_decode import ROWS, _run
+from conftest import save_sharpened
+from test_decode import ROWS, _run, left_padded_batch
 from test_generate import assert_greedy
 
 from lmforge.inference import decode, decode_attention, decode_kernels, llama_step
@@ -115,15 +116,8 @@ def dim16_model_dir(tiny_model_dir, tmp_path_factory):
     cfg = LlamaConfig.from_pretrained(tiny_model_dir)
     cfg.head_dim = 16
     torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(12)
-            layer.self_attn.k_proj.weight.mul_(12)
-    out = tmp_path_factory.mktemp("dim16-llama")
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
-    return out
+    return save_sharpened(AutoModelForCausalLM.from_config(cfg), AutoTokenizer.from_pretrained(tiny_model_dir),
+                          tmp_path_factory.mktemp("dim16-llama"))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -172,13 +166,9 @@ def test_fused_step_is_close_to_the_torch_ops_step(kernel, sharp_model_dir, dtyp
     fused = llama_step.build(loaded.model, decode_attention.attend_matmul)
     plain = llama_step.build(loaded.model, decode_attention.attend_matmul, fused=False)
     assert fused.kernels is not None and plain.kernels is None
-    decoder = decode.Decoder(loaded.model, loaded.tokenizer, 4)
-    seqs = [decode.Sequence(encode_prompt(r, loaded.tokenizer), GenerationOptions(), frozenset()) for r in ROWS[:3]]
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == "float32" else dict(rtol=2 ** -6, atol=2 ** -6)
     with torch.inference_mode():
-        parts, logits = decoder._prefill(seqs)
-        firsts = logits.max(-1).indices.split([m.shape[0] for _, m, _ in parts])
-        cache, mask, positions, last = decode._merge([(*p, t) for p, t in zip(parts, firsts)])
+        _, seqs, (cache, mask, positions, last) = left_padded_batch(loaded)
         ours = copy.deepcopy(cache)
         for _ in range(3):
             mask = torch.cat([mask, mask.new_ones(len(seqs), 1)], dim=1)

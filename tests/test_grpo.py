@@ -180,6 +180,24 @@ def test_resume_is_bitwise(iterations, tmp_path, tiny_model_dir, lmforge_cache):
     assert [(r["loss"], r.get("reward")) for r in again] == [(r["loss"], r.get("reward")) for r in full][save:]
 
 
+def test_rollouts_after_an_update_use_the_updated_weights_for_a_shared_prompt_prefix(tmp_path, tiny_model_dir,
+                                                                                        lmforge_cache):
+    """Prompts sharing a long prefix: the decode loop keeps the prefix's keys/values between runs, so after an update
+    they must be computed anew (else the uninterrupted run samples from stale ones). Resumed (a fresh decode loop)
+    from checkpoint-2 equals uninterrupted."""
+    rows = [{**r, "prompt": "Judge each phrase below by its words alone, then answer: " + r["prompt"]} for r in _rows(8)]
+    runs = {}
+    for out in ("full", "resumed"):
+        tree = _tree(tmp_path, tiny_model_dir, out=out, train={"max_steps": 4, "save_steps": 2})
+        write_jsonl(tmp_path / "data" / "train.jsonl", rows)
+        if out == "resumed":
+            (tmp_path / out).mkdir()
+            shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / out / "checkpoint-2")
+        grpo.train(load_config(None, tree=tree))
+        runs[out] = _train_rows(tmp_path / out)
+    assert [(r["loss"], r["reward"]) for r in runs["resumed"]] == [(r["loss"], r["reward"]) for r in runs["full"]][2:]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("loss_type, scale", [("grpo", "group"), ("dapo", "batch")])
 def test_ddp_two_processes_equal_one_process(loss_type, scale, tmp_path, tiny_model_dir, lmforge_cache):

@@ -306,6 +306,11 @@ class Decoder:
         order = _fill_holes(keep)
         return [live[i] for i in order], _select(state, order)
 
+    def weights_changed(self) -> None:
+        """Drop what was computed from the model's weights and kept between runs (the shared prompt prefix's and the
+        prompt-tuning adapters' keys/values): for a model trained between runs (GRPO's rollouts)."""
+        self._prefix, self._virtual, self._shared = None, {}, None
+
     def _shared_rows(self, live: list[Sequence]):
         """(per layer (keys, values) (kv, P, dim), rows (B,) bool) of the kept shared prompt prefix and the rows whose
         caches start with it, for the decode step's attention to read it once for all of them; None when no row does.

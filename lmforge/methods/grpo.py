@@ -161,6 +161,7 @@ class GRPOObjective(Objective):
                                               logprobs=True)
         was_training = model.training
         model.eval()
+        self.decoder.weights_changed()  # the prompt prefix it kept was computed with the weights before the update
         try:
             with decode_attention.decoding_attention(base):  # and back to the training forward's attention after
                 self.decoder.run(decode.from_list(seqs))
