@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import StepTimer, child_result, scratch_dir  # noqa: E402
+from common import StepTimer, cache_measuring_peak, child_result, measured_peaks, scratch_dir  # noqa: E402
 
 
 def _rows_tokens(tokenizer, rows) -> int:
@@ -125,7 +125,8 @@ def main() -> None:
 
     tmp = scratch_dir("bench-sft-")
     data = write_jsonl(extraction_rows(args.rows, seed=0), tmp / "train.jsonl")
-    env = dict(os.environ, LMFORGE_CACHE=os.environ.get("LMFORGE_CACHE", str(Path.home() / ".cache" / "lmforge")))
+    cache = cache_measuring_peak(tmp)  # MFU against the peak measured at lmforge's start, not one stored earlier
+    env = dict(os.environ, LMFORGE_CACHE=str(cache))
     from lmforge.models import pick_dtype
     from lmforge.training.flops import cpu_kind
 
@@ -143,6 +144,8 @@ def main() -> None:
         mfu = f"{100 * r['mfu']:.0f}%" if r.get("mfu") is not None else "-"
         print(f"{which:22}{r['steps']:>7}{r['tokens']:>9}{r['seconds']:>10.1f}{r['tps']:>10.1f}{mfu:>7}"
               f"{r['peak_rss_mb']:>13.0f}  {r['weights']}")
+    for key, peak in measured_peaks(cache).items():
+        print(f"MFU against the matmul peak lmforge measured at its start in this run: {peak / 1e12:.3f} TFLOP/s ({key})")
     for which in results:
         if which != "trl":
             print(f"ratio {which} / TRL tokens/s: {results[which]['tps'] / results['trl']['tps']:.2f}x")

@@ -19,8 +19,8 @@ micro-batch of the run's mean shape, after a warm-up, the median of a few repeat
     per trainable parameter (timed once, after its warm-up step).
 
 Seconds per micro-batch = layers x layer + rest; per step, x accumulation + the optimizer scaled to the run's
-trainable parameters. One measurement takes ~2 s on SmolLM2-135M after the model's build (in a fresh process the
-build compiles the recompute kernels, 2-4 s, once: the run's model reuses them) and is cached per CPU kind, threads,
+trainable parameters. One measurement takes ~2 s on SmolLM2-135M after the model's build (on a machine's first run
+the build compiles lmforge's training kernels, ~6 s, once: a library load after) and is cached per CPU kind, threads,
 torch, dtype, layer shape, method kind and micro-batch shape (``probe.json`` in lmforge's cache).
 """
 
@@ -51,11 +51,12 @@ from lmforge.training.precision import MasterWeights
 from lmforge.training.recompute import NormOutputs, use_recompute_layers
 
 CACHE_FILE = "estimate_probe.json"
-PROBE_VERSION = 8  # raised when the engine's step changes what a probe measures (2: recompute.py's layers; 3: LoRA
+PROBE_VERSION = 9  # raised when the engine's step changes what a probe measures (2: recompute.py's layers; 3: LoRA
 # dropout; 4: the recompute layers kept through train() (62c1bf7); 5: split bf16 masters, precision.py; 6: the
 # recompute layers' kernels compiled; 7: bf16 gradients widened inside the masters' step; 8: the layer's time from the
 # layer alone after its warm-up, the budgets counted after the build: since 6 a fresh process's build ate them, and the
-# layer's time came from two passes of the cold one-layer model, 76-85 ms against 55-58 in the run)
+# layer's time came from two passes of the cold one-layer model, 76-85 ms against 55-58 in the run; 9: the recompute
+# layers' kernels lmforge's own, training/train_kernels.cpp, instead of Inductor's)
 BUDGET_SECONDS = 1.2  # timed repeats stop once the probe has run this long (after the model's build) ...
 MIN_REPEATS, MAX_REPEATS = 2, 3  # ... after at least this many (and at most this many), after one warm-up
 LAYER_BUDGET_SECONDS, LAYER_REPEATS = 2.0, 8  # then the layer alone, its time: at least MIN_REPEATS of these ...
@@ -232,7 +233,7 @@ def _layer_alone(model, layer, called: dict, start: float) -> list[float]:
 def _measure(cfg: Config, model_config, compute, batch: ProbeBatch) -> dict:
     begun = time.perf_counter()
     model, master, packed = _one_layer_model(cfg, model_config, compute)
-    start = time.perf_counter()  # the budgets count from here: a fresh process's build compiles the kernels (2-4 s)
+    start = time.perf_counter()  # the budgets count from here: a machine's first build compiles the kernels (~6 s)
     inputs = _batch(batch, model_config.vocab_size, packed)
     named = master.named_trainable() if master else [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]

@@ -27,6 +27,7 @@ import functools
 import time
 import types
 import weakref
+from pathlib import Path
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -77,10 +78,6 @@ def _norm_grad_w(grad, x, weight, rstd):  # autograd's: the product in the compu
     return (grad * (x.to(torch.float32) * rstd).to(x.dtype)).sum(0)
 
 
-def _norm_grads(grad, x, weight, rstd):
-    return _norm_grad_x(grad, x, weight, rstd), _norm_grad_w(grad, x, weight, rstd)
-
-
 def _swiglu(gate, up):
     return torch.nn.functional.silu(gate) * up
 
@@ -89,73 +86,78 @@ def _swiglu_grads(grad_h, gate, up):
     return torch.ops.aten.silu_backward(grad_h * up, gate), grad_h * torch.nn.functional.silu(gate)
 
 
-def _swiglu_grads_and_product(grad_h, gate, up):
-    act = torch.nn.functional.silu(gate)
-    return torch.ops.aten.silu_backward(grad_h * up, gate), grad_h * act, act * up
-
-
 class Kernels:
-    """The nodes' elementwise work on rows (N, C): torch's ops one by one, or, with ``compiled``, each function fused
-    into one loop by Inductor (``torch.compile``, the batch of rows dynamic).
+    """The nodes' elementwise work on rows (N, C): torch's ops one by one, or, with ``ops`` (``train_kernels.cpp``,
+    ``torch.ops.lmforge_train``), each function one pass over its inputs.
 
-    Why compiled: on SmolLM2-135M at 8 x 512 tokens (bf16, 2 threads, the AMX kind) a norm's forward and backward
+    Why fused: on SmolLM2-135M at 8 x 512 tokens (bf16, 2 threads, the AMX kind) a norm's forward and backward
     are ~14 elementwise passes over (tokens x 576) fp32 copies, ~20 ms a norm, 61 norms a step, about a seventh of
     the step, and the SwiGLU backward's five passes over (tokens x 1536) another ~6%; fused, each function reads
-    its inputs once. Not bitwise the eager ops (Inductor keeps fp32 between ops and sums in its own order: both runs
-    of a comparison use the same kernels, chosen once per process by ``use_recompute_layers``)."""
+    its inputs once. Not bitwise the torch ops (sums in another order, exp a polynomial: within a bf16 step, tested;
+    both runs of a comparison use the same kernels, chosen once per process by ``use_recompute_layers``)."""
 
-    def __init__(self, compiled: bool):
-        self.compiled = compiled
-        self.fns = {name: torch.compile(f, dynamic=None, fullgraph=True) if compiled else f for name, f in _FNS.items()}
+    def __init__(self, ops=None):
+        self.ops = ops
 
-    def _fn(self, name: str):
-        """The function ``name``; torch's ops under a dispatch mode (e.g. the FLOP counter's), which Dynamo cannot
-        trace through."""
-        if self.compiled and _dispatch_mode() is not None:
-            return _FNS[name]
-        return self.fns[name]
+    @property
+    def fused(self) -> bool:
+        return self.ops is not None
+
+    def _ops(self, x: torch.Tensor):
+        """The fused ops for rows like ``x``; None for torch's: no ops, not bf16, or under a dispatch mode (e.g. the
+        FLOP counter's, whose counts are of torch's ops)."""
+        return self.ops if self.ops is not None and x.dtype == torch.bfloat16 and _dispatch_mode() is None else None
 
     @staticmethod
     def _rows(*ts):
-        """Each tensor as (rows, last dim), detached: the compiled functions see one shape family (the rows
-        dynamic) and no autograd state."""
-        return [t.detach().reshape(-1, t.shape[-1]) for t in ts]
+        """Each tensor as (rows, last dim) with the last dim contiguous, detached (no autograd state)."""
+        rows = [t.detach().reshape(-1, t.shape[-1]) for t in ts]
+        return [t if t.stride(-1) == 1 else t.contiguous() for t in rows]
 
     def norm(self, x, weight, eps: float):
-        out, rstd = self._fn("norm")(*self._rows(x), weight.detach(), eps)
+        (x2,), w = self._rows(x), weight.detach()
+        ops = self._ops(x)
+        out, rstd = ops.rms_norm(x2, w, eps) if ops else _norm(x2, w, eps)
         return out.view(x.shape), rstd.view(*x.shape[:-1], 1)
 
     def norm_output(self, x, weight, rstd):
-        x2, r = self._rows(x, rstd)
-        return self._fn("norm_output")(x2, weight.detach(), r).view(x.shape)
+        (x2, r), w = self._rows(x, rstd), weight.detach()
+        ops = self._ops(x)
+        return (ops.rms_norm_output(x2, w, r) if ops else _norm_output(x2, w, r)).view(x.shape)
 
     def norm_grads(self, grad, x, weight, rstd, need_x: bool, need_w: bool):
         if not (need_x or need_w):
             return None, None
-        g, x2, r = self._rows(grad, x, rstd)
-        if need_x and need_w:
-            grad_x, grad_w = self._fn("norm_grads")(g, x2, weight.detach(), r)
-            return grad_x.view(x.shape), grad_w
-        if need_x:
-            return self._fn("norm_grad_x")(g, x2, weight.detach(), r).view(x.shape), None
-        return None, self._fn("norm_grad_w")(g, x2, weight.detach(), r)
+        (g, x2, r), w = self._rows(grad, x, rstd), weight.detach()
+        if ops := self._ops(x):
+            grad_x, grad_w = ops.rms_norm_backward(g, x2, w, r, need_x, need_w)
+        else:
+            grad_x = _norm_grad_x(g, x2, w, r) if need_x else None
+            grad_w = _norm_grad_w(g, x2, w, r) if need_w else None
+        return (grad_x.view(x.shape) if need_x else None), (grad_w if need_w else None)
 
     def swiglu(self, gate, up):
-        return self._fn("swiglu")(*self._rows(gate, up)).view(gate.shape)
+        g, u = self._rows(gate, up)
+        ops = self._ops(gate)
+        return (ops.swiglu(g, u) if ops else _swiglu(g, u)).view(gate.shape)
 
     def swiglu_grads(self, grad_h, gate, up):
-        grad_gate, grad_up = self._fn("swiglu_grads")(*self._rows(grad_h, gate, up))
-        return grad_gate.view(gate.shape), grad_up.view(up.shape)
+        grad_gate, grad_up, _ = self._swiglu_backward(grad_h, gate, up, False)
+        return grad_gate, grad_up
 
     def swiglu_grads_and_product(self, grad_h, gate, up):
         """``swiglu_grads`` and ``swiglu``'s product (for the down weight's gradient) from one read of gate and up."""
-        grad_gate, grad_up, h = self._fn("swiglu_grads_and_product")(*self._rows(grad_h, gate, up))
-        return grad_gate.view(gate.shape), grad_up.view(up.shape), h.view(up.shape)
+        return self._swiglu_backward(grad_h, gate, up, True)
 
+    def _swiglu_backward(self, grad_h, gate, up, product: bool):
+        d, g, u = self._rows(grad_h, gate, up)
+        if ops := self._ops(gate):
+            grad_gate, grad_up, h = ops.swiglu_backward(d, g, u, product)
+        else:
+            grad_gate, grad_up = _swiglu_grads(d, g, u)
+            h = _swiglu(g, u) if product else None
+        return grad_gate.view(gate.shape), grad_up.view(up.shape), (h.view(up.shape) if product else None)
 
-_FNS = {"norm": _norm, "norm_output": _norm_output, "norm_grads": _norm_grads, "norm_grad_x": _norm_grad_x,
-        "norm_grad_w": _norm_grad_w, "swiglu": _swiglu, "swiglu_grads": _swiglu_grads,
-        "swiglu_grads_and_product": _swiglu_grads_and_product}
 
 
 def _dispatch_mode():
@@ -250,7 +252,7 @@ def _served(x: torch.Tensor) -> bool:
     """True where the nodes compute what the module would: no autocast, not in inference mode (generation, the
     decode loop and ``evaluate`` keep the module's own ops). Without a graph (``torch.no_grad``: a reference model's
     forward, the native engine's evaluation, GRPO's old log-probs) the nodes' kernels run without autograd, so such a
-    forward equals the training forward bitwise (DPO's rewards are exactly 0 at step 1 with compiled kernels too)."""
+    forward equals the training forward bitwise (DPO's rewards are exactly 0 at step 1 with fused kernels too)."""
     return not torch.is_inference_mode_enabled() and not torch.is_autocast_enabled(x.device.type)
 
 
@@ -290,12 +292,12 @@ def _llama_style(kind: type) -> str | None:
     return "mlp" if same_code(forward, LlamaMLP.forward) else None
 
 
-COMPILE_FROM = 256  # hidden sizes from which the kernels are compiled (below, a compile costs more than it saves)
+FUSE_FROM = 256  # hidden sizes from which the fused kernels serve (below, the test-sized models keep torch's ops)
 
 
 def use_recompute_layers(model) -> int:
     """Give every Llama-style RMSNorm and SiLU-gated MLP of ``model`` the forwards above; returns how many. Their
-    elementwise work is compiled (``Kernels``) for bf16 models on a CPU from a hidden size of ``COMPILE_FROM``."""
+    elementwise work is fused (``Kernels``) for bf16 models on a CPU from a hidden size of ``FUSE_FROM``."""
     from transformers.activations import SiLUActivation
 
     for module in model.modules():
@@ -317,64 +319,38 @@ def use_recompute_layers(model) -> int:
             continue
         changed.append((style, module))
     if changed:
-        kernels = kernels_for(model, [m for style, m in changed if style == "norm"],
-                              [m for style, m in changed if style == "mlp"])
+        kernels = kernels_for(model, [m for style, m in changed if style == "norm"])
         for _, module in changed:
             module._lmforge_kernels = kernels
     return len(changed)
 
 
-def kernels_for(model, norms: list, mlps: list = ()) -> Kernels:
-    """The kernels for ``model``'s nodes: compiled where it pays (bf16 on a CPU, hidden size >= ``COMPILE_FROM``),
-    made and warmed once per process and shape (the first use says which, in the log)."""
+def kernels_for(model, norms: list) -> Kernels:
+    """The kernels for ``model``'s nodes: fused where they apply (bf16 on a CPU, hidden size >= ``FUSE_FROM``), loaded
+    once per process (the first use says which, in the log)."""
     config = model.config.get_text_config(decoder=True) if hasattr(model, "config") else None
     hidden = getattr(config, "hidden_size", 0) or 0
-    inner = getattr(config, "intermediate_size", 0) or 0
     weight = norms[0].weight if norms else next(model.parameters())
-    wants = weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and hidden >= COMPILE_FROM
-    if not wants:
-        return _EAGER
-    eps = float(getattr(norms[0], "variance_epsilon", 1e-6)) if norms else 1e-6  # a constant of the compiled norm
-    down_trains = any(type(m.down_proj) is torch.nn.Linear and m.down_proj.weight.requires_grad for m in mlps)
-    return _compiled(hidden, inner, eps, any(m.weight.requires_grad for m in norms), down_trains)
+    wants = weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and hidden >= FUSE_FROM
+    return _fused() if wants else _EAGER
 
 
-_EAGER = Kernels(compiled=False)
+_EAGER = Kernels()
+SOURCE = Path(__file__).with_name("train_kernels.cpp")
 
 
 @functools.cache
-def _compiled(hidden: int, inner: int, eps: float, norm_weights_train: bool, down_trains: bool = False) -> Kernels:
-    """Compiled kernels, each compiled now (Inductor's cache on disk makes a later process's compile quick) on
-    stand-in rows of the run's widths; where Inductor cannot compile (no C++ compiler), the eager ones."""
+def _fused() -> Kernels:
+    """The fused kernels (built once per machine by ``lmforge.kernels``); where they cannot be built (no C++
+    compiler), torch's ops."""
+    from lmforge import kernels
     from lmforge.log import log
 
     start = time.perf_counter()
-    try:
-        import torch._inductor.config as inductor
-
-        inductor.compile_threads = 1  # no pool of compile worker processes staying alive beside the run
-        kernels = Kernels(compiled=True)
-        rng = torch.Generator().manual_seed(0)  # stand-in values that leave the run's random stream alone
-        x = _dynamic(torch.randn(16, hidden, dtype=torch.bfloat16, generator=rng))
-        w = torch.ones(hidden, dtype=torch.bfloat16)
-        with torch.no_grad():
-            fns = kernels.fns
-            out, rstd = fns["norm"](x, w, eps)
-            fns["norm_output"](x, w, _dynamic(rstd))
-            fns["norm_grads" if norm_weights_train else "norm_grad_x"](_dynamic(x.clone()), x, w, _dynamic(rstd))
-            if inner:
-                gate = [_dynamic(torch.randn(16, inner, dtype=torch.bfloat16, generator=rng)) for _ in range(3)]
-                fns["swiglu"](*gate[:2])
-                fns["swiglu_grads_and_product" if down_trains else "swiglu_grads"](*gate)
-    except Exception as e:  # e.g. no C++ compiler: Inductor's CPU backend needs one
-        log(f"training kernels: torch's ops one by one (torch.compile failed: {type(e).__name__}: "
-            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})")
+    ops = kernels.load(SOURCE, "lmforge_train", "training kernels", "RMSNorm and SwiGLU run on torch's ops")
+    if ops is None:
+        log("training kernels: torch's ops one by one (the fused kernels could not be built, see above)")
         return _EAGER
-    log(f"training kernels: RMSNorm and SwiGLU compiled by Inductor in {time.perf_counter() - start:.1f} s "
-        f"(training/recompute.py)")
-    return kernels
-
-
-def _dynamic(t: torch.Tensor) -> torch.Tensor:
-    torch._dynamo.mark_dynamic(t, 0)  # the rows: one compiled function for every batch shape
-    return t
+    log(f"training kernels: RMSNorm and SwiGLU fused (training/train_kernels.cpp, ready in "
+        f"{time.perf_counter() - start:.1f} s)")
+    return Kernels(ops)
