@@ -175,3 +175,26 @@ def test_without_a_compiler_the_kernels_stay_torch_ops_and_say_so(monkeypatch, c
     finally:
         recompute._fused.cache_clear()  # the next test loads them with the real compiler
         kernels.load.cache_clear()
+
+
+def test_a_process_loads_the_kernels_once_when_the_cache_directory_changes(tmp_path, fused, lmforge_cache):
+    """A second build of a kernel library (another $LMFORGE_CACHE) registers its ops' namespace twice, which aborts
+    the process: ``kernels.load`` hands back the loaded ops instead, and builds nothing."""
+    import subprocess
+    import sys
+
+    code = """
+import os, sys
+from lmforge import kernels
+from lmforge.training import recompute
+first = kernels.load(recompute.SOURCE, "lmforge_train", "training kernels", "-")
+os.environ["LMFORGE_CACHE"] = sys.argv[1]
+kernels.load.cache_clear()
+second = kernels.load(recompute.SOURCE, "lmforge_train", "training kernels", "-")
+print(first is second and first is not None)
+"""
+    other = tmp_path / "other-cache"
+    done = subprocess.run([sys.executable, "-c", code, str(other)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "True"
+    assert not (other / "kernels").exists()  # nothing built for the second directory

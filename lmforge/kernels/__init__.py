@@ -27,6 +27,7 @@ import torch
 from lmforge.cache import cache_root, file_lock
 
 HERE = Path(__file__).parent
+_LOADED: dict[str, object] = {}  # namespace -> its ops: a process registers a namespace once (a second library aborts)
 
 
 def _cpu() -> str:
@@ -62,6 +63,8 @@ def load(source: Path, namespace: str, what: str, otherwise: str):
     if compiler is None or sys.platform != "linux":
         _say(f"{what}: no C++ compiler (g++ or $CXX) on this Linux machine; {otherwise}")
         return None
+    if namespace in _LOADED:  # loaded already, e.g. from another cache directory ($LMFORGE_CACHE changed)
+        return _LOADED[namespace]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256("\0".join([source.read_text(), (HERE / "vec.h").read_text(), torch.__version__, version,
                                     _cpu(), " ".join(_command(compiler, source, Path("-")))]).encode()).hexdigest()[:16]
@@ -79,4 +82,5 @@ def load(source: Path, namespace: str, what: str, otherwise: str):
                     return None
                 os.replace(tmp, path)
     torch.ops.load_library(str(path))
-    return getattr(torch.ops, namespace)
+    _LOADED[namespace] = getattr(torch.ops, namespace)
+    return _LOADED[namespace]
