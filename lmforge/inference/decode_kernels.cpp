@@ -9,9 +9,8 @@
 //
 // The arithmetic is decode_attention.attend_matmul's: scores accumulated in float32 and rounded to the model dtype,
 // scaled and masked in float32, softmax in float32, probabilities rounded to the model dtype, the weighted sum of
-// values accumulated in float32 and rounded. Summation order differs from oneDNN's, and exp is SLEEF's (torch's own
-// where the compiler targets AVX-512), so a bf16 output may differ from attend_matmul's in its last bit (tested:
-// within one bf16 ulp).
+// values accumulated in float32 and rounded. Summation order differs from oneDNN's, and exp is a polynomial (about
+// 1 ulp), so a bf16 output may differ from attend_matmul's in its last bit (tested: within one bf16 ulp).
 // Built by decode_kernels.py for the CPU it runs on (-march=native); the vector pieces are lmforge/kernels/vec.h.
 
 #include <ATen/Parallel.h>

@@ -9,8 +9,8 @@
 // 4096 x 1536 on the AMX kind: ~1% of a step, against ~2.5 s once per run.)
 //
 // The arithmetic is the torch ops' (recompute.py's _norm, _norm_grad_x, _norm_grad_w, _swiglu, _swiglu_grads):
-// float32 inside, the values rounded to bf16 where the torch ops make a bf16 tensor, exp SLEEF's as theirs
-// (lmforge/kernels/vec.h). Sums run in another order (16 lanes, then a tree) and SiLU multiplies by the sigmoid
+// float32 inside, the values rounded to bf16 where the torch ops make a bf16 tensor. Sums run in another order (16
+// lanes, then a tree), exp is a polynomial (about 1 ulp, lmforge/kernels/vec.h) and SiLU multiplies by the sigmoid
 // where torch divides, so a bf16 result may differ from the ops' in its last bit (tested). The norm weight's gradient
 // sums fixed blocks of rows in a fixed order: the same bits for any number of threads.
 
