@@ -159,7 +159,6 @@ class Kernels:
         return grad_gate.view(gate.shape), grad_up.view(up.shape), (h.view(up.shape) if product else None)
 
 
-
 def _dispatch_mode():
     from torch.utils._python_dispatch import _get_current_dispatch_mode
 
