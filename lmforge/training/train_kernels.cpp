@@ -6,7 +6,7 @@
 // its inputs once and writes its outputs once. Inductor fuses them as well (lmforge compiled them with it until
 // 2026-12-07), but its warm start costs ~2.5 s of every run's first step (Dynamo tracing and the cache lookups of five
 // functions); this library loads in milliseconds once built. (Inductor's loops ran 15-25% faster on the SwiGLU ones,
-// 4096 x 1536 on the AMX kind: ~1% of a step, against ~2.5 s once per run.)
+// 4096 x 1536 on the AMX kind: 1-2% of a step, against ~2.5 s once per run.)
 //
 // The arithmetic is the torch ops' (recompute.py's _norm, _norm_grad_x, _norm_grad_w, _swiglu, _swiglu_grads):
 // float32 inside, the values rounded to bf16 where the torch ops make a bf16 tensor. Sums run in another order (16
