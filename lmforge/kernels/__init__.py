@@ -7,9 +7,9 @@ on (``-march=native``), with this directory (``vec.h``, the vector pieces they s
 the compiler and the CPU: a few seconds the first time, a library load (milliseconds) after. Where a source cannot be
 built (no compiler, a failed build) ``load`` says why once and returns None, and its caller stays on torch's ops.
 
-Why not ``torch.utils.cpp_extension.load``: it rebuilds per process unless its build directory survives, keys the
-build by name only (one CPU kind's ``-march=native`` build would load on another sharing the cache), and imports
-ninja; the command below is the one line it would run.
+Why not ``torch.utils.cpp_extension.load``: it keys a build by its name, sources and flags but not the CPU (a
+``-march=native`` build made on one CPU kind would load on another sharing the cache), and it needs ninja; the
+command below is the one compile-and-link line it would run.
 """
 
 from __future__ import annotations
